@@ -1,0 +1,435 @@
+"""Public functions (DESIGN §4): argument validation, flattening, backend dispatch.
+
+Each function's docstring shows the eager PyTorch expression it equals. The heavy work
+lives in ``sgsd_kernels.ops`` (custom ops with autograd); ``backend="reference"`` runs the
+materialising eager code in ``sgsd_kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sgsd_kernels import reference as ref
+from sgsd_kernels import validation as check
+from sgsd_kernels.ops.gated_kd import gated_kd_op
+from sgsd_kernels.ops.linear_logprobs import linear_logprobs_op, linear_logprobs_streams_op
+from sgsd_kernels.ops.logprobs_from_logits import logprobs_from_logits_op
+from sgsd_kernels.output import GatedKDOutput
+from sgsd_kernels.runtime import resolve_backend
+
+__all__ = [
+    "linear_logprobs",
+    "logprobs_from_logits",
+    "gated_kd_loss",
+    "linear_gated_kd_loss",
+    "GatedKDLoss",
+]
+
+
+def _check_finite(check_finite: bool, **tensors: torch.Tensor | None) -> None:
+    if not check.flag("check_finite", check_finite):
+        return
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index,
+                         hidden_name="hidden"):
+    check.tensor(hidden_name, hidden, kind="float")
+    check.tensor("weight", weight, kind="float")
+    check.tensor("targets", targets, kind="int")
+    if bias is not None:
+        check.tensor("bias", bias, kind="float")
+    check.same_device(**{hidden_name: hidden, "weight": weight, "targets": targets, "bias": bias})
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != H:
+        raise ValueError(
+            f"{hidden_name} must have shape [..., H] with H = weight.shape[1] = {H}, "
+            f"got {tuple(hidden.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} must match {hidden_name} dtype {hidden.dtype}"
+        )
+    if bias is not None:
+        check.shape("bias", bias, (V,), f"[V] = [{V}]")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
+    temperature = check.hyper("temperature", temperature, positive=True)
+    ignore_index = check.integer("ignore_index", ignore_index)
+    check.targets_in_range("targets", targets, V, ignore_index)
+    return temperature, ignore_index
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` under the LM head, without materialising logits.
+
+    Equivalent to::
+
+        z = (hidden @ weight.T + bias).float() / temperature
+        lp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
+        lp[targets == ignore_index] = 0          # and no gradient there
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)   # if return_entropy
+
+    Args:
+        hidden: [..., H] float16/bfloat16/float32/float64 (differentiable).
+        weight: [V, H], same dtype as ``hidden`` (differentiable).
+        targets: [...] integer token ids in [0, V) or ``ignore_index``.
+        bias: optional [V] (differentiable).
+        return_entropy: also return the (differentiable) entropy of the softmax; 0 at
+            ignored positions.
+        backend: "auto" | "triton" | "torch" | "reference".
+        check_finite: raise ``ValueError`` on NaN/inf in ``hidden``/``weight``/``bias``
+            (otherwise NaN propagates to the output; it is never hidden).
+
+    Returns:
+        float32 [...] log-probs (float64 for float64 inputs), or (logprobs, entropy).
+    """
+    temperature, ignore_index = _check_linear_inputs(
+        hidden, weight, targets, bias, temperature, ignore_index
+    )
+    check.flag("return_entropy", return_entropy)
+    _check_finite(check_finite, hidden=hidden, weight=weight, bias=bias)
+    backend = resolve_backend(backend, hidden.device)
+    lead = hidden.shape[:-1]
+    if backend == "reference":
+        return ref.linear_logprobs_ref(
+            hidden, weight, targets, bias, temperature, ignore_index, return_entropy
+        )
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    t1 = targets.reshape(-1).long().contiguous()
+    lp, ent, _ = linear_logprobs_op(
+        h2, weight.contiguous(), None if bias is None else bias.contiguous(), t1,
+        temperature, ignore_index, return_entropy, backend,
+    )
+    if return_entropy:
+        return lp.view(lead), ent.view(lead)
+    return lp.view(lead)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` from existing logits, streaming over the vocabulary.
+
+    Equivalent to ``torch.log_softmax(logits.float() / temperature, -1).gather(-1,
+    targets[..., None]).squeeze(-1)`` (0 where ``targets == ignore_index``), without the
+    full-size log_softmax copy. Gradient w.r.t. ``logits`` has the logits' dtype.
+    """
+    check.tensor("logits", logits, kind="float")
+    check.tensor("targets", targets, kind="int")
+    check.same_device(logits=logits, targets=targets)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    temperature = check.hyper("temperature", temperature, positive=True)
+    ignore_index = check.integer("ignore_index", ignore_index)
+    check.flag("return_entropy", return_entropy)
+    check.targets_in_range("targets", targets, logits.shape[-1], ignore_index)
+    _check_finite(check_finite, logits=logits)
+    backend = resolve_backend(backend, logits.device)
+    if backend == "reference":
+        return ref.logprobs_from_logits_ref(
+            logits, targets, temperature, ignore_index, return_entropy
+        )
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, logits.shape[-1]).contiguous()
+    lp, ent, _ = logprobs_from_logits_op(
+        z, targets.reshape(-1).long().contiguous(), temperature, ignore_index, return_entropy,
+        backend,
+    )
+    if return_entropy:
+        return lp.view(lead), ent.view(lead)
+    return lp.view(lead)
+
+
+def _check_gate_hypers(gate_tau, clip_delta, confidence_threshold):
+    return (
+        check.hyper("gate_tau", gate_tau, positive=True),
+        check.hyper("clip_delta", clip_delta, positive=True),
+        check.hyper("confidence_threshold", confidence_threshold, nonnegative=True),
+    )
+
+
+def _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
+    """Shapes of the [B,T] / [B] / [B,K] inputs; returns (B, T, K)."""
+    check.tensor("token_mask", token_mask, kind="mask")
+    check.tensor("rewards", rewards, kind="real")
+    check.tensor("teacher_weights", teacher_weights, kind="float")
+    B, T = student_logprobs.shape[0], student_logprobs.shape[1]
+    check.shape("token_mask", token_mask, (B, T), f"[B, T] = [{B}, {T}]")
+    check.shape("rewards", rewards, (B,), f"[B] = [{B}]")
+    if teacher_weights.dim() != 2 or teacher_weights.shape[0] != B:
+        raise ValueError(
+            f"teacher_weights must have shape [B, K] = [{B}, K], got {tuple(teacher_weights.shape)}"
+        )
+    K = teacher_weights.shape[1]
+    if K == 0:
+        raise ValueError("teacher_weights has K = 0 teachers; K must be >= 1")
+    if teacher_weights.numel() and not bool(
+        (torch.isfinite(teacher_weights) & (teacher_weights >= 0)).all()
+    ):
+        raise ValueError("teacher_weights must be finite and >= 0 (0 means no teacher)")
+    if token_mask.dtype != torch.bool and bool(((token_mask != 0) & (token_mask != 1)).any()):
+        raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
+    return B, T, K
+
+
+def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: int):
+    return GatedKDOutput(
+        loss=parts["loss"],
+        support=parts["support"],
+        polarity=parts["polarity"],
+        row_loss=parts["row_loss"].detach(),
+        student_logprobs=parts.get("student_logprobs"),
+        teacher_logprobs=parts.get("teacher_logprobs"),
+        _present=weights > 0,
+        _kept_tokens=mask.sum(-1),
+        _total_tokens=total_tokens,
+        _clipped=parts["clipped"],
+    )
+
+
+def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens):
+    """Run the loss on validated [B,T]/[B,K,T] tensors and wrap a GatedKDOutput."""
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    s = s.to(dtype)
+    u = u.detach().to(dtype)
+    w = weights.detach().to(dtype)
+    mask = mask.to(torch.bool)
+    if backend == "reference":
+        parts = ref.gated_kd_ref(s, u, mask, rewards, w, tau, delta, eps)
+    else:
+        names = ("loss", "support", "polarity", "row_loss", "clipped")
+        parts = dict(zip(names, gated_kd_op(
+            s.contiguous(), u.contiguous(), mask.contiguous(), rewards.to(dtype).contiguous(),
+            w.contiguous(), tau, delta, eps, backend,
+        )))
+    return _wrap(parts, w, mask, total_tokens)
+
+
+def gated_kd_loss(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    token_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    *,
+    gate_tau: float = 1.0,
+    clip_delta: float = 3.0,
+    confidence_threshold: float = 0.05,
+    backend: str = "auto",
+) -> GatedKDOutput:
+    """The SGSD gated self-distillation loss (DESIGN §3) from per-token log-probs.
+
+    Equivalent to (s [B,T], u [B,K,T], m [B,T], r [B], w [B,K])::
+
+        d = (u - s[:, None]).where(m[:, None], 0)                  # Δ
+        n = m.sum(-1, keepdim=True).clamp(min=1)
+        S = d.clamp(-clip_delta, clip_delta).sum(-1) / n          # support (no grad)
+        rho = torch.where(r > 0, 1., -1.)[:, None] * S.sign() * (S.abs() > eps)
+        L = ((log(2) - F.softplus(-d**2 / (2 * gate_tau))) * m[:, None]).sum(-1) / n
+        loss = (w * rho.detach() * L).sum() / B
+
+    Only ``student_logprobs`` receives a gradient; teachers are constants.
+    """
+    check.tensor("student_logprobs", student_logprobs, kind="float")
+    check.tensor("teacher_logprobs", teacher_logprobs, kind="float")
+    if student_logprobs.dim() != 2:
+        raise ValueError(
+            f"student_logprobs must have shape [B, T], got {tuple(student_logprobs.shape)}"
+        )
+    B, T, K = _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights)
+    check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
+    check.same_device(
+        student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
+        token_mask=token_mask, rewards=rewards, teacher_weights=teacher_weights,
+    )
+    tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    backend = resolve_backend(backend, student_logprobs.device)
+    return _gated(
+        student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights, tau, delta,
+        eps, backend, B * T,
+    )
+
+
+def linear_gated_kd_loss(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    gate_tau: float = 1.0,
+    clip_delta: float = 3.0,
+    confidence_threshold: float = 0.05,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> GatedKDOutput:
+    """The SGSD loss straight from hidden states: never materialises K×T×V logits.
+
+    Equivalent to::
+
+        s = linear_logprobs(student_hidden, weight, targets, bias=bias, temperature=T)
+        u = teacher_logprobs  or  linear_logprobs(teacher_hidden, weight,
+                                                  targets[:, None].expand(-1, K, -1), ...)
+        gated_kd_loss(s, u.detach(), token_mask & (targets != ignore_index), rewards,
+                      teacher_weights, ...)
+
+    Args:
+        student_hidden: [B, T, H] (differentiable), weight [V, H], targets [B, T].
+        teacher_hidden: [B, K, T, H] (treated as constants) — or —
+        teacher_logprobs: [B, K, T] precomputed teacher log-probs. Exactly one is given.
+
+    The student and the K teachers share ``weight``: on the Triton path they run as one
+    stream of (K+1)·B·T rows through the forward kernel, and only the student rows
+    enter the backward.
+    """
+    if (teacher_hidden is None) == (teacher_logprobs is None):
+        raise ValueError("pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]")
+    temperature, ignore_index = _check_linear_inputs(
+        student_hidden, weight, targets, bias, temperature, ignore_index, "student_hidden"
+    )
+    if student_hidden.dim() != 3:
+        raise ValueError(
+            f"student_hidden must have shape [B, T, H], got {tuple(student_hidden.shape)}"
+        )
+    B, T, H = student_hidden.shape
+    check.shape("targets", targets, (B, T), f"[B, T] = [{B}, {T}]")
+    _, _, K = _check_gate_inputs(student_hidden, token_mask, rewards, teacher_weights)
+    if teacher_hidden is not None:
+        check.tensor("teacher_hidden", teacher_hidden, kind="float")
+        check.shape("teacher_hidden", teacher_hidden, (B, K, T, H), f"[B, K, T, H] = [{B}, {K}, {T}, {H}]")
+        if teacher_hidden.dtype != weight.dtype:
+            raise TypeError(
+                f"teacher_hidden dtype {teacher_hidden.dtype} must match weight dtype {weight.dtype}"
+            )
+    else:
+        check.tensor("teacher_logprobs", teacher_logprobs, kind="float")
+        check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
+    check.same_device(
+        student_hidden=student_hidden, token_mask=token_mask, rewards=rewards,
+        teacher_weights=teacher_weights, teacher_hidden=teacher_hidden,
+        teacher_logprobs=teacher_logprobs,
+    )
+    tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    _check_finite(
+        check_finite, student_hidden=student_hidden, weight=weight, bias=bias,
+        teacher_hidden=teacher_hidden,
+    )
+    backend = resolve_backend(backend, student_hidden.device)
+    mask = token_mask.to(torch.bool) & (targets != ignore_index)
+
+    if backend == "reference":
+        parts = ref.linear_gated_kd_ref(
+            student_hidden, weight, torch.where(mask, targets, -1), mask, rewards,
+            teacher_weights, teacher_hidden, teacher_logprobs, bias, temperature, tau, delta,
+            eps,
+        )
+        return _wrap(parts, teacher_weights.detach(), mask, B * T)
+
+    flat_t = targets.reshape(-1).long().contiguous()
+    b_arg = None if bias is None else bias.contiguous()
+    w_arg = weight.contiguous()
+    s_hidden = student_hidden.reshape(B * T, H).contiguous()
+    if teacher_hidden is not None:
+        # One stream of (K+1)·B·T rows over W; teacher rows get no gradient.
+        t_hidden = teacher_hidden.detach().reshape(B * K * T, H).contiguous()
+        t_targets = targets.long().unsqueeze(1).expand(B, K, T).reshape(-1).contiguous()
+        s_lp, u_lp, _ = linear_logprobs_streams_op(
+            s_hidden, t_hidden, w_arg, b_arg, flat_t, t_targets, temperature, ignore_index,
+            backend,
+        )
+        u = u_lp.view(B, K, T)
+    else:
+        s_lp, _, _ = linear_logprobs_op(
+            s_hidden, w_arg, b_arg, flat_t, temperature, ignore_index, False, backend
+        )
+        u = teacher_logprobs
+    s = s_lp.view(B, T)
+    result = _gated(s, u, mask, rewards, teacher_weights, tau, delta, eps, backend, B * T)
+    result.student_logprobs = s.detach()
+    result.teacher_logprobs = u.detach()
+    return result
+
+
+class GatedKDLoss(torch.nn.Module):
+    """Module form of :func:`gated_kd_loss` with the hyper-parameters bound.
+
+    ``loss_fn(student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights)``
+    returns a :class:`GatedKDOutput`; ``loss_fn.from_hidden(...)`` calls
+    :func:`linear_gated_kd_loss` with the same hyper-parameters.
+    """
+
+    def __init__(
+        self,
+        gate_tau: float = 1.0,
+        clip_delta: float = 3.0,
+        confidence_threshold: float = 0.05,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.gate_tau, self.clip_delta, self.confidence_threshold = _check_gate_hypers(
+            gate_tau, clip_delta, confidence_threshold
+        )
+        if backend not in ("auto", "triton", "torch", "reference"):
+            raise ValueError(
+                f"backend must be one of ('auto', 'triton', 'torch', 'reference'), got {backend!r}"
+            )
+        self.backend = backend
+
+    def _hypers(self) -> dict:
+        return dict(
+            gate_tau=self.gate_tau, clip_delta=self.clip_delta,
+            confidence_threshold=self.confidence_threshold, backend=self.backend,
+        )
+
+    def forward(self, student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights):
+        return gated_kd_loss(
+            student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights,
+            **self._hypers(),
+        )
+
+    def from_hidden(self, student_hidden, weight, targets, token_mask, rewards, teacher_weights,
+                    **kwargs) -> GatedKDOutput:
+        return linear_gated_kd_loss(
+            student_hidden, weight, targets, token_mask, rewards, teacher_weights,
+            **{**self._hypers(), **kwargs},
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"gate_tau={self.gate_tau}, clip_delta={self.clip_delta}, "
+            f"confidence_threshold={self.confidence_threshold}, backend={self.backend!r}"
+        )

@@ -1,0 +1,281 @@
+"""Portable PyTorch blockwise kernels for log-probs from hidden states (the `torch` backend).
+
+Never allocates N×V: tokens are processed in row chunks and the vocabulary in column
+blocks, so the workspace is at most ``WORKSPACE_ELEMENTS`` logits (plus one V×H-sized
+block of the weight cast to the compute dtype when the weight is low precision).
+The forward keeps an online (max, Σexp, Σexp·z) per row; the backward recomputes each
+logits block and accumulates dh, dW and db with GEMMs.
+
+Backward trick: with p = softmax(z) and per-row gradient g on the target log-prob,
+∂/∂z = g·(onehot − p). Instead of forming g·p over the whole block (an extra pass over
+rows×V memory), the row scale is applied to the small operand of each GEMM:
+dh = −g ⊙ (p @ W) and dW = pᵀ @ (−g ⊙ h); the onehot part is a gather/index_add of
+N rows. Measured on the 2-core CI CPU at V=32768, H=256: this saves ~25% of the
+elementwise time of the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# 2**22 fp32 logits = 16 MiB of workspace per live block. Chosen on the 2-core CI CPU
+# (V=32768, H=256): 128-row chunks keep the GEMMs at full rate while the block stays
+# small enough for the memory target (DESIGN §6: ≥ 20× below the reference).
+WORKSPACE_ELEMENTS = 1 << 22
+_MIN_ROWS = 64
+
+
+def plan_blocks(n_rows: int, vocab: int, workspace: int = WORKSPACE_ELEMENTS) -> tuple[int, int]:
+    """(row chunk, vocab block) such that chunk × block ≤ workspace (for N, V ≥ 1)."""
+    if vocab * _MIN_ROWS <= workspace:
+        vblock = vocab
+    else:
+        vblock = max(1, workspace // _MIN_ROWS)
+    rows = max(1, min(n_rows, workspace // vblock))
+    return rows, vblock
+
+
+def _logits_block(h, weight, bias, v0, v1, inv_t, dtype):
+    """Scaled logits z = (h @ W[v0:v1]ᵀ + b[v0:v1]) / T in ``dtype`` (fp32 accumulation)."""
+    w = weight[v0:v1].to(dtype)
+    if bias is not None:
+        return torch.addmm(bias[v0:v1].to(dtype), h, w.T, beta=inv_t, alpha=inv_t)
+    z = h @ w.T
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    return z
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    dtype: torch.dtype,
+    workspace: int = WORKSPACE_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (logprobs [N], entropy [N] or empty, lse [N]); rows with ignored targets
+    give 0 log-prob and 0 entropy (their lse is still computed, for the backward)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    inv_t = 1.0 / temperature
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    lse = torch.empty(N, dtype=dtype, device=device)
+    picked = torch.empty(N, dtype=dtype, device=device)
+    entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
+    rows, vblock = plan_blocks(N, V, workspace)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        h = hidden[r0:r1].to(dtype)
+        t = safe_t[r0:r1]
+        run_max = run_sum = run_acc = None
+        tgt = torch.zeros(r1 - r0, dtype=dtype, device=device)
+        for v0 in range(0, V, vblock):
+            v1 = min(V, v0 + vblock)
+            z = _logits_block(h, weight, bias, v0, v1, inv_t, dtype)
+            inside = (t >= v0) & (t < v1)
+            local = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+            tgt = torch.where(inside, z.gather(1, local).squeeze(1), tgt)
+            blk_max = z.amax(1)
+            new_max = blk_max if run_max is None else torch.maximum(run_max, blk_max)
+            z.sub_(new_max.unsqueeze(1))  # z ← z − m  (≤ 0)
+            if with_entropy:
+                e = torch.exp(z)
+                blk_acc = (e * z).sum(1)  # Σ e·(z − m)
+                blk_sum = e.sum(1)
+                del e
+            else:
+                blk_sum = z.exp_().sum(1)
+            if run_max is None:
+                run_sum = blk_sum
+                run_acc = blk_acc if with_entropy else None
+            else:
+                # Rescale the running sums to the new max: Σe' = c·Σe, with c = exp(m − m').
+                shift = run_max - new_max
+                c = torch.exp(shift)
+                if with_entropy:
+                    run_acc = c * (run_acc + shift * run_sum) + blk_acc
+                run_sum = c * run_sum + blk_sum
+            run_max = new_max
+            del z
+        log_sum = torch.log(run_sum)
+        lse[r0:r1] = run_max + log_sum
+        picked[r0:r1] = tgt
+        if with_entropy:
+            # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
+            entropy[r0:r1] = log_sum - run_acc / run_sum
+    zero = torch.zeros((), dtype=dtype, device=device)
+    logprobs = torch.where(valid, picked - lse, zero)
+    if with_entropy:
+        entropy = torch.where(valid, entropy, zero)
+    return logprobs, entropy, lse
+
+
+def backward(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    dtype: torch.dtype,
+    need_weight_grad: bool = True,
+    workspace: int = WORKSPACE_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dh [N,H] in hidden's dtype, dW [V,H] in weight's dtype, db or None).
+
+    ``need_weight_grad=False`` (a frozen LM head, e.g. under LoRA) skips the dW and db
+    GEMMs: the backward then costs 2 G instead of 3 G.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    inv_t = 1.0 / temperature
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    # ∂/∂logits = ∂/∂z · (1/T): fold 1/T and the ignore mask into the per-row scales.
+    zero = torch.zeros((), dtype=dtype, device=device)
+    g = torch.where(valid, grad_logprobs.to(dtype), zero) * inv_t
+    ge = None
+    if grad_entropy is not None:
+        ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
+    grad_w = torch.zeros(V, H, dtype=dtype, device=device) if need_weight_grad else None
+    grad_b = torch.zeros(V, dtype=dtype, device=device) if need_weight_grad and bias is not None else None
+    grad_h = torch.empty(N, H, dtype=hidden.dtype, device=device)
+    rows, vblock = plan_blocks(N, V, workspace)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        h = hidden[r0:r1].to(dtype)
+        g_c = g[r0:r1]
+        lse_c = lse[r0:r1].to(dtype).unsqueeze(1)
+        t = safe_t[r0:r1]
+        # Onehot part: +g at the target column.
+        dh = g_c.unsqueeze(1) * weight[t].to(dtype)
+        if grad_w is not None:
+            grad_w.index_add_(0, t, g_c.unsqueeze(1) * h)
+        if grad_b is not None:
+            grad_b.index_add_(0, t, g_c)
+        if ge is None:
+            neg_gh = h * (-g_c).unsqueeze(1)
+        else:
+            ge_c = ge[r0:r1].unsqueeze(1)
+            ent_c = entropy[r0:r1].to(dtype).unsqueeze(1)
+        for v0 in range(0, V, vblock):
+            v1 = min(V, v0 + vblock)
+            z = _logits_block(h, weight, bias, v0, v1, inv_t, dtype)
+            z.sub_(lse_c)  # log p
+            w = weight[v0:v1].to(dtype)
+            if ge is None:
+                p = z.exp_()
+                dh.sub_(g_c.unsqueeze(1) * (p @ w))
+                if grad_w is not None:
+                    grad_w[v0:v1].addmm_(p.T, neg_gh)
+                if grad_b is not None:
+                    grad_b[v0:v1].sub_(p.T @ g_c)
+            else:
+                # ∂H/∂z_j = −p_j (log p_j + H); total −p (g + ge (log p + H)).
+                p = torch.exp(z)
+                coef = z.add_(ent_c).mul_(ge_c).add_(g_c.unsqueeze(1))
+                G = p.mul_(coef).neg_()
+                dh.addmm_(G, w)
+                if grad_w is not None:
+                    grad_w[v0:v1].addmm_(G.T, h)
+                if grad_b is not None:
+                    grad_b[v0:v1].add_(G.sum(0))
+                del coef
+            del z, p
+        grad_h[r0:r1] = dh.to(hidden.dtype)
+    return (
+        grad_h,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+
+
+def logits_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    dtype: torch.dtype,
+    workspace: int = WORKSPACE_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs, entropy or empty, lse) from a logits tensor [N, V], streaming row chunks
+    (never a full-size log_softmax copy: at most ``workspace`` elements in ``dtype``)."""
+    N, V = logits.shape
+    device = logits.device
+    inv_t = 1.0 / temperature
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    rows = max(1, min(N, workspace // max(V, 1)))
+    lse = torch.empty(N, dtype=dtype, device=device)
+    picked = torch.empty(N, dtype=dtype, device=device)
+    entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = logits[r0:r1].to(dtype) * inv_t  # a fresh buffer: modified in place below
+        picked[r0:r1] = z.gather(1, safe_t[r0:r1].unsqueeze(1)).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        z.sub_(m)
+        if with_entropy:
+            e = torch.exp(z)
+            s = e.sum(1)
+            entropy[r0:r1] = torch.log(s) - (e * z).sum(1) / s
+        else:
+            s = z.exp_().sum(1)
+        lse[r0:r1] = m.squeeze(1) + torch.log(s)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    logprobs = torch.where(valid, picked - lse, zero)
+    if with_entropy:
+        entropy = torch.where(valid, entropy, zero)
+    return logprobs, entropy, lse
+
+
+def logits_backward(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    dtype: torch.dtype,
+    workspace: int = WORKSPACE_ELEMENTS,
+) -> torch.Tensor:
+    """∂loss/∂logits [N, V] in the logits' dtype, written row chunk by row chunk."""
+    N, V = logits.shape
+    device = logits.device
+    inv_t = 1.0 / temperature
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    zero = torch.zeros((), dtype=dtype, device=device)
+    g = torch.where(valid, grad_logprobs.to(dtype), zero) * inv_t
+    ge = None
+    if grad_entropy is not None:
+        ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
+    grad = torch.empty_like(logits)
+    rows = max(1, min(N, workspace // max(V, 1)))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = logits[r0:r1].to(dtype) * inv_t
+        z.sub_(lse[r0:r1].to(dtype).unsqueeze(1))  # log p
+        g_c = g[r0:r1].unsqueeze(1)
+        if ge is None:
+            G = z.exp_().mul_(-g_c)
+        else:
+            p = torch.exp(z)
+            coef = z.add_(entropy[r0:r1].to(dtype).unsqueeze(1)).mul_(ge[r0:r1].unsqueeze(1))
+            G = p.mul_(coef.add_(g_c)).neg_()
+        G.scatter_add_(1, safe_t[r0:r1].unsqueeze(1), g_c)
+        grad[r0:r1] = G.to(logits.dtype)
+    return grad

@@ -1,0 +1,227 @@
+"""Log-probs (and entropy) of targets from hidden states and the LM-head weight, without
+materialising N×V logits: the ``sgsd::linear_logprobs`` custom op, its backward op and
+autograd formula. Dispatches to the blockwise torch kernels (``ops/blockwise.py``) or the
+fused Triton kernels (``ops/triton_linear_logprobs.py``).
+
+Registered with ``torch.library.custom_op`` so that ``torch.compile`` treats it as one
+opaque node with a fake (shape-only) implementation instead of tracing into the loops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sgsd_kernels.ops import blockwise
+
+
+def _forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend, dtype):
+    if backend == "triton":
+        from sgsd_kernels.ops import triton_linear_logprobs
+
+        return triton_linear_logprobs.forward(
+            hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype
+        )
+    return blockwise.forward(
+        hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype
+    )
+
+
+def _out_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sgsd::linear_logprobs", mutates_args=())
+def linear_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [N,H], weight [V,H], bias [V] | None, targets [N] int64 ->
+    (logprobs [N], entropy [N] (or [0] without entropy), lse [N]) in fp32 (fp64 for fp64)."""
+    return _forward(
+        hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
+        _out_dtype(hidden),
+    )
+
+
+@linear_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend):
+    N = hidden.shape[0]
+    dt = _out_dtype(hidden)
+    return (
+        hidden.new_empty(N, dtype=dt),
+        hidden.new_empty(N if with_entropy else 0, dtype=dt),
+        hidden.new_empty(N, dtype=dt),
+    )
+
+
+@torch.library.custom_op("sgsd::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward_op(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    need_weight_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (grad_hidden [N,H], grad_weight [V,H] (or [0] when not needed),
+    grad_bias [V] (or [0] when bias is None or not needed))."""
+    dtype = _out_dtype(hidden)
+    if backend == "triton":
+        from sgsd_kernels.ops import triton_linear_logprobs
+
+        gh, gw, gb = triton_linear_logprobs.backward(
+            grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+            temperature, ignore_index, dtype, need_weight_grad,
+        )
+    else:
+        gh, gw, gb = blockwise.backward(
+            grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+            temperature, ignore_index, dtype, need_weight_grad,
+        )
+    if gw is None:
+        gw = weight.new_empty(0)
+    if gb is None:
+        gb = weight.new_empty(0)
+    return gh, gw, gb
+
+
+@linear_logprobs_backward_op.register_fake
+def _(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+      ignore_index, need_weight_grad, backend):
+    gw = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
+    gb = torch.empty_like(bias) if need_weight_grad and bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if with_entropy else None)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(lse)
+    if entropy is None:
+        grad_entropy = None
+    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    gh, gw, gb = linear_logprobs_backward_op(
+        grad_logprobs.contiguous(),
+        None if grad_entropy is None else grad_entropy.contiguous(),
+        hidden, weight, bias, targets, lse, entropy, ctx.temperature, ctx.ignore_index,
+        need_w, ctx.backend,
+    )
+    return (
+        gh if ctx.needs_input_grad[0] else None,
+        gw if ctx.needs_input_grad[1] else None,
+        gb if ctx.has_bias and ctx.needs_input_grad[2] else None,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "sgsd::linear_logprobs", _backward, setup_context=_setup_context
+)
+
+
+# --- Student + K teachers sharing W -----------------------------------------------------
+
+
+@torch.library.custom_op("sgsd::linear_logprobs_streams", mutates_args=())
+def linear_logprobs_streams_op(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    student_targets: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student rows [N,H] and teacher rows [M,H] with their targets ->
+    (student logprobs [N], teacher logprobs [M], student lse [N]). Only the student
+    output has a gradient (teachers are constants in SGSD).
+
+    Triton: one launch over N + M rows, so each token block streams W once for all
+    K+1 streams. Torch: two blockwise passes (the CPU GEMMs gain nothing from a joint pass).
+    """
+    dtype = _out_dtype(student_hidden)
+    N = student_hidden.shape[0]
+    if backend == "triton":
+        from sgsd_kernels.ops import triton_linear_logprobs
+
+        lp, lse = triton_linear_logprobs.forward_streams(
+            student_hidden, teacher_hidden, weight, bias, student_targets, teacher_targets,
+            temperature, ignore_index, dtype,
+        )
+        return lp[:N].clone(), lp[N:].clone(), lse[:N].clone()
+    s_lp, _, s_lse = blockwise.forward(
+        student_hidden, weight, bias, student_targets, temperature, ignore_index, False, dtype
+    )
+    u_lp, _, _ = blockwise.forward(
+        teacher_hidden, weight, bias, teacher_targets, temperature, ignore_index, False, dtype
+    )
+    return s_lp, u_lp, s_lse
+
+
+@linear_logprobs_streams_op.register_fake
+def _(student_hidden, teacher_hidden, weight, bias, student_targets, teacher_targets,
+      temperature, ignore_index, backend):
+    dt = _out_dtype(student_hidden)
+    N, M = student_hidden.shape[0], teacher_hidden.shape[0]
+    return (
+        student_hidden.new_empty(N, dtype=dt),
+        student_hidden.new_empty(M, dtype=dt),
+        student_hidden.new_empty(N, dtype=dt),
+    )
+
+
+def _streams_setup_context(ctx, inputs, output):
+    (student_hidden, _teacher_hidden, weight, bias, student_targets, _teacher_targets,
+     temperature, ignore_index, backend) = inputs
+    ctx.save_for_backward(student_hidden, weight, bias, student_targets, output[2])
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _streams_backward(ctx, grad_student, _grad_teacher, _grad_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    if grad_student is None:
+        grad_student = torch.zeros_like(lse)
+    need_w = ctx.needs_input_grad[2] or (ctx.has_bias and ctx.needs_input_grad[3])
+    gh, gw, gb = linear_logprobs_backward_op(
+        grad_student.contiguous(), None, hidden, weight, bias, targets, lse, None,
+        ctx.temperature, ctx.ignore_index, need_w, ctx.backend,
+    )
+    return (
+        gh if ctx.needs_input_grad[0] else None,
+        None,
+        gw if ctx.needs_input_grad[2] else None,
+        gb if ctx.has_bias and ctx.needs_input_grad[3] else None,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "sgsd::linear_logprobs_streams", _streams_backward, setup_context=_streams_setup_context
+)

@@ -1,0 +1,174 @@
+"""Eager, materialising reference implementations of every public op.
+
+Written to read like DESIGN §3: every intermediate (full logits, full log-softmax, the
+per-token gaps) is a plain tensor. This is the baseline in benchmarks and, run in
+float64, the oracle in tests. Math is done in float32 (float64 when the inputs are
+float64); the memory cost is O(N·V) (O(K·N·V) for the gated loss from hidden states),
+which is exactly what the fused backends avoid.
+
+No validation happens here: the public functions in :mod:`sgsd_kernels.functional`
+validate and then dispatch to these (``backend="reference"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_dtype",
+    "logprobs_from_logits_ref",
+    "linear_logprobs_ref",
+    "gated_kd_ref",
+    "linear_gated_kd_ref",
+]
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any floating input is float64 (oracle runs), otherwise float32."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def logprobs_from_logits_ref(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """log_softmax(logits / temperature).gather(targets); ignored targets give 0.0.
+
+    Entropy (when requested) is that of softmax(logits / temperature); 0.0 where the
+    target is ignored.
+    """
+    dtype = compute_dtype(logits)
+    z = logits.to(dtype) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    lp = torch.where(valid, lp, zero)
+    if not return_entropy:
+        return lp
+    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = torch.where(valid, entropy, zero)
+    return lp, entropy
+
+
+def linear_logprobs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """log_softmax((hidden @ weight.T + bias).float() / temperature).gather(targets)."""
+    dtype = compute_dtype(hidden, weight, bias)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logprobs_from_logits_ref(logits, targets, temperature, ignore_index, return_entropy)
+
+
+def gate(delta: torch.Tensor, tau: float) -> torch.Tensor:
+    """ℓ(Δ) = log 2 − softplus(−Δ²/(2τ)): 0 at Δ = 0, saturates at log 2 for large |Δ|."""
+    return math.log(2.0) - F.softplus(-delta.square() / (2.0 * tau))
+
+
+def gated_kd_ref(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    token_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    gate_tau: float = 1.0,
+    clip_delta: float = 3.0,
+    confidence_threshold: float = 0.05,
+) -> dict[str, torch.Tensor]:
+    """The SGSD gated loss, DESIGN §3, line by line.
+
+    Returns a dict with ``loss`` (differentiable w.r.t. ``student_logprobs`` only),
+    ``support``, ``polarity``, ``row_loss`` ([B, K]) and ``clipped`` (count of masked-in
+    tokens of present teachers whose gap was clipped, a float scalar).
+    """
+    dtype = compute_dtype(student_logprobs, teacher_logprobs)
+    s = student_logprobs.to(dtype)  # [B, T]
+    u = teacher_logprobs.detach().to(dtype)  # [B, K, T]  (teachers are constants)
+    m = token_mask.to(torch.bool).unsqueeze(1)  # [B, 1, T]
+    w = teacher_weights.detach().to(dtype)  # [B, K]
+    B = s.shape[0]
+
+    # Masked positions may hold padding garbage (-inf, NaN): select, never multiply.
+    delta = torch.where(m, u - s.unsqueeze(1), torch.zeros((), dtype=dtype, device=s.device))
+    n = token_mask.to(dtype).sum(-1).clamp_min(1.0).unsqueeze(1)  # [B, 1]
+
+    with torch.no_grad():
+        clipped_delta = delta.detach().clamp(-clip_delta, clip_delta)
+        support = clipped_delta.sum(-1) / n  # S[b,k]
+        sigma = torch.where(
+            support.abs() > confidence_threshold, torch.sign(support), torch.zeros_like(support)
+        )
+        outcome = torch.where(rewards > 0, 1.0, -1.0).to(dtype).unsqueeze(1)  # [B, 1]
+        polarity = outcome * sigma  # ρ[b,k]
+        present = (w > 0).unsqueeze(-1)
+        clipped = ((delta.detach().abs() > clip_delta) & m & present).sum().to(dtype)
+
+    per_token = torch.where(m, gate(delta, gate_tau), torch.zeros((), dtype=dtype, device=s.device))
+    row_loss = per_token.sum(-1) / n  # L[b,k]
+    loss = (w * polarity * row_loss).sum() / B
+    return {
+        "loss": loss,
+        "support": support,
+        "polarity": polarity,
+        "row_loss": row_loss.detach(),
+        "clipped": clipped,
+    }
+
+
+def linear_gated_kd_ref(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    gate_tau: float = 1.0,
+    clip_delta: float = 3.0,
+    confidence_threshold: float = 0.05,
+) -> dict[str, torch.Tensor]:
+    """Student log-probs [B,T] and teacher log-probs [B,K,T] from materialised logits,
+    then :func:`gated_kd_ref`. Targets that are negative (ignore_index) are masked out."""
+    valid = targets >= 0
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    s = linear_logprobs_ref(student_hidden, weight, safe_targets, bias, temperature)
+    if teacher_logprobs is None:
+        K = teacher_hidden.shape[1]
+        with torch.no_grad():
+            u = linear_logprobs_ref(
+                teacher_hidden.detach(),
+                weight.detach(),
+                safe_targets.unsqueeze(1).expand(-1, K, -1),
+                None if bias is None else bias.detach(),
+                temperature,
+            )
+    else:
+        u = teacher_logprobs
+    out = gated_kd_ref(
+        s, u, token_mask & valid, rewards, teacher_weights, gate_tau, clip_delta,
+        confidence_threshold,
+    )
+    out["student_logprobs"] = s.detach()
+    out["teacher_logprobs"] = u.detach()
+    return out
