@@ -1,0 +1,210 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a directory ``OUTPUT/checkpoints/step_000025/``::
+
+    trainable.safetensors   every trainable parameter (LoRA adapter or full model): resume
+    model/                  save_pretrained export (the adapter; the full model for full FT)
+    optimizer.pt            optimizer state        scheduler.pt   LR-scheduler state
+    rng/rank{r}.pt          python / numpy / torch (+ CUDA) RNG states of every rank
+    skill_bank.json         SkillBank.state_dict()
+    trainer_state.json      step, data position, world size, config
+
+It is written into ``.tmp-step_000025`` and renamed into place, so a crash mid-write never
+leaves a directory that looks complete. Only rank 0 writes, except each rank's RNG file
+(all ranks write into the temporary directory before rank 0 renames it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainerState", "save_checkpoint", "load_checkpoint", "find_checkpoint",
+           "GracefulStop", "rng_state", "set_rng_state"]
+
+_PREFIX = "step_"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps completed
+    data_position: int = 0  # problems consumed (all ranks)
+    world_size: int = 1
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(output_dir, *, policy, optimizer, scheduler, bank, state: TrainerState,
+                    config: dict, rank: int, keep: int = 0, export_full: bool = True) -> Path:
+    """Write a checkpoint for ``state.step`` atomically; all ranks must call it."""
+    from safetensors.torch import save_file
+
+    from sgsd.model import save_pretrained, trainable_state
+
+    root = _checkpoint_root(output_dir)
+    final = root / f"{_PREFIX}{state.step:06d}"
+    tmp = root / f".tmp-{_PREFIX}{state.step:06d}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    if rank == 0:
+        save_file(trainable_state(policy), str(tmp / "trainable.safetensors"))
+        if policy.is_peft or export_full:
+            save_pretrained(policy, tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "skill_bank.json").write_text(json.dumps(bank.state_dict()))
+        meta = {"step": state.step, "data_position": state.data_position,
+                "world_size": state.world_size, "config": config}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+    _barrier()
+    if rank == 0:
+        if final.exists():  # re-saving the same step (e.g. stop signal right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(root, keep)
+        log.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _complete(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
+
+
+def _list(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in _list(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``"latest"`` -> newest complete checkpoint under output_dir (None if there is none);
+    a path -> that checkpoint (error if it is not one)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = _list(_checkpoint_root(output_dir))
+        return found[-1] if found else None
+    path = Path(resume)
+    if not _complete(path):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory "
+                                f"(no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, world_size: int):
+    """Restore everything in place; returns ``(TrainerState, skill-bank state dict)``."""
+    from safetensors.torch import load_file
+
+    from sgsd.model import load_trainable_state
+
+    meta = json.loads((path / "trainer_state.json").read_text())
+    if meta["world_size"] != world_size:
+        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks; "
+                         f"resume with the same --nproc_per_node (got {world_size})")
+    device = next(policy.parameters()).device
+    load_trainable_state(policy, load_file(str(path / "trainable.safetensors"), device=str(device)))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
+                                         weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng" / f"rank{rank}.pt", weights_only=False))
+    bank_state = json.loads((path / "skill_bank.json").read_text())
+    state = TrainerState(step=meta["step"], data_position=meta["data_position"],
+                         world_size=world_size)
+    return state, bank_state
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits after the current
+    step. A second signal restores the default handler behaviour (immediate exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: finishing this step, saving a checkpoint, then exiting "
+                    "(signal again to abort)", signal.Signals(signum).name)
+
+    def should_stop(self, device: torch.device | None = None) -> bool:
+        """True on every rank if any rank was signalled (a collective: call on all ranks)."""
+        flag = self.requested
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([1.0 if flag else 0.0], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        return flag
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)

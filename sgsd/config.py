@@ -1,0 +1,356 @@
+"""Training configuration: one dataclass, documented and validated.
+
+Precedence (lowest to highest): the field defaults below (the paper's hyper-parameters) ->
+the tiny-model profile (only when ``model == "tiny"``, only for fields the user did not
+set) -> ``--config FILE`` (YAML or JSON) -> ``--key value`` command-line overrides.
+
+    cfg = load_config(["--max-steps", "3", "--output-dir", "runs/demo"])
+    cfg.save(Path(cfg.output_dir) / "config.yaml")
+
+Command-line keys accept dashes or underscores (``--max-steps`` == ``--max_steps``);
+values are parsed by the field's type (``--finetune full``, ``--gradient-checkpointing
+false``, ``--lora-target-modules q_proj,v_proj``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "TINY_PROFILE", "load_config", "parse_overrides"]
+
+LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    # ---- model -------------------------------------------------------------------------
+    model: str = "tiny"
+    """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny_model).
+    ``Qwen/Qwen3-1.7B`` is the paper's model."""
+    finetune: str = "lora"
+    """``"lora"`` (PEFT LoRA on every attention and MLP projection) or ``"full"``."""
+    lora_r: int = 64
+    """LoRA rank (paper: 64)."""
+    lora_alpha: int = 128
+    """LoRA alpha (paper: 128); the adapter scale is alpha / r."""
+    lora_dropout: float = 0.0
+    """LoRA dropout. 0 keeps the live teacher and the student the same function."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS_ALL))
+    """Module names LoRA wraps (default: all attention and MLP projections)."""
+    dtype: str = "auto"
+    """Parameter dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16``,
+    ``float32``."""
+    attn_implementation: str = "auto"
+    """``auto`` (flash_attention_2 when installed on CUDA, else sdpa), ``sdpa``, ``eager``,
+    ``flash_attention_2``."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (saves memory on long rollouts)."""
+
+    # ---- data and skills ---------------------------------------------------------------
+    dataset: str = "demo"
+    """``demo`` (bundled), a JSONL/JSON path, or a HF dataset id
+    (``BytedTsinghua-SIA/DAPO-Math-17k`` is the paper's); see sgsd.data.load_problems."""
+    dataset_split: str | None = None
+    """Dataset split (None: the loader's default)."""
+    answer_field: str | None = None
+    """Field holding the final answer (None: the loader detects it)."""
+    dataset_limit: int | None = None
+    """Use only the first N problems (None: all)."""
+    skill_bank: str | None = None
+    """Skill-bank JSON path (None: the bundled default bank)."""
+    retrieval_mode: str = "bm25"
+    """How teachers are retrieved from the bank (passed to SkillBank.teachers)."""
+    enable_thinking: bool = False
+    """Render chat prompts with thinking enabled (Qwen3 chat template flag)."""
+
+    # ---- loss (DESIGN §3) --------------------------------------------------------------
+    loss: str = "sgsd"
+    """Loss strategy (sgsd.losses.LOSSES). ``sgsd`` now; GRPO/OPSD plug in at the same seam."""
+    num_teachers: int = 8
+    """K: skill-conditioned teachers per rollout (paper: 8)."""
+    gate_tau: float = 1.0
+    """tau: gate temperature of l(D) = log 2 - softplus(-D^2 / (2 tau)) (paper: 1)."""
+    clip_delta: float = 3.0
+    """delta: clip of the log-prob gap in the support score (paper: 3)."""
+    confidence_threshold: float = 0.05
+    """epsilon: |support| at or below this gives polarity 0 (paper: 0.05)."""
+    logprob_temperature: float = 1.0
+    """Temperature of the student/teacher log-probs in the loss (1 = the model's own
+    distribution; independent of the sampling temperature)."""
+    kernel_backend: str = "auto"
+    """sgsd_kernels backend: auto, triton, torch, reference."""
+
+    # ---- rollouts ----------------------------------------------------------------------
+    rollout_backend: str = "auto"
+    """``auto`` (vLLM when importable, else HF generate), ``vllm``, ``hf``."""
+    problems_per_step: int = 16
+    """Problems per optimizer step, over all ranks (must divide by the world size)."""
+    rollouts_per_problem: int = 4
+    """G: sampled completions per problem."""
+    temperature: float = 1.1
+    """Sampling temperature (paper: 1.1)."""
+    top_p: float = 0.95
+    """Nucleus sampling (paper: 0.95)."""
+    top_k: int = 20
+    """Top-k sampling (paper: 20; 0 disables)."""
+    max_completion_tokens: int = 1024
+    """Completion length cap (paper: 1024)."""
+    max_prompt_tokens: int = 2048
+    """Longest rendered prompt (student or teacher) allowed; longer problems are skipped
+    by the loader step with a warning."""
+    vllm_gpu_memory_utilization: float | None = None
+    """vLLM memory fraction (None: 0.3 on GPU, 0.2 of RAM on CPU)."""
+
+    # ---- optimisation ------------------------------------------------------------------
+    max_steps: int = 200
+    """Optimizer steps (paper: 200)."""
+    lr: float = 5e-6
+    """AdamW learning rate (paper: 5e-6)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then ``lr_schedule``."""
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (to 0 at max_steps)."""
+    max_grad_norm: float = 0.1
+    """Gradient-norm clip (paper: 0.1); 0 disables."""
+    micro_batch_size: int = 4
+    """Rollouts per student forward/backward (gradient accumulation over the step)."""
+    teacher_micro_batch_size: int = 8
+    """Sequences per no-grad teacher forward (bounds teacher activation memory)."""
+
+    # ---- distributed -------------------------------------------------------------------
+    parallelism: str = "ddp"
+    """``ddp`` (replicated model, gradients all-reduced). FSDP2 is not implemented yet."""
+
+    # ---- checkpoints, logging ----------------------------------------------------------
+    output_dir: str = "runs/sgsd"
+    """Where config.yaml, metrics.jsonl, samples.jsonl and checkpoints/ go."""
+    checkpoint_every: int = 25
+    """Save every N steps (and always at the end); 0 = only at the end (paper: 25)."""
+    keep_checkpoints: int = 3
+    """Keep the newest N checkpoints (0 = keep all)."""
+    resume: str | None = None
+    """``latest`` (newest checkpoint in output_dir, fresh start if none) or a checkpoint dir."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    log_every: int = 1
+    """Console/metrics line every N steps."""
+    sample_every: int = 10
+    """Print one sampled generation and append samples to samples.jsonl every N steps."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0 (off when stderr is not a terminal)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (output_dir/tb)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project."""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid config: {msg}")
+
+        need(bool(self.model), "model must be a model id, a path or 'tiny'")
+        need(self.finetune in ("lora", "full"), f"finetune must be lora|full, got {self.finetune!r}")
+        need(self.lora_r >= 1 and self.lora_alpha > 0, "lora_r >= 1 and lora_alpha > 0")
+        need(0.0 <= self.lora_dropout < 1.0, "0 <= lora_dropout < 1")
+        need(len(self.lora_target_modules) > 0, "lora_target_modules must not be empty")
+        need(self.dtype in ("auto", "bfloat16", "float16", "float32"),
+             f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        need(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+             f"attn_implementation must be auto|sdpa|eager|flash_attention_2, "
+             f"got {self.attn_implementation!r}")
+        need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit >= 1")
+        need(self.loss in ("sgsd",), f"loss must be one of ('sgsd',), got {self.loss!r}")
+        need(self.num_teachers >= 1, "num_teachers (K) >= 1")
+        for name in ("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v > 0, f"{name} must be finite and > 0, got {v}")
+        need(math.isfinite(self.confidence_threshold) and self.confidence_threshold >= 0,
+             "confidence_threshold (epsilon) must be finite and >= 0")
+        need(self.kernel_backend in ("auto", "triton", "torch", "reference", "native"),
+             f"kernel_backend must be auto|triton|torch|reference|native, got {self.kernel_backend!r}")
+        need(self.rollout_backend in ("auto", "vllm", "hf"),
+             f"rollout_backend must be auto|vllm|hf, got {self.rollout_backend!r}")
+        need(self.problems_per_step >= 1 and self.rollouts_per_problem >= 1,
+             "problems_per_step >= 1 and rollouts_per_problem >= 1")
+        need(0.0 < self.top_p <= 1.0, "0 < top_p <= 1")
+        need(self.top_k >= 0, "top_k >= 0 (0 disables)")
+        need(self.max_completion_tokens >= 1 and self.max_prompt_tokens >= 1,
+             "max_completion_tokens >= 1 and max_prompt_tokens >= 1")
+        need(self.vllm_gpu_memory_utilization is None
+             or 0.0 < self.vllm_gpu_memory_utilization < 1.0,
+             "0 < vllm_gpu_memory_utilization < 1")
+        need(self.max_steps >= 1, "max_steps >= 1")
+        need(self.weight_decay >= 0, "weight_decay >= 0")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             "adam_betas must be two numbers in [0, 1)")
+        need(self.warmup_steps >= 0, "warmup_steps >= 0")
+        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant|cosine")
+        need(self.max_grad_norm >= 0, "max_grad_norm >= 0 (0 disables clipping)")
+        need(self.micro_batch_size >= 1 and self.teacher_micro_batch_size >= 1,
+             "micro_batch_size >= 1 and teacher_micro_batch_size >= 1")
+        need(self.parallelism == "ddp",
+             f"parallelism must be 'ddp' (FSDP2 is not implemented yet), got {self.parallelism!r}")
+        need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 0,
+             "checkpoint_every >= 0 and keep_checkpoints >= 0")
+        need(self.log_every >= 1 and self.sample_every >= 1, "log_every >= 1 and sample_every >= 1")
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = _dump(self.to_dict(), yaml_format=path.suffix in (".yaml", ".yml"))
+        path.write_text(text)
+
+
+#: Overrides applied when ``model == "tiny"`` (the embedded default, CPU, offline), for the
+#: fields the user did not set: short completions and a small batch so that a step takes
+#: seconds on two CPU cores, and a learning rate large enough that parameters visibly move.
+TINY_PROFILE: dict[str, Any] = {
+    "problems_per_step": 4,
+    "rollouts_per_problem": 2,
+    "num_teachers": 4,
+    "max_completion_tokens": 32,
+    "max_prompt_tokens": 1024,
+    "micro_batch_size": 8,
+    "teacher_micro_batch_size": 16,
+    "lr": 1e-3,
+    "max_grad_norm": 1.0,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "gradient_checkpointing": False,
+    "max_steps": 10,
+    "checkpoint_every": 5,
+    "sample_every": 5,
+    "output_dir": "runs/demo",
+}
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+
+
+def _parse_value(name: str, raw: Any, tp: Any) -> Any:
+    """Coerce ``raw`` (a CLI string or a file value) to the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(name, raw, inner[0])
+    if origin is list:
+        (elem,) = args
+        if isinstance(raw, str):
+            raw = [p.strip() for p in raw.split(",") if p.strip()]
+        if not isinstance(raw, (list, tuple)):
+            raise ValueError(f"config field {name!r} expects a list, got {raw!r}")
+        return [_parse_value(name, r, elem) for r in raw]
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).strip().lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config field {name!r} expects a boolean, got {raw!r}")
+    if tp in (int, float):
+        if isinstance(raw, bool):
+            raise ValueError(f"config field {name!r} expects {tp.__name__}, got {raw!r}")
+        try:
+            value = tp(raw) if tp is float or isinstance(raw, int) else int(str(raw), 0)
+        except (TypeError, ValueError):
+            try:  # "1e3" for an int field
+                f = float(raw)
+                if tp is int and f.is_integer():
+                    return int(f)
+            except (TypeError, ValueError):
+                pass
+            raise ValueError(f"config field {name!r} expects {tp.__name__}, got {raw!r}") from None
+        return value
+    if tp is str:
+        return str(raw)
+    raise TypeError(f"unsupported config type {tp} for {name!r}")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str | None]:
+    """``["--max-steps", "3", "--flag=x"]`` -> ``{"max_steps": "3", "flag": "x"}``.
+    ``--config`` is returned under the key ``config``."""
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ValueError(f"unexpected argument {tok!r}: use --key value")
+        key = tok[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = "true"  # bare flag: --tensorboard
+            i += 1
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig` from ``--config FILE`` + ``--key value`` (+ kwargs)."""
+    cli = parse_overrides(list(argv or []))
+    values: dict[str, Any] = {}
+    config_file = cli.pop("config", None)
+    if config_file:
+        values.update(_load_file(config_file))
+    values.update(cli)
+    values.update(overrides)
+
+    types = _field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(types))})")
+    parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
+    if parsed.get("model", "tiny") == "tiny":
+        parsed = {**{k: v for k, v in TINY_PROFILE.items() if k not in parsed}, **parsed}
+    return TrainConfig(**parsed)
+
+
+def _dump(data: dict[str, Any], *, yaml_format: bool) -> str:
+    if yaml_format:
+        try:
+            import yaml
+
+            return yaml.safe_dump(data, sort_keys=False)
+        except ImportError:  # pragma: no cover - pyyaml is in the train extra
+            pass
+    return json.dumps(data, indent=2) + "\n"
