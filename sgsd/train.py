@@ -1,0 +1,563 @@
+"""SGSD training loop (DESIGN §2-§3), end to end.
+
+    torchrun --nproc_per_node=1 sgsd/train.py --max-steps 3 --output-dir runs/demo
+    torchrun --nproc_per_node=8 sgsd/train.py --model Qwen/Qwen3-1.7B \\
+        --dataset BytedTsinghua-SIA/DAPO-Math-17k --output-dir runs/qwen3-1.7b-sgsd
+    python sgsd/train.py --resume latest --output-dir runs/demo     # continue a run
+
+One optimizer step:
+
+1. the policy samples G completions for each of this rank's problems (vLLM colocated in
+   this process, or HF generate), after its current weights are pushed into vLLM;
+2. math-verify gives each rollout a reward of +1 / -1;
+3. the skill bank retrieves K skill-mistake teachers per problem (BM25);
+4. the live model (current weights, no grad) scores the *same* completion tokens under
+   each teacher context: last hidden states -> ``sgsd_kernels.linear_logprobs`` (the
+   ``[T, V]`` logits are never materialised), in bounded micro-batches;
+5. ONE student forward with grad per rollout -> ``sgsd_kernels.linear_gated_kd_loss`` ->
+   backward (gradient accumulation over micro-batches);
+6. clip the gradient norm, optimizer and scheduler step;
+7. log, maybe checkpoint.
+
+Everything configurable lives in :class:`sgsd.config.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import sgsd_kernels as sk
+from sgsd import prompts
+from sgsd.checkpoint import (
+    GracefulStop,
+    TrainerState,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from sgsd.config import TrainConfig, load_config
+from sgsd.losses import LossStrategy, ScoredBatch, build_loss
+from sgsd.model import Policy, load_policy
+from sgsd.rollout import RolloutEngine, build_rollout_engine
+
+log = logging.getLogger("sgsd.train")
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """torch.distributed from torchrun's environment (single process without it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ProblemSampler:
+    """Deterministic problem order: epoch e is a permutation of the problems seeded by
+    (seed, e); every step takes the next ``problems_per_step`` of the global stream and
+    rank r takes its contiguous share. The position in the stream is the data state."""
+
+    def __init__(self, num_problems: int, seed: int):
+        self.n = num_problems
+        self.seed = seed
+
+    def _epoch(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, position: int, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            epoch, offset = divmod(position + len(out), self.n)
+            order = self._epoch(epoch)
+            out.extend(order[offset: offset + count - len(out)])
+        return out
+
+
+def build_scheduler(cfg: TrainConfig, optimizer):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.max_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- rollouts
+@dataclass
+class Rollout:
+    """One sampled completion and everything the loss needs about it."""
+
+    problem: object  # sgsd.data.Problem
+    prompt_ids: list[int]  # student prompt
+    completion_ids: list[int]
+    token_mask: list[bool]  # DESIGN §3 m: False for chat/think markers and whitespace
+    reward: float  # +1 / -1
+    predicted: str | None
+    teachers: list[tuple[list[int], float]]  # (teacher prompt ids, weight), at most K
+
+
+def sequences_batch(prefixes: list[list[int]], completions: list[list[int]], pad_id: int,
+                    device: torch.device):
+    """Right-padded ``prefix + completion`` batch and, for each completion token t, the
+    position whose hidden state predicts it (``len(prefix) - 1 + t``).
+
+    Returns ``input_ids [N, L]``, ``attention_mask [N, L]``, ``positions [N, T]``,
+    ``targets [N, T]`` (0 where padded) and ``valid [N, T]`` (bool), T = longest completion.
+    """
+    n = len(prefixes)
+    width = max(len(p) + len(c) for p, c in zip(prefixes, completions))
+    t_max = max(1, max(len(c) for c in completions))
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    pos = torch.zeros((n, t_max), dtype=torch.long)
+    targets = torch.zeros((n, t_max), dtype=torch.long)
+    valid = torch.zeros((n, t_max), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prefixes, completions)):
+        seq, start = prompts.concat_prompt_and_completion(p, c)
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        pos[i] = start - 1  # padded slots point at a real position; masked out below
+        pos[i, : len(c)] = torch.arange(start - 1, start - 1 + len(c))
+        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        valid[i, : len(c)] = True
+    return ids.to(device), attn.to(device), pos.to(device), targets.to(device), valid.to(device)
+
+
+def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``hidden [N, L, H]`` at ``positions [N, T]`` -> ``[N, T, H]``."""
+    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def make_rollouts(cfg: TrainConfig, batch_problems, completions, tokenizer, bank,
+                  strategy: LossStrategy) -> list[Rollout]:
+    """Verify every completion and attach its problem's teacher contexts."""
+    from sgsd.verify import verify
+
+    rollouts = []
+    for problem, prompt_ids, group in zip(*batch_problems, completions):
+        teachers = [
+            (prompts.render_prompt_ids(tokenizer, messages, enable_thinking=cfg.enable_thinking), w)
+            for messages, w in strategy.teachers(problem, bank)
+        ]
+        for completion_ids in group:
+            text = tokenizer.decode(completion_ids, skip_special_tokens=True)
+            result = verify(text, problem.answer)
+            rollouts.append(Rollout(
+                problem=problem,
+                prompt_ids=prompt_ids,
+                completion_ids=list(completion_ids),
+                token_mask=prompts.format_token_mask(tokenizer, completion_ids),
+                reward=float(result.reward),
+                predicted=result.predicted,
+                teachers=teachers,
+            ))
+    return rollouts
+
+
+# ----------------------------------------------------------------------------- the loss
+@torch.no_grad()
+def teacher_logprobs(policy: Policy, rollouts: list[Rollout], num_teachers: int, t_max: int,
+                     cfg: TrainConfig, pad_id: int, device: torch.device) -> torch.Tensor:
+    """``[B, K, T]`` log-probs of each rollout's completion under each teacher context,
+    from the live model (no grad). Missing teachers stay 0 (their weight is 0)."""
+    out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=torch.float32, device=device)
+    jobs = [(b, k, ids) for b, r in enumerate(rollouts) for k, (ids, _) in enumerate(r.teachers)]
+    if not jobs:
+        return out
+    weight, bias = policy.lm_head()
+    step = cfg.teacher_micro_batch_size
+    for lo in range(0, len(jobs), step):
+        chunk = jobs[lo: lo + step]
+        completions = [rollouts[b].completion_ids for b, _, _ in chunk]
+        ids, attn, pos, targets, _ = sequences_batch([j[2] for j in chunk], completions,
+                                                     pad_id, device)
+        hidden = gather_positions(policy(ids, attn), pos)
+        lp = sk.linear_logprobs(hidden, weight, targets, bias=bias,
+                                temperature=cfg.logprob_temperature, backend=cfg.kernel_backend)
+        for row, (b, k, _) in enumerate(chunk):
+            n = len(rollouts[b].completion_ids)
+            out[b, k, :n] = lp[row, :n].float()
+    return out
+
+
+def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[Rollout],
+                 cfg: TrainConfig, pad_id: int, device: torch.device):
+    """The strategy's loss on one micro-batch (mean over its rollouts, differentiable).
+
+    ``model`` is what the student forward runs through (the DDP wrapper when
+    distributed, else ``policy``); teachers always run on the bare ``policy``.
+    """
+    K = strategy.num_teachers
+    ids, attn, pos, targets, valid = sequences_batch(
+        [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id, device)
+    t_max = targets.shape[1]
+    mask = torch.zeros_like(valid)
+    weights = torch.zeros((len(rollouts), K), dtype=torch.float32, device=device)
+    for b, r in enumerate(rollouts):
+        mask[b, : len(r.token_mask)] = torch.tensor(r.token_mask, dtype=torch.bool)
+        for k, (_, w) in enumerate(r.teachers[:K]):
+            weights[b, k] = w
+    batch = ScoredBatch(
+        targets=targets,
+        token_mask=mask & valid,
+        rewards=torch.tensor([r.reward for r in rollouts], dtype=torch.float32, device=device),
+        teacher_weights=weights,
+        teacher_logprobs=teacher_logprobs(policy, rollouts, K, t_max, cfg, pad_id, device),
+    )
+    hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
+    weight, bias = policy.lm_head()
+    return strategy.loss(hidden, weight, bias, batch)
+
+
+def forward_backward(model, policy: Policy, strategy: LossStrategy, rollouts: list[Rollout],
+                     cfg: TrainConfig, pad_id: int, device: torch.device):
+    """Accumulate d(loss)/d(params) over micro-batches, loss = mean over ``rollouts``.
+
+    Returns ``(loss, metrics)`` where metrics are micro-batch metrics averaged with the
+    number of present teachers (fractions) or rollouts (mask_keep_frac) as weights.
+    """
+    total = len(rollouts)
+    loss_sum = 0.0
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    mbs = range(0, total, cfg.micro_batch_size)
+    for i, lo in enumerate(mbs):
+        chunk = rollouts[lo: lo + cfg.micro_batch_size]
+        last = i == len(mbs) - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else _nullcontext()
+        with sync:
+            result = rollout_loss(model, policy, strategy, chunk, cfg, pad_id, device)
+            (result.loss * (len(chunk) / total)).backward()
+        loss_sum += float(result.loss.detach()) * len(chunk)
+        n_teachers = result.metrics.get("num_teachers", 0.0)
+        for key, value in result.metrics.items():
+            if key in ("loss", "num_teachers"):
+                continue
+            w = len(chunk) if key == "mask_keep_frac" else n_teachers
+            sums[key] = sums.get(key, 0.0) + value * w
+            weights[key] = weights.get(key, 0.0) + w
+        sums["num_teachers"] = sums.get("num_teachers", 0.0) + n_teachers
+    metrics = {k: sums[k] / weights[k] if weights.get(k) else 0.0 for k in weights}
+    metrics["num_teachers"] = sums.get("num_teachers", 0.0)
+    return loss_sum / total, metrics
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------- logging
+class MetricsLogger:
+    """Console line per step, metrics.jsonl, samples.jsonl, optional TensorBoard / W&B.
+    Only rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool, resume_step: int):
+        self.enabled = enabled
+        self.out = Path(cfg.output_dir)
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _truncate_after(self.out / name, resume_step)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"))
+        if cfg.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(),
+                                    dir=str(self.out), resume="allow")
+
+    def step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in numeric.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=record["step"])
+
+    def samples(self, step: int, rollouts: list[Rollout], tokenizer) -> str:
+        """Append this rank's rollouts to samples.jsonl; return one for the console."""
+        if not self.enabled:
+            return ""
+        with open(self.out / "samples.jsonl", "a") as f:
+            for r in rollouts:
+                f.write(json.dumps({
+                    "step": step, "problem_id": r.problem.id, "answer": r.problem.answer,
+                    "predicted": r.predicted, "reward": r.reward,
+                    "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=False),
+                }) + "\n")
+        r = rollouts[0]
+        text = tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip()
+        return (f"  sample [{r.problem.id}] reward={r.reward:+.0f} answer={r.problem.answer!r} "
+                f"predicted={r.predicted!r}\n  | " + text[:300].replace("\n", "\n  | "))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records of steps > ``step`` (a resumed run rewrites them)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def format_line(r: dict) -> str:
+    return (f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward']:+.3f} | "
+            f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
+            f"{r['neutral_frac']:.2f} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
+            f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
+            f"(gen {r['gen_time_s']:.2f}s)")
+
+
+def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each value over ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    env = setup_distributed()
+    logging.basicConfig(
+        level=logging.INFO if env.main else logging.WARNING,
+        format=f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    if cfg.problems_per_step % env.world_size:
+        raise ValueError(f"problems_per_step={cfg.problems_per_step} must be divisible by the "
+                         f"number of ranks ({env.world_size})")
+    out_dir = Path(cfg.output_dir)
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
+    seed_everything(cfg.seed)
+
+    # ---- model, data, skills, loss -----------------------------------------------------
+    from sgsd.data import load_problems
+    from sgsd.skills import SkillBank
+
+    policy, tokenizer, source = load_policy(cfg, env.device)
+    pad_id = tokenizer.pad_token_id
+    strategy = build_loss(cfg)
+    problems, prompt_ids = [], []
+    for p in load_problems(cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field,
+                           limit=cfg.dataset_limit):
+        ids = prompts.render_prompt_ids(tokenizer, strategy.student_messages(p),
+                                        enable_thinking=cfg.enable_thinking)
+        if len(ids) <= cfg.max_prompt_tokens:
+            problems.append(p)
+            prompt_ids.append(ids)
+    if not problems:
+        raise ValueError(f"no problem in {cfg.dataset!r} fits max_prompt_tokens="
+                         f"{cfg.max_prompt_tokens}")
+    bank = SkillBank.load(cfg.skill_bank) if cfg.skill_bank else SkillBank.default()
+    sampler = ProblemSampler(len(problems), cfg.seed)
+    log.info("%d problems, skill bank %s, loss %s, K=%d, %d rank(s)", len(problems),
+             cfg.skill_bank or "(bundled default)", strategy.name, strategy.num_teachers,
+             env.world_size)
+
+    # ---- optimizer, distributed wrapper --------------------------------------------------
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(cfg, optimizer)
+    model = policy
+    if env.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    # ---- resume --------------------------------------------------------------------------
+    state = TrainerState(world_size=env.world_size)
+    ckpt = find_checkpoint(cfg.resume, out_dir)
+    if ckpt is not None:
+        state, bank_state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer,
+                                            scheduler=scheduler, rank=env.rank,
+                                            world_size=env.world_size)
+        bank = SkillBank.from_state_dict(bank_state)
+        log.info("resumed from %s at step %d", ckpt, state.step)
+
+    # ---- rollout engine (weights are pushed before every generation, so also after resume)
+    threads = torch.get_num_threads()
+    engine: RolloutEngine = build_rollout_engine(
+        cfg, policy, tokenizer, source, env.device, rank=env.rank,
+        max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_tokens)
+    torch.set_num_threads(threads)  # vLLM lowers it to 1 for serving; training wants all
+    log.info("rollouts: %s", engine.name)
+
+    metrics_log = MetricsLogger(cfg, env.main, state.step)
+    stop = GracefulStop()
+    per_rank = cfg.problems_per_step // env.world_size
+    bar = None
+    if env.main and cfg.progress_bar and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="sgsd", dynamic_ncols=True)
+    last_saved = state.step if ckpt is not None else -1
+
+    def checkpoint() -> None:
+        nonlocal last_saved
+        save_checkpoint(out_dir, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                        bank=bank, state=state, config=cfg.to_dict(), rank=env.rank,
+                        keep=cfg.keep_checkpoints,
+                        export_full=policy.is_peft or state.step >= cfg.max_steps)
+        last_saved = state.step
+
+    try:
+        while state.step < cfg.max_steps:
+            step = state.step + 1
+            t0 = time.perf_counter()
+
+            # 1. rollouts: G samples per problem, one batched call, from the live weights
+            global_ids = sampler.take(state.data_position, cfg.problems_per_step)
+            mine = global_ids[env.rank * per_rank: (env.rank + 1) * per_rank]
+            batch = ([problems[i] for i in mine], [prompt_ids[i] for i in mine])
+            engine.sync_weights(policy)
+            completions = engine.generate(batch[1], cfg.rollouts_per_problem, step=step)
+            t_gen = time.perf_counter() - t0
+
+            # 2-3. verify, retrieve teachers
+            rollouts = make_rollouts(cfg, batch, completions, tokenizer, bank, strategy)
+
+            # 4-5. teacher scoring + one student forward/backward per rollout
+            optimizer.zero_grad(set_to_none=True)
+            loss, loss_metrics = forward_backward(model, policy, strategy, rollouts, cfg,
+                                                  pad_id, env.device)
+
+            # 6. clip, step
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state.step = step
+            state.data_position += cfg.problems_per_step
+
+            # 7. metrics over all ranks
+            n_teach = loss_metrics.pop("num_teachers")
+            sums = {"loss": loss * len(rollouts), "reward": sum(r.reward for r in rollouts),
+                    "rollouts": len(rollouts), "num_teachers": n_teach,
+                    "tokens": sum(len(r.completion_ids) for r in rollouts)}
+            sums.update({f"w_{k}": v * (len(rollouts) if k == "mask_keep_frac" else n_teach)
+                         for k, v in loss_metrics.items()})
+            sums = reduce_sums(sums, env.device)
+            step_time = time.perf_counter() - t0
+            record = {
+                "step": step,
+                "loss": sums["loss"] / sums["rollouts"],
+                "reward": sums["reward"] / sums["rollouts"],
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "tokens_per_s": sums["tokens"] / step_time,
+                "step_time_s": step_time,
+                "gen_time_s": t_gen,
+                "completion_tokens": int(sums["tokens"]),
+                "mean_completion_len": sums["tokens"] / sums["rollouts"],
+            }
+            for k in loss_metrics:
+                w = sums["rollouts"] if k == "mask_keep_frac" else sums["num_teachers"]
+                record[k] = sums[f"w_{k}"] / w if w else 0.0
+            record["teachers_per_rollout"] = sums["num_teachers"] / sums["rollouts"]
+            if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+                raise FloatingPointError(f"non-finite loss or gradient at step {step}: {record}")
+            metrics_log.step(record)
+            if env.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                line = format_line(record)
+                if step % cfg.sample_every == 0 or step == 1:
+                    line += "\n" + metrics_log.samples(step, rollouts, tokenizer)
+                if bar:
+                    bar.write(line)
+                else:
+                    print(line, flush=True)
+            if bar:
+                bar.update(1)
+
+            # Online skill-bank update (DESIGN §2) lands here in its own issue: it will read
+            # this step's `rollouts` and mutate `bank`, whose state every checkpoint saves.
+
+            # 8. checkpoint
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint()
+            if stop.should_stop(env.device if env.device.type == "cuda" else None):
+                log.warning("stopping at step %d on signal", step)
+                break
+        if last_saved != state.step:
+            checkpoint()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    finally:
+        stop.restore()
+        if bar:
+            bar.close()
+        metrics_log.close()
+        engine.close()  # NB: vLLM's shutdown may also destroy the default process group
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    log.info("done: step %d, output in %s", state.step, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
