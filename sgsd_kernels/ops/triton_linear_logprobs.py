@@ -1,0 +1,356 @@
+"""Fused Triton kernels for log-probs from hidden states (the `triton` backend).
+
+Forward (``_fwd_kernel``): grid = (token blocks, vocab splits). Each program tiles
+z = h·Wᵀ for BLOCK_N tokens × BLOCK_V vocab columns with fp32 accumulation (loop over H
+in BLOCK_H steps), keeps an online (max, Σexp, Σexp·(z−max)) per row and picks the target
+logit; it writes one partial per (split, row). A deterministic torch combine merges the
+splits. Nothing of size N×V is ever allocated. Splitting V keeps the GPU busy when there
+are few token blocks (small N), without atomics.
+
+Two input streams share one launch (rows < N1 come from X1, the rest from X2): the
+student and its K teachers run as one stream of (K+1)·N rows over W.
+
+Backward, two strategies:
+  * fused (default): grid = (token blocks, vocab blocks). Each program recomputes its
+    logits tile, forms G = g·(onehot − p) (+ the entropy term) and accumulates
+    dh += G·W and dW += Gᵀ·h with fp32 atomics (Cut-Cross-Entropy style): no workspace.
+  * chunked (deterministic mode): a kernel writes G for a bounded chunk of rows into a
+    [chunk, V] workspace, then two GEMMs give dh and dW — bit-reproducible.
+The default was chosen by design, not measured: this session had no GPU. The numbers
+that should decide it are produced by ``benchmarks/bench_gated_kd.py`` on CUDA.
+
+Triton-interpreter note (Triton 3.9, ``TRITON_INTERPRET=1``): ``tl.dot`` on bf16 operands
+returns garbage, so the kernels upcast operands to fp32 before ``tl.dot`` under the
+constexpr ``UPCAST``, which the launchers set only when interpreting bf16 inputs. On a
+GPU the dot runs on bf16 tensor cores with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sgsd_kernels.runtime import interpreting, is_deterministic
+
+
+def _config(dtype: torch.dtype) -> dict:
+    if interpreting():
+        # The interpreter runs each program in numpy: fewer, larger tiles are faster, and
+        # tl.dot needs every dimension >= 16.
+        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
+    # Hopper-sized tiles (128×128 output, 64-deep K steps). Not autotuned yet.
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _load_rows(X1, X2, N1, rows, row_ok, hk, h_ok, stride1, stride2, TWO_STREAMS: tl.constexpr):
+    """Rows < N1 from X1, rows >= N1 from X2 (64-bit offsets)."""
+    in1 = rows < N1
+    x = tl.load(
+        X1 + rows[:, None] * stride1 + hk[None, :],
+        mask=(row_ok & in1)[:, None] & h_ok[None, :],
+        other=0.0,
+    )
+    if TWO_STREAMS:
+        x += tl.load(
+            X2 + (rows - N1)[:, None] * stride2 + hk[None, :],
+            mask=(row_ok & (rows >= N1))[:, None] & h_ok[None, :],
+            other=0.0,
+        )
+    return x
+
+
+@triton.jit
+def _logits_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, stride2, stride_w,
+                 inv_t, HAS_BIAS: tl.constexpr, TWO_STREAMS: tl.constexpr,
+                 UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """z = (x·Wᵀ + b) / T for one [BLOCK_N, BLOCK_V] tile, accumulated in ACC (fp32;
+    fp64 for fp64 inputs)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
+    for h0 in range(0, H, BLOCK_H):
+        hk = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hk < H
+        x = _load_rows(X1, X2, N1, rows, row_ok, hk, h_ok, stride1, stride2, TWO_STREAMS)
+        w = tl.load(W + cols[:, None] * stride_w + hk[None, :],
+                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return acc * inv_t
+
+
+@triton.jit
+def _fwd_kernel(X1, X2, N1, N, W, Bias, Tgt, PartM, PartS, PartA, PartT,
+                V, H, stride1, stride2, stride_w, inv_t, cols_per_split,
+                HAS_BIAS: tl.constexpr, TWO_STREAMS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(Tgt + rows, mask=row_ok, other=0)
+    run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
+    run_sum = tl.zeros((BLOCK_N,), ACC)
+    run_acc = tl.zeros((BLOCK_N,), ACC)
+    picked = tl.zeros((BLOCK_N,), ACC)
+    v_begin = pid_s * cols_per_split
+    v_end = tl.minimum(v_begin + cols_per_split, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        z = _logits_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, stride2,
+                         stride_w, inv_t, HAS_BIAS, TWO_STREAMS, UPCAST, ACC, BLOCK_N,
+                         BLOCK_V, BLOCK_H)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        picked += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        # First block: run_max = -inf, so the old sums (zero) are scaled by exp(-inf) = 0.
+        scale = tl.exp(run_max - new_max)
+        shifted = z - new_max[:, None]
+        e = tl.exp(shifted)
+        if WITH_ENTROPY:
+            shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
+            contrib = tl.where(col_ok[None, :], e * shifted, 0.0)
+            run_acc = scale * (run_acc + shift * run_sum) + tl.sum(contrib, axis=1)
+        run_sum = run_sum * scale + tl.sum(e, axis=1)
+        run_max = new_max
+    out = pid_s.to(tl.int64) * N + rows
+    tl.store(PartM + out, run_max, mask=row_ok)
+    tl.store(PartS + out, run_sum, mask=row_ok)
+    tl.store(PartT + out, picked, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(PartA + out, run_acc, mask=row_ok)
+
+
+def _num_splits(n_rows: int, vocab: int, block_n: int, block_v: int, device) -> int:
+    v_blocks = triton.cdiv(vocab, block_v)
+    if interpreting():
+        return min(2, v_blocks)  # exercise the split combine in tests, keep it cheap
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(n_rows, block_n)
+    return max(1, min(v_blocks, triton.cdiv(4 * sms, row_blocks)))
+
+
+def _combine(part_m, part_s, part_a, part_t, with_entropy):
+    """Deterministic merge of the per-split online softmax states -> (picked, lse, H)."""
+    big_m = part_m.max(0).values
+    finite = torch.isfinite(part_m)
+    weight = torch.where(finite, torch.exp(part_m - big_m), 0.0)
+    total = (part_s * weight).sum(0)
+    lse = big_m + torch.log(total)
+    picked = part_t.sum(0)
+    entropy = None
+    if with_entropy:
+        shift = torch.where(finite, part_m - big_m, 0.0)
+        acc = (weight * (part_a + shift * part_s)).sum(0)
+        entropy = torch.log(total) - acc / total
+    return picked, lse, entropy
+
+
+def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
+    n1 = x1.shape[0]
+    n = n1 + (0 if x2 is None else x2.shape[0])
+    V, H = weight.shape
+    cfg = _config(x1.dtype)
+    splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
+    cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    splits = triton.cdiv(V, cols_per_split)
+    acc = torch.float64 if x1.dtype == torch.float64 else torch.float32
+    f32 = dict(dtype=acc, device=x1.device)
+    part_m = torch.empty(splits, n, **f32)
+    part_s = torch.empty(splits, n, **f32)
+    part_t = torch.empty(splits, n, **f32)
+    part_a = torch.empty(splits, n, **f32) if with_entropy else part_s
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
+    _fwd_kernel[grid](
+        x1, x1 if x2 is None else x2, n1, n, weight, weight if bias is None else bias, targets,
+        part_m, part_s, part_a, part_t, V, H, x1.stride(0),
+        x1.stride(0) if x2 is None else x2.stride(0), weight.stride(0), 1.0 / temperature,
+        cols_per_split, HAS_BIAS=bias is not None, TWO_STREAMS=x2 is not None,
+        WITH_ENTROPY=with_entropy, UPCAST=_upcast(x1.dtype), ACC=_acc(x1.dtype), **cfg,
+    )
+    return _combine(part_m, part_s, part_a, part_t, with_entropy)
+
+
+def _finish(picked, lse, entropy, targets, ignore_index, dtype):
+    valid = targets != ignore_index
+    zero = torch.zeros((), dtype=dtype, device=lse.device)
+    logprobs = torch.where(valid, (picked - lse).to(dtype), zero)
+    if entropy is not None:
+        entropy = torch.where(valid, entropy.to(dtype), zero)
+    return logprobs, entropy
+
+
+def forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype):
+    """-> (logprobs [N], entropy [N] or [0], lse [N]) like ``blockwise.forward``."""
+    safe_t = torch.where(targets == ignore_index, 0, targets)
+    picked, lse, entropy = _launch_forward(hidden, None, weight, bias, safe_t, temperature,
+                                           with_entropy)
+    logprobs, entropy = _finish(picked, lse, entropy, targets, ignore_index, dtype)
+    if entropy is None:
+        entropy = torch.empty(0, dtype=dtype, device=hidden.device)
+    return logprobs, entropy, lse.to(dtype)
+
+
+def forward_streams(student_hidden, teacher_hidden, weight, bias, student_targets,
+                    teacher_targets, temperature, ignore_index, dtype):
+    """Student and teacher rows in one launch -> (logprobs [N+M], lse [N+M])."""
+    targets = torch.cat([student_targets, teacher_targets])
+    safe_t = torch.where(targets == ignore_index, 0, targets)
+    picked, lse, _ = _launch_forward(student_hidden, teacher_hidden, weight, bias, safe_t,
+                                     temperature, False)
+    logprobs, _ = _finish(picked, lse, None, targets, ignore_index, dtype)
+    return logprobs, lse.to(dtype)
+
+
+@triton.jit
+def _grad_tile(z, rows, row_ok, cols, col_ok, Tgt, Lse, G, GE, Ent, WITH_ENTROPY: tl.constexpr):
+    """∂loss/∂logits for one tile: g·(onehot − p) − ge·p·(log p + H), already ×1/T."""
+    tgt = tl.load(Tgt + rows, mask=row_ok, other=0)
+    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    g = tl.load(G + rows, mask=row_ok, other=0.0)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    grad = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
+    if WITH_ENTROPY:
+        ge = tl.load(GE + rows, mask=row_ok, other=0.0)
+        ent = tl.load(Ent + rows, mask=row_ok, other=0.0)
+        grad -= ge[:, None] * p * (logp + ent[:, None])
+    return tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
+
+
+@triton.jit
+def _bwd_fused_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, DX, DW, DB, N, V, H, stride_x,
+                      stride_w, inv_t, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                      NEED_W: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    z = _logits_tile(X, X, N, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_x,
+                     stride_w, inv_t, HAS_BIAS, False, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+    grad = _grad_tile(z, rows, row_ok, cols, col_ok, Tgt, Lse, G, GE, Ent, WITH_ENTROPY)
+    if NEED_W and HAS_BIAS:
+        tl.atomic_add(DB + cols, tl.sum(grad, axis=0), mask=col_ok)
+    grad_lp = grad.to(X.dtype.element_ty)
+    if UPCAST:
+        grad_lp = grad
+    for h0 in range(0, H, BLOCK_H):
+        hk = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hk < H
+        w = tl.load(W + cols[:, None] * stride_w + hk[None, :],
+                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+        dx = tl.dot(grad_lp, w)
+        tl.atomic_add(DX + rows[:, None] * H + hk[None, :], dx,
+                      mask=row_ok[:, None] & h_ok[None, :])
+        if NEED_W:
+            x = tl.load(X + rows[:, None] * stride_x + hk[None, :],
+                        mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+            dw = tl.dot(tl.trans(grad_lp), x)
+            tl.atomic_add(DW + cols[:, None] * H + hk[None, :], dw,
+                          mask=col_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _grad_logits_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, Out, N, V, H, stride_x, stride_w,
+                        inv_t, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                        UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Chunked (deterministic) backward, step 1: write ∂loss/∂logits for a row chunk."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    z = _logits_tile(X, X, N, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_x,
+                     stride_w, inv_t, HAS_BIAS, False, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+    grad = _grad_tile(z, rows, row_ok, cols, col_ok, Tgt, Lse, G, GE, Ent, WITH_ENTROPY)
+    tl.store(Out + rows[:, None] * V + cols[None, :], grad.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# Deterministic backward: rows per chunk, so that the [chunk, V] gradient workspace stays
+# bounded (2**25 elements = 128 MiB fp32 at most), independent of N.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+             temperature, ignore_index, dtype, need_weight_grad):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    inv_t = 1.0 / temperature
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, 0)
+    # Fold the ignore mask and 1/T (∂z/∂logits) into the per-row scales.
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    g = torch.where(valid, grad_logprobs.to(acc), 0.0) * inv_t
+    with_entropy = grad_entropy is not None
+    ge = torch.where(valid, grad_entropy.to(acc), 0.0) * inv_t if with_entropy else g
+    ent = entropy.to(acc) if with_entropy else g
+    lse32 = lse.to(acc)
+    cfg = _config(hidden.dtype)
+    upcast = _upcast(hidden.dtype)
+    consts = dict(UPCAST=upcast, ACC=_acc(hidden.dtype), **cfg)
+    has_bias = bias is not None
+    f32 = dict(dtype=acc, device=hidden.device)
+    if not is_deterministic():
+        dx = torch.zeros(N, H, **f32)
+        dw = torch.zeros(V, H, **f32) if need_weight_grad else dx
+        db = torch.zeros(V, **f32) if need_weight_grad and has_bias else dx
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+        _bwd_fused_kernel[grid](
+            hidden, weight, bias if has_bias else weight, safe_t, lse32, g, ge, ent, dx, dw, db,
+            N, V, H, hidden.stride(0), weight.stride(0), inv_t, HAS_BIAS=has_bias,
+            WITH_ENTROPY=with_entropy, NEED_W=need_weight_grad, **consts,
+        )
+    else:
+        dx = torch.empty(N, H, **f32)
+        dw = torch.zeros(V, H, **f32) if need_weight_grad else None
+        db = torch.zeros(V, **f32) if need_weight_grad and has_bias else None
+        chunk = max(1, min(N, _CHUNK_ELEMENTS // V))
+        # fp32 workspace keeps the GEMM inputs exact; on GPU the GEMMs run in TF32-off fp32.
+        work = torch.empty(chunk, V, **f32)
+        w32 = weight.to(acc)
+        for r0 in range(0, N, chunk):
+            r1 = min(N, r0 + chunk)
+            rows = r1 - r0
+            x = hidden[r0:r1]
+            grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+            _grad_logits_kernel[grid](
+                x, weight, bias if has_bias else weight, safe_t[r0:r1], lse32[r0:r1], g[r0:r1],
+                ge[r0:r1], ent[r0:r1], work, rows, V, H, x.stride(0), weight.stride(0), inv_t,
+                HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, **consts,
+            )
+            grad_z = work[:rows]
+            torch.mm(grad_z, w32, out=dx[r0:r1])
+            if dw is not None:
+                dw.addmm_(grad_z.T, x.to(acc))
+            if db is not None:
+                db.add_(grad_z.sum(0))
+    return (
+        dx.to(hidden.dtype),
+        dw.to(weight.dtype) if need_weight_grad else None,
+        db.to(bias.dtype) if need_weight_grad and has_bias else None,
+    )
