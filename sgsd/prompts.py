@@ -1,0 +1,288 @@
+"""Prompts for the student and the teachers, and token-aligned rendering.
+
+Every method in the trainer scores one fixed rollout ``y`` (token ids sampled by the
+student) under several prompts: the student's plain prompt, the K SGSD teacher contexts,
+the OPSD teacher context. For the per-token log-prob gaps of DESIGN §3 to compare like
+with like, ``y`` must be *the same token ids* at the end of every sequence. This module
+guarantees it by construction:
+
+1. each prompt is rendered to ids once (:func:`render_prompt_ids`: chat template with the
+   generation prompt, one thinking-mode setting for everything, :data:`ENABLE_THINKING`);
+2. the completion's ids are appended to it (:func:`concat_prompt_and_completion`);
+   decoded text is never re-tokenised (BPE merges across the prompt/completion boundary,
+   or of a detokenised string, would shift or change tokens).
+
+:func:`format_token_mask` is DESIGN §3's mask ``m``: which completion tokens carry
+reasoning content (and so count in the loss) versus chat/format markers and whitespace.
+
+Message builders (``*_messages``) return plain ``[{"role": ..., "content": ...}]`` lists,
+so they work with any chat template. ``problem`` may be a string or any object with a
+``.problem`` attribute (e.g. :class:`sgsd.data.Problem`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ENABLE_THINKING",
+    "STUDENT_INSTRUCTION",
+    "concat_prompt_and_completion",
+    "format_guidance",
+    "format_mistake",
+    "format_skill",
+    "format_token_mask",
+    "opsd_teacher_messages",
+    "render_prompt_ids",
+    "sgsd_teacher_messages",
+    "sgsd_teacher_text",
+    "skill_student_messages",
+    "student_messages",
+    "student_text",
+]
+
+#: The thinking-mode setting used for every prompt the trainer renders (student and
+#: teachers alike, so their prompt formats never differ in anything but the guidance).
+#: False = Qwen3 non-thinking mode: the generation prompt already holds an empty
+#: ``<think></think>`` block and the model answers directly (short rollouts). Pass
+#: ``enable_thinking=True`` to :func:`render_prompt_ids` to study thinking-mode rollouts.
+ENABLE_THINKING = False
+
+#: Appended to every problem: the verifier reads the last ``\boxed{...}``.
+STUDENT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+_GUIDANCE_HEADER = (
+    "The following guidance was distilled from earlier attempts at similar problems. "
+    "It may be only partly relevant: use what helps and ignore the rest."
+)
+_SKILL_STUDENT_HEADER = "Skills that may help with this problem:"
+_OPSD_HEADER = "A reference solution to this problem:"
+_OPSD_FOOTER = (
+    "Using the reference solution as a guide, solve the problem yourself. " + STUDENT_INSTRUCTION
+)
+
+
+def _problem_text(problem: Any) -> str:
+    text = getattr(problem, "problem", problem)
+    if not isinstance(text, str):
+        raise TypeError(
+            f"problem must be a str or have a str .problem attribute, got {type(problem).__name__}"
+        )
+    if not text.strip():
+        raise ValueError("problem text is empty")
+    return text.strip()
+
+
+def _field(item: Any, name: str) -> str:
+    value = item.get(name, "") if isinstance(item, Mapping) else getattr(item, name, "")
+    return str(value).strip() if value is not None else ""
+
+
+# --------------------------------------------------------------------------- guidance
+def format_skill(skill: Any) -> str:
+    """Render one general skill (mapping or object with ``title``, ``principle``,
+    ``when_to_apply``) as a short block. Empty fields are left out."""
+    lines = []
+    if title := _field(skill, "title"):
+        lines.append(f"Skill: {title}")
+    if principle := _field(skill, "principle"):
+        lines.append(f"Principle: {principle}")
+    if when := _field(skill, "when_to_apply"):
+        lines.append(f"When to apply: {when}")
+    return "\n".join(lines)
+
+
+def format_mistake(mistake: Any) -> str:
+    """Render one common mistake (``description``, ``why_it_happens``, ``how_to_avoid``)."""
+    lines = []
+    if desc := _field(mistake, "description"):
+        lines.append(f"Common mistake: {desc}")
+    if why := _field(mistake, "why_it_happens"):
+        lines.append(f"Why it happens: {why}")
+    if how := _field(mistake, "how_to_avoid"):
+        lines.append(f"How to avoid it: {how}")
+    return "\n".join(lines)
+
+
+def format_guidance(skills: Iterable[Any] = (), mistakes: Iterable[Any] = ()) -> str:
+    """The teacher's guidance block: a header, then each skill, then each mistake.
+
+    SGSD pairs one skill with one mistake per teacher (``format_guidance([s], [m])``);
+    the same function renders any other combination, e.g. for "+Skill" baselines.
+    Returns ``""`` when both are empty.
+    """
+    blocks = [b for b in (format_skill(s) for s in skills) if b]
+    blocks += [b for b in (format_mistake(m) for m in mistakes) if b]
+    if not blocks:
+        return ""
+    return "\n\n".join([_GUIDANCE_HEADER, *blocks])
+
+
+# --------------------------------------------------------------------------- messages
+def student_text(problem: Any) -> str:
+    """User-message text of the plain student prompt: problem, then the instruction."""
+    return f"{_problem_text(problem)}\n\n{STUDENT_INSTRUCTION}"
+
+
+def sgsd_teacher_text(problem: Any, guidance: str) -> str:
+    """User-message text of an SGSD teacher: guidance block, then the student's text.
+
+    The student prompt appears verbatim at the end, so the teacher differs from the
+    student only by the prepended guidance (c_k = guidance_k ⊕ x, DESIGN §2).
+    """
+    if not isinstance(guidance, str):
+        raise TypeError(f"guidance must be a str, got {type(guidance).__name__}")
+    guidance = guidance.strip()
+    body = student_text(problem)
+    return f"{guidance}\n\n{body}" if guidance else body
+
+
+def student_messages(problem: Any) -> list[dict]:
+    """The student's (policy's) prompt: problem + "reason step by step, \\boxed{}"."""
+    return [{"role": "user", "content": student_text(problem)}]
+
+
+def sgsd_teacher_messages(problem: Any, guidance: str) -> list[dict]:
+    """An SGSD teacher context: the guidance block (skill + mistake) before the problem.
+
+    ``guidance`` is typically :attr:`sgsd.skills.TeacherSpec.guidance`; then the message
+    content equals :attr:`~sgsd.skills.TeacherSpec.context`.
+    """
+    return [{"role": "user", "content": sgsd_teacher_text(problem, guidance)}]
+
+
+def opsd_teacher_messages(problem: Any, reference_solution: str) -> list[dict]:
+    """The OPSD teacher context: the problem plus the reference solution (or answer)."""
+    if not isinstance(reference_solution, str) or not reference_solution.strip():
+        raise ValueError("reference_solution must be a non-empty str (a solution or answer)")
+    content = (
+        f"{_problem_text(problem)}\n\n{_OPSD_HEADER}\n{reference_solution.strip()}\n\n"
+        f"{_OPSD_FOOTER}"
+    )
+    return [{"role": "user", "content": content}]
+
+
+def skill_student_messages(problem: Any, skills: Sequence[str]) -> list[dict]:
+    """The "+Skill" student prompt: skill texts listed before the plain student prompt.
+
+    ``skills`` are already-rendered strings (e.g. :func:`format_skill` of retrieved
+    items, or :meth:`sgsd.skills.SkillBank.skill_texts`). With no skills this is exactly
+    :func:`student_messages`.
+    """
+    if isinstance(skills, str):
+        raise TypeError("skills must be a sequence of str, not a single str")
+    for s in skills:
+        if not isinstance(s, str):
+            raise TypeError(f"skills must contain only str, found {type(s).__name__}")
+    items = [s.strip() for s in skills if s.strip()]
+    if not items:
+        return student_messages(problem)
+    listed = "\n\n".join(f"{i}. {s}" for i, s in enumerate(items, 1))
+    content = f"{_SKILL_STUDENT_HEADER}\n\n{listed}\n\n{student_text(problem)}"
+    return [{"role": "user", "content": content}]
+
+
+# --------------------------------------------------------------------------- token ids
+def render_prompt_ids(
+    tokenizer: Any, messages: list[dict], *, enable_thinking: bool = ENABLE_THINKING
+) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template and generation prompt.
+
+    Renders to text and encodes it with ``add_special_tokens=False`` (the chat template
+    already contains every marker; this is what ``apply_chat_template(tokenize=True)``
+    does, without its return type changing across transformers versions).
+    """
+    if not messages:
+        raise ValueError("messages is empty")
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+    )
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _as_int_list(ids: Any, name: str) -> list[int]:
+    if hasattr(ids, "tolist"):  # torch / numpy
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of int token ids, got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name} must contain int token ids, found {i!r}")
+        if i < 0:
+            raise ValueError(f"{name} contains a negative token id ({i})")
+        out.append(i)
+    return out
+
+
+def concat_prompt_and_completion(
+    prompt_ids: Sequence[int], completion_ids: Sequence[int]
+) -> tuple[list[int], int]:
+    """Return ``(prompt_ids + completion_ids, len(prompt_ids))``.
+
+    The second value is the index of the first completion token: the model's logits at
+    positions ``start - 1 ... len - 2`` predict the completion tokens. Accepts lists,
+    tuples, 1-D tensors or arrays.
+    """
+    prompt = _as_int_list(prompt_ids, "prompt_ids")
+    completion = _as_int_list(completion_ids, "completion_ids")
+    if not prompt:
+        raise ValueError("prompt_ids is empty: a completion needs a prompt to condition on")
+    return prompt + completion, len(prompt)
+
+
+# Qwen-family markers that are never reasoning content, whether or not a given tokenizer
+# flags them as special (Qwen3 marks <think>/</think> as ordinary added tokens).
+_FORMAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+_format_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _FormatIds:
+    """Per-tokenizer cache: the fixed set of marker ids plus a lazy whitespace memo."""
+
+    def __init__(self, tokenizer: Any):
+        ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(tokenizer, attr, None)
+            if isinstance(value, int):
+                ids.add(value)
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _FORMAT_TOKENS if t in vocab)
+        self.markers = frozenset(ids)
+        self.whitespace: dict[int, bool] = {}
+
+    def is_format(self, tokenizer: Any, tok: int) -> bool:
+        if tok in self.markers:
+            return True
+        ws = self.whitespace.get(tok)
+        if ws is None:
+            # Decoding one id of a byte-level BPE gives its exact text ('\ufffd' for a
+            # partial UTF-8 byte, which is content, not whitespace).
+            ws = not tokenizer.decode([tok]).strip()
+            self.whitespace[tok] = ws
+        return ws
+
+
+def format_token_mask(tokenizer: Any, completion_ids: Sequence[int]) -> list[bool]:
+    """DESIGN §3's mask ``m`` for one completion: True = the token counts in the loss.
+
+    False for special tokens (``tokenizer.all_special_ids``, eos/pad/bos), the chat and
+    thinking markers (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, ``<think>``,
+    ``</think>``) and tokens whose text is whitespace only (newlines, spaces). These
+    carry format, not reasoning: a teacher context shifts their probability for reasons
+    unrelated to the guidance, and they would dilute the support score S.
+    """
+    ids = _as_int_list(completion_ids, "completion_ids")
+    try:
+        cache = _format_cache.get(tokenizer)
+    except TypeError:  # unhashable/non-weakrefable tokenizer: no caching
+        cache = None
+    if cache is None:
+        cache = _FormatIds(tokenizer)
+        try:
+            _format_cache[tokenizer] = cache
+        except TypeError:
+            pass
+    return [not cache.is_format(tokenizer, t) for t in ids]

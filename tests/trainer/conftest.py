@@ -1,0 +1,49 @@
+"""Shared fixtures for the trainer-component tests (tiny model, shared data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Real public files live beside the repo (never copied into it); see its README.
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """``<repo>/../shared/data``; skips the test when the folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def shared_file(name: str) -> Path:
+    """A file in the shared data folder, or skip the calling test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"shared data file not found: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_tokenizer():
+    """The tiny offline Qwen3 model (seed 0) and its tokenizer, built once per session."""
+    pytest.importorskip("transformers")
+    from sgsd.tiny_model import build_tiny_model
+
+    return build_tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_and_tokenizer):
+    return tiny_model_and_tokenizer[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny model written once with ``save_tiny_model`` into a session temp dir."""
+    from sgsd.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
