@@ -1,0 +1,113 @@
+"""Triton kernels for log-probs from an existing logits tensor [N, V].
+
+Forward: one program per row streams the row in BLOCK_V chunks with an online
+(max, Σexp, Σexp·(z−max)) — no log_softmax copy. Backward: one program per
+(row, vocab block) writes ∂loss/∂logits = g·(onehot − p) − ge·p·(log p + H), scaled
+by 1/T, in the logits' dtype. Rows are independent: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sgsd_kernels.runtime import interpreting
+
+
+def _block_v(V: int) -> int:
+    cap = 1024 if interpreting() else 4096
+    return min(cap, triton.next_power_of_2(V))
+
+
+@triton.jit
+def _fwd_kernel(Z, Tgt, Lse, Picked, Ent, V, stride_z, inv_t, WITH_ENTROPY: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(Tgt + row)
+    run_max = tl.full((), float("-inf"), ACC)
+    run_sum = tl.zeros((), ACC)
+    run_acc = tl.zeros((), ACC)
+    picked = tl.zeros((), ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = cols < V
+        z = tl.load(Z + row * stride_z + cols, mask=ok, other=float("-inf")).to(ACC) * inv_t
+        picked += tl.sum(tl.where(cols == tgt, z, 0.0))
+        new_max = tl.maximum(run_max, tl.max(z))
+        scale = tl.exp(run_max - new_max)
+        shifted = tl.where(ok, z - new_max, 0.0)
+        e = tl.where(ok, tl.exp(shifted), 0.0)
+        if WITH_ENTROPY:
+            shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
+            run_acc = scale * (run_acc + shift * run_sum) + tl.sum(e * shifted)
+        run_sum = run_sum * scale + tl.sum(e)
+        run_max = new_max
+    log_sum = tl.log(run_sum)
+    tl.store(Lse + row, run_max + log_sum)
+    tl.store(Picked + row, picked)
+    if WITH_ENTROPY:
+        tl.store(Ent + row, log_sum - run_acc / run_sum)
+
+
+@triton.jit
+def _bwd_kernel(Z, Tgt, Lse, G, GE, Ent, Out, V, stride_z, stride_o, inv_t,
+                WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < V
+    tgt = tl.load(Tgt + row)
+    lse = tl.load(Lse + row)
+    g = tl.load(G + row)
+    z = tl.load(Z + row * stride_z + cols, mask=ok, other=0.0).to(ACC) * inv_t
+    logp = z - lse
+    p = tl.exp(logp)
+    grad = tl.where(cols == tgt, g, 0.0) - g * p
+    if WITH_ENTROPY:
+        ge = tl.load(GE + row)
+        ent = tl.load(Ent + row)
+        grad -= ge * p * (logp + ent)
+    tl.store(Out + row * stride_o + cols, (grad * inv_t).to(Out.dtype.element_ty), mask=ok)
+
+
+def _acc(dtype):
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def forward(logits, targets, temperature, ignore_index, with_entropy, dtype):
+    N, V = logits.shape
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, 0)
+    acc_t, acc_tl = _acc(logits.dtype)
+    lse = torch.empty(N, dtype=acc_t, device=logits.device)
+    picked = torch.empty_like(lse)
+    ent = torch.empty_like(lse) if with_entropy else lse
+    if N:
+        _fwd_kernel[(N,)](logits, safe_t, lse, picked, ent, V, logits.stride(0),
+                          1.0 / temperature, WITH_ENTROPY=with_entropy, ACC=acc_tl,
+                          BLOCK_V=_block_v(V))
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    logprobs = torch.where(valid, (picked - lse).to(dtype), zero)
+    entropy = (torch.where(valid, ent.to(dtype), zero) if with_entropy
+               else torch.empty(0, dtype=dtype, device=logits.device))
+    return logprobs, entropy, lse.to(dtype)
+
+
+def backward(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature,
+             ignore_index, dtype):
+    N, V = logits.shape
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, 0)
+    acc_t, acc_tl = _acc(logits.dtype)
+    g = torch.where(valid, grad_logprobs.to(acc_t), 0.0)
+    with_entropy = grad_entropy is not None
+    ge = torch.where(valid, grad_entropy.to(acc_t), 0.0) if with_entropy else g
+    ent = entropy.to(acc_t) if with_entropy else g
+    out = torch.empty_like(logits)
+    if N:
+        block = _block_v(V)
+        _bwd_kernel[(N, triton.cdiv(V, block))](
+            logits, safe_t, lse.to(acc_t), g, ge, ent, out, V, logits.stride(0), out.stride(0),
+            1.0 / temperature, WITH_ENTROPY=with_entropy, ACC=acc_tl, BLOCK_V=block,
+        )
+    return out
