@@ -138,7 +138,13 @@ class VLLMRolloutEngine(RolloutEngine):
         # Engine core in this process: the worker shares our device and our address space,
         # so weights are pushed by reference, not serialised.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
+
+        # Every push logs "RotaryEmbedding: Failed to load weights": the rotary cache is
+        # not a checkpoint weight and vLLM restores it from its own copy (benign).
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda record: "Failed to load weights" not in record.getMessage())
 
         self.sampling = SamplingConfig.from_config(cfg)
         self.seed = cfg.seed

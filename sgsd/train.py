@@ -201,11 +201,13 @@ def teacher_logprobs(policy: Policy, rollouts: list[Rollout], num_teachers: int,
                      cfg: TrainConfig, pad_id: int, device: torch.device) -> torch.Tensor:
     """``[B, K, T]`` log-probs of each rollout's completion under each teacher context,
     from the live model (no grad). Missing teachers stay 0 (their weight is 0)."""
-    out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=torch.float32, device=device)
-    jobs = [(b, k, ids) for b, r in enumerate(rollouts) for k, (ids, _) in enumerate(r.teachers)]
+    weight, bias = policy.lm_head()
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=dtype, device=device)
+    jobs = [(b, k, ids) for b, r in enumerate(rollouts)
+            for k, (ids, _) in enumerate(r.teachers[:num_teachers])]
     if not jobs:
         return out
-    weight, bias = policy.lm_head()
     step = cfg.teacher_micro_batch_size
     for lo in range(0, len(jobs), step):
         chunk = jobs[lo: lo + step]
@@ -217,7 +219,7 @@ def teacher_logprobs(policy: Policy, rollouts: list[Rollout], num_teachers: int,
                                 temperature=cfg.logprob_temperature, backend=cfg.kernel_backend)
         for row, (b, k, _) in enumerate(chunk):
             n = len(rollouts[b].completion_ids)
-            out[b, k, :n] = lp[row, :n].float()
+            out[b, k, :n] = lp[row, :n].to(dtype)
     return out
 
 
@@ -444,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     engine: RolloutEngine = build_rollout_engine(
         cfg, policy, tokenizer, source, env.device, rank=env.rank,
         max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_tokens)
-    torch.set_num_threads(threads)  # vLLM lowers it to 1 for serving; training wants all
+    if torch.get_num_threads() != threads:  # vLLM may lower it for serving
+        torch.set_num_threads(threads)
     log.info("rollouts: %s", engine.name)
 
     metrics_log = MetricsLogger(cfg, env.main, state.step)
