@@ -25,8 +25,9 @@ WORKSPACE_ELEMENTS = 1 << 23
 _MIN_ROWS = 64
 
 
-def plan_blocks(n_rows: int, vocab: int, workspace: int = WORKSPACE_ELEMENTS) -> tuple[int, int]:
+def plan_blocks(n_rows: int, vocab: int, workspace: int | None = None) -> tuple[int, int]:
     """(row chunk, vocab block) such that chunk × block ≤ workspace (for N, V ≥ 1)."""
+    workspace = workspace or WORKSPACE_ELEMENTS  # read at call time: tests shrink it
     if vocab * _MIN_ROWS <= workspace:
         vblock = vocab
     else:
@@ -65,7 +66,7 @@ def forward(
     ignore_index: int,
     with_entropy: bool,
     dtype: torch.dtype,
-    workspace: int = WORKSPACE_ELEMENTS,
+    workspace: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (logprobs [N], entropy [N] or empty, lse [N]); rows with ignored targets
     give 0 log-prob and 0 entropy (their lse is still computed, for the backward)."""
@@ -139,7 +140,7 @@ def backward(
     ignore_index: int,
     dtype: torch.dtype,
     need_weight_grad: bool = True,
-    workspace: int = WORKSPACE_ELEMENTS,
+    workspace: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dh [N,H] in hidden's dtype, dW [V,H] in weight's dtype, db or None).
 
@@ -219,7 +220,7 @@ def logits_forward(
     ignore_index: int,
     with_entropy: bool,
     dtype: torch.dtype,
-    workspace: int = WORKSPACE_ELEMENTS,
+    workspace: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs, entropy or empty, lse) from a logits tensor [N, V], streaming row chunks
     (never a full-size log_softmax copy: at most ``workspace`` elements in ``dtype``)."""
@@ -228,7 +229,7 @@ def logits_forward(
     inv_t = 1.0 / temperature
     valid = targets != ignore_index
     safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    rows = max(1, min(N, workspace // max(V, 1)))
+    rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // max(V, 1)))
     lse = torch.empty(N, dtype=dtype, device=device)
     picked = torch.empty(N, dtype=dtype, device=device)
     entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
@@ -262,7 +263,7 @@ def logits_backward(
     temperature: float,
     ignore_index: int,
     dtype: torch.dtype,
-    workspace: int = WORKSPACE_ELEMENTS,
+    workspace: int | None = None,
 ) -> torch.Tensor:
     """∂loss/∂logits [N, V] in the logits' dtype, written row chunk by row chunk."""
     N, V = logits.shape
@@ -276,7 +277,7 @@ def logits_backward(
     if grad_entropy is not None:
         ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
     grad = torch.empty_like(logits)
-    rows = max(1, min(N, workspace // max(V, 1)))
+    rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // max(V, 1)))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         z = logits[r0:r1].to(dtype) * inv_t

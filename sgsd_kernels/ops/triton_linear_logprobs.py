@@ -120,12 +120,12 @@ def _fwd_kernel(X1, X2, N1, N, W, Bias, Tgt, PartM, PartS, PartA, PartT,
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         # First block: run_max = -inf, so the old sums (zero) are scaled by exp(-inf) = 0.
         scale = tl.exp(run_max - new_max)
-        shifted = z - new_max[:, None]
-        e = tl.exp(shifted)
+        # Masked columns: shifted = 0 and e = 0 (not −inf and 0·−inf = NaN).
+        shifted = tl.where(col_ok[None, :], z - new_max[:, None], 0.0)
+        e = tl.where(col_ok[None, :], tl.exp(shifted), 0.0)
         if WITH_ENTROPY:
             shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
-            contrib = tl.where(col_ok[None, :], e * shifted, 0.0)
-            run_acc = scale * (run_acc + shift * run_sum) + tl.sum(contrib, axis=1)
+            run_acc = scale * (run_acc + shift * run_sum) + tl.sum(e * shifted, axis=1)
         run_sum = run_sum * scale + tl.sum(e, axis=1)
         run_max = new_max
     out = pid_s.to(tl.int64) * N + rows
