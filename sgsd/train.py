@@ -171,27 +171,31 @@ def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
 
 def make_rollouts(cfg: TrainConfig, batch_problems, completions, tokenizer, bank,
                   strategy: LossStrategy) -> list[Rollout]:
-    """Verify every completion and attach its problem's teacher contexts."""
-    from sgsd.verify import verify
+    """Verify every completion (math-verify) and attach its problem's teacher contexts."""
+    from sgsd.verify import verify_batch
 
+    flat = [(problem, prompt_ids, list(c))
+            for problem, prompt_ids, group in zip(*batch_problems, completions) for c in group]
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, _, c in flat]
+    results = verify_batch(texts, [problem.answer for problem, _, _ in flat])
+    teachers: dict[int, list[tuple[list[int], float]]] = {}
     rollouts = []
-    for problem, prompt_ids, group in zip(*batch_problems, completions):
-        teachers = [
-            (prompts.render_prompt_ids(tokenizer, messages, enable_thinking=cfg.enable_thinking), w)
-            for messages, w in strategy.teachers(problem, bank)
-        ]
-        for completion_ids in group:
-            text = tokenizer.decode(completion_ids, skip_special_tokens=True)
-            result = verify(text, problem.answer)
-            rollouts.append(Rollout(
-                problem=problem,
-                prompt_ids=prompt_ids,
-                completion_ids=list(completion_ids),
-                token_mask=prompts.format_token_mask(tokenizer, completion_ids),
-                reward=float(result.reward),
-                predicted=result.predicted,
-                teachers=teachers,
-            ))
+    for (problem, prompt_ids, completion_ids), result in zip(flat, results):
+        if id(problem) not in teachers:  # retrieve once per problem, shared by its G rollouts
+            teachers[id(problem)] = [
+                (prompts.render_prompt_ids(tokenizer, messages,
+                                           enable_thinking=cfg.enable_thinking), w)
+                for messages, w in strategy.teachers(problem, bank)
+            ]
+        rollouts.append(Rollout(
+            problem=problem,
+            prompt_ids=prompt_ids,
+            completion_ids=completion_ids,
+            token_mask=prompts.format_token_mask(tokenizer, completion_ids),
+            reward=float(result.reward),
+            predicted=result.predicted,
+            teachers=teachers[id(problem)],
+        ))
     return rollouts
 
 
@@ -234,8 +238,10 @@ def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[R
     ids, attn, pos, targets, valid = sequences_batch(
         [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id, device)
     t_max = targets.shape[1]
+    weight, bias = policy.lm_head()
+    fdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     mask = torch.zeros_like(valid)
-    weights = torch.zeros((len(rollouts), K), dtype=torch.float32, device=device)
+    weights = torch.zeros((len(rollouts), K), dtype=fdtype, device=device)
     for b, r in enumerate(rollouts):
         mask[b, : len(r.token_mask)] = torch.tensor(r.token_mask, dtype=torch.bool)
         for k, (_, w) in enumerate(r.teachers[:K]):
@@ -243,12 +249,11 @@ def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[R
     batch = ScoredBatch(
         targets=targets,
         token_mask=mask & valid,
-        rewards=torch.tensor([r.reward for r in rollouts], dtype=torch.float32, device=device),
+        rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
         teacher_weights=weights,
         teacher_logprobs=teacher_logprobs(policy, rollouts, K, t_max, cfg, pad_id, device),
     )
     hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
-    weight, bias = policy.lm_head()
     return strategy.loss(hidden, weight, bias, batch)
 
 

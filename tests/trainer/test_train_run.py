@@ -1,0 +1,149 @@
+"""End-to-end runs of ``sgsd/train.py`` on CPU with the tiny model, as real processes
+(python, torchrun with gloo), real tokenizer, math-verify, BM25 bank and rollouts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "sgsd" / "train.py"
+
+# Small and fast: a step takes about a second on two CPU cores.
+FAST = ["--rollout-backend", "hf", "--max-completion-tokens", "12", "--problems-per-step", "2",
+        "--rollouts-per-problem", "2", "--num-teachers", "2", "--micro-batch-size", "2",
+        "--progress-bar", "false"]
+
+
+def _env() -> dict:
+    return dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING",
+                PYTHONUNBUFFERED="1")
+
+
+def run_train(args: list[str], *, nproc: int | None = None, timeout: int = 300):
+    """``python sgsd/train.py ARGS`` or ``torchrun --nproc_per_node=N sgsd/train.py ARGS``."""
+    if nproc is None:
+        cmd = [sys.executable, str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", str(TRAIN), *args]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(out: Path) -> list[str]:
+    root = out / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def trainable(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "trainable.safetensors"))
+
+
+def test_single_process_run_trains_logs_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    res = run_train([*FAST, "--max-steps", "3", "--checkpoint-every", "2", "--keep-checkpoints",
+                     "0", "--sample-every", "2", "--output-dir", str(out)], nproc=1)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("loss", "reward", "helpful_frac", "harmful_frac", "neutral_frac",
+                    "clipped_frac", "mask_keep_frac", "mean_support", "grad_norm",
+                    "tokens_per_s", "step_time_s"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["reward"] in (-1.0, 0.0, 1.0) or -1.0 < r["reward"] < 1.0
+        assert r["helpful_frac"] + r["harmful_frac"] + r["neutral_frac"] == pytest.approx(1.0)
+    # one console line per step, with a generation sample
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 3 and "loss" in lines[0] and "tok/s" in lines[0]
+    assert "sample [" in res.stdout
+    assert (out / "config.yaml").is_file() and (out / "samples.jsonl").stat().st_size > 0
+    # checkpoints: every 2 steps and at the end, complete, nothing half-written left over
+    assert checkpoints(out) == ["step_000002", "step_000003"]
+    ck = out / "checkpoints" / "step_000003"
+    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "skill_bank.json",
+                 "trainer_state.json", "rng/rank0.pt", "model/adapter_config.json"):
+        assert (ck / name).exists(), name
+    assert json.loads((ck / "trainer_state.json").read_text())["step"] == 3
+    # parameters moved: LoRA B starts at exactly 0, A and B change from step to step
+    first, last = trainable(out / "checkpoints" / "step_000002"), trainable(ck)
+    b_names = [n for n in last if "lora_B" in n]
+    assert b_names and all(last[n].abs().max() > 0 for n in b_names)
+    assert any(not (first[n] == last[n]).all() for n in last)
+
+
+def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_train([*FAST, "--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "0",
+               "--output-dir", str(full)])
+    run_train([*FAST, "--max-steps", "4", "--output-dir", str(resumed),
+               "--resume", str(full / "checkpoints" / "step_000002")])
+    a, b = metrics(full), metrics(resumed)
+    assert [r["step"] for r in b] == [3, 4]
+    for key in ("loss", "reward", "grad_norm", "completion_tokens", "helpful_frac"):
+        assert [r[key] for r in a[2:]] == [r[key] for r in b], key
+    assert len({r["loss"] for r in a}) > 1  # the losses are not trivially constant
+    # and the final weights are bit-identical
+    wa = trainable(full / "checkpoints" / "step_000004")
+    wb = trainable(resumed / "checkpoints" / "step_000004")
+    assert all((wa[n] == wb[n]).all() for n in wa)
+
+
+def test_torchrun_two_ranks_gloo_then_resume(tmp_path):
+    """The issue's acceptance command, on the default rollout backend (vLLM when installed)."""
+    out = tmp_path / "ddp"
+    args = ["--max-steps", "2", "--max-completion-tokens", "12", "--progress-bar", "false",
+            "--output-dir", str(out)]
+    res = run_train(args, nproc=2, timeout=420)
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert res.stdout.count("step     1 |") == 1  # rank 0 alone logs
+    ck = out / "checkpoints" / "step_000002"
+    assert (ck / "rng" / "rank0.pt").is_file() and (ck / "rng" / "rank1.pt").is_file()
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["data_position"] == 2 * 4
+    run_train(["--max-steps", "3", "--max-completion-tokens", "12", "--progress-bar", "false",
+               "--output-dir", str(out), "--resume", "latest"], nproc=2, timeout=420)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    assert "step_000003" in checkpoints(out)
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, str(TRAIN), *FAST, "--max-steps", "1000", "--checkpoint-every", "0",
+           "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and metrics(out):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    last = metrics(out)[-1]["step"]
+    assert 1 <= last < 1000
+    assert checkpoints(out) == [f"step_{last:06d}"]
+    assert "stopping at step" in output
