@@ -323,8 +323,9 @@ class SkillBank:
                                      f"got {type(item[f]).__name__}")
         if not item_id.strip():
             raise SkillBankError(f"{self.source}: {where}: '{id_field}' is empty")
-        if not item[fields[1]].strip():
-            raise SkillBankError(f"{self.source}: {label}: field '{fields[1]}' is empty")
+        main = "principle" if kind == "skill" else "description"  # the item's substance
+        if not item[main].strip():
+            raise SkillBankError(f"{self.source}: {label}: field '{main}' is empty")
         return copy.deepcopy(dict(item))
 
     def _check_unique(self, kind: str, items: list[dict]) -> None:

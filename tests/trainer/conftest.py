@@ -19,12 +19,17 @@ def shared_data_dir() -> Path:
     return SHARED_DATA
 
 
-def shared_file(name: str) -> Path:
-    """A file in the shared data folder, or skip the calling test with the reason."""
+def _shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_file():
         pytest.skip(f"shared data file not found: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_file():
+    """``shared_file(name)`` -> path of a shared data file; skips the test if it is absent."""
+    return _shared_file
 
 
 @pytest.fixture(scope="session")
