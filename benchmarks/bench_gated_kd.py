@@ -1,0 +1,1179 @@
+#!/usr/bin/env python
+"""Speed and memory of sgsd-kernels against the paper's code path, CCE and Liger (issue 3).
+
+    python benchmarks/bench_gated_kd.py                      # cpu-small on CPU, qwen3-1.7b on CUDA
+    python benchmarks/bench_gated_kd.py --preset qwen3-8b --providers torch,triton,cce,liger
+    python benchmarks/bench_gated_kd.py --workloads sgsd --dtype bfloat16 --out /tmp/bench
+
+Workloads (DESIGN §6):
+  logprobs  ``linear_logprobs`` (per-token log-prob of the target from hidden states and the LM
+            head): rows ``logprobs-fwd``, ``logprobs-bwd``, ``logprobs-fwdbwd``.
+            Floor: 1 G forward, 3 G backward (recompute, dh, dW), 4 G forward+backward.
+  sgsd      the whole SGSD loss from hidden states with K teachers (``teacher_hidden`` given),
+            forward+backward: row ``sgsd-fwdbwd``. Floor: (K+4) G.
+  G = 2·N·V·H FLOPs (one logits GEMM); N = B·T tokens.
+
+Providers:
+  paper-reference  the published code path, written here in eager PyTorch: one row per
+                   (rollout, teacher) — the student forward replicated K times — with the full
+                   log_softmax over student and teacher logits materialised, then a gather and
+                   the §3 loss. This is what we beat.
+  reference        sgsd_kernels, backend="reference" (eager, materialising; DESIGN §5).
+  torch            sgsd_kernels, backend="torch" (blockwise, no N×V buffer).
+  triton           sgsd_kernels, backend="triton" (CUDA only).
+  torch-compile    torch.compile(dynamic=True) of the backend="reference" call.
+  cce              Apple's Cut Cross-Entropy, linear_cross_entropy(reduction="none") = −log-prob
+                   (impl "cce" on CUDA, "torch_compile" on CPU). Log-prob workload only.
+  liger            Liger-Kernel's fused linear cross-entropy, reduction="none" (CUDA only).
+                   Log-prob workload only.
+
+Each provider runs in its own subprocess. For every row it is first checked against a float64
+paper-reference oracle on a small slice of the same shape (same V, H, K, dtype; fewer tokens);
+a provider that disagrees is reported as WRONG and is not timed. Then at the full shape:
+peak memory (CUDA: max_memory_allocated after a reset; CPU: the process's resident-set
+high-water mark, reset through /proc/self/clear_refs, with glibc's malloc told to return every
+block ≥ 64 KiB to the OS so RSS follows live memory), then the time (CUDA:
+triton.testing.do_bench; CPU: perf_counter around each phase of repeated calls after a
+warm-up) as the 20th/50th/80th percentiles. "Peak" is the memory above the inputs
+(hidden states, weight, teacher hidden states), i.e. activations, outputs and gradients.
+The GEMM rate (torch.matmul, same dtype/device, [N,H]@[H,V]) is measured in the same run and
+turns times into a fraction of the FLOP floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+PROVIDERS = ("paper-reference", "reference", "torch", "triton", "torch-compile", "cce", "liger")
+LOGPROB_PHASES = ("fwd", "bwd", "fwdbwd")
+WORKLOAD_ROWS = ("logprobs-fwd", "logprobs-bwd", "logprobs-fwdbwd", "sgsd-fwdbwd")
+# Floor in units of G = 2·N·V·H (DESIGN §6); sgsd: K + 4.
+LOGPROB_FLOOR = {"fwd": 1.0, "bwd": 3.0, "fwdbwd": 4.0}
+SGSD_HYPER = dict(gate_tau=1.0, clip_delta=3.0, confidence_threshold=0.05)
+IGNORE_INDEX = -100
+RESULT_TAG = "@@RESULT "
+START_TAG = "@@START "
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preset:
+    name: str
+    dtype: str
+    V: int
+    H: int
+    logprobs_N: list[int]
+    sgsd: list[tuple[int, int]]  # (N, K)
+    check_N: int = 128  # tokens in the correctness slice
+    row_budget_s: float = 2.0  # time spent on the timed repetitions of one row (CPU)
+    min_reps: int = 3
+    max_reps: int = 15
+    # providers that are not run unless named in --providers, with the reason printed in the row
+    default_off: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+_CPU_COMPILE_OFF = (
+    "not in the default CPU run: a cold torch.compile costs tens of seconds per graph on 2 "
+    "cores (> the 3-minute budget); add it with --providers"
+)
+
+PRESETS: dict[str, Preset] = {
+    # DESIGN §6 CPU target: SGSD K=8, B·T=1024, V=32768, H=256, fp32 (the (1024, 8) row).
+    "cpu-small": Preset(
+        "cpu-small", "float32", V=32768, H=256,
+        logprobs_N=[256, 1024],
+        sgsd=[(256, 1), (256, 4), (256, 8), (1024, 8)],
+        default_off={"torch-compile": _CPU_COMPILE_OFF, "cce": _CPU_COMPILE_OFF},
+        note="DESIGN §6 CPU target row: sgsd-fwdbwd N=1024 K=8",
+    ),
+    # Same head, K swept at the target N and a longer N sweep (≈ 10-15 minutes on 2 cores).
+    "cpu-full": Preset(
+        "cpu-full", "float32", V=32768, H=256,
+        logprobs_N=[256, 1024, 2048],
+        sgsd=[(1024, 1), (1024, 4), (1024, 8), (256, 8), (2048, 8)],
+        row_budget_s=4.0,
+    ),
+    # Tiny shapes for the smoke test and the pytest-benchmark suite (V, H deliberately odd).
+    "tiny": Preset(
+        "tiny", "float32", V=4103, H=61,
+        logprobs_N=[64, 128],
+        sgsd=[(64, 1), (64, 4), (128, 4)],
+        check_N=32, row_budget_s=0.3, min_reps=3, max_reps=5,
+    ),
+    # GPU presets (DESIGN §6 GPU target: qwen3-1.7b, N=16384, K=8, bf16).
+    "qwen3-1.7b": Preset(
+        "qwen3-1.7b", "bfloat16", V=151936, H=2048,
+        logprobs_N=[4096, 8192, 16384],
+        sgsd=[(16384, 1), (16384, 4), (16384, 8), (4096, 8), (8192, 8)],
+        check_N=256,
+    ),
+    "qwen3-8b": Preset(
+        "qwen3-8b", "bfloat16", V=151936, H=4096,
+        logprobs_N=[4096, 8192, 16384],
+        sgsd=[(16384, 1), (16384, 4), (16384, 8), (4096, 8), (8192, 8)],
+        check_N=256,
+    ),
+}
+
+
+@dataclass
+class Case:
+    workload: str  # "logprobs" | "sgsd"
+    N: int
+    V: int
+    H: int
+    K: int  # 0 for logprobs
+    dtype: str
+
+    @property
+    def B(self) -> int:
+        return split_bt(self.N)[0]
+
+    @property
+    def T(self) -> int:
+        return split_bt(self.N)[1]
+
+    def shape(self) -> str:
+        s = f"N={self.N} V={self.V} H={self.H}"
+        if self.workload == "sgsd":
+            s += f" K={self.K} (B={self.B} T={self.T})"
+        return s
+
+    def key(self) -> str:
+        return f"{self.workload}|{self.N}|{self.V}|{self.H}|{self.K}|{self.dtype}"
+
+
+def split_bt(N: int) -> tuple[int, int]:
+    """B rollouts × T positions for N tokens (B = 4 from N = 1024 up)."""
+    B = 4 if N >= 1024 and N % 4 == 0 else (2 if N >= 64 and N % 2 == 0 else 1)
+    return B, N // B
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def dtype_of(name: str):
+    torch = _torch()
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+            "float64": torch.float64}[name]
+
+
+def make_inputs(case: Case, N: int, device, dtype, seed: int = 0) -> dict:
+    """Deterministic inputs for one row; ``N`` may be the small correctness slice.
+
+    logprobs: hidden [N, H], weight [V, H] (both leaves with grad), targets [N] (≈3 %
+    ignore_index), grad_out [N] (the upstream gradient of the per-token log-probs).
+    sgsd: student_hidden [B, T, H], weight, targets [B, T], token_mask [B, T] (padded tails),
+    rewards [B] (±1), teacher_weights [B, K] (softmax), teacher_hidden [B, K, T, H]: the
+    student's states plus noise plus a push of strength α_k ∈ [−1, 1] along the target's
+    weight row, so that some teachers support the rollout and others suppress it.
+    """
+    torch = _torch()
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + N)
+    V, H, K = case.V, case.H, case.K
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale)
+
+    weight = randn(V, H, scale=H ** -0.5)
+    out = {}
+    if case.workload == "logprobs":
+        hidden = randn(N, H)
+        targets = torch.randint(0, V, (N,), generator=g)
+        drop = torch.rand(N, generator=g) < 0.03
+        targets[drop] = IGNORE_INDEX
+        out.update(hidden=hidden, targets=targets, grad_out=randn(N))
+    else:
+        B, T = split_bt(N)
+        hidden = randn(B, T, H)
+        targets = torch.randint(0, V, (B, T), generator=g)
+        lengths = torch.randint(max(1, (3 * T) // 4), T + 1, (B,), generator=g)
+        token_mask = torch.arange(T)[None, :] < lengths[:, None]
+        rewards = torch.tensor([1.0 if b % 2 == 0 else -1.0 for b in range(B)])
+        teacher_weights = torch.softmax(randn(B, K), dim=-1)
+        alpha = torch.linspace(-1.0, 1.0, K) if K > 1 else torch.tensor([0.7])
+        push = weight[targets] * (H ** 0.5) * 0.7  # [B, T, H], unit-ish logit change
+        teacher_hidden = (hidden[:, None] + randn(B, K, T, H, scale=0.3)
+                          + alpha.view(1, K, 1, 1) * push[:, None])
+        out.update(hidden=hidden, targets=targets, token_mask=token_mask, rewards=rewards,
+                   teacher_weights=teacher_weights, teacher_hidden=teacher_hidden)
+    out["weight"] = weight
+    for k, v in list(out.items()):
+        if v.is_floating_point() and k not in ("rewards", "teacher_weights", "grad_out"):
+            v = v.to(dtype)
+        out[k] = v.to(device)
+    out["hidden"].requires_grad_(True)
+    out["weight"].requires_grad_(True)
+    return out
+
+
+def input_bytes(case: Case) -> int:
+    el = dtype_of(case.dtype).itemsize
+    b = (case.V * case.H + case.N * case.H) * el
+    if case.workload == "sgsd":
+        b += case.K * case.N * case.H * el
+    return b
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's code path (the baseline we beat) — also the float64 oracle for the checks
+# --------------------------------------------------------------------------------------------
+
+
+def paper_logprobs(hidden, weight, targets, temperature: float = 1.0):
+    """Materialise logits, full log_softmax in fp32, gather (TRL / HF-trainer style)."""
+    torch = _torch()
+    logits = (hidden @ weight.T).float() / temperature  # [..., V]
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = targets != IGNORE_INDEX
+    lp = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return lp * valid
+
+
+def paper_sgsd_loss(student_hidden, weight, targets, token_mask, rewards, teacher_weights,
+                    teacher_hidden, *, gate_tau=1.0, clip_delta=3.0, confidence_threshold=0.05,
+                    temperature: float = 1.0):
+    """The SGSD loss the way the published TRL-based code computes it.
+
+    One training row per (rollout, teacher): the student forward is replicated K times
+    (``repeat_interleave`` of the student's hidden states — in the real trainer the whole
+    student model runs K times), full-vocabulary log_softmax over the student's and the
+    teacher's logits, gather at the rollout tokens, then DESIGN §3 over the B·K rows.
+    """
+    torch = _torch()
+    F = torch.nn.functional
+    B, T, H = student_hidden.shape
+    K = teacher_weights.shape[1]
+    tgt = targets.repeat_interleave(K, dim=0)  # [B*K, T]
+    mask = token_mask.repeat_interleave(K, dim=0).to(torch.float32)
+    with torch.no_grad():  # teacher: same weights, no gradient
+        u = paper_logprobs(teacher_hidden.reshape(B * K, T, H), weight, tgt, temperature)
+    s_rows = student_hidden.repeat_interleave(K, dim=0)  # replicated student forward
+    s = paper_logprobs(s_rows, weight, tgt, temperature)  # [B*K, T]
+    d = u - s
+    n = mask.sum(-1).clamp(min=1.0)
+    support = (mask * d.detach().clamp(-clip_delta, clip_delta)).sum(-1) / n
+    sigma = torch.where(support.abs() > confidence_threshold, torch.sign(support),
+                        torch.zeros_like(support))
+    sgn_r = torch.where(rewards > 0, 1.0, -1.0).to(support.dtype).repeat_interleave(K)
+    rho = sgn_r * sigma
+    gate = math.log(2.0) - F.softplus(-(d * d) / (2.0 * gate_tau))
+    row = (mask * gate).sum(-1) / n
+    w = teacher_weights.reshape(-1).to(row.dtype)
+    return (w * rho * row).sum() / B
+
+
+# --------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------
+
+
+class NotAvailable(Exception):
+    """The provider cannot run this row here; the message says why."""
+
+
+def _sk():
+    try:
+        import sgsd_kernels as sk
+    except Exception as e:  # noqa: BLE001
+        raise NotAvailable(f"sgsd_kernels does not import: {type(e).__name__}: {e}") from e
+    return sk
+
+
+def _has_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+_COMPILED: dict = {}
+
+
+def build_provider(name: str, workload: str, device):
+    """Return fn(inputs) -> output: [N] float32 log-probs (logprobs) or the scalar loss (sgsd).
+
+    Raises NotAvailable with the reason when the provider cannot run this workload here.
+    """
+    torch = _torch()
+    cuda = _has_cuda(device)
+    if name == "paper-reference":
+        if workload == "logprobs":
+            return lambda x: paper_logprobs(x["hidden"], x["weight"], x["targets"])
+        return lambda x: paper_sgsd_loss(
+            x["hidden"], x["weight"], x["targets"], x["token_mask"], x["rewards"],
+            x["teacher_weights"], x["teacher_hidden"], **SGSD_HYPER)
+
+    if name in ("reference", "torch", "triton", "torch-compile"):
+        sk = _sk()
+        backend = "reference" if name == "torch-compile" else name
+        if name == "triton" and not cuda:
+            raise NotAvailable("the triton backend needs a CUDA device (TRITON_INTERPRET=1 runs "
+                               "it on CPU for tests only, far too slow to time)")
+        if workload == "logprobs":
+            def fn(x, _b=backend):
+                return sk.linear_logprobs(x["hidden"], x["weight"], x["targets"],
+                                          ignore_index=IGNORE_INDEX, backend=_b)
+        else:
+            def fn(x, _b=backend):
+                return sk.linear_gated_kd_loss(
+                    x["hidden"], x["weight"], x["targets"], x["token_mask"], x["rewards"],
+                    x["teacher_weights"], teacher_hidden=x["teacher_hidden"], backend=_b,
+                    **SGSD_HYPER).loss
+        if name != "torch-compile":
+            return fn
+        key = (workload, str(device))
+        if key not in _COMPILED:  # one dynamic-shape graph per workload: compile once
+            _COMPILED[key] = torch.compile(fn, dynamic=True)
+        return _COMPILED[key]
+
+    if name == "cce":
+        if workload != "logprobs":
+            raise NotAvailable("n/a: Cut Cross-Entropy computes cross-entropy only; it has no "
+                               "SGSD (multi-teacher gated) loss")
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception as e:  # noqa: BLE001
+            raise NotAvailable(f"cut-cross-entropy not installed ({type(e).__name__}: {e}); "
+                               "pip install cut-cross-entropy") from e
+        impl = "cce" if cuda else "torch_compile"
+
+        def fn(x):
+            nll = linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
+                                       ignore_index=IGNORE_INDEX, reduction="none", impl=impl)
+            return -nll.float()
+        return fn
+
+    if name == "liger":
+        if workload != "logprobs":
+            raise NotAvailable("n/a: Liger-Kernel's fused linear cross-entropy has no SGSD "
+                               "(multi-teacher gated) loss")
+        if not cuda:
+            raise NotAvailable("n/a on CPU: Liger-Kernel's fused linear cross-entropy is "
+                               "Triton-only and needs a CUDA device")
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        except Exception as e:  # noqa: BLE001
+            raise NotAvailable(f"liger-kernel not installed ({type(e).__name__}: {e}); "
+                               "pip install liger-kernel") from e
+
+        def fn(x):
+            nll = liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+            return -nll.float()
+        return fn
+    raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+
+
+def est_materialised_bytes(name: str, case: Case) -> int:
+    """Rough peak of the providers that materialise logits (for skipping rows that cannot fit)."""
+    nv = case.N * case.V * 4
+    if name in ("torch", "triton", "liger"):
+        return 0
+    if case.workload == "logprobs":
+        return 4 * nv
+    if name == "paper-reference":
+        return (4 * case.K + 2) * nv
+    return (case.K + 4) * nv  # reference / torch-compile / cce(torch_compile)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class MemMeter:
+    """Peak memory above a baseline, measured for real.
+
+    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
+    CPU: VmHWM/VmRSS from /proc/self/status; the high-water mark is reset by writing "5" to
+    /proc/self/clear_refs (Linux ≥ 4.0). The worker runs with MALLOC_MMAP_THRESHOLD_=65536 so
+    freed blocks ≥ 64 KiB go back to the OS and RSS follows the live tensors.
+    Fallback (no /proc): ru_maxrss, which only sees peaks above every earlier peak.
+    """
+
+    def __init__(self, device):
+        self.torch = _torch()
+        self.cuda = _has_cuda(device)
+        self.method = "cuda.max_memory_allocated"
+        if not self.cuda:
+            ok = _proc_status_kib("VmHWM") is not None
+            if ok:
+                try:
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")
+                except OSError:
+                    ok = False
+            self.method = "rss-hwm(clear_refs)" if ok else "ru_maxrss"
+        self.base = 0
+
+    def _current(self) -> int:
+        if self.cuda:
+            return self.torch.cuda.memory_allocated()
+        if self.method == "ru_maxrss":
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return _proc_status_kib("VmRSS") * 1024
+
+    def _peak(self) -> int:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated()
+        if self.method == "ru_maxrss":
+            return self._current()
+        return _proc_status_kib("VmHWM") * 1024
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        elif self.method != "ru_maxrss":
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def start(self) -> None:
+        gc.collect()
+        self.reset_peak()
+        self.base = self._current()
+
+    def peak(self) -> int:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return max(0, self._peak() - self.base)
+
+
+def _grads(out, x, grad_out):
+    torch = _torch()
+    return torch.autograd.grad(out, [x["hidden"], x["weight"]], grad_out)
+
+
+def _rel_err(a, b) -> float:
+    torch = _torch()
+    a = a.detach().double().cpu()
+    b = b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    den = max(b.norm().item(), 1e-3 if b.numel() == 1 else 1e-12)
+    return (a - b).norm().item() / den
+
+
+TOL = {"float32": 2e-4, "float16": 1e-2, "bfloat16": 3e-2}
+
+
+def check_provider(fn, case: Case, N: int, device) -> tuple[float, str]:
+    """Relative error (max over output, dh, dW) of ``fn`` vs the float64 paper-reference."""
+    torch = _torch()
+    x = make_inputs(case, N, device, dtype_of(case.dtype), seed=1)
+    x64 = make_inputs(case, N, device, torch.float64, seed=1)
+    ref_fn = build_provider("paper-reference", case.workload, device)
+    go = x["grad_out"] if case.workload == "logprobs" else None
+    out = fn(x)
+    got = [out, *_grads(out, x, go)]
+    out64 = ref_fn(x64)
+    want = [out64, *_grads(out64, x64, x64["grad_out"] if go is not None else None)]
+    names = ("out", "dhidden", "dweight")
+    errs = {n: _rel_err(a, b) for n, a, b in zip(names, got, want)}
+    worst = max(errs, key=errs.get)
+    return errs[worst], f"{worst} rel err {errs[worst]:.2e}"
+
+
+def _percentiles(xs: list[float]) -> list[float]:
+    import numpy as np
+
+    return [float(v) for v in np.percentile(np.asarray(xs), [20, 50, 80])]
+
+
+def measure(fn, case: Case, device, preset: Preset, phases: list[str]) -> dict:
+    """Peak memory (one pass) then timings. Returns {phase: {time_ms: [p20,p50,p80], peak_bytes}}."""
+    torch = _torch()
+    cuda = _has_cuda(device)
+    x = make_inputs(case, case.N, device, dtype_of(case.dtype), seed=0)
+    go = x.get("grad_out") if case.workload == "logprobs" else None
+    res: dict = {}
+    meter = MemMeter(device)
+
+    # Memory pass. For compiled/Triton providers an unmeasured warm-up comes first (compile,
+    # autotune); for eager ones this pass is the warm-up.
+    meter.start()
+    out = fn(x)
+    peak_f = meter.peak()
+    meter.reset_peak()
+    g = _grads(out, x, go)
+    peak_b = meter.peak()
+    del out, g
+    if case.workload == "logprobs":
+        res["fwd"] = {"peak_bytes": peak_f}
+        res["bwd"] = {"peak_bytes": peak_b}
+    res["fwdbwd"] = {"peak_bytes": max(peak_f, peak_b)}
+    res["mem_method"] = meter.method
+
+    if cuda:
+        import triton.testing as tt
+
+        q = [0.2, 0.5, 0.8]
+
+        def fwdbwd():
+            _grads(fn(x), x, go)
+        if "fwdbwd" in phases:
+            res["fwdbwd"]["time_ms"] = list(tt.do_bench(fwdbwd, quantiles=q))
+        if "fwd" in phases:
+            res["fwd"]["time_ms"] = list(tt.do_bench(lambda: fn(x), quantiles=q))
+        if "bwd" in phases:
+            out = fn(x)
+            res["bwd"]["time_ms"] = list(tt.do_bench(
+                lambda: torch.autograd.grad(out, [x["hidden"], x["weight"]], go,
+                                            retain_graph=True), quantiles=q))
+            del out
+        return res
+
+    # CPU: calls are synchronous; time forward and backward of the same call separately.
+    tf: list[float] = []
+    tb: list[float] = []
+    t_start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        out = fn(x)
+        t1 = time.perf_counter()
+        g = _grads(out, x, go)
+        t2 = time.perf_counter()
+        del out, g
+        tf.append(t1 - t0)
+        tb.append(t2 - t1)
+        n = len(tf)
+        spent = time.perf_counter() - t_start
+        if n >= preset.max_reps or (n >= preset.min_reps and spent >= preset.row_budget_s):
+            break
+    ms = lambda xs: _percentiles([v * 1e3 for v in xs])  # noqa: E731
+    res["fwdbwd"]["time_ms"] = ms([a + b for a, b in zip(tf, tb)])
+    if case.workload == "logprobs":
+        res["fwd"]["time_ms"] = ms(tf)
+        res["bwd"]["time_ms"] = ms(tb)
+    res["reps"] = len(tf)
+    return res
+
+
+def measure_gemm(case: Case, device, preset: Preset) -> dict:
+    """torch.matmul [N,H] @ [H,V] (preallocated out), same dtype/device: the GEMM rate."""
+    torch = _torch()
+    dt = dtype_of(case.dtype)
+    a = torch.randn(case.N, case.H, device=device).to(dt)
+    b = torch.randn(case.V, case.H, device=device).to(dt)
+    c = torch.empty(case.N, case.V, device=device, dtype=dt)
+    if _has_cuda(device):
+        import triton.testing as tt
+
+        t = tt.do_bench(lambda: torch.matmul(a, b.T, out=c), quantiles=[0.2, 0.5, 0.8])
+        return {"time_ms": list(t)}
+    torch.matmul(a, b.T, out=c)  # warm-up
+    ts = []
+    t_start = time.perf_counter()
+    while len(ts) < 3 or (time.perf_counter() - t_start < min(1.0, preset.row_budget_s)
+                          and len(ts) < 20):
+        t0 = time.perf_counter()
+        torch.matmul(a, b.T, out=c)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return {"time_ms": _percentiles(ts)}
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one subprocess per provider
+# --------------------------------------------------------------------------------------------
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(RESULT_TAG + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def run_worker(spec: dict) -> None:
+    import logging
+
+    torch = _torch()
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break chatter
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    preset = Preset(**spec["preset"])
+    provider = spec["provider"]
+    phases = spec["phases"]
+    mem_limit = spec.get("mem_limit_bytes") or 0
+    warmed: set = set()
+    for i, cd in enumerate(spec["cases"]):
+        case = Case(**cd)
+        sys.stdout.write(START_TAG + str(i) + "\n")
+        sys.stdout.flush()
+        row = {"index": i, "provider": provider, "case": cd, "status": "ok", "note": ""}
+        try:
+            if provider == "gemm":
+                row["gemm"] = measure_gemm(case, device, preset)
+                _emit(row)
+                continue
+            fn = build_provider(provider, case.workload, device)
+            est = est_materialised_bytes(provider, case)
+            if mem_limit and est > mem_limit:
+                row.update(status="skipped", note=(
+                    f"skipped: materialises ~{est / 2**30:.1f} GiB of logits, over the "
+                    f"{mem_limit / 2**30:.1f} GiB allowed here (--mem-limit-gb)"))
+                _emit(row)
+                continue
+            err, what = check_provider(fn, case, min(case.N, preset.check_N), device)
+            row["check_err"] = err
+            if not err <= TOL.get(case.dtype, 1e-2):
+                row.update(status="WRONG", note=f"check failed vs float64 paper-reference: "
+                           f"{what} > tol {TOL.get(case.dtype, 1e-2):.0e}; not timed")
+                _emit(row)
+                continue
+            if provider in ("torch-compile", "triton", "cce", "liger") and \
+                    (case.key() not in warmed):
+                # compile / autotune at the full shape, outside the measurement
+                x = make_inputs(case, case.N, device, dtype_of(case.dtype))
+                o = fn(x)
+                _grads(o, x, x.get("grad_out") if case.workload == "logprobs" else None)
+                del x, o
+                warmed.add(case.key())
+            row["result"] = measure(fn, case, device, preset, phases)
+        except NotAvailable as e:
+            row.update(status="n/a", note=str(e))
+        except Exception as e:  # noqa: BLE001
+            oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+            row.update(status="OOM" if oom else "error",
+                       note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            if not oom:
+                traceback.print_exc(file=sys.stderr)
+            if _has_cuda(device):
+                torch.cuda.empty_cache()
+        _emit(row)
+        gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+
+
+def _mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _git_version() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
+                                "--", "sgsd_kernels"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "") if sha else "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _package_version() -> str:
+    try:
+        import sgsd_kernels
+
+        v = getattr(sgsd_kernels, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        v = "not-importable"
+    return f"sgsd-kernels {v} ({_git_version()})"
+
+
+def _device_name(device) -> str:
+    torch = _torch()
+    if _has_cuda(device):
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def run_provider_subprocess(provider: str, cases: list[Case], device: str, preset: Preset,
+                            phases: list[str], mem_limit: int, on_row, timeout_s: float,
+                            threads: int | None = None) -> None:
+    """Run one provider's cases in a fresh interpreter; restart after a crash."""
+    remaining = list(range(len(cases)))
+    env = dict(os.environ)
+    if not device.startswith("cuda"):
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # RSS follows live blocks ≥ 64 KiB
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    while remaining:
+        sub = [cases[i] for i in remaining]
+        spec = {"provider": provider, "device": device, "preset": asdict(preset),
+                "phases": phases, "cases": [asdict(c) for c in sub],
+                "mem_limit_bytes": mem_limit, "threads": threads}
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker",
+                                 json.dumps(spec)], stdout=subprocess.PIPE, env=env, text=True,
+                                cwd=REPO)
+        current = None
+        done: set = set()
+        deadline = time.time() + timeout_s
+        for line in proc.stdout:
+            if line.startswith(START_TAG):
+                current = int(line[len(START_TAG):])
+            elif line.startswith(RESULT_TAG):
+                row = json.loads(line[len(RESULT_TAG):])
+                done.add(row["index"])
+                row["index"] = remaining[row["index"]]
+                on_row(row)
+            if time.time() > deadline:
+                proc.kill()
+                break
+        rc = proc.wait()
+        left = [j for j in range(len(sub)) if j not in done]
+        if not left:
+            return
+        # the worker died (or timed out) in the middle of sub[current]
+        bad = current if current is not None and current in left else left[0]
+        why = (f"worker timed out after {timeout_s:.0f}s" if time.time() > deadline else
+               f"worker died (exit {rc}{', killed: probably out of memory' if rc in (-9, 137) else ''})")
+        on_row({"index": remaining[bad], "provider": provider, "case": asdict(sub[bad]),
+                "status": "crashed", "note": why})
+        remaining = [remaining[j] for j in left if j != bad]
+
+
+def fmt_bytes(b) -> str:
+    if b is None:
+        return "—"
+    return f"{b / 2**20:.1f}"
+
+
+def fmt_ms(t) -> str:
+    if t is None:
+        return "—"
+    p20, p50, p80 = t
+    d = 1 if p50 >= 100 else (2 if p50 >= 1 else 3)
+    return f"{p50:.{d}f} [{p20:.{d}f}, {p80:.{d}f}]"
+
+
+def build_rows(results: list[dict], gemm: dict[tuple, dict], device_is_cuda: bool) -> list[dict]:
+    """Flatten worker results into one dict per (provider, workload-row, case)."""
+    rows = []
+    for r in results:
+        case = Case(**r["case"])
+        subs = ([f"logprobs-{p}" for p in LOGPROB_PHASES] if case.workload == "logprobs"
+                else ["sgsd-fwdbwd"])
+        for wl in subs:
+            phase = wl.split("-", 1)[1]
+            floor_g = LOGPROB_FLOOR[phase] if case.workload == "logprobs" else case.K + 4
+            G = 2.0 * case.N * case.V * case.H
+            row = {"provider": r["provider"], "workload": wl, "case": case, "status": r["status"],
+                   "note": r.get("note", ""), "check_err": r.get("check_err"),
+                   "floor_flops": floor_g * G, "time_ms": None, "peak_bytes": None}
+            res = (r.get("result") or {}).get(phase)
+            if res is None and r["status"] == "ok":
+                continue  # phase not requested
+            if res:
+                row["time_ms"] = res.get("time_ms")
+                row["peak_bytes"] = res.get("peak_bytes")
+                row["mem_method"] = (r.get("result") or {}).get("mem_method")
+                row["reps"] = (r.get("result") or {}).get("reps")
+            gk = (case.N, case.V, case.H, case.dtype)
+            g = gemm.get(gk)
+            if row["time_ms"]:
+                t = row["time_ms"][1] / 1e3
+                row["flops_per_s"] = floor_g * G / t
+                if g:
+                    rate = G / (g["time_ms"][1] / 1e3)
+                    row["gemm_flops_per_s"] = rate
+                    row["floor_frac"] = (floor_g * G / rate) / t
+            rows.append(row)
+    # ratios vs the library reference and vs the paper's path, same workload and case
+    idx = {(r["provider"], r["workload"], r["case"].key()): r for r in rows}
+    for r in rows:
+        for base, tag in (("reference", "ref"), ("paper-reference", "paper")):
+            b = idx.get((base, r["workload"], r["case"].key()))
+            if b and b.get("time_ms") and r.get("time_ms"):
+                r[f"speedup_vs_{tag}"] = b["time_ms"][1] / r["time_ms"][1]
+            if b and b.get("peak_bytes") and r.get("peak_bytes"):
+                r[f"mem_ratio_vs_{tag}"] = b["peak_bytes"] / max(r["peak_bytes"], 1)
+    return rows
+
+
+def _f(v, fmt="{:.2f}"):
+    return "—" if v is None else fmt.format(v)
+
+
+def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
+    cuda = meta["device_is_cuda"]
+    unit, scale = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
+    out = [f"### {meta['preset']} on {meta['device']} — {meta['dtype']}, {meta['version']}, "
+           f"torch {meta['torch']}, {meta['timestamp']}", ""]
+    if gemm_rows:
+        out += ["GEMM rate (torch.matmul [N,H]@[H,V], same dtype/device; the floor's yardstick):",
+                "", f"| shape | time ms (p50 [p20, p80]) | {unit} |", "|---|---|---|"]
+        for g in gemm_rows:
+            c = g["case"]
+            t = g["time_ms"]
+            rate = 2.0 * c.N * c.V * c.H / (t[1] / 1e3) / scale if t else None
+            out.append(f"| N={c.N} V={c.V} H={c.H} | {fmt_ms(t)} | {_f(rate, '{:.1f}')} |")
+        out.append("")
+    out += [
+        f"| workload | shape | provider | time ms (p50 [p20, p80]) | peak MiB | {unit} | "
+        "floor % | × vs ref | mem ÷ vs ref | × vs paper | mem ÷ vs paper | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {p: i for i, p in enumerate(("paper-reference", *PROVIDERS[1:]))}
+    wl_order = {w: i for i, w in enumerate(WORKLOAD_ROWS)}
+    rows = sorted(rows, key=lambda r: (wl_order.get(r["workload"], 9), r["case"].N, r["case"].K,
+                                       order.get(r["provider"], 99)))
+    for r in rows:
+        c = r["case"]
+        status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
+        if r["note"]:
+            status += f": {r['note']}"
+        elif r.get("check_err") is not None:
+            status += f" (check {r['check_err']:.0e})"
+        out.append(
+            f"| {r['workload']} | {c.shape()} | {r['provider']} | {fmt_ms(r['time_ms'])} | "
+            f"{fmt_bytes(r['peak_bytes'])} | "
+            f"{_f(r.get('flops_per_s') and r['flops_per_s'] / scale, '{:.1f}')} | "
+            f"{_f(r.get('floor_frac') and 100 * r['floor_frac'], '{:.0f}')} | "
+            f"{_f(r.get('speedup_vs_ref'))} | {_f(r.get('mem_ratio_vs_ref'), '{:.1f}')} | "
+            f"{_f(r.get('speedup_vs_paper'))} | {_f(r.get('mem_ratio_vs_paper'), '{:.1f}')} | "
+            f"{status} |")
+    out += ["", f"{unit}: useful work = the floor FLOPs ((K+4)·G for sgsd; 1/3/4 G for "
+            "logprobs fwd/bwd/fwd+bwd; G = 2·N·V·H) divided by the median time. floor % = time at "
+            "the measured GEMM rate for the floor FLOPs ÷ median time. peak MiB: memory above the "
+            f"inputs ({meta['mem_method']}). × / mem ÷: reference's (or paper-reference's) median "
+            "time / peak divided by this row's (> 1 = better than the baseline)."]
+    return "\n".join(out)
+
+
+CSV_FIELDS = ("provider", "workload", "shape", "N", "K", "V", "H", "dtype", "device", "metric",
+              "unit", "p20", "p50", "p80", "status", "note", "timestamp", "version", "torch")
+
+
+def csv_records(rows: list[dict], gemm_rows: list[dict], meta: dict) -> list[dict]:
+    recs = []
+
+    def rec(provider, workload, c, metric, unit, p20, p50, p80, status="ok", note=""):
+        recs.append({"provider": provider, "workload": workload, "shape": c.shape(), "N": c.N,
+                     "K": c.K, "V": c.V, "H": c.H, "dtype": c.dtype, "device": meta["device"],
+                     "metric": metric, "unit": unit, "p20": p20, "p50": p50, "p80": p80,
+                     "status": status, "note": note, "timestamp": meta["timestamp"],
+                     "version": meta["version"], "torch": meta["torch"]})
+
+    for g in gemm_rows:
+        c = g["case"]
+        t = g["time_ms"]
+        if t:
+            rec("torch.matmul", "gemm", c, "time", "ms", *t)
+            rate = [2.0 * c.N * c.V * c.H / (v / 1e3) for v in reversed(t)]
+            rec("torch.matmul", "gemm", c, "flops_per_s", "FLOP/s", *rate)
+    for r in rows:
+        c, p, w = r["case"], r["provider"], r["workload"]
+        if r["status"] != "ok":
+            rec(p, w, c, "status", "", None, None, None, r["status"], r["note"])
+            continue
+        t = r["time_ms"]
+        if t:
+            rec(p, w, c, "time", "ms", *t)
+            # p20 of the rate comes from p80 of the time and vice versa
+            rec(p, w, c, "flops_per_s", "FLOP/s", *[r["floor_flops"] / (v / 1e3) for v in t[::-1]])
+        if r.get("peak_bytes") is not None:
+            rec(p, w, c, "peak_memory", "bytes", None, r["peak_bytes"], None,
+                note=r.get("mem_method") or "")
+        for m, u in (("floor_frac", "fraction"), ("speedup_vs_ref", "x"),
+                     ("mem_ratio_vs_ref", "x"), ("speedup_vs_paper", "x"),
+                     ("mem_ratio_vs_paper", "x"), ("check_err", "rel")):
+            if r.get(m) is not None:
+                rec(p, w, c, m, u, None, r[m], None)
+    return recs
+
+
+def make_plots(rows: list[dict], out_prefix: str, meta: dict) -> list[str]:
+    """time and peak memory vs N (fixed K) and vs K (fixed N), one line per provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        print(f"[bench] no plots: matplotlib unavailable ({e})", file=sys.stderr)
+        return []
+    ok = [r for r in rows if r.get("time_ms")]
+    paths = []
+    title = f"{meta['preset']} · {meta['device']} · {meta['dtype']}"
+
+    def draw(ax, series, xlabel, ylabel, key):
+        for prov, pts in sorted(series.items()):
+            pts.sort()
+            xs = [p[0] for p in pts]
+            ys = [key(p[1]) for p in pts]
+            ax.plot(xs, ys, marker="o", label=prov)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+
+    # vs N: logprobs-fwdbwd, and sgsd at the largest K that has ≥ 2 N values
+    panels = []
+    lp = [r for r in ok if r["workload"] == "logprobs-fwdbwd"]
+    if lp:
+        panels.append(("logprobs fwd+bwd", lp))
+    sg = [r for r in ok if r["workload"] == "sgsd-fwdbwd"]
+    for K in sorted({r["case"].K for r in sg}, reverse=True):
+        sel = [r for r in sg if r["case"].K == K]
+        if len({r["case"].N for r in sel}) >= 2:
+            panels.append((f"sgsd fwd+bwd, K={K}", sel))
+            break
+    if panels:
+        fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
+        for i, (name, sel) in enumerate(panels):
+            series: dict = {}
+            for r in sel:
+                series.setdefault(r["provider"], []).append((r["case"].N, r))
+            draw(axes[i][0], series, "N tokens", "median time (ms)", lambda r: r["time_ms"][1])
+            axes[i][0].set_title(f"{name}: time")
+            mseries = {k: [p for p in v if p[1].get("peak_bytes")] for k, v in series.items()}
+            draw(axes[i][1], mseries, "N tokens", "peak memory above inputs (MiB)",
+                 lambda r: max(r["peak_bytes"], 1) / 2**20)
+            axes[i][1].set_title(f"{name}: peak memory")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        p = out_prefix + "_vs_N.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    # vs K: sgsd at the N with the most K values
+    if sg:
+        byN: dict = {}
+        for r in sg:
+            byN.setdefault(r["case"].N, set()).add(r["case"].K)
+        N = max(byN, key=lambda n: (len(byN[n]), n))
+        sel = [r for r in sg if r["case"].N == N]
+        if len(byN[N]) >= 2:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+            series = {}
+            for r in sel:
+                series.setdefault(r["provider"], []).append((r["case"].K, r))
+            draw(axes[0][0], series, "K teachers", "median time (ms)", lambda r: r["time_ms"][1])
+            axes[0][0].set_title(f"sgsd fwd+bwd, N={N}: time")
+            draw(axes[0][1], series, "K teachers", "peak memory above inputs (MiB)",
+                 lambda r: max(r["peak_bytes"] or 1, 1) / 2**20)
+            axes[0][1].set_title(f"sgsd fwd+bwd, N={N}: peak memory")
+            axes[0][0].legend(fontsize=8)
+            fig.suptitle(title)
+            fig.tight_layout()
+            p = out_prefix + "_vs_K.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            paths.append(p)
+    return paths
+
+
+def _progress_line(row: dict) -> str:
+    c = Case(**row["case"])
+    if row["provider"] == "gemm":
+        t = row.get("gemm", {}).get("time_ms")
+        return f"gemm            {c.shape():42s} {fmt_ms(t)} ms"
+    res = row.get("result") or {}
+    t = (res.get("fwdbwd") or {}).get("time_ms")
+    pk = (res.get("fwdbwd") or {}).get("peak_bytes")
+    s = f"{row['provider']:15s} {c.workload:8s} {c.shape():42s} "
+    if row["status"] == "ok":
+        return s + f"fwd+bwd {fmt_ms(t)} ms, peak {fmt_bytes(pk)} MiB"
+    return s + f"{row['status']}: {row['note'][:110]}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="shapes to run (default: cpu-small on CPU, qwen3-1.7b on CUDA)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma list from {','.join(PROVIDERS)}, or 'all' (default: all but, "
+                        "on CPU with cpu-small, torch-compile and cce, whose rows then say why)")
+    p.add_argument("--workloads", default="all",
+                   help="comma list from logprobs,logprobs-fwd,logprobs-bwd,logprobs-fwdbwd,sgsd "
+                        "or 'all'")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: preset's)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"),
+                   help="directory for the CSV, markdown table and plots")
+    p.add_argument("--mem-limit-gb", type=float, default=None,
+                   help="skip rows whose logits would not fit (CPU default: 70%% of MemAvailable)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch.set_num_threads in every worker (default: torch's choice, "
+                        "one per core). On a busy machine 1 thread gives steadier numbers")
+    p.add_argument("--worker-timeout", type=float, default=1800.0)
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def select(args, preset: Preset):
+    if args.providers in (None, "all"):
+        provs = list(PROVIDERS)
+        explicit = args.providers == "all"
+    else:
+        provs = [s.strip() for s in args.providers.split(",") if s.strip()]
+        bad = [s for s in provs if s not in PROVIDERS]
+        if bad:
+            raise SystemExit(f"unknown provider(s) {bad}; choose from {','.join(PROVIDERS)}")
+        explicit = True
+    wls = {s.strip() for s in args.workloads.split(",")} if args.workloads != "all" else {"all"}
+    phases: list[str] = []
+    do_lp = do_sgsd = False
+    for w in wls:
+        if w in ("all", "logprobs"):
+            phases = list(LOGPROB_PHASES)
+            do_lp = True
+        elif w.startswith("logprobs-") and w[9:] in LOGPROB_PHASES:
+            do_lp = True
+            if w[9:] not in phases:
+                phases.append(w[9:])
+        elif w != "sgsd":
+            raise SystemExit(f"unknown workload {w!r}")
+        if w in ("all", "sgsd"):
+            do_sgsd = True
+    if do_sgsd and "fwdbwd" not in phases:
+        phases.append("fwdbwd")
+    return provs, explicit, phases, do_lp, do_sgsd
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._worker is not None:
+        run_worker(json.loads(args._worker))
+        return 0
+    t_begin = time.perf_counter()
+    torch = _torch()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    preset = PRESETS[args.preset or ("qwen3-1.7b" if cuda else "cpu-small")]
+    dtype = args.dtype or preset.dtype
+    dtype_of(dtype)  # validate
+    provs, explicit, phases, do_lp, do_sgsd = select(args, preset)
+    cases: list[Case] = []
+    if do_lp:
+        cases += [Case("logprobs", N, preset.V, preset.H, 0, dtype) for N in preset.logprobs_N]
+    if do_sgsd:
+        cases += [Case("sgsd", N, preset.V, preset.H, K, dtype) for N, K in preset.sgsd]
+    if args.mem_limit_gb is not None:
+        mem_limit = int(args.mem_limit_gb * 2**30)
+    elif not cuda:
+        avail = _mem_available_bytes()
+        mem_limit = int(0.7 * avail) if avail else 0
+    else:
+        mem_limit = 0  # CUDA: try, report OOM
+
+    meta = {"preset": preset.name, "device": _device_name(device), "dtype": dtype,
+            "device_is_cuda": cuda, "torch": torch.__version__, "version": _package_version(),
+            "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "mem_method": ("torch.cuda.max_memory_allocated after reset" if cuda else
+                           "process RSS high-water mark via /proc/self/clear_refs, "
+                           "MALLOC_MMAP_THRESHOLD_=65536, one subprocess per provider")}
+    print(f"[bench] {preset.name} on {meta['device']} ({dtype}); providers "
+          f"{','.join(provs)}; {len(cases)} shapes; {meta['version']}", file=sys.stderr)
+
+    results: list[dict] = []
+    gemm: dict = {}
+    gemm_rows: list[dict] = []
+
+    def on_row(row):
+        print(f"[bench {time.perf_counter() - t_begin:6.1f}s] {_progress_line(row)}",
+              file=sys.stderr, flush=True)
+        if row["provider"] == "gemm":
+            if row.get("gemm"):
+                c = Case(**row["case"])
+                gemm[(c.N, c.V, c.H, c.dtype)] = row["gemm"]
+                gemm_rows.append({"case": c, "time_ms": row["gemm"]["time_ms"]})
+        else:
+            results.append(row)
+
+    # GEMM rates first (one per distinct N), then one subprocess per provider.
+    gcases, seen = [], set()
+    for c in cases:
+        if (c.N, c.V, c.H, c.dtype) not in seen:
+            seen.add((c.N, c.V, c.H, c.dtype))
+            gcases.append(Case("gemm", c.N, c.V, c.H, 0, c.dtype))
+    run_provider_subprocess("gemm", gcases, device, preset, phases, 0, on_row,
+                            args.worker_timeout, args.threads)
+    for prov in provs:
+        if not explicit and prov in preset.default_off and not cuda:
+            for c in cases:
+                on_row({"provider": prov, "case": asdict(c), "status": "skipped",
+                        "note": preset.default_off[prov]})
+            continue
+        run_provider_subprocess(prov, cases, device, preset, phases, mem_limit, on_row,
+                                args.worker_timeout, args.threads)
+
+    rows = build_rows(results, gemm, cuda)
+    rows = [r for r in rows if r["workload"] == "sgsd-fwdbwd" or r["workload"].split("-")[1]
+            in phases]
+    table = markdown_table(rows, gemm_rows, meta)
+    elapsed = time.perf_counter() - t_begin
+    table += f"\n\nWall time of this run: {elapsed:.0f} s.\n"
+    print(table)
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower()) \
+        if cuda else "cpu"
+    prefix = os.path.join(args.out, f"{preset.name}_{dtype}_{tag}".replace("--", "-"))
+    with open(prefix + ".md", "w") as f:
+        f.write(table)
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for rec in csv_records(rows, gemm_rows, meta):
+            w.writerow(rec)
+    plots = make_plots(rows, prefix, meta)
+    print(f"[bench] wrote {prefix}.csv, {prefix}.md" + "".join(f", {p}" for p in plots)
+          + f" in {elapsed:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
