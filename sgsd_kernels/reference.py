@@ -99,15 +99,26 @@ def gated_kd_ref(
     ``support``, ``polarity``, ``row_loss`` ([B, K]) and ``clipped`` (count of masked-in
     tokens of present teachers whose gap was clipped, a float scalar).
     """
-    dtype = compute_dtype(student_logprobs, teacher_logprobs)
-    s = student_logprobs.to(dtype)  # [B, T]
+    K = teacher_logprobs.shape[1]
+    s_rows = student_logprobs.unsqueeze(1).expand(-1, K, -1)
+    return _gated_rows(
+        s_rows, teacher_logprobs, token_mask, rewards, teacher_weights, gate_tau, clip_delta,
+        confidence_threshold,
+    )
+
+
+def _gated_rows(s_rows, teacher_logprobs, token_mask, rewards, teacher_weights, gate_tau,
+                clip_delta, confidence_threshold):
+    """§3 with the student log-probs given per (rollout, teacher) row: s_rows [B, K, T]."""
+    dtype = compute_dtype(s_rows, teacher_logprobs)
+    s = s_rows.to(dtype)  # [B, K, T]
     u = teacher_logprobs.detach().to(dtype)  # [B, K, T]  (teachers are constants)
     m = token_mask.to(torch.bool).unsqueeze(1)  # [B, 1, T]
     w = teacher_weights.detach().to(dtype)  # [B, K]
     B = s.shape[0]
 
     # Masked positions may hold padding garbage (-inf, NaN): select, never multiply.
-    delta = torch.where(m, u - s.unsqueeze(1), torch.zeros((), dtype=dtype, device=s.device))
+    delta = torch.where(m, u - s, torch.zeros((), dtype=dtype, device=s.device))
     n = token_mask.to(dtype).sum(-1).clamp_min(1.0).unsqueeze(1)  # [B, 1]
 
     with torch.no_grad():
@@ -148,27 +159,35 @@ def linear_gated_kd_ref(
     clip_delta: float = 3.0,
     confidence_threshold: float = 0.05,
 ) -> dict[str, torch.Tensor]:
-    """Student log-probs [B,T] and teacher log-probs [B,K,T] from materialised logits,
-    then :func:`gated_kd_ref`. Targets that are negative (ignore_index) are masked out."""
+    """The SGSD loss from hidden states the way the published (TRL-based) code computes it:
+    one row per (rollout, teacher). The student forward is replicated K times, and the
+    full log_softmax of the student [B,K,T,V] and teacher [B,K,T,V] logits is
+    materialised; the per-row student log-probs s[b,k,t] then enter §3 (the same values
+    for every k, so the loss equals §3 with s[b,t]; the gradient sums the K copies).
+    Targets that are negative (ignore_index) are masked out.
+    """
+    B, T, H = student_hidden.shape
+    K = teacher_weights.shape[1]
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    s = linear_logprobs_ref(student_hidden, weight, safe_targets, bias, temperature)
+    row_targets = safe_targets.unsqueeze(1).expand(B, K, T)
+    student_rows = student_hidden.unsqueeze(1).expand(B, K, T, H)  # one copy per teacher
+    s_rows = linear_logprobs_ref(student_rows, weight, row_targets, bias, temperature)
     if teacher_logprobs is None:
-        K = teacher_hidden.shape[1]
         with torch.no_grad():
             u = linear_logprobs_ref(
                 teacher_hidden.detach(),
                 weight.detach(),
-                safe_targets.unsqueeze(1).expand(-1, K, -1),
+                row_targets,
                 None if bias is None else bias.detach(),
                 temperature,
             )
     else:
-        u = teacher_logprobs
-    out = gated_kd_ref(
-        s, u, token_mask & valid, rewards, teacher_weights, gate_tau, clip_delta,
+        u = teacher_logprobs.detach().to(s_rows.dtype)
+    out = _gated_rows(
+        s_rows, u, token_mask & valid, rewards, teacher_weights, gate_tau, clip_delta,
         confidence_threshold,
     )
-    out["student_logprobs"] = s.detach()
+    out["student_logprobs"] = s_rows[:, 0].detach()
     out["teacher_logprobs"] = u.detach()
     return out
