@@ -64,7 +64,7 @@ LOGPROB_PHASES = ("fwd", "bwd", "fwdbwd")
 WORKLOAD_ROWS = ("logprobs-fwd", "logprobs-bwd", "logprobs-fwdbwd", "sgsd-fwdbwd")
 # Floor in units of G = 2·N·V·H (DESIGN §6); sgsd: K + 4.
 LOGPROB_FLOOR = {"fwd": 1.0, "bwd": 3.0, "fwdbwd": 4.0}
-SGSD_HYPER = dict(gate_tau=1.0, clip_delta=3.0, confidence_threshold=0.05)
+SGSD_HYPER = {"gate_tau": 1.0, "clip_delta": 3.0, "confidence_threshold": 0.05}
 IGNORE_INDEX = -100
 RESULT_TAG = "@@RESULT "
 START_TAG = "@@START "
@@ -107,9 +107,9 @@ PRESETS: dict[str, Preset] = {
         sgsd=[(256, 1), (256, 4), (256, 8), (1024, 8)],
         default_off={"torch-compile": _CPU_COMPILE_OFF, "cce": _CPU_COMPILE_OFF},
         skip=[("paper-reference", "sgsd", 1024, 8,
-               "not in the default run: ~4K·G per step (the student replicated K times) takes "
+               ("not in the default run: ~4K·G per step (the student replicated K times) takes "
                "most of the 3-minute budget on 2 cores; --preset cpu-full or --providers "
-               "paper-reference runs it")],
+               "paper-reference runs it"))],
         check_N=64,
         note="DESIGN §6 CPU target row: sgsd-fwdbwd N=1024 K=8",
     ),
@@ -202,45 +202,53 @@ def make_inputs(case: Case, N: int, device, dtype, seed: int = 0) -> dict:
     sgsd: student_hidden [B, T, H], weight, targets [B, T], token_mask [B, T] (padded tails),
     rewards [B] (±1), teacher_weights [B, K] (softmax), teacher_hidden [B, K, T, H]: the
     student's states plus noise plus a push of strength α_k ∈ [−1, 1] along the target's
-    weight row, so that some teachers support the rollout and others suppress it.
+    weight row (a logit change of about 1.5·α_k), so that some teachers support the rollout
+    and others suppress it. Generated on ``device`` (CUDA: fast for the big heads).
     """
     torch = _torch()
-    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + N)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + N)
     V, H, K = case.V, case.H, case.K
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale)
+        return torch.randn(*shape, generator=g, device=dev) * scale
 
     weight = randn(V, H, scale=H ** -0.5)
     out = {}
     if case.workload == "logprobs":
         hidden = randn(N, H)
-        targets = torch.randint(0, V, (N,), generator=g)
-        drop = torch.rand(N, generator=g) < 0.03
+        targets = torch.randint(0, V, (N,), generator=g, device=dev)
+        drop = torch.rand(N, generator=g, device=dev) < 0.03
         targets[drop] = IGNORE_INDEX
         out.update(hidden=hidden, targets=targets, grad_out=randn(N))
     else:
         B, T = split_bt(N)
         hidden = randn(B, T, H)
-        targets = torch.randint(0, V, (B, T), generator=g)
-        lengths = torch.randint(max(1, (3 * T) // 4), T + 1, (B,), generator=g)
-        token_mask = torch.arange(T)[None, :] < lengths[:, None]
-        rewards = torch.tensor([1.0 if b % 2 == 0 else -1.0 for b in range(B)])
+        targets = torch.randint(0, V, (B, T), generator=g, device=dev)
+        lengths = torch.randint(max(1, (3 * T) // 4), T + 1, (B,), generator=g, device=dev)
+        token_mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
+        rewards = torch.tensor([1.0 if b % 2 == 0 else -1.0 for b in range(B)], device=dev)
         teacher_weights = torch.softmax(randn(B, K), dim=-1)
-        alpha = torch.linspace(-1.0, 1.0, K) if K > 1 else torch.tensor([0.7])
-        push = weight[targets] * (H ** 0.5) * 0.7  # [B, T, H], unit-ish logit change
-        teacher_hidden = (hidden[:, None] + randn(B, K, T, H, scale=0.3)
-                          + alpha.view(1, K, 1, 1) * push[:, None])
+        alpha = (torch.linspace(-1.0, 1.0, K) if K > 1 else torch.tensor([0.7])).to(dev)
+        teacher_hidden = hidden[:, None] + randn(B, K, T, H, scale=0.3)
+        teacher_hidden += alpha.view(1, K, 1, 1) * (1.5 * weight[targets])[:, None]
         out.update(hidden=hidden, targets=targets, token_mask=token_mask, rewards=rewards,
                    teacher_weights=teacher_weights, teacher_hidden=teacher_hidden)
     out["weight"] = weight
     for k, v in list(out.items()):
         if v.is_floating_point() and k not in ("rewards", "teacher_weights", "grad_out"):
-            v = v.to(dtype)
-        out[k] = v.to(device)
+            out[k] = v.to(dtype)
     out["hidden"].requires_grad_(True)
     out["weight"].requires_grad_(True)
     return out
+
+
+def upcast(x: dict, dtype) -> dict:
+    """The same inputs in ``dtype`` (the oracle sees exactly the values the provider sees)."""
+    y = {k: (v.detach().to(dtype) if v.is_floating_point() else v) for k, v in x.items()}
+    y["hidden"].requires_grad_(True)
+    y["weight"].requires_grad_(True)
+    return y
 
 
 def input_bytes(case: Case) -> int:
@@ -314,7 +322,7 @@ class NotAvailable(Exception):
 def _sk():
     try:
         import sgsd_kernels as sk
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise NotAvailable(f"sgsd_kernels does not import: {type(e).__name__}: {e}") from e
     return sk
 
@@ -324,6 +332,22 @@ def _has_cuda(device) -> bool:
 
 
 _COMPILED: dict = {}
+
+
+def static_unavailable(name: str, workload: str, cuda: bool) -> str | None:
+    """Why ``name`` cannot run ``workload`` on this kind of device (None: it can)."""
+    if name == "triton" and not cuda:
+        return ("the triton backend needs a CUDA device (TRITON_INTERPRET=1 runs it on CPU for "
+                "tests only, far too slow to time)")
+    if name == "cce" and workload != "logprobs":
+        return ("Cut Cross-Entropy computes (linear) cross-entropy only; it has no SGSD "
+                "(multi-teacher gated) loss")
+    if name == "liger" and workload != "logprobs":
+        return ("Liger-Kernel's fused linear cross-entropy has no SGSD (multi-teacher gated) "
+                "loss")
+    if name == "liger" and not cuda:
+        return "Liger-Kernel's fused linear cross-entropy is Triton-only and needs a CUDA device"
+    return None
 
 
 def build_provider(name: str, workload: str, device):
@@ -344,8 +368,7 @@ def build_provider(name: str, workload: str, device):
         sk = _sk()
         backend = "reference" if name == "torch-compile" else name
         if name == "triton" and not cuda:
-            raise NotAvailable("the triton backend needs a CUDA device (TRITON_INTERPRET=1 runs "
-                               "it on CPU for tests only, far too slow to time)")
+            raise NotAvailable(static_unavailable(name, workload, cuda))
         if workload == "logprobs":
             def fn(x, _b=backend):
                 return sk.linear_logprobs(x["hidden"], x["weight"], x["targets"],
@@ -365,11 +388,10 @@ def build_provider(name: str, workload: str, device):
 
     if name == "cce":
         if workload != "logprobs":
-            raise NotAvailable("n/a: Cut Cross-Entropy computes cross-entropy only; it has no "
-                               "SGSD (multi-teacher gated) loss")
+            raise NotAvailable(static_unavailable(name, workload, cuda))
         try:
             from cut_cross_entropy import linear_cross_entropy
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise NotAvailable(f"cut-cross-entropy not installed ({type(e).__name__}: {e}); "
                                "pip install cut-cross-entropy") from e
         impl = "cce" if cuda else "torch_compile"
@@ -382,14 +404,12 @@ def build_provider(name: str, workload: str, device):
 
     if name == "liger":
         if workload != "logprobs":
-            raise NotAvailable("n/a: Liger-Kernel's fused linear cross-entropy has no SGSD "
-                               "(multi-teacher gated) loss")
+            raise NotAvailable(static_unavailable(name, workload, cuda))
         if not cuda:
-            raise NotAvailable("n/a on CPU: Liger-Kernel's fused linear cross-entropy is "
-                               "Triton-only and needs a CUDA device")
+            raise NotAvailable(static_unavailable(name, workload, cuda))
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise NotAvailable(f"liger-kernel not installed ({type(e).__name__}: {e}); "
                                "pip install liger-kernel") from e
 
@@ -518,7 +538,7 @@ def oracle(case: Case, N: int, device, cache_dir: str | None = None) -> list:
         path = os.path.join(cache_dir, f"oracle_{case.key().replace('|', '_')}_{N}.pt")
         if os.path.exists(path):
             return [t.to(device) for t in torch.load(path)]
-    x64 = make_inputs(case, N, device, torch.float64, seed=1)
+    x64 = upcast(make_inputs(case, N, device, dtype_of(case.dtype), seed=1), torch.float64)
     if case.workload == "logprobs":
         out64 = paper_logprobs(x64["hidden"], x64["weight"], x64["targets"])
     else:
@@ -584,19 +604,25 @@ def measure(fn, case: Case, device, preset: Preset, phases: list[str]) -> dict:
     if cuda:
         import triton.testing as tt
 
-        q = [0.2, 0.5, 0.8]
+        kw = {"quantiles": [0.2, 0.5, 0.8], "warmup": 200, "rep": 2000}
 
         def fwdbwd():
             _grads(fn(x), x, go)
-        if "fwdbwd" in phases:
-            res["fwdbwd"]["time_ms"] = list(tt.do_bench(fwdbwd, quantiles=q))
+        if "fwdbwd" in phases or case.workload == "sgsd":
+            res["fwdbwd"]["time_ms"] = list(tt.do_bench(fwdbwd, **kw))
         if "fwd" in phases:
-            res["fwd"]["time_ms"] = list(tt.do_bench(lambda: fn(x), quantiles=q))
+            res["fwd"]["time_ms"] = list(tt.do_bench(lambda: fn(x), **kw))
         if "bwd" in phases:
             out = fn(x)
-            res["bwd"]["time_ms"] = list(tt.do_bench(
-                lambda: torch.autograd.grad(out, [x["hidden"], x["weight"]], go,
-                                            retain_graph=True), quantiles=q))
+            try:
+                res["bwd"]["time_ms"] = list(tt.do_bench(
+                    lambda: torch.autograd.grad(out, [x["hidden"], x["weight"]], go,
+                                                retain_graph=True), **kw))
+            except RuntimeError as e:  # e.g. a backward that cannot be replayed
+                fb = res["fwdbwd"].get("time_ms") or list(tt.do_bench(fwdbwd, **kw))
+                fw = res["fwd"].get("time_ms") or list(tt.do_bench(lambda: fn(x), **kw))
+                res["bwd"]["time_ms"] = [max(a - b, 0.0) for a, b in zip(fb, fw)]
+                res["bwd_note"] = f"bwd = fwd+bwd − fwd (backward not replayable: {e})"[:200]
             del out
         return res
 
@@ -619,7 +645,7 @@ def measure(fn, case: Case, device, preset: Preset, phases: list[str]) -> dict:
         del out, g
         tf.append(t1 - t0)
         tb.append(t2 - t1)
-    ms = lambda xs: _percentiles([v * 1e3 for v in xs])  # noqa: E731
+    ms = lambda xs: _percentiles([v * 1e3 for v in xs])
     res["fwdbwd"]["time_ms"] = ms([a + b for a, b in zip(tf, tb)])
     if case.workload == "logprobs":
         res["fwd"]["time_ms"] = ms(tf)
@@ -742,9 +768,9 @@ def _mem_available_bytes() -> int | None:
 def _git_version() -> str:
     try:
         sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
+                             capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
-                                "--", "sgsd_kernels"], capture_output=True, text=True,
+                                "--", "sgsd_kernels"], capture_output=True, text=True, check=False,
                                timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "") if sha else "unknown"
     except Exception:  # noqa: BLE001
@@ -857,6 +883,8 @@ def build_rows(results: list[dict], gemm: dict[tuple, dict], device_is_cuda: boo
                 row["peak_bytes"] = res.get("peak_bytes")
                 row["mem_method"] = (r.get("result") or {}).get("mem_method")
                 row["reps"] = (r.get("result") or {}).get("reps")
+                if phase == "bwd" and r["result"].get("bwd_note"):
+                    row["note"] = r["result"]["bwd_note"]
             gk = (case.N, case.V, case.H, case.dtype)
             g = gemm.get(gk)
             if row["time_ms"]:
@@ -886,8 +914,8 @@ def _f(v, fmt="{:.2f}"):
 def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
     cuda = meta["device_is_cuda"]
     unit, scale = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
-    out = [f"### {meta['preset']} on {meta['device']} — {meta['dtype']}, {meta['version']}, "
-           f"torch {meta['torch']}, {meta['timestamp']}", ""]
+    out = [(f"### {meta['preset']} on {meta['device']} — {meta['dtype']}, {meta['version']}, "
+           f"torch {meta['torch']}, {meta['timestamp']}"), ""]
     if gemm_rows:
         out += ["GEMM rate (torch.matmul [N,H]@[H,V], same dtype/device; the floor's yardstick):",
                 "", f"| shape | time ms (p50 [p20, p80]) | {unit} |", "|---|---|---|"]
@@ -898,8 +926,8 @@ def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
             out.append(f"| N={c.N} V={c.V} H={c.H} | {fmt_ms(t)} | {_f(rate, '{:.1f}')} |")
         out.append("")
     out += [
-        f"| workload | shape | provider | time ms (p50 [p20, p80]) | peak MiB | {unit} | "
-        "floor % | × vs ref | mem ÷ vs ref | × vs paper | mem ÷ vs paper | status |",
+        (f"| workload | shape | provider | time ms (p50 [p20, p80]) | peak MiB | {unit} | "
+        "floor % | × vs ref | mem ÷ vs ref | × vs paper | mem ÷ vs paper | status |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {p: i for i, p in enumerate(("paper-reference", *PROVIDERS[1:]))}
@@ -921,11 +949,11 @@ def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
             f"{_f(r.get('speedup_vs_ref'))} | {_f(r.get('mem_ratio_vs_ref'), '{:.1f}')} | "
             f"{_f(r.get('speedup_vs_paper'))} | {_f(r.get('mem_ratio_vs_paper'), '{:.1f}')} | "
             f"{status} |")
-    out += ["", f"{unit}: useful work = the floor FLOPs ((K+4)·G for sgsd; 1/3/4 G for "
+    out += ["", (f"{unit}: useful work = the floor FLOPs ((K+4)·G for sgsd; 1/3/4 G for "
             "logprobs fwd/bwd/fwd+bwd; G = 2·N·V·H) divided by the median time. floor % = time at "
             "the measured GEMM rate for the floor FLOPs ÷ median time. peak MiB: memory above the "
             f"inputs ({meta['mem_method']}). × / mem ÷: reference's (or paper-reference's) median "
-            "time / peak divided by this row's (> 1 = better than the baseline)."]
+            "time / peak divided by this row's (> 1 = better than the baseline).")]
     return "\n".join(out)
 
 
@@ -1185,19 +1213,24 @@ def main(argv=None) -> int:
         if (c.N, c.V, c.H, c.dtype) not in seen:
             seen.add((c.N, c.V, c.H, c.dtype))
             gcases.append(Case("gemm", c.N, c.V, c.H, 0, c.dtype))
-    run_provider_subprocess("gemm", gcases, device, preset, phases, 0, on_row,
-                            args.worker_timeout, args.threads)
+    for i, gc_ in enumerate(gcases):  # in this process: no memory to measure here
+        on_row({"index": i, "provider": "gemm", "case": asdict(gc_), "status": "ok",
+                "gemm": measure_gemm(gc_, torch.device(device), preset)})
     for prov in provs:
         if not explicit and prov in preset.default_off and not cuda:
             for c in cases:
-                on_row({"provider": prov, "case": asdict(c), "status": "skipped",
-                        "note": preset.default_off[prov]})
+                na = static_unavailable(prov, c.workload, cuda)
+                on_row({"provider": prov, "case": asdict(c), "status": "n/a" if na else "skipped",
+                        "note": na or preset.default_off[prov]})
             continue
         run_cases = []
         for c in cases:
+            na = static_unavailable(prov, c.workload, cuda)
             why = next((r for p_, w_, n_, k_, r in preset.skip
                         if (p_, w_, n_, k_) == (prov, c.workload, c.N, c.K)), None)
-            if why and not explicit:
+            if na:
+                on_row({"provider": prov, "case": asdict(c), "status": "n/a", "note": na})
+            elif why and not explicit:
                 on_row({"provider": prov, "case": asdict(c), "status": "skipped", "note": why})
             else:
                 run_cases.append(c)

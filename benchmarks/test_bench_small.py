@@ -13,10 +13,9 @@ from __future__ import annotations
 import csv
 import os
 
+import bench_gated_kd as bench
 import pytest
 import torch
-
-import bench_gated_kd as bench
 
 CASES = {
     "logprobs": bench.Case("logprobs", 128, 4103, 61, 0, "float32"),
