@@ -202,8 +202,9 @@ _VLLM_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         path, prompt_ids = sys.argv[1], json.loads(sys.argv[2])
+        # enforce_eager: skip torch.compile / graph capture (halves CPU start-up time).
         llm = LLM(model=path, gpu_memory_utilization=0.2, max_model_len=512, seed=0,
-                  dtype="float32")
+                  dtype="float32", enforce_eager=True)
         out = llm.generate([{"prompt_token_ids": prompt_ids}],
                            SamplingParams(max_tokens=8, temperature=1.0, seed=1, logprobs=0))
         comp = list(out[0].outputs[0].token_ids)
