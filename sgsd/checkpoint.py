@@ -31,8 +31,15 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainerState", "save_checkpoint", "load_checkpoint", "find_checkpoint",
-           "GracefulStop", "rng_state", "set_rng_state"]
+__all__ = [
+    "GracefulStop",
+    "TrainerState",
+    "find_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 _PREFIX = "step_"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "TINY_PROFILE", "load_config", "parse_overrides"]
+__all__ = ["TINY_PROFILE", "TrainConfig", "load_config", "parse_overrides"]
 
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -320,7 +320,8 @@ def _load_file(path: str | Path) -> dict[str, Any]:
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        raise ValueError(  # noqa: TRY004 - bad file content, not a caller type error
+            f"config file {path} must hold a mapping, got {type(data).__name__}")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

@@ -28,7 +28,7 @@ import sgsd_kernels as sk
 from sgsd import prompts
 from sgsd.config import TrainConfig
 
-__all__ = ["ScoredBatch", "LossResult", "LossStrategy", "SGSDLoss", "build_loss"]
+__all__ = ["LossResult", "LossStrategy", "SGSDLoss", "ScoredBatch", "build_loss"]
 
 
 @dataclass

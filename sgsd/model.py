@@ -22,7 +22,7 @@ from sgsd_kernels import hf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Policy", "load_policy", "resolve_dtype", "merged_weights", "model_source"]
+__all__ = ["Policy", "load_policy", "merged_weights", "model_source", "resolve_dtype"]
 
 
 def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:

@@ -28,8 +28,15 @@ from sgsd.model import Policy, merged_weights, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SamplingConfig", "RolloutEngine", "HFRolloutEngine", "VLLMRolloutEngine",
-           "build_rollout_engine", "vllm_available", "request_seed"]
+__all__ = [
+    "HFRolloutEngine",
+    "RolloutEngine",
+    "SamplingConfig",
+    "VLLMRolloutEngine",
+    "build_rollout_engine",
+    "request_seed",
+    "vllm_available",
+]
 
 
 @dataclass(frozen=True)

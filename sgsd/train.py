@@ -49,7 +49,7 @@ from sgsd.checkpoint import (
 )
 from sgsd.config import TrainConfig, load_config
 from sgsd.losses import LossStrategy, ScoredBatch, build_loss
-from sgsd.model import Policy, load_policy
+from sgsd.model import Policy, load_policy, model_source
 from sgsd.rollout import RolloutEngine, build_rollout_engine
 
 log = logging.getLogger("sgsd.train")
@@ -339,12 +339,11 @@ class MetricsLogger:
         if not self.enabled:
             return ""
         with open(self.out / "samples.jsonl", "a") as f:
-            for r in rollouts:
-                f.write(json.dumps({
+            f.writelines(json.dumps({
                     "step": step, "problem_id": r.problem.id, "answer": r.problem.answer,
                     "predicted": r.predicted, "reward": r.reward,
                     "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=False),
-                }) + "\n")
+                }) + "\n" for r in rollouts)
         r = rollouts[0]
         text = tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip()
         return (f"  sample [{r.problem.id}] reward={r.reward:+.0f} answer={r.problem.answer!r} "
@@ -406,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     from sgsd.data import load_problems
     from sgsd.skills import SkillBank
 
+    if env.main:  # build/fetch the weights once before every rank loads them
+        model_source(cfg)
+    if dist.is_initialized():
+        dist.barrier()
     policy, tokenizer, source = load_policy(cfg, env.device)
     pad_id = tokenizer.pad_token_id
     strategy = build_loss(cfg)

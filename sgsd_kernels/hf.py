@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["unwrap_causal_lm", "backbone", "last_hidden_states", "lm_head_parameters"]
+__all__ = ["backbone", "last_hidden_states", "lm_head_parameters", "unwrap_causal_lm"]
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
