@@ -60,6 +60,8 @@ from dataclasses import asdict, dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+if REPO not in sys.path:  # a clean clone works without `pip install -e .`; an install wins
+    sys.path.append(REPO)
 
 PROVIDERS = ("paper-reference", "reference", "torch", "triton", "torch-compile", "cce", "liger")
 LOGPROB_PHASES = ("fwd", "bwd", "fwdbwd")
