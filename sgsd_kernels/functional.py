@@ -27,7 +27,7 @@ __all__ = [
 
 
 def _check_finite(check_finite: bool, **tensors: torch.Tensor | None) -> None:
-    if not check.flag("check_finite", check_finite):
+    if not check.flag("check_finite", check_finite) or not check.value_checks_enabled():
         return
     for name, t in tensors.items():
         if t is not None and not bool(torch.isfinite(t).all()):
@@ -191,12 +191,15 @@ def _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
     K = teacher_weights.shape[1]
     if K == 0:
         raise ValueError("teacher_weights has K = 0 teachers; K must be >= 1")
-    if teacher_weights.numel() and not bool(
-        (torch.isfinite(teacher_weights) & (teacher_weights >= 0)).all()
-    ):
-        raise ValueError("teacher_weights must be finite and >= 0 (0 means no teacher)")
-    if token_mask.dtype != torch.bool and bool(((token_mask != 0) & (token_mask != 1)).any()):
-        raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
+    if check.value_checks_enabled():
+        if teacher_weights.numel() and not bool(
+            (torch.isfinite(teacher_weights) & (teacher_weights >= 0)).all()
+        ):
+            raise ValueError("teacher_weights must be finite and >= 0 (0 means no teacher)")
+        if token_mask.dtype != torch.bool and bool(
+            ((token_mask != 0) & (token_mask != 1)).any()
+        ):
+            raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
     return B, T, K
 
 
