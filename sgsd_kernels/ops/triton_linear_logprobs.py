@@ -110,7 +110,7 @@ def _fwd_kernel(X1, X2, N1, N, W, Bias, Tgt, PartM, PartS, PartA, PartT,
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols·stride_w can pass 2**31
         col_ok = cols < v_end
         z = _logits_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, stride2,
                          stride_w, inv_t, HAS_BIAS, TWO_STREAMS, UPCAST, ACC, BLOCK_N,
