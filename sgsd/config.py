@@ -102,8 +102,8 @@ class TrainConfig:
     max_completion_tokens: int = 1024
     """Completion length cap (paper: 1024)."""
     max_prompt_tokens: int = 2048
-    """Longest rendered prompt (student or teacher) allowed; longer problems are skipped
-    by the loader step with a warning."""
+    """Problems whose rendered student prompt is longer are skipped (with a warning).
+    Teacher contexts are not capped (they add the guidance block to the student prompt)."""
     vllm_gpu_memory_utilization: float | None = None
     """vLLM memory fraction (None: 0.3 on GPU, 0.2 of RAM on CPU)."""
 

@@ -115,7 +115,7 @@ class HFRolloutEngine(RolloutEngine):
                     do_sample=True,
                     temperature=s.temperature,
                     top_p=s.top_p,
-                    top_k=s.top_k if s.top_k > 0 else None,
+                    top_k=s.top_k,  # 0 disables (None would mean generation_config's)
                     max_new_tokens=s.max_tokens,
                     num_return_sequences=n,
                     eos_token_id=self.eos_id,

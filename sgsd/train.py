@@ -370,7 +370,7 @@ def format_line(r: dict) -> str:
             f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
             f"{r['neutral_frac']:.2f} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
             f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
-            f"(gen {r['gen_time_s']:.2f}s)")
+            f"(gen {r['gen_time_s']:.2f}s, train {r['train_time_s']:.2f}s)")
 
 
 def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -413,13 +413,18 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id
     strategy = build_loss(cfg)
     problems, prompt_ids = [], []
-    for p in load_problems(cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field,
-                           limit=cfg.dataset_limit):
+    loaded = load_problems(cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field,
+                           limit=cfg.dataset_limit)
+    n_loaded = len(loaded)
+    for p in loaded:
         ids = prompts.render_prompt_ids(tokenizer, strategy.student_messages(p),
                                         enable_thinking=cfg.enable_thinking)
         if len(ids) <= cfg.max_prompt_tokens:
             problems.append(p)
             prompt_ids.append(ids)
+    if skipped := n_loaded - len(problems):
+        log.warning("skipped %d of %d problems: student prompt longer than max_prompt_tokens=%d",
+                    skipped, n_loaded, cfg.max_prompt_tokens)
     if not problems:
         raise ValueError(f"no problem in {cfg.dataset!r} fits max_prompt_tokens="
                          f"{cfg.max_prompt_tokens}")
@@ -493,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             rollouts = make_rollouts(cfg, batch, completions, tokenizer, bank, strategy)
 
             # 4-5. teacher scoring + one student forward/backward per rollout
+            t_train = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss, loss_metrics = forward_backward(model, policy, strategy, rollouts, cfg,
                                                   pad_id, env.device)
@@ -500,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
             # 6. clip, step
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # same on every rank
+                raise FloatingPointError(f"step {step}: non-finite loss ({loss}) or gradient "
+                                         f"norm ({grad_norm}); the weights were not updated")
             optimizer.step()
+            t_train = time.perf_counter() - t_train
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state.step = step
@@ -524,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_s": sums["tokens"] / step_time,
                 "step_time_s": step_time,
                 "gen_time_s": t_gen,
+                "train_time_s": t_train,
                 "completion_tokens": int(sums["tokens"]),
                 "mean_completion_len": sums["tokens"] / sums["rollouts"],
             }
@@ -531,8 +542,6 @@ def main(argv: list[str] | None = None) -> int:
                 w = sums["rollouts"] if k == "mask_keep_frac" else sums["num_teachers"]
                 record[k] = sums[f"w_{k}"] / w if w else 0.0
             record["teachers_per_rollout"] = sums["num_teachers"] / sums["rollouts"]
-            if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
-                raise FloatingPointError(f"non-finite loss or gradient at step {step}: {record}")
             metrics_log.step(record)
             if env.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 line = format_line(record)
