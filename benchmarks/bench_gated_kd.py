@@ -582,108 +582,117 @@ def _percentiles(xs: list[float]) -> list[float]:
     return [float(v) for v in np.percentile(np.asarray(xs), [20, 50, 80])]
 
 
-def measure(fn, case: Case, device, preset: Preset, phases: list[str]) -> dict:
-    """Peak memory (one pass) then timings. Returns {phase: {time_ms: [p20,p50,p80], peak_bytes}}."""
-    torch = _torch()
-    cuda = _has_cuda(device)
-    x = make_inputs(case, case.N, device, dtype_of(case.dtype), seed=0)
-    go = x.get("grad_out") if case.workload == "logprobs" else None
-    res: dict = {}
-    meter = MemMeter(device)
+def memory_pass(fn, x: dict, case: Case, device) -> tuple[dict, float, float]:
+    """One forward+backward with the peak memory above the inputs measured for each phase.
 
-    # Memory pass. For compiled/Triton providers an unmeasured warm-up comes first (compile,
-    # autotune); for eager ones this pass is the warm-up.
+    Returns ({phase: {"peak_bytes"}}, forward seconds, backward seconds).
+    """
+    go = x.get("grad_out") if case.workload == "logprobs" else None
+    meter = MemMeter(device)
     meter.start()
     t0 = time.perf_counter()
     out = fn(x)
+    if meter.cuda:
+        _torch().cuda.synchronize()
     t1 = time.perf_counter()
     peak_f = meter.peak()
     meter.reset_peak()
     t2 = time.perf_counter()
     g = _grads(out, x, go)
+    if meter.cuda:
+        _torch().cuda.synchronize()
     t3 = time.perf_counter()
     peak_b = meter.peak()
     del out, g
+    res: dict = {"mem_method": meter.method}
     if case.workload == "logprobs":
         res["fwd"] = {"peak_bytes": peak_f}
         res["bwd"] = {"peak_bytes": peak_b}
     res["fwdbwd"] = {"peak_bytes": max(peak_f, peak_b)}
-    res["mem_method"] = meter.method
+    return res, t1 - t0, t3 - t2
 
-    if cuda:
-        import triton.testing as tt
 
-        kw = {"quantiles": [0.2, 0.5, 0.8], "warmup": 200, "rep": 2000}
+def cuda_times(fn, x: dict, case: Case, phases: list[str], res: dict) -> None:
+    """triton.testing.do_bench p20/p50/p80 for the requested phases (into ``res``)."""
+    import triton.testing as tt
 
-        def fwdbwd():
-            _grads(fn(x), x, go)
-        if "fwdbwd" in phases or case.workload == "sgsd":
-            res["fwdbwd"]["time_ms"] = list(tt.do_bench(fwdbwd, **kw))
-        if "fwd" in phases:
-            res["fwd"]["time_ms"] = list(tt.do_bench(lambda: fn(x), **kw))
-        if "bwd" in phases:
-            out = fn(x)
-            try:
-                res["bwd"]["time_ms"] = list(tt.do_bench(
-                    lambda: torch.autograd.grad(out, [x["hidden"], x["weight"]], go,
-                                                retain_graph=True), **kw))
-            except RuntimeError as e:  # e.g. a backward that cannot be replayed
-                fb = res["fwdbwd"].get("time_ms") or list(tt.do_bench(fwdbwd, **kw))
-                fw = res["fwd"].get("time_ms") or list(tt.do_bench(lambda: fn(x), **kw))
-                res["bwd"]["time_ms"] = [max(a - b, 0.0) for a, b in zip(fb, fw)]
-                res["bwd_note"] = f"bwd = fwd+bwd − fwd (backward not replayable: {e})"[:200]
-            del out
-        return res
+    torch = _torch()
+    go = x.get("grad_out") if case.workload == "logprobs" else None
+    kw = {"quantiles": [0.2, 0.5, 0.8], "warmup": 200, "rep": 2000}
 
-    # CPU: calls are synchronous; time forward and backward of the same call separately.
-    # The memory pass counts as the first sample when it is long (≥ 0.5 s: one-time costs
-    # are noise there); otherwise it was the warm-up.
-    tf: list[float] = []
-    tb: list[float] = []
-    if (t1 - t0) + (t3 - t2) >= 0.5:
-        tf.append(t1 - t0)
-        tb.append(t3 - t2)
-    t_start = time.perf_counter()
-    while len(tf) < preset.max_reps and not (len(tf) >= preset.min_reps and
-                                             time.perf_counter() - t_start >= preset.row_budget_s):
-        t0 = time.perf_counter()
+    def fwdbwd():
+        _grads(fn(x), x, go)
+    if "fwdbwd" in phases or case.workload == "sgsd":
+        res["fwdbwd"]["time_ms"] = list(tt.do_bench(fwdbwd, **kw))
+    if case.workload == "sgsd":
+        return
+    if "fwd" in phases:
+        res["fwd"]["time_ms"] = list(tt.do_bench(lambda: fn(x), **kw))
+    if "bwd" in phases:
         out = fn(x)
-        t1 = time.perf_counter()
-        g = _grads(out, x, go)
-        t2 = time.perf_counter()
-        del out, g
-        tf.append(t1 - t0)
-        tb.append(t2 - t1)
-    ms = lambda xs: _percentiles([v * 1e3 for v in xs])
-    res["fwdbwd"]["time_ms"] = ms([a + b for a, b in zip(tf, tb)])
-    if case.workload == "logprobs":
-        res["fwd"]["time_ms"] = ms(tf)
-        res["bwd"]["time_ms"] = ms(tb)
-    res["reps"] = len(tf)
-    return res
+        try:
+            res["bwd"]["time_ms"] = list(tt.do_bench(
+                lambda: torch.autograd.grad(out, [x["hidden"], x["weight"]], go,
+                                            retain_graph=True), **kw))
+        except RuntimeError as e:  # e.g. a backward that cannot be replayed
+            fb = res["fwdbwd"].get("time_ms") or list(tt.do_bench(fwdbwd, **kw))
+            fw = res["fwd"].get("time_ms") or list(tt.do_bench(lambda: fn(x), **kw))
+            res["bwd"]["time_ms"] = [max(a - b, 0.0) for a, b in zip(fb, fw)]
+            res["bwd_note"] = f"bwd = fwd+bwd − fwd (backward not replayable: {e})"[:200]
+        del out
 
 
-def measure_gemm(case: Case, device, preset: Preset) -> dict:
-    """torch.matmul [N,H] @ [H,V] (preallocated out), same dtype/device: the GEMM rate."""
+def cpu_interleaved_times(entries: list, x: dict, case: Case, preset: Preset, gemm) -> None:
+    """Round-robin timing on CPU: every round calls each provider once (and the GEMM).
+
+    A shared, noisy machine then slows every provider alike, so the ratios hold even when
+    the absolute times drift. ``entries``: dicts with "fn", "tf", "tb" (sample lists, seeded
+    by the memory pass when it was long enough to count). Stops when every provider has
+    ``min_reps`` samples and ``row_budget_s`` per provider has passed, or at ``max_reps``.
+    """
+    go = x.get("grad_out") if case.workload == "logprobs" else None
+    t_start = time.perf_counter()
+    budget = preset.row_budget_s * max(1, len(entries))
+    while entries or gemm is not None:
+        todo = [e for e in entries if len(e["tf"]) < preset.max_reps]
+        enough = all(len(e["tf"]) >= preset.min_reps for e in entries)
+        if not todo or (enough and time.perf_counter() - t_start >= budget):
+            break
+        for e in todo:
+            _start_line(e["provider"])
+            t0 = time.perf_counter()
+            out = e["fn"](x)
+            t1 = time.perf_counter()
+            g = _grads(out, x, go)
+            t2 = time.perf_counter()
+            del out, g
+            e["tf"].append(t1 - t0)
+            e["tb"].append(t2 - t1)
+        if gemm is not None:
+            gemm["samples"].append(gemm["call"]())
+
+
+def gemm_timer(case: Case, device):
+    """torch.matmul [N,H] @ [H,V] into a preallocated output, same dtype/device: the GEMM
+    rate that turns times into a fraction of the floor. Returns a callable giving one
+    sample in ms (CPU) or the do_bench p20/p50/p80 list (CUDA)."""
     torch = _torch()
     dt = dtype_of(case.dtype)
     a = torch.randn(case.N, case.H, device=device).to(dt)
     b = torch.randn(case.V, case.H, device=device).to(dt)
     c = torch.empty(case.N, case.V, device=device, dtype=dt)
+    torch.matmul(a, b.T, out=c)  # warm-up
     if _has_cuda(device):
         import triton.testing as tt
 
-        t = tt.do_bench(lambda: torch.matmul(a, b.T, out=c), quantiles=[0.2, 0.5, 0.8])
-        return {"time_ms": list(t)}
-    torch.matmul(a, b.T, out=c)  # warm-up
-    ts = []
-    t_start = time.perf_counter()
-    while len(ts) < 3 or (time.perf_counter() - t_start < min(1.0, preset.row_budget_s)
-                          and len(ts) < 20):
+        return lambda: list(tt.do_bench(lambda: torch.matmul(a, b.T, out=c),
+                                        quantiles=[0.2, 0.5, 0.8]))
+
+    def one() -> float:
         t0 = time.perf_counter()
         torch.matmul(a, b.T, out=c)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return {"time_ms": _percentiles(ts)}
+        return (time.perf_counter() - t0) * 1e3
+    return one
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,7 +705,23 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _start_line(provider: str) -> None:
+    sys.stdout.write(START_TAG + provider + "\n")
+    sys.stdout.flush()
+
+
+def _fail(row: dict, e: Exception, device) -> None:
+    oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    row.update(status="OOM" if oom else "error", note=f"{type(e).__name__}: {first}")
+    if not oom:
+        traceback.print_exc(file=sys.stderr)
+    if _has_cuda(device):
+        _torch().cuda.empty_cache()
+
+
 def run_worker(spec: dict) -> None:
+    """One shape, several providers: check, memory pass, then (interleaved on CPU) timing."""
     import logging
 
     torch = _torch()
@@ -705,20 +730,21 @@ def run_worker(spec: dict) -> None:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     preset = Preset(**spec["preset"])
-    provider = spec["provider"]
     phases = spec["phases"]
     mem_limit = spec.get("mem_limit_bytes") or 0
-    warmed: set = set()
-    for i, cd in enumerate(spec["cases"]):
-        case = Case(**cd)
-        sys.stdout.write(START_TAG + str(i) + "\n")
-        sys.stdout.flush()
-        row = {"index": i, "provider": provider, "case": cd, "status": "ok", "note": ""}
+    case = Case(**spec["case"])
+    cuda = _has_cuda(device)
+    x = make_inputs(case, case.N, device, dtype_of(case.dtype), seed=0)
+    gemm = {"call": gemm_timer(case, device), "samples": []}
+    if cuda:
+        gemm["samples"] = gemm["call"]()
+    entries = []
+
+    # 1. build, check against the float64 oracle, warm up compiled / Triton providers
+    for provider in spec["providers"]:
+        _start_line(provider)
+        row = {"provider": provider, "case": spec["case"], "status": "ok", "note": ""}
         try:
-            if provider == "gemm":
-                row["gemm"] = measure_gemm(case, device, preset)
-                _emit(row)
-                continue
             fn = build_provider(provider, case.workload, device)
             est = est_materialised_bytes(provider, case)
             if mem_limit and est > mem_limit:
@@ -730,32 +756,68 @@ def run_worker(spec: dict) -> None:
             err, what = check_provider(fn, case, min(case.N, preset.check_N), device,
                                        spec.get("cache_dir"))
             row["check_err"] = err
-            if not err <= TOL.get(case.dtype, 1e-2):
+            tol = TOL.get(case.dtype, 1e-2)
+            if not err <= tol:
                 row.update(status="WRONG", note=f"check failed vs float64 paper-reference: "
-                           f"{what} > tol {TOL.get(case.dtype, 1e-2):.0e}; not timed")
+                           f"{what} > tol {tol:.0e}; not timed")
                 _emit(row)
                 continue
-            if provider in ("torch-compile", "triton", "cce", "liger") and \
-                    (case.key() not in warmed):
-                # compile / autotune at the full shape, outside the measurement
-                x = make_inputs(case, case.N, device, dtype_of(case.dtype))
-                o = fn(x)
+            if provider in ("torch-compile", "triton", "cce", "liger"):
+                o = fn(x)  # compile / autotune at the full shape, outside the measurement
                 _grads(o, x, x.get("grad_out") if case.workload == "logprobs" else None)
-                del x, o
-                warmed.add(case.key())
-            row["result"] = measure(fn, case, device, preset, phases)
+                del o
+            entries.append({"provider": provider, "fn": fn, "row": row, "tf": [], "tb": []})
         except NotAvailable as e:
             row.update(status="n/a", note=str(e))
+            _emit(row)
         except Exception as e:  # noqa: BLE001
-            oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
-            row.update(status="OOM" if oom else "error",
-                       note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            if not oom:
-                traceback.print_exc(file=sys.stderr)
-            if _has_cuda(device):
-                torch.cuda.empty_cache()
-        _emit(row)
+            _fail(row, e, device)
+            _emit(row)
         gc.collect()
+
+    # 2. memory pass, one provider after the other (timed: the first sample when ≥ 0.5 s)
+    for e in list(entries):
+        _start_line(e["provider"])
+        try:
+            res, tf, tb = memory_pass(e["fn"], x, case, device)
+            e["row"]["result"] = res
+            if cuda:
+                cuda_times(e["fn"], x, case, phases, res)
+            elif tf + tb >= 0.5:
+                e["tf"].append(tf)
+                e["tb"].append(tb)
+        except Exception as ex:  # noqa: BLE001
+            _fail(e["row"], ex, device)
+            _emit(e["row"])
+            entries.remove(e)
+        gc.collect()
+
+    # 3. CPU: interleaved timing rounds
+    if not cuda:
+        try:
+            cpu_interleaved_times(entries, x, case, preset, gemm)
+        except Exception as ex:  # noqa: BLE001
+            for e in entries:
+                _fail(e["row"], ex, device)
+                e["row"].pop("result", None)
+                _emit(e["row"])
+            entries = []
+        ms = lambda xs: _percentiles([v * 1e3 for v in xs])
+        for e in entries:
+            res = e["row"]["result"]
+            res["fwdbwd"]["time_ms"] = ms([a + b for a, b in zip(e["tf"], e["tb"])])
+            if case.workload == "logprobs":
+                res["fwd"]["time_ms"] = ms(e["tf"])
+                res["bwd"]["time_ms"] = ms(e["tb"])
+            res["reps"] = len(e["tf"])
+        if not gemm["samples"]:
+            gemm["samples"].append(gemm["call"]())
+        gemm_ms = _percentiles(gemm["samples"])
+    else:
+        gemm_ms = gemm["samples"]
+    _emit({"provider": "gemm", "case": spec["case"], "status": "ok", "gemm": {"time_ms": gemm_ms}})
+    for e in entries:
+        _emit(e["row"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,20 +879,20 @@ def _pump(stream, q) -> None:
         q.put(line)
 
 
-def run_provider_subprocess(provider: str, cases: list[Case], device: str, preset: Preset,
-                            phases: list[str], mem_limit: int, on_row, timeout_s: float,
-                            threads: int | None = None, cache_dir: str | None = None) -> None:
-    """Run one provider's cases in a fresh interpreter; restart after a crash."""
-    remaining = list(range(len(cases)))
+def run_case_subprocess(case: Case, providers: list[str], device: str, preset: Preset,
+                        phases: list[str], mem_limit: int, on_row, timeout_s: float,
+                        threads: int | None = None, cache_dir: str | None = None) -> None:
+    """Run one shape's providers in a fresh interpreter; after a crash (e.g. the kernel's
+    OOM killer) or a timeout, report the provider that was running and rerun the rest."""
     env = dict(os.environ)
     if not device.startswith("cuda"):
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # RSS follows live blocks ≥ 64 KiB
     env.setdefault("PYTHONUNBUFFERED", "1")
+    remaining = list(providers)
     while remaining:
-        sub = [cases[i] for i in remaining]
-        spec = {"provider": provider, "device": device, "preset": asdict(preset),
-                "phases": phases, "cases": [asdict(c) for c in sub],
-                "mem_limit_bytes": mem_limit, "threads": threads, "cache_dir": cache_dir}
+        spec = {"providers": remaining, "case": asdict(case), "device": device,
+                "preset": asdict(preset), "phases": phases, "mem_limit_bytes": mem_limit,
+                "threads": threads, "cache_dir": cache_dir}
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker",
                                  json.dumps(spec)], stdout=subprocess.PIPE, env=env, text=True,
                                 cwd=REPO)
@@ -839,7 +901,9 @@ def run_provider_subprocess(provider: str, cases: list[Case], device: str, prese
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
         reader.start()
-        deadline = time.time() + timeout_s  # per row: reset at every row start
+        # the limit applies to one provider call (a new call resets it); the budget for the
+        # whole shape is len(providers) × that
+        deadline = time.time() + timeout_s
         timed_out = False
         while True:
             try:
@@ -853,24 +917,23 @@ def run_provider_subprocess(provider: str, cases: list[Case], device: str, prese
                     break
                 continue
             if line.startswith(START_TAG):
-                current = int(line[len(START_TAG):])
+                current = line[len(START_TAG):].strip()
                 deadline = time.time() + timeout_s
             elif line.startswith(RESULT_TAG):
                 row = json.loads(line[len(RESULT_TAG):])
-                done.add(row["index"])
-                row["index"] = remaining[row["index"]]
+                done.add(row["provider"])
                 on_row(row)
         rc = proc.wait()
-        left = [j for j in range(len(sub)) if j not in done]
+        left = [p_ for p_ in remaining if p_ not in done]
         if not left:
             return
-        # the worker died (or timed out) in the middle of sub[current]
-        bad = current if current is not None and current in left else left[0]
+        bad = current if current in left else left[0]
         why = (f"timed out after {timeout_s:.0f}s (--worker-timeout)" if timed_out else
-               f"worker died (exit {rc}{', killed: probably out of memory' if rc in (-9, 137) else ''})")
-        on_row({"index": remaining[bad], "provider": provider, "case": asdict(sub[bad]),
+               f"worker died (exit {rc}"
+               f"{', killed: probably out of memory' if rc in (-9, 137) else ''})")
+        on_row({"provider": bad, "case": asdict(case),
                 "status": "timeout" if timed_out else "crashed", "note": why})
-        remaining = [remaining[j] for j in left if j != bad]
+        remaining = [p_ for p_ in left if p_ != bad]
 
 
 def fmt_bytes(b) -> str:
@@ -911,8 +974,7 @@ def build_rows(results: list[dict], gemm: dict[tuple, dict], device_is_cuda: boo
                 row["reps"] = (r.get("result") or {}).get("reps")
                 if phase == "bwd" and r["result"].get("bwd_note"):
                     row["note"] = r["result"]["bwd_note"]
-            gk = (case.N, case.V, case.H, case.dtype)
-            g = gemm.get(gk)
+            g = gemm.get(case.key())  # measured in the same process, interleaved
             if row["time_ms"]:
                 t = row["time_ms"][1] / 1e3
                 row["flops_per_s"] = floor_g * G / t
@@ -943,13 +1005,15 @@ def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
     out = [(f"### {meta['preset']} on {meta['device']} — {meta['dtype']}, {meta['version']}, "
            f"torch {meta['torch']}, {meta['timestamp']}"), ""]
     if gemm_rows:
-        out += ["GEMM rate (torch.matmul [N,H]@[H,V], same dtype/device; the floor's yardstick):",
-                "", f"| shape | time ms (p50 [p20, p80]) | {unit} |", "|---|---|---|"]
+        out += [("GEMM rate (torch.matmul [N,H]@[H,V] into a preallocated output, same dtype and "
+                "device, timed in the same process as the row's providers, interleaved with them "
+                "on CPU): the floor's yardstick."),
+                "", f"| rows | shape | time ms (p50 [p20, p80]) | {unit} |", "|---|---|---|---|"]
         for g in gemm_rows:
             c = g["case"]
             t = g["time_ms"]
             rate = 2.0 * c.N * c.V * c.H / (t[1] / 1e3) / scale if t else None
-            out.append(f"| N={c.N} V={c.V} H={c.H} | {fmt_ms(t)} | {_f(rate, '{:.1f}')} |")
+            out.append(f"| {c.workload} | {c.shape()} | {fmt_ms(t)} | {_f(rate, '{:.1f}')} |")
         out.append("")
     out += [
         (f"| workload | shape | provider | time ms (p50 [p20, p80]) | peak MiB | {unit} | "
@@ -1001,9 +1065,9 @@ def csv_records(rows: list[dict], gemm_rows: list[dict], meta: dict) -> list[dic
         c = g["case"]
         t = g["time_ms"]
         if t:
-            rec("torch.matmul", "gemm", c, "time", "ms", *t)
+            rec("torch.matmul", f"gemm@{c.workload}", c, "time", "ms", *t)
             rate = [2.0 * c.N * c.V * c.H / (v / 1e3) for v in reversed(t)]
-            rec("torch.matmul", "gemm", c, "flops_per_s", "FLOP/s", *rate)
+            rec("torch.matmul", f"gemm@{c.workload}", c, "flops_per_s", "FLOP/s", *rate)
     for r in rows:
         c, p, w = r["case"], r["provider"], r["workload"]
         if r["status"] != "ok":
@@ -1216,7 +1280,8 @@ def main(argv=None) -> int:
             "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "mem_method": ("torch.cuda.max_memory_allocated after reset" if cuda else
                            "process RSS high-water mark via /proc/self/clear_refs, "
-                           "MALLOC_MMAP_THRESHOLD_=65536, one subprocess per provider")}
+                           "MALLOC_MMAP_THRESHOLD_=65536; one subprocess per shape, its providers "
+                           "measured one after the other")}
     print(f"[bench] {preset.name} on {meta['device']} ({dtype}); providers "
           f"{','.join(provs)}; {len(cases)} shapes; {meta['version']}", file=sys.stderr)
 
@@ -1230,7 +1295,7 @@ def main(argv=None) -> int:
         if row["provider"] == "gemm":
             if row.get("gemm"):
                 c = Case(**row["case"])
-                gemm[(c.N, c.V, c.H, c.dtype)] = row["gemm"]
+                gemm[c.key()] = row["gemm"]
                 gemm_rows.append({"case": c, "time_ms": row["gemm"]["time_ms"]})
         else:
             results.append(row)
@@ -1239,35 +1304,27 @@ def main(argv=None) -> int:
     import tempfile
 
     cache_dir = tempfile.mkdtemp(prefix="sgsd-bench-oracle-")
-    # GEMM rates first (one per distinct N), then one subprocess per provider.
-    gcases, seen = [], set()
+    # One subprocess per shape: every provider's check and memory pass, then interleaved
+    # timing rounds (with the GEMM) so that a busy machine slows all providers alike.
     for c in cases:
-        if (c.N, c.V, c.H, c.dtype) not in seen:
-            seen.add((c.N, c.V, c.H, c.dtype))
-            gcases.append(Case("gemm", c.N, c.V, c.H, 0, c.dtype))
-    for i, gc_ in enumerate(gcases):  # in this process: no memory to measure here
-        on_row({"index": i, "provider": "gemm", "case": asdict(gc_), "status": "ok",
-                "gemm": measure_gemm(gc_, torch.device(device), preset)})
-    for prov in provs:
-        if not explicit and prov in preset.default_off and not cuda:
-            for c in cases:
-                na = static_unavailable(prov, c.workload, cuda)
-                on_row({"provider": prov, "case": asdict(c), "status": "n/a" if na else "skipped",
-                        "note": na or preset.default_off[prov]})
-            continue
-        run_cases = []
-        for c in cases:
+        run = []
+        for prov in provs:
             na = static_unavailable(prov, c.workload, cuda)
-            why = next((r for p_, w_, n_, k_, r in preset.skip
-                        if (p_, w_, n_, k_) == (prov, c.workload, c.N, c.K)), None)
+            why = None
+            if not explicit and not cuda and prov in preset.default_off:
+                why = preset.default_off[prov]
+            why = why or next((r for p_, w_, n_, k_, r in preset.skip
+                               if (p_, w_, n_, k_) == (prov, c.workload, c.N, c.K)), None)
             if na:
                 on_row({"provider": prov, "case": asdict(c), "status": "n/a", "note": na})
             elif why and not explicit:
                 on_row({"provider": prov, "case": asdict(c), "status": "skipped", "note": why})
             else:
-                run_cases.append(c)
-        run_provider_subprocess(prov, run_cases, device, preset, phases, mem_limit, on_row,
-                                args.worker_timeout, args.threads, cache_dir)
+                run.append(prov)
+        print(f"[bench {time.perf_counter() - t_begin:6.1f}s] {c.workload} {c.shape()}: "
+              f"{', '.join(run) or 'nothing to run'}", file=sys.stderr, flush=True)
+        run_case_subprocess(c, run, device, preset, phases, mem_limit, on_row,
+                            args.worker_timeout, args.threads, cache_dir)
 
     shutil.rmtree(cache_dir, ignore_errors=True)
     rows = build_rows(results, gemm, cuda)
