@@ -4,14 +4,16 @@ A checkpoint is a directory ``OUTPUT/checkpoints/step_000025/``::
 
     trainable.safetensors   every trainable parameter (LoRA adapter or full model): resume
     model/                  save_pretrained export (the adapter; the full model for full FT)
-    optimizer.pt            optimizer state        scheduler.pt   LR-scheduler state
+    optimizer.pt            full optimizer state   scheduler.pt   LR-scheduler state
     rng/rank{r}.pt          python / numpy / torch (+ CUDA) RNG states of every rank
     skill_bank.json         SkillBank.state_dict()
     trainer_state.json      step, data position, world size, config
 
 It is written into ``.tmp-step_000025`` and renamed into place, so a crash mid-write never
-leaves a directory that looks complete. Only rank 0 writes, except each rank's RNG file
-(all ranks write into the temporary directory before rank 0 renames it).
+leaves a directory that looks complete. Model and optimizer states are gathered as *full*
+state dicts (``torch.distributed.checkpoint.state_dict``), so one format serves single
+process, DDP and FSDP2. Only rank 0 writes, except each rank's RNG file (all ranks write
+into the temporary directory before rank 0 renames it).
 """
 
 from __future__ import annotations
@@ -79,12 +81,26 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _full_state(policy, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimizer state dicts, populated on rank 0.
+    A collective under FSDP2; plain copies otherwise."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(policy, options=opts),
+            get_optimizer_state_dict(policy, optimizer, options=opts))
+
+
 def save_checkpoint(output_dir, *, policy, optimizer, scheduler, bank, state: TrainerState,
                     config: dict, rank: int, keep: int = 0, export_full: bool = True) -> Path:
     """Write a checkpoint for ``state.step`` atomically; all ranks must call it."""
     from safetensors.torch import save_file
 
-    from sgsd.model import save_pretrained, trainable_state
+    from sgsd.model import trainable_names
 
     root = _checkpoint_root(output_dir)
     final = root / f"{_PREFIX}{state.step:06d}"
@@ -95,16 +111,22 @@ def save_checkpoint(output_dir, *, policy, optimizer, scheduler, bank, state: Tr
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    model_sd, optim_sd = _full_state(policy, optimizer)
     if rank == 0:
-        save_file(trainable_state(policy), str(tmp / "trainable.safetensors"))
+        trainable = {n: model_sd[n].contiguous() for n in trainable_names(policy)}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
         if policy.is_peft or export_full:
-            save_pretrained(policy, tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            # policy.model's own keys: drop the Policy wrapper's "model." prefix
+            inner = {k.removeprefix("model."): v for k, v in model_sd.items()}
+            policy.model.save_pretrained(str(tmp / "model"), state_dict=inner,
+                                         safe_serialization=True)
+        torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "skill_bank.json").write_text(json.dumps(bank.state_dict()))
         meta = {"step": state.step, "data_position": state.data_position,
                 "world_size": state.world_size, "config": config}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+    del model_sd, optim_sd
     _barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. stop signal right after a save)
@@ -164,19 +186,30 @@ def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, world_size: int):
-    """Restore everything in place; returns ``(TrainerState, skill-bank state dict)``."""
+    """Restore everything in place (all ranks); returns ``(TrainerState, bank state dict)``."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    from sgsd.model import load_trainable_state
+    from sgsd.model import trainable_names
 
     meta = json.loads((path / "trainer_state.json").read_text())
     if meta["world_size"] != world_size:
         raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks; "
                          f"resume with the same --nproc_per_node (got {world_size})")
-    device = next(policy.parameters()).device
-    load_trainable_state(policy, load_file(str(path / "trainable.safetensors"), device=str(device)))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
-                                         weights_only=False))
+    trainable = load_file(str(path / "trainable.safetensors"))
+    expected = set(trainable_names(policy))
+    if set(trainable) != expected:
+        raise ValueError(f"checkpoint {path} does not match the model's trainable parameters: "
+                         f"missing {sorted(expected - set(trainable))[:5]}, "
+                         f"unexpected {sorted(set(trainable) - expected)[:5]}")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(policy, trainable, options=opts)
+    set_optimizer_state_dict(policy, optimizer, options=opts, optim_state_dict=torch.load(
+        path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng" / f"rank{rank}.pt", weights_only=False))
     bank_state = json.loads((path / "skill_bank.json").read_text())

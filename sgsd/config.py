@@ -129,7 +129,9 @@ class TrainConfig:
 
     # ---- distributed -------------------------------------------------------------------
     parallelism: str = "ddp"
-    """``ddp`` (replicated model, gradients all-reduced). FSDP2 is not implemented yet."""
+    """With several ranks: ``ddp`` (replicated model, gradients all-reduced) or ``fsdp2``
+    (``fully_shard`` per decoder layer, for models that do not fit one device; needs vLLM
+    rollouts)."""
 
     # ---- checkpoints, logging ----------------------------------------------------------
     output_dir: str = "runs/sgsd"
@@ -198,8 +200,8 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, "max_grad_norm >= 0 (0 disables clipping)")
         need(self.micro_batch_size >= 1 and self.teacher_micro_batch_size >= 1,
              "micro_batch_size >= 1 and teacher_micro_batch_size >= 1")
-        need(self.parallelism == "ddp",
-             f"parallelism must be 'ddp' (FSDP2 is not implemented yet), got {self.parallelism!r}")
+        need(self.parallelism in ("ddp", "fsdp2"),
+             f"parallelism must be ddp|fsdp2, got {self.parallelism!r}")
         need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 0,
              "checkpoint_every >= 0 and keep_checkpoints >= 0")
         need(self.log_every >= 1 and self.sample_every >= 1, "log_every >= 1 and sample_every >= 1")

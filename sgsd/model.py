@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from sgsd_kernels import hf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Policy", "load_policy", "merged_weights", "model_source", "resolve_dtype"]
+__all__ = ["Policy", "gathered", "is_fsdp", "load_policy", "merged_weights", "model_source",
+           "resolve_dtype", "shard_fsdp2", "trainable_names"]
 
 
 def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -103,29 +104,67 @@ def load_policy(cfg: TrainConfig, device: torch.device):
     return Policy(model), tokenizer, source
 
 
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_fsdp2(policy: Policy, device: torch.device, world_size: int) -> Policy:
+    """FSDP2 (``fully_shard``): each decoder layer is one shard group, the rest (embeddings,
+    final norm, LM head) the root group. ``Policy`` is the root, so its ``forward``
+    gathers the root parameters and ``policy.lm_head()`` is valid right after a forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    layers = getattr(hf.backbone(policy.model), "layers", None)
+    if layers is None:
+        raise TypeError("FSDP2 needs a decoder with a .layers list (one shard group per layer)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    return policy
+
+
+@contextmanager
+def gathered(policy: Policy):
+    """Inside the block every parameter is full (unsharded) under FSDP2; a no-op otherwise.
+    A collective: all ranks enter together."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+
+
 @torch.no_grad()
 def merged_weights(policy: Policy) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under the base checkpoint's names, LoRA deltas merged in.
 
     Does not modify the model (merging in place and unmerging would drift the base
     weights by rounding). This is what gets pushed into vLLM before each generation.
+    Under FSDP2, iterate inside :func:`gathered`.
     """
-    model = policy.model
-    if not policy.is_peft:
-        yield from hf.unwrap_causal_lm(model).state_dict().items()
-        return
-    base = model.get_base_model()
+    base = hf.unwrap_causal_lm(policy.model)
     deltas: dict[str, torch.Tensor] = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            delta = None
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A and adapter not in module.merged_adapters:
-                    d = module.get_delta_weight(adapter)
-                    delta = d if delta is None else delta + d
-            if delta is not None:
-                deltas[f"{name}.weight"] = delta
-    for key, tensor in base.state_dict().items():
+    if policy.is_peft:
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                delta = None
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A and adapter not in module.merged_adapters:
+                        d = module.get_delta_weight(adapter)
+                        delta = d if delta is None else delta + d
+                if delta is not None:
+                    deltas[f"{name}.weight"] = delta
+    # named_parameters, not state_dict(): under FSDP2 state_dict() returns the shards
+    for key, tensor in base.named_parameters(remove_duplicate=False):
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
@@ -133,22 +172,5 @@ def merged_weights(policy: Policy) -> Iterator[tuple[str, torch.Tensor]]:
         yield key, (tensor + delta.to(tensor.dtype)) if delta is not None else tensor
 
 
-def save_pretrained(policy: Policy, path: str | Path) -> None:
-    """The adapter (LoRA) or the full model, in Hugging Face format."""
-    policy.model.save_pretrained(str(path), safe_serialization=True)
-
-
-def trainable_state(policy: Policy) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(policy: Policy, state: dict[str, torch.Tensor]) -> None:
-    params = dict(policy.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+def trainable_names(policy: Policy) -> list[str]:
+    return [n for n, p in policy.named_parameters() if p.requires_grad]

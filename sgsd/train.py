@@ -49,7 +49,7 @@ from sgsd.checkpoint import (
 )
 from sgsd.config import TrainConfig, load_config
 from sgsd.losses import LossStrategy, ScoredBatch, build_loss
-from sgsd.model import Policy, load_policy, model_source
+from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
 
 log = logging.getLogger("sgsd.train")
@@ -200,30 +200,40 @@ def make_rollouts(cfg: TrainConfig, batch_problems, completions, tokenizer, bank
 
 
 # ----------------------------------------------------------------------------- the loss
+def _float_dtype(policy: Policy) -> torch.dtype:
+    """float64 for a float64 model (the tests' oracle setting), else float32."""
+    dtype = next(policy.parameters()).dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.no_grad()
 def teacher_logprobs(policy: Policy, rollouts: list[Rollout], num_teachers: int, t_max: int,
                      cfg: TrainConfig, pad_id: int, device: torch.device) -> torch.Tensor:
     """``[B, K, T]`` log-probs of each rollout's completion under each teacher context,
     from the live model (no grad). Missing teachers stay 0 (their weight is 0)."""
-    weight, bias = policy.lm_head()
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dtype = _float_dtype(policy)
     out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=dtype, device=device)
     jobs = [(b, k, ids) for b, r in enumerate(rollouts)
             for k, (ids, _) in enumerate(r.teachers[:num_teachers])]
-    if not jobs:
-        return out
-    step = cfg.teacher_micro_batch_size
-    for lo in range(0, len(jobs), step):
-        chunk = jobs[lo: lo + step]
+    size = cfg.teacher_micro_batch_size
+    chunks = [jobs[lo: lo + size] for lo in range(0, len(jobs), size)]
+    for chunk in chunks:
         completions = [rollouts[b].completion_ids for b, _, _ in chunk]
         ids, attn, pos, targets, _ = sequences_batch([j[2] for j in chunk], completions,
                                                      pad_id, device)
         hidden = gather_positions(policy(ids, attn), pos)
+        weight, bias = policy.lm_head()  # after the forward: FSDP2 has gathered the head
         lp = sk.linear_logprobs(hidden, weight, targets, bias=bias,
                                 temperature=cfg.logprob_temperature, backend=cfg.kernel_backend)
         for row, (b, k, _) in enumerate(chunk):
             n = len(rollouts[b].completion_ids)
             out[b, k, :n] = lp[row, :n].to(dtype)
+    if is_fsdp(policy):  # every forward is a collective: match the busiest rank's count
+        count = torch.tensor([len(chunks)], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+        for _ in range(int(count.item()) - len(chunks)):
+            policy(dummy, torch.ones_like(dummy))
     return out
 
 
@@ -231,15 +241,13 @@ def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[R
                  cfg: TrainConfig, pad_id: int, device: torch.device):
     """The strategy's loss on one micro-batch (mean over its rollouts, differentiable).
 
-    ``model`` is what the student forward runs through (the DDP wrapper when
-    distributed, else ``policy``); teachers always run on the bare ``policy``.
+    ``model`` is what the student forward runs through (the DDP wrapper under DDP, else
+    ``policy``); teachers always run on ``policy`` itself.
     """
     K = strategy.num_teachers
+    fdtype = _float_dtype(policy)
     ids, attn, pos, targets, valid = sequences_batch(
         [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id, device)
-    t_max = targets.shape[1]
-    weight, bias = policy.lm_head()
-    fdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     mask = torch.zeros_like(valid)
     weights = torch.zeros((len(rollouts), K), dtype=fdtype, device=device)
     for b, r in enumerate(rollouts):
@@ -251,9 +259,11 @@ def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[R
         token_mask=mask & valid,
         rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
         teacher_weights=weights,
-        teacher_logprobs=teacher_logprobs(policy, rollouts, K, t_max, cfg, pad_id, device),
+        teacher_logprobs=teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id,
+                                          device),
     )
     hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
+    weight, bias = policy.lm_head()
     return strategy.loss(hidden, weight, bias, batch)
 
 
@@ -271,8 +281,12 @@ def forward_backward(model, policy: Policy, strategy: LossStrategy, rollouts: li
     mbs = range(0, total, cfg.micro_batch_size)
     for i, lo in enumerate(mbs):
         chunk = rollouts[lo: lo + cfg.micro_batch_size]
-        last = i == len(mbs) - 1
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else _nullcontext()
+        last = i == len(mbs) - 1  # reduce gradients across ranks only after the last one
+        sync = _nullcontext()
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+            sync = model.no_sync()
+        elif is_fsdp(model):
+            model.set_requires_gradient_sync(last)
         with sync:
             result = rollout_loss(model, policy, strategy, chunk, cfg, pad_id, device)
             (result.loss * (len(chunk) / total)).backward()
@@ -434,15 +448,17 @@ def main(argv: list[str] | None = None) -> int:
              cfg.skill_bank or "(bundled default)", strategy.name, strategy.num_teachers,
              env.world_size)
 
-    # ---- optimizer, distributed wrapper --------------------------------------------------
+    # ---- distributed wrapper, optimizer (after sharding: FSDP2 replaces the parameters) ---
+    model = policy
+    if env.world_size > 1 and cfg.parallelism == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    elif env.world_size > 1 and cfg.parallelism == "fsdp2":
+        model = shard_fsdp2(policy, env.device, env.world_size)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                   weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(cfg, optimizer)
-    model = policy
-    if env.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            policy, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     # ---- resume --------------------------------------------------------------------------
     state = TrainerState(world_size=env.world_size)
@@ -462,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch.get_num_threads() != threads:  # vLLM may lower it for serving
         torch.set_num_threads(threads)
     log.info("rollouts: %s", engine.name)
+    if is_fsdp(policy) and engine.name != "vllm":
+        raise ValueError("parallelism='fsdp2' needs vLLM rollouts: HF generate would run a "
+                         "different number of (collective) forwards on each rank")
 
     metrics_log = MetricsLogger(cfg, env.main, state.step)
     stop = GracefulStop()
@@ -490,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             global_ids = sampler.take(state.data_position, cfg.problems_per_step)
             mine = global_ids[env.rank * per_rank: (env.rank + 1) * per_rank]
             batch = ([problems[i] for i in mine], [prompt_ids[i] for i in mine])
-            engine.sync_weights(policy)
+            with gathered(policy):  # full weights under FSDP2 (a no-op otherwise)
+                engine.sync_weights(policy)
             completions = engine.generate(batch[1], cfg.rollouts_per_problem, step=step)
             t_gen = time.perf_counter() - t0
 
@@ -505,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # 6. clip, step
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # same on every rank
                 raise FloatingPointError(f"step {step}: non-finite loss ({loss}) or gradient "
                                          f"norm ({grad_norm}); the weights were not updated")

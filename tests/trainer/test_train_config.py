@@ -63,7 +63,7 @@ def test_save_round_trips(tmp_path):
     (["--top-p", "1.5"], "top_p"),
     (["--max-steps", "zero"], "max_steps"),
     (["--no-such-key", "1"], "unknown config key"),
-    (["--parallelism", "fsdp2"], "FSDP2 is not implemented"),
+    (["--parallelism", "fsdp"], "parallelism must be ddp|fsdp2"),
     (["positional"], "unexpected argument"),
 ])
 def test_bad_values_are_rejected_by_name(argv, match):

@@ -101,23 +101,40 @@ def test_single_process_run_then_exact_resume(tmp_path):
     assert all((final[n] == last[n]).all() for n in last)  # bit-identical weights
 
 
-def test_torchrun_two_ranks_gloo_then_resume(tmp_path):
-    """The issue's acceptance command, on the default rollout backend (vLLM when installed)."""
-    out = tmp_path / "ddp"
-    args = ["--max-steps", "2", "--max-completion-tokens", "12", "--progress-bar", "false",
-            "--output-dir", str(out)]
-    res = run_train(args, nproc=2, timeout=420)
+def test_torchrun_two_ranks_gloo_then_resume_ddp_and_fsdp2(tmp_path):
+    """The issue's acceptance command, on the default rollout backend (vLLM when installed):
+    2 ranks (DDP), a checkpoint, a resume; then FSDP2 resumes the same checkpoint (one
+    full-state format for both) and takes the same step as DDP."""
+    out, sharded = tmp_path / "ddp", tmp_path / "fsdp2"
+    common = ["--max-completion-tokens", "12", "--progress-bar", "false"]
+    res = run_train([*common, "--max-steps", "2", "--output-dir", str(out)], nproc=2,
+                    timeout=420)
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert res.stdout.count("step     1 |") == 1  # rank 0 alone logs
     ck = out / "checkpoints" / "step_000002"
     assert (ck / "rng" / "rank0.pt").is_file() and (ck / "rng" / "rank1.pt").is_file()
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["data_position"] == 2 * 4
-    run_train(["--max-steps", "3", "--max-completion-tokens", "12", "--progress-bar", "false",
-               "--output-dir", str(out), "--resume", "latest"], nproc=2, timeout=420)
+    run_train([*common, "--max-steps", "3", "--output-dir", str(out), "--resume", "latest"],
+              nproc=2, timeout=420)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     assert "step_000003" in checkpoints(out)
+
+    run_train([*common, "--max-steps", "3", "--parallelism", "fsdp2", "--output-dir",
+               str(sharded), "--resume", str(ck)], nproc=2, timeout=420)
+    (step3,) = metrics(sharded)
+    assert step3["step"] == 3
+    # same samples (seeded, same pushed weights), same loss up to reduction order
+    assert step3["completion_tokens"] == rows[2]["completion_tokens"]
+    assert step3["loss"] == pytest.approx(rows[2]["loss"], rel=1e-5)
+    assert step3["grad_norm"] == pytest.approx(rows[2]["grad_norm"], rel=1e-4)
+    wa = trainable(out / "checkpoints" / "step_000003")
+    wb = trainable(sharded / "checkpoints" / "step_000003")
+    assert set(wa) == set(wb)
+    for name in wa:  # FSDP2 saved full (unsharded) tensors
+        assert wa[name].shape == wb[name].shape
+        assert (wa[name] - wb[name]).abs().max() < 1e-4, name
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
