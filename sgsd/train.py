@@ -327,12 +327,10 @@ class MetricsLogger:
         for name in ("metrics.jsonl", "samples.jsonl"):
             _truncate_after(self.out / name, resume_step)
         if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+            SummaryWriter = _optional("torch.utils.tensorboard", "tensorboard").SummaryWriter
             self.tb = SummaryWriter(str(self.out / "tb"))
         if cfg.wandb_project:
-            import wandb
-
+            wandb = _optional("wandb", "wandb")
             self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(),
                                     dir=str(self.out), resume="allow")
 
@@ -368,6 +366,15 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _optional(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"this logging option needs `pip install {package}`") from e
 
 
 def _truncate_after(path: Path, step: int) -> None:
