@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,19 +221,30 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, worl
 
 class GracefulStop:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits after the current
-    step. A second signal restores the default handler behaviour (immediate exit)."""
+    step. A second signal more than ``grace_s`` later aborts at once (KeyboardInterrupt).
 
-    def __init__(self):
+    The grace window is for torchrun: Ctrl-C reaches the workers from the terminal *and*
+    from the torchrun agent, which forwards it; usually the two coalesce into one Python
+    signal, but an echo that arrives after the handler ran must not count as the second,
+    aborting signal. (The agent SIGKILLs workers still running 30 s after it was
+    signalled, so under torchrun a step longer than that loses the save.)"""
+
+    def __init__(self, grace_s: float = 5.0):
         self.requested = False
+        self.grace_s = grace_s
+        self._first = 0.0
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._first < self.grace_s:
+                return
             self.restore()
             raise KeyboardInterrupt
         self.requested = True
+        self._first = time.monotonic()
         log.warning("received %s: finishing this step, saving a checkpoint, then exiting "
                     "(signal again to abort)", signal.Signals(signum).name)
 

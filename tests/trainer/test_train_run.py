@@ -137,26 +137,30 @@ def test_torchrun_two_ranks_gloo_then_resume_ddp_and_fsdp2(tmp_path):
         assert (wa[name] - wb[name]).abs().max() < 1e-4, name
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_before_exiting(tmp_path):
+    """Ctrl-C = SIGINT to the whole process group (the agent forwards it to the workers as
+    well): both ranks agree on the step to stop at, save one checkpoint and exit without a
+    KeyboardInterrupt. (torchrun itself then exits non-zero, as it does on any signal.)"""
     out = tmp_path / "sig"
-    cmd = [sys.executable, str(TRAIN), *FAST, "--max-steps", "1000", "--checkpoint-every", "0",
-           "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(TRAIN), *FAST, "--max-completion-tokens", "8", "--max-steps", "1000",
+           "--checkpoint-every", "0", "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if (out / "metrics.jsonl").is_file() and metrics(out):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[0][-4000:]
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output[-4000:]
+            os.killpg(proc.pid, signal.SIGKILL)
     last = metrics(out)[-1]["step"]
     assert 1 <= last < 1000
-    assert checkpoints(out) == [f"step_{last:06d}"]
-    assert "stopping at step" in output
+    assert checkpoints(out) == [f"step_{last:06d}"], output[-4000:]
+    assert output.count("stopping at step") == 2  # both ranks, at the same step
+    assert "KeyboardInterrupt" not in output
