@@ -476,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                                             world_size=env.world_size)
         bank = SkillBank.from_state_dict(bank_state)
         log.info("resumed from %s at step %d", ckpt, state.step)
+    elif env.main and find_checkpoint("latest", out_dir) is not None:
+        log.warning("%s already holds checkpoints; this fresh run will overwrite and prune "
+                    "them (use --resume latest to continue instead)", out_dir)
 
     # ---- rollout engine (weights are pushed before every generation, so also after resume)
     threads = torch.get_num_threads()
