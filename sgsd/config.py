@@ -327,6 +327,42 @@ def _load_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body)."""
+    import ast
+    import inspect
+    import itertools
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def usage() -> str:
+    """``--help`` text: every field, its default and its documentation."""
+    import textwrap
+
+    docs = field_docs()
+    lines = ["usage: torchrun --nproc_per_node=N sgsd/train.py [--config FILE] [--key value ...]",
+             "",
+             ("Paper defaults; --model tiny (the default) also applies TINY_PROFILE to the "
+              "fields you do not set."),
+             ""]
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tiny = f"  [tiny: {TINY_PROFILE[f.name]!r}]" if f.name in TINY_PROFILE else ""
+        lines.append(f"  --{f.name.replace('_', '-')} (default {default!r}){tiny}")
+        lines += textwrap.wrap(docs.get(f.name, ""), 88, initial_indent="      ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
     """Build a :class:`TrainConfig` from ``--config FILE`` + ``--key value`` (+ kwargs)."""
     cli = parse_overrides(list(argv or []))

@@ -47,7 +47,7 @@ from sgsd.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sgsd.config import TrainConfig, load_config
+from sgsd.config import TrainConfig, load_config, usage
 from sgsd.losses import LossStrategy, ScoredBatch, build_loss
 from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
@@ -406,7 +406,11 @@ def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, flo
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    cfg = load_config(argv)
     env = setup_distributed()
     logging.basicConfig(
         level=logging.INFO if env.main else logging.WARNING,

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from sgsd.config import TINY_PROFILE, TrainConfig, load_config
+from sgsd.config import TINY_PROFILE, TrainConfig, field_docs, load_config, usage
 
 
 def test_paper_defaults_when_a_real_model_is_named():
@@ -69,3 +69,14 @@ def test_save_round_trips(tmp_path):
 def test_bad_values_are_rejected_by_name(argv, match):
     with pytest.raises(ValueError, match=match):
         load_config(argv)
+
+
+def test_every_field_is_documented_and_listed_in_help():
+    from dataclasses import fields
+
+    docs = field_docs()
+    names = [f.name for f in fields(TrainConfig)]
+    assert set(docs) == set(names) and all(docs[n] for n in names)
+    text = usage()
+    assert all(f"--{n.replace('_', '-')} " in text for n in names)
+    assert "[tiny: 32]" in text  # max_completion_tokens' tiny-profile value is shown
