@@ -50,6 +50,11 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
             f"{hidden_name} must have shape [..., H] with H = weight.shape[1] = {H}, "
             f"got {tuple(hidden.shape)}"
         )
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape {hidden_name}.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
     if hidden.dtype != weight.dtype:
         raise TypeError(
             f"weight dtype {weight.dtype} must match {hidden_name} dtype {hidden.dtype}"
@@ -60,7 +65,8 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
             raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
     temperature = check.hyper("temperature", temperature, positive=True)
     ignore_index = check.integer("ignore_index", ignore_index)
-    check.targets_in_range("targets", targets, V, ignore_index)
+    # The target range is checked where the values are read: in the reference below, and
+    # inside the custom ops (so that it also holds under torch.compile).
     return temperature, ignore_index
 
 
@@ -107,6 +113,7 @@ def linear_logprobs(
     backend = resolve_backend(backend, hidden.device)
     lead = hidden.shape[:-1]
     if backend == "reference":
+        check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
         return ref.linear_logprobs_ref(
             hidden, weight, targets, bias, temperature, ignore_index, return_entropy
         )
@@ -150,10 +157,10 @@ def logprobs_from_logits(
     temperature = check.hyper("temperature", temperature, positive=True)
     ignore_index = check.integer("ignore_index", ignore_index)
     check.flag("return_entropy", return_entropy)
-    check.targets_in_range("targets", targets, logits.shape[-1], ignore_index)
     _check_finite(check_finite, logits=logits)
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
+        check.targets_in_range("targets", targets, logits.shape[-1], ignore_index)
         return ref.logprobs_from_logits_ref(
             logits, targets, temperature, ignore_index, return_entropy
         )
@@ -177,7 +184,8 @@ def _check_gate_hypers(gate_tau, clip_delta, confidence_threshold):
 
 
 def _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
-    """Shapes of the [B,T] / [B] / [B,K] inputs; returns (B, T, K)."""
+    """Types and shapes of the [B,T] / [B] / [B,K] inputs; returns (B, T, K). Values are
+    checked by :func:`_check_gate_values` once devices are known to agree."""
     check.tensor("token_mask", token_mask, kind="mask")
     check.tensor("rewards", rewards, kind="real")
     check.tensor("teacher_weights", teacher_weights, kind="float")
@@ -191,16 +199,16 @@ def _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
     K = teacher_weights.shape[1]
     if K == 0:
         raise ValueError("teacher_weights has K = 0 teachers; K must be >= 1")
-    if check.value_checks_enabled():
-        if teacher_weights.numel() and not bool(
-            (torch.isfinite(teacher_weights) & (teacher_weights >= 0)).all()
-        ):
-            raise ValueError("teacher_weights must be finite and >= 0 (0 means no teacher)")
-        if token_mask.dtype != torch.bool and bool(
-            ((token_mask != 0) & (token_mask != 1)).any()
-        ):
-            raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
     return B, T, K
+
+
+def _check_gate_values(token_mask, backend):
+    """Eager-only value check of the mask; teacher weights are checked where they are
+    read (in the reference, and inside the custom op, so also under torch.compile)."""
+    if not check.value_checks_enabled():
+        return
+    if token_mask.dtype != torch.bool and bool(((token_mask != 0) & (token_mask != 1)).any()):
+        raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
 
 
 def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: int):
@@ -226,6 +234,7 @@ def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens)
     w = weights.detach().to(dtype)
     mask = mask.to(torch.bool)
     if backend == "reference":
+        check.teacher_weights_valid(w)
         parts = ref.gated_kd_ref(s, u, mask, rewards, w, tau, delta, eps)
     else:
         names = ("loss", "support", "polarity", "row_loss", "clipped")
@@ -275,6 +284,7 @@ def gated_kd_loss(
     )
     tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
     backend = resolve_backend(backend, student_logprobs.device)
+    _check_gate_values(token_mask, backend)
     return _gated(
         student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights, tau, delta,
         eps, backend, B * T,
@@ -321,15 +331,17 @@ def linear_gated_kd_loss(
     """
     if (teacher_hidden is None) == (teacher_logprobs is None):
         raise ValueError("pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]")
-    temperature, ignore_index = _check_linear_inputs(
-        student_hidden, weight, targets, bias, temperature, ignore_index, "student_hidden"
-    )
+    check.tensor("student_hidden", student_hidden, kind="float")
+    check.tensor("targets", targets, kind="int")
     if student_hidden.dim() != 3:
         raise ValueError(
             f"student_hidden must have shape [B, T, H], got {tuple(student_hidden.shape)}"
         )
     B, T, H = student_hidden.shape
     check.shape("targets", targets, (B, T), f"[B, T] = [{B}, {T}]")
+    temperature, ignore_index = _check_linear_inputs(
+        student_hidden, weight, targets, bias, temperature, ignore_index, "student_hidden"
+    )
     _, _, K = _check_gate_inputs(student_hidden, token_mask, rewards, teacher_weights)
     if teacher_hidden is not None:
         check.tensor("teacher_hidden", teacher_hidden, kind="float")
@@ -352,13 +364,15 @@ def linear_gated_kd_loss(
         teacher_hidden=teacher_hidden,
     )
     backend = resolve_backend(backend, student_hidden.device)
+    _check_gate_values(token_mask, backend)
     mask = token_mask.to(torch.bool) & (targets != ignore_index)
 
     if backend == "reference":
+        check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
+        check.teacher_weights_valid(teacher_weights)
         parts = ref.linear_gated_kd_ref(
-            student_hidden, weight, torch.where(mask, targets, -1), mask, rewards,
-            teacher_weights, teacher_hidden, teacher_logprobs, bias, temperature, tau, delta,
-            eps,
+            student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden,
+            teacher_logprobs, bias, temperature, tau, delta, eps, ignore_index,
         )
         return _wrap(parts, teacher_weights.detach(), mask, B * T)
 

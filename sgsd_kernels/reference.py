@@ -134,7 +134,9 @@ def _gated_rows(s_rows, teacher_logprobs, token_mask, rewards, teacher_weights, 
 
     per_token = torch.where(m, gate(delta, gate_tau), torch.zeros((), dtype=dtype, device=s.device))
     row_loss = per_token.sum(-1) / n  # L[b,k]
-    loss = (w * polarity * row_loss).sum() / B
+    # Absent teachers (w = 0) are inert even if their log-probs are garbage.
+    term = torch.where(w > 0, w * polarity * row_loss, torch.zeros((), dtype=dtype, device=s.device))
+    loss = term.sum() / max(B, 1)
     return {
         "loss": loss,
         "support": support,
@@ -158,21 +160,22 @@ def linear_gated_kd_ref(
     gate_tau: float = 1.0,
     clip_delta: float = 3.0,
     confidence_threshold: float = 0.05,
+    ignore_index: int = -100,
 ) -> dict[str, torch.Tensor]:
     """The SGSD loss from hidden states the way the published (TRL-based) code computes it:
     one row per (rollout, teacher). The student forward is replicated K times, and the
     full log_softmax of the student [B,K,T,V] and teacher [B,K,T,V] logits is
     materialised; the per-row student log-probs s[b,k,t] then enter §3 (the same values
     for every k, so the loss equals §3 with s[b,t]; the gradient sums the K copies).
-    Targets that are negative (ignore_index) are masked out.
+    Positions whose target is ``ignore_index`` get log-prob 0 and are masked out.
     """
     B, T, H = student_hidden.shape
     K = teacher_weights.shape[1]
-    valid = targets >= 0
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    row_targets = safe_targets.unsqueeze(1).expand(B, K, T)
+    valid = targets != ignore_index
+    row_targets = targets.unsqueeze(1).expand(B, K, T)
     student_rows = student_hidden.unsqueeze(1).expand(B, K, T, H)  # one copy per teacher
-    s_rows = linear_logprobs_ref(student_rows, weight, row_targets, bias, temperature)
+    s_rows = linear_logprobs_ref(student_rows, weight, row_targets, bias, temperature,
+                                 ignore_index)
     if teacher_logprobs is None:
         with torch.no_grad():
             u = linear_logprobs_ref(
@@ -181,6 +184,7 @@ def linear_gated_kd_ref(
                 row_targets,
                 None if bias is None else bias.detach(),
                 temperature,
+                ignore_index,
             )
     else:
         u = teacher_logprobs.detach().to(s_rows.dtype)

@@ -90,6 +90,11 @@ def targets_in_range(name: str, targets: torch.Tensor, vocab: int, ignore_index:
         )
 
 
+def teacher_weights_valid(weights: torch.Tensor) -> None:
+    if weights.numel() and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+        raise ValueError("teacher_weights must be finite and >= 0 (0 means no teacher)")
+
+
 def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

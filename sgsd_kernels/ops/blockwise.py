@@ -76,7 +76,7 @@ def forward(
     valid = targets != ignore_index
     safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
     lse = torch.empty(N, dtype=dtype, device=device)
-    picked = torch.empty(N, dtype=dtype, device=device)
+    picked = torch.empty(N, dtype=dtype, device=device)  # z_target − max − log Σ, see below
     entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
@@ -116,12 +116,13 @@ def forward(
             del z
         log_sum = torch.log(run_sum)
         lse[r0:r1] = run_max + log_sum
-        picked[r0:r1] = tgt
+        # (z_t − max) − log Σ like eager log_softmax: z_t − lse loses eps·|z| to rounding.
+        picked[r0:r1] = (tgt - run_max) - log_sum
         if with_entropy:
             # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
             entropy[r0:r1] = log_sum - run_acc / run_sum
     zero = torch.zeros((), dtype=dtype, device=device)
-    logprobs = torch.where(valid, picked - lse, zero)
+    logprobs = torch.where(valid, picked, zero)
     if with_entropy:
         entropy = torch.where(valid, entropy, zero)
     return logprobs, entropy, lse
@@ -236,18 +237,20 @@ def logits_forward(
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         z = logits[r0:r1].to(dtype) * inv_t  # a fresh buffer: modified in place below
-        picked[r0:r1] = z.gather(1, safe_t[r0:r1].unsqueeze(1)).squeeze(1)
         m = z.amax(1, keepdim=True)
         z.sub_(m)
+        shifted_t = z.gather(1, safe_t[r0:r1].unsqueeze(1)).squeeze(1)
         if with_entropy:
             e = torch.exp(z)
             s = e.sum(1)
             entropy[r0:r1] = torch.log(s) - (e * z).sum(1) / s
         else:
             s = z.exp_().sum(1)
-        lse[r0:r1] = m.squeeze(1) + torch.log(s)
+        log_s = torch.log(s)
+        lse[r0:r1] = m.squeeze(1) + log_s
+        picked[r0:r1] = shifted_t - log_s  # (z_t − max) − log Σ, as eager log_softmax
     zero = torch.zeros((), dtype=dtype, device=device)
-    logprobs = torch.where(valid, picked - lse, zero)
+    logprobs = torch.where(valid, picked, zero)
     if with_entropy:
         entropy = torch.where(valid, entropy, zero)
     return logprobs, entropy, lse

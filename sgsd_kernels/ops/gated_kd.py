@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from sgsd_kernels import validation as check
+
 _LOG2 = math.log(2.0)
 
 
@@ -31,7 +33,8 @@ def forward_torch(s, u, mask, rewards, weights, tau, delta, eps):
     polarity = outcome * sigma
     gate = _LOG2 - torch.nn.functional.softplus(-gap.square() / (2.0 * tau))
     row_loss = torch.where(m, gate, zero).sum(-1) / n
-    loss = (weights * polarity * row_loss).sum() / B
+    # Absent teachers (w = 0) are inert even if their log-probs are garbage.
+    loss = torch.where(weights > 0, weights * polarity * row_loss, zero).sum() / max(B, 1)
     clipped = ((gap.abs() > delta) & m & (weights > 0).unsqueeze(-1)).sum().to(dtype)
     return loss, support, polarity, row_loss, clipped
 
@@ -45,7 +48,7 @@ def backward_torch(grad_loss, s, u, mask, weights, polarity, tau):
     gap = torch.where(m, u - s.unsqueeze(1), zero)
     n = mask.sum(-1).clamp_min(1).to(dtype).unsqueeze(1)
     dgate = torch.sigmoid(-gap.square() / (2.0 * tau)) * gap / tau
-    coef = (weights * polarity / n).unsqueeze(-1)  # [B,K,1]
+    coef = torch.where(weights > 0, weights * polarity / n, zero).unsqueeze(-1)  # [B,K,1]
     grad = -(torch.where(m, coef * dgate, zero)).sum(1) * (grad_loss.to(dtype) / B)
     return grad
 
@@ -71,6 +74,7 @@ def gated_kd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs already in the compute dtype, contiguous; ``mask`` bool."""
+    check.teacher_weights_valid(weights)  # here, so that it also runs under torch.compile
     return tuple(t.contiguous() for t in _run_forward(backend, s, u, mask, rewards, weights, tau, delta, eps))
 
 

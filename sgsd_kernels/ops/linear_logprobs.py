@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from sgsd_kernels import validation as check
 from sgsd_kernels.ops import blockwise
 
 
@@ -43,6 +44,7 @@ def linear_logprobs_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N,H], weight [V,H], bias [V] | None, targets [N] int64 ->
     (logprobs [N], entropy [N] (or [0] without entropy), lse [N]) in fp32 (fp64 for fp64)."""
+    check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
     return _forward(
         hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
         _out_dtype(hidden),
@@ -163,6 +165,7 @@ def linear_logprobs_streams_op(
     Triton: one launch over N + M rows, so each token block streams W once for all
     K+1 streams. Torch: two blockwise passes (the CPU GEMMs gain nothing from a joint pass).
     """
+    check.targets_in_range("targets", student_targets, weight.shape[0], ignore_index)
     dtype = _out_dtype(student_hidden)
     N = student_hidden.shape[0]
     if backend == "triton":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sgsd_kernels import validation as check
 from sgsd_kernels.ops import blockwise
 
 
@@ -25,6 +26,7 @@ def logprobs_from_logits_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N,V], targets [N] int64 -> (logprobs [N], entropy [N] or [0], lse [N])."""
+    check.targets_in_range("targets", targets, logits.shape[1], ignore_index)
     dtype = _out_dtype(logits)
     if backend == "triton":
         from sgsd_kernels.ops import triton_logprobs_from_logits

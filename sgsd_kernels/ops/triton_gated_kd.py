@@ -53,7 +53,7 @@ def _fwd_kernel(S, U, M, R, Wt, Support, Polarity, RowLoss, Term, Clipped, K, T,
     tl.store(Support + b * K + k, support)
     tl.store(Polarity + b * K + k, rho)
     tl.store(RowLoss + b * K + k, row_loss)
-    tl.store(Term + b * K + k, w * rho * row_loss)
+    tl.store(Term + b * K + k, tl.where(w > 0, w * rho * row_loss, 0.0))  # absent: inert
     tl.store(Clipped + b * K + k, tl.where(w > 0, clipped, 0.0))
 
 
@@ -73,8 +73,9 @@ def _bwd_kernel(GradLoss, S, U, M, Wt, Polarity, Nrow, Out, B, K, T, tau,
         d = tl.where(m, u - s, 0.0)
         x = -(d * d) / (2.0 * tau)
         dgate = d / tau / (1.0 + tl.exp(-x))  # sigmoid(x) · Δ/τ
-        coef = tl.load(Wt + b * K + k) * tl.load(Polarity + b * K + k)
-        acc += coef * dgate
+        w = tl.load(Wt + b * K + k)
+        coef = tl.where(w > 0, w * tl.load(Polarity + b * K + k), 0.0)
+        acc += tl.where(w > 0, coef * dgate, 0.0)
     grad = tl.where(m, -scale * acc / n, 0.0)
     tl.store(Out + b * T + t, grad, mask=ok)
 

@@ -146,13 +146,16 @@ def _num_splits(n_rows: int, vocab: int, block_n: int, block_v: int, device) -> 
 
 
 def _combine(part_m, part_s, part_a, part_t, with_entropy):
-    """Deterministic merge of the per-split online softmax states -> (picked, lse, H)."""
+    """Deterministic merge of the per-split online softmax states ->
+    (log-prob of the target before the ignore mask, lse, entropy)."""
     big_m = part_m.max(0).values
     finite = torch.isfinite(part_m)
     weight = torch.where(finite, torch.exp(part_m - big_m), 0.0)
     total = (part_s * weight).sum(0)
-    lse = big_m + torch.log(total)
-    picked = part_t.sum(0)
+    log_total = torch.log(total)
+    lse = big_m + log_total
+    # (z_t − max) − log Σ, as eager log_softmax (z_t − lse would lose eps·|z|).
+    picked = (part_t.sum(0) - big_m) - log_total
     entropy = None
     if with_entropy:
         shift = torch.where(finite, part_m - big_m, 0.0)
@@ -189,7 +192,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
 def _finish(picked, lse, entropy, targets, ignore_index, dtype):
     valid = targets != ignore_index
     zero = torch.zeros((), dtype=dtype, device=lse.device)
-    logprobs = torch.where(valid, (picked - lse).to(dtype), zero)
+    logprobs = torch.where(valid, picked.to(dtype), zero)
     if entropy is not None:
         entropy = torch.where(valid, entropy.to(dtype), zero)
     return logprobs, entropy

@@ -45,7 +45,7 @@ def _fwd_kernel(Z, Tgt, Lse, Picked, Ent, V, stride_z, inv_t, WITH_ENTROPY: tl.c
         run_max = new_max
     log_sum = tl.log(run_sum)
     tl.store(Lse + row, run_max + log_sum)
-    tl.store(Picked + row, picked)
+    tl.store(Picked + row, (picked - run_max) - log_sum)  # as eager log_softmax
     if WITH_ENTROPY:
         tl.store(Ent + row, log_sum - run_acc / run_sum)
 
@@ -87,7 +87,7 @@ def forward(logits, targets, temperature, ignore_index, with_entropy, dtype):
                           1.0 / temperature, WITH_ENTROPY=with_entropy, ACC=acc_tl,
                           BLOCK_V=_block_v(V))
     zero = torch.zeros((), dtype=dtype, device=logits.device)
-    logprobs = torch.where(valid, (picked - lse).to(dtype), zero)
+    logprobs = torch.where(valid, picked.to(dtype), zero)
     entropy = (torch.where(valid, ent.to(dtype), zero) if with_entropy
                else torch.empty(0, dtype=dtype, device=logits.device))
     return logprobs, entropy, lse.to(dtype)
