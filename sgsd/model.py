@@ -3,8 +3,9 @@
 The trainer never calls the model's ``forward`` (which would compute ``[B, T, V]``
 logits). :class:`Policy` runs the backbone and returns last hidden states; the loss
 multiplies them by the LM head inside the fused kernels. ``Policy`` is the module that
-``DistributedDataParallel`` wraps, so gradient synchronisation sees every trainable
-parameter, the LM head included when it trains.
+``DistributedDataParallel`` wraps (gradient synchronisation sees every trainable
+parameter, the LM head included when it trains), and the FSDP2 root (its forward gathers
+the embeddings and the head; :func:`shard_fsdp2`).
 """
 
 from __future__ import annotations
