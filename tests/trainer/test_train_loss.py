@@ -21,11 +21,13 @@ from sgsd.model import load_policy
 from sgsd.train import Rollout, forward_backward
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["lora", "full"])
+def setup(request):
+    """LoRA (adapters only) and full fine-tuning (the LM head's gradient then flows through
+    the fused kernel's dW, the embeddings' through dh)."""
     cfg = load_config(["--dtype", "float32", "--micro-batch-size", "2",
                        "--teacher-micro-batch-size", "3", "--num-teachers", "3",
-                       "--kernel-backend", "torch"])
+                       "--kernel-backend", "torch", "--finetune", request.param])
     torch.manual_seed(0)
     policy, tokenizer, _ = load_policy(cfg, torch.device("cpu"))
     policy.double()
@@ -114,9 +116,16 @@ def test_trainer_loss_and_grads_equal_per_row_formulation(setup):
     ref = {n: p.grad.clone() for n, p in params.items()}
 
     assert abs(expected.item()) > 1e-6, "degenerate case: the loss is 0"
-    assert loss == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
+    # Tolerances: the model runs in float64, but HF's RMSNorm computes in float32, so the
+    # 1e-16-level difference between padded-batch and single-sequence attention can flip a
+    # float32 rounding (~1e-7 relative). A wrong mask, position or teacher row is O(1).
+    assert loss == pytest.approx(expected.item(), rel=1e-7, abs=1e-12)
     assert sum(g.abs().sum() for g in ref.values()) > 0
+    if cfg.finetune == "full":
+        assert ref["model.lm_head.weight"].abs().sum() > 0
     for name in params:
-        torch.testing.assert_close(ours[name], ref[name], rtol=1e-7, atol=1e-11, msg=name)
+        scale = float(ref[name].abs().max())
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6 * scale,
+                                   msg=name)
     assert 0.0 <= metrics["helpful_frac"] <= 1.0
     assert metrics["num_teachers"] == sum(len(r.teachers) for r in rollouts)
