@@ -274,3 +274,29 @@ def test_leading_dims_are_kept():
     for backend in ("reference", "torch"):
         lp, ent = sk.linear_logprobs(h, w, t, return_entropy=True, backend=backend)
         assert lp.shape == ent.shape == (2, 3, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 300])
+@pytest.mark.parametrize("with_bias,temperature,entropy", [(False, 1.0, False), (True, 0.7, False),
+                                                           (True, 1.3, True)])
+def test_torch_backend_default_workspace(dtype, N, with_bias, temperature, entropy):
+    """Default workspace: the whole vocabulary in one block takes the fused log_softmax
+    path (no entropy) or the online path (entropy); both against the oracle."""
+    h, w, b, t = _linear_case(N, 61, 1007, dtype, with_bias)
+    oh, ow, ob = _leaf(h, torch.float64), _leaf(w, torch.float64), _leaf(b, torch.float64)
+    oracle = sk.linear_logprobs(oh, ow, t, bias=ob, temperature=temperature,
+                                return_entropy=entropy, backend="reference")
+    og = _grads(oracle, [oh, ow, ob], entropy)
+    eh, ew, eb = _leaf(h), _leaf(w), _leaf(b)
+    eager = _eager_linear(eh, ew, eb, t, temperature, -100, entropy)
+    eg = _grads(eager, [eh, ew, eb], entropy)
+    gh, gw, gb = _leaf(h), _leaf(w), _leaf(b)
+    got = sk.linear_logprobs(gh, gw, t, bias=gb, temperature=temperature,
+                             return_entropy=entropy, backend="torch")
+    gg = _grads(got, [gh, gw, gb], entropy)
+    triples = zip(got, eager, oracle) if entropy else [(got, eager, oracle)]
+    for x, y, z in triples:
+        assert_close_to_oracle("value", x, y, z, rel_atol=REL_ATOL[dtype])
+    for x, y, z in zip(gg, eg, og):
+        assert_close_to_oracle("grad", x, y, z, rel_atol=REL_ATOL[dtype])
