@@ -330,7 +330,9 @@ def linear_gated_kd_loss(
     enter the backward.
     """
     if (teacher_hidden is None) == (teacher_logprobs is None):
-        raise ValueError("pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]")
+        raise ValueError(
+            "pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]"
+        )
     check.tensor("student_hidden", student_hidden, kind="float")
     check.tensor("targets", targets, kind="int")
     if student_hidden.dim() != 3:
@@ -345,10 +347,13 @@ def linear_gated_kd_loss(
     _, _, K = _check_gate_inputs(student_hidden, token_mask, rewards, teacher_weights)
     if teacher_hidden is not None:
         check.tensor("teacher_hidden", teacher_hidden, kind="float")
-        check.shape("teacher_hidden", teacher_hidden, (B, K, T, H), f"[B, K, T, H] = [{B}, {K}, {T}, {H}]")
+        check.shape(
+            "teacher_hidden", teacher_hidden, (B, K, T, H), f"[B, K, T, H] = [{B}, {K}, {T}, {H}]"
+        )
         if teacher_hidden.dtype != weight.dtype:
             raise TypeError(
-                f"teacher_hidden dtype {teacher_hidden.dtype} must match weight dtype {weight.dtype}"
+                f"teacher_hidden dtype {teacher_hidden.dtype} must match weight dtype "
+                f"{weight.dtype}"
             )
     else:
         check.tensor("teacher_logprobs", teacher_logprobs, kind="float")

@@ -135,7 +135,8 @@ def _gated_rows(s_rows, teacher_logprobs, token_mask, rewards, teacher_weights, 
     per_token = torch.where(m, gate(delta, gate_tau), torch.zeros((), dtype=dtype, device=s.device))
     row_loss = per_token.sum(-1) / n  # L[b,k]
     # Absent teachers (w = 0) are inert even if their log-probs are garbage.
-    term = torch.where(w > 0, w * polarity * row_loss, torch.zeros((), dtype=dtype, device=s.device))
+    zero = torch.zeros((), dtype=dtype, device=s.device)
+    term = torch.where(w > 0, w * polarity * row_loss, zero)
     loss = term.sum() / max(B, 1)
     return {
         "loss": loss,

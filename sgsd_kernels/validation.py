@@ -22,7 +22,9 @@ def tensor(name: str, value, *, kind: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     dt = value.dtype
     if kind == "float" and dt not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {dt}")
+        raise TypeError(
+            f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {dt}"
+        )
     if kind == "int" and dt not in INT_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (token ids), got {dt}")
     if kind == "mask" and dt != torch.bool and dt not in INT_DTYPES:

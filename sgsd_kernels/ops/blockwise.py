@@ -41,6 +41,31 @@ def plan_blocks(n_rows: int, vocab: int, workspace: int | None = None) -> tuple[
     return rows, vblock
 
 
+def _safe_targets(targets: torch.Tensor, ignore_index: int):
+    """(valid mask, targets with ignored positions pointing at column 0)."""
+    valid = targets != ignore_index
+    return valid, torch.where(valid, targets, torch.zeros_like(targets)).long()
+
+
+def _mask_ignored(valid, logprobs, entropy, with_entropy):
+    """0 log-prob and 0 entropy where the target is ignore_index."""
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    logprobs = torch.where(valid, logprobs, zero)
+    if with_entropy:
+        entropy = torch.where(valid, entropy, zero)
+    return logprobs, entropy
+
+
+def _row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype):
+    """Per-row gradient scales with the ignore mask and ∂z/∂logits = 1/T folded in."""
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    g = torch.where(valid, grad_logprobs.to(dtype), zero) * inv_t
+    ge = None
+    if grad_entropy is not None:
+        ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
+    return g, ge
+
+
 def _workspace(rows: int, vblock: int, dtype, device) -> torch.Tensor:
     # One buffer reused for every block: a fresh 16 MiB allocation per block costs page
     # faults (glibc mmaps large blocks); measured on the CI CPU, reusing it lifts the
@@ -78,8 +103,7 @@ def forward(
     N, V = hidden.shape[0], weight.shape[0]
     device = hidden.device
     inv_t = 1.0 / temperature
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    valid, safe_t = _safe_targets(targets, ignore_index)
     lse = torch.empty(N, dtype=dtype, device=device)
     picked = torch.empty(N, dtype=dtype, device=device)  # z_target − max − log Σ, see below
     entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
@@ -101,8 +125,7 @@ def forward(
             torch.ops.aten._log_softmax.out(z, 1, False, out=logp)
             picked[r0:r1] = logp.gather(1, t).squeeze(1)
             lse[r0:r1] = z_t - picked[r0:r1]
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(valid, picked, zero), entropy, lse
+        return *_mask_ignored(valid, picked, entropy, False), lse
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h = hidden[r0:r1].to(dtype)
@@ -144,11 +167,7 @@ def forward(
         if with_entropy:
             # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
             entropy[r0:r1] = log_sum - run_acc / run_sum
-    zero = torch.zeros((), dtype=dtype, device=device)
-    logprobs = torch.where(valid, picked, zero)
-    if with_entropy:
-        entropy = torch.where(valid, entropy, zero)
-    return logprobs, entropy, lse
+    return *_mask_ignored(valid, picked, entropy, with_entropy), lse
 
 
 def backward(
@@ -175,16 +194,11 @@ def backward(
     V = weight.shape[0]
     device = hidden.device
     inv_t = 1.0 / temperature
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    # ∂/∂logits = ∂/∂z · (1/T): fold 1/T and the ignore mask into the per-row scales.
-    zero = torch.zeros((), dtype=dtype, device=device)
-    g = torch.where(valid, grad_logprobs.to(dtype), zero) * inv_t
-    ge = None
-    if grad_entropy is not None:
-        ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
+    valid, safe_t = _safe_targets(targets, ignore_index)
+    g, ge = _row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
     grad_w = torch.zeros(V, H, dtype=dtype, device=device) if need_weight_grad else None
-    grad_b = torch.zeros(V, dtype=dtype, device=device) if need_weight_grad and bias is not None else None
+    need_bias_grad = need_weight_grad and bias is not None
+    grad_b = torch.zeros(V, dtype=dtype, device=device) if need_bias_grad else None
     grad_h = torch.empty(N, H, dtype=hidden.dtype, device=device)
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
@@ -251,8 +265,7 @@ def logits_forward(
     N, V = logits.shape
     device = logits.device
     inv_t = 1.0 / temperature
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    valid, safe_t = _safe_targets(targets, ignore_index)
     rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // max(V, 1)))
     lse = torch.empty(N, dtype=dtype, device=device)
     picked = torch.empty(N, dtype=dtype, device=device)
@@ -272,11 +285,7 @@ def logits_forward(
         log_s = torch.log(s)
         lse[r0:r1] = m.squeeze(1) + log_s
         picked[r0:r1] = shifted_t - log_s  # (z_t − max) − log Σ, as eager log_softmax
-    zero = torch.zeros((), dtype=dtype, device=device)
-    logprobs = torch.where(valid, picked, zero)
-    if with_entropy:
-        entropy = torch.where(valid, entropy, zero)
-    return logprobs, entropy, lse
+    return *_mask_ignored(valid, picked, entropy, with_entropy), lse
 
 
 def logits_backward(
@@ -293,15 +302,9 @@ def logits_backward(
 ) -> torch.Tensor:
     """∂loss/∂logits [N, V] in the logits' dtype, written row chunk by row chunk."""
     N, V = logits.shape
-    device = logits.device
     inv_t = 1.0 / temperature
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    zero = torch.zeros((), dtype=dtype, device=device)
-    g = torch.where(valid, grad_logprobs.to(dtype), zero) * inv_t
-    ge = None
-    if grad_entropy is not None:
-        ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
+    valid, safe_t = _safe_targets(targets, ignore_index)
+    g, ge = _row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
     grad = torch.empty_like(logits)
     rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // max(V, 1)))
     for r0 in range(0, N, rows):

@@ -75,7 +75,8 @@ def gated_kd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs already in the compute dtype, contiguous; ``mask`` bool."""
     check.teacher_weights_valid(weights)  # here, so that it also runs under torch.compile
-    return tuple(t.contiguous() for t in _run_forward(backend, s, u, mask, rewards, weights, tau, delta, eps))
+    outputs = _run_forward(backend, s, u, mask, rewards, weights, tau, delta, eps)
+    return tuple(t.contiguous() for t in outputs)
 
 
 @gated_kd_op.register_fake

@@ -15,7 +15,8 @@ from sgsd_kernels import validation as check
 from sgsd_kernels.ops import blockwise
 
 
-def _forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend, dtype):
+def _forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
+             dtype):
     if backend == "triton":
         from sgsd_kernels.ops import triton_linear_logprobs
 

@@ -27,6 +27,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add fork/join latency (on a loaded 2-core machine
+    a 5x31 log_softmax takes ~15 ms with 2 threads, ~3 us with 1). Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def small_workspace(monkeypatch):
     """Shrink the torch backend's workspace so small shapes still take several row chunks

@@ -28,14 +28,7 @@ needs_cxx = pytest.mark.skipif(
 EAGERISH = ["eager", "aot_eager"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add fork/join latency (on a loaded 2-core machine
-    a 5x31 log_softmax takes ~15 ms with 2 threads, ~3 us with 1). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

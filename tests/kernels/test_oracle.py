@@ -227,8 +227,9 @@ def test_linear_gated_kd_loss_matches_oracle(backend, dtype, teachers, K, small_
     if teachers == "hidden":
         extra_for = lambda d: dict(teacher_hidden=th.to(d))  # noqa: E731
     else:
-        u = sk.linear_logprobs(th.double(), w.double(), tg.clamp_min(0).unsqueeze(1).expand(-1, K, -1),
-                               bias=b.double(), temperature=0.9, backend="reference")
+        u_targets = tg.clamp_min(0).unsqueeze(1).expand(-1, K, -1)
+        u = sk.linear_logprobs(th.double(), w.double(), u_targets, bias=b.double(),
+                               temperature=0.9, backend="reference")
         extra_for = lambda d: dict(teacher_logprobs=u.to(d))  # noqa: E731
     kw = dict(bias=None, temperature=0.9)
 
