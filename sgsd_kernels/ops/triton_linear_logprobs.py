@@ -221,8 +221,19 @@ def forward_streams(student_hidden, teacher_hidden, weight, bias, student_target
 
 
 @triton.jit
-def _grad_tile(z, rows, row_ok, cols, col_ok, Tgt, Lse, G, GE, Ent, WITH_ENTROPY: tl.constexpr):
-    """∂loss/∂logits for one tile: g·(onehot − p) − ge·p·(log p + H), already ×1/T."""
+def _grad_tile(X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, inv_t,
+               HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+               ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_H: tl.constexpr):
+    """This program's (row block, vocab block) tile of ∂loss/∂logits, recomputing the
+    logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T. Returns (rows, row_ok, cols,
+    col_ok, grad)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    z = _logits_tile(X, X, N, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_x,
+                     stride_w, inv_t, HAS_BIAS, False, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
     tgt = tl.load(Tgt + rows, mask=row_ok, other=0)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
@@ -233,7 +244,8 @@ def _grad_tile(z, rows, row_ok, cols, col_ok, Tgt, Lse, G, GE, Ent, WITH_ENTROPY
         ge = tl.load(GE + rows, mask=row_ok, other=0.0)
         ent = tl.load(Ent + rows, mask=row_ok, other=0.0)
         grad -= ge[:, None] * p * (logp + ent[:, None])
-    return tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
+    grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
+    return rows, row_ok, cols, col_ok, grad
 
 
 @triton.jit
@@ -241,15 +253,9 @@ def _bwd_fused_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, DX, DW, DB, N, V, H, str
                       stride_w, inv_t, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
                       NEED_W: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    z = _logits_tile(X, X, N, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_x,
-                     stride_w, inv_t, HAS_BIAS, False, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
-    grad = _grad_tile(z, rows, row_ok, cols, col_ok, Tgt, Lse, G, GE, Ent, WITH_ENTROPY)
+    rows, row_ok, cols, col_ok, grad = _grad_tile(
+        X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, inv_t, HAS_BIAS,
+        WITH_ENTROPY, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
     if NEED_W and HAS_BIAS:
         tl.atomic_add(DB + cols, tl.sum(grad, axis=0), mask=col_ok)
     grad_lp = grad.to(X.dtype.element_ty)
@@ -281,15 +287,9 @@ def _grad_logits_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, Out, N, V, H, stride_x
                         UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Chunked (deterministic) backward, step 1: write ∂loss/∂logits for a row chunk."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    z = _logits_tile(X, X, N, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_x,
-                     stride_w, inv_t, HAS_BIAS, False, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
-    grad = _grad_tile(z, rows, row_ok, cols, col_ok, Tgt, Lse, G, GE, Ent, WITH_ENTROPY)
+    rows, row_ok, cols, col_ok, grad = _grad_tile(
+        X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, inv_t, HAS_BIAS,
+        WITH_ENTROPY, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
     tl.store(Out + rows[:, None] * V + cols[None, :], grad.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
