@@ -29,7 +29,6 @@ import torch
 # the reference's peak at the DESIGN §6 CPU shape (3 GiB).
 WORKSPACE_ELEMENTS = 1 << 24
 _MIN_ROWS = 64
-_FUSED_LOG_SOFTMAX = True  # see forward(); a switch so benchmarks can A/B it
 
 
 def plan_blocks(n_rows: int, vocab: int, workspace: int | None = None) -> tuple[int, int]:
@@ -111,7 +110,7 @@ def forward(
     entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
-    if vblock == V and not with_entropy and _FUSED_LOG_SOFTMAX:
+    if vblock == V and not with_entropy:
         # The whole vocabulary fits one block: ATen's fused log_softmax walks each row in
         # cache (max, Σexp, write) instead of four full passes over the block. Measured on
         # the 2-core CI CPU, N=2048, V=32768, H=256 fp32: forward 1.7 G vs 1.95 G.
