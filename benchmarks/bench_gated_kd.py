@@ -106,45 +106,80 @@ _CPU_COMPILE_OFF = (
 PRESETS: dict[str, Preset] = {
     # DESIGN §6 CPU target: SGSD K=8, B·T=1024, V=32768, H=256, fp32 (the (1024, 8) row).
     "cpu-small": Preset(
-        "cpu-small", "float32", V=32768, H=256,
+        "cpu-small",
+        "float32",
+        V=32768,
+        H=256,
         logprobs_N=[256, 1024],
         sgsd=[(128, 1), (128, 4), (128, 8), (1024, 8)],
         default_off={"torch-compile": _CPU_COMPILE_OFF, "cce": _CPU_COMPILE_OFF},
-        skip=[("paper-reference", "sgsd", 1024, 8,
-               ("not in the default run: ~4K·G per step (the student replicated K times) takes "
-               "most of the 3-minute budget on 2 cores; --preset cpu-full or --providers "
-               "paper-reference runs it"))],
+        skip=[
+            (
+                "paper-reference",
+                "sgsd",
+                1024,
+                8,
+                (
+                    "not in the default run: ~4K·G per step (the student replicated K times) takes "
+                    "most of the 3-minute budget on 2 cores; --preset cpu-full or --providers "
+                    "paper-reference runs it"
+                ),
+            )
+        ],
         check_N=64,
         note="DESIGN §6 CPU target row: sgsd-fwdbwd N=1024 K=8",
     ),
     # Same head, K swept at the target N, a longer N sweep, torch.compile and CCE
     # (≈ 15-25 minutes on 2 cores).
     "cpu-full": Preset(
-        "cpu-full", "float32", V=32768, H=256,
+        "cpu-full",
+        "float32",
+        V=32768,
+        H=256,
         logprobs_N=[256, 1024, 2048],
         sgsd=[(1024, 1), (1024, 4), (1024, 8), (256, 8), (2048, 8)],
-        row_budget_s=4.0, check_N=64,
-        skip=[(p, "sgsd", 2048, 8,
-               "left out of cpu-full: the K-replicated student materialises ~9 GiB of logits "
-               "and takes minutes per step on 2 cores; --providers " + p + " runs it")
-              for p in ("paper-reference", "reference", "torch-compile")],
+        row_budget_s=4.0,
+        check_N=64,
+        skip=[
+            (
+                p,
+                "sgsd",
+                2048,
+                8,
+                "left out of cpu-full: the K-replicated student materialises ~9 GiB of logits "
+                "and takes minutes per step on 2 cores; --providers " + p + " runs it",
+            )
+            for p in ("paper-reference", "reference", "torch-compile")
+        ],
     ),
     # Tiny shapes for the smoke test and the pytest-benchmark suite (V, H deliberately odd).
     "tiny": Preset(
-        "tiny", "float32", V=4103, H=61,
+        "tiny",
+        "float32",
+        V=4103,
+        H=61,
         logprobs_N=[64, 128],
         sgsd=[(64, 1), (64, 4), (128, 4)],
-        check_N=32, row_budget_s=0.3, min_reps=3, max_reps=5,
+        check_N=32,
+        row_budget_s=0.3,
+        min_reps=3,
+        max_reps=5,
     ),
     # GPU presets (DESIGN §6 GPU target: qwen3-1.7b, N=16384, K=8, bf16).
     "qwen3-1.7b": Preset(
-        "qwen3-1.7b", "bfloat16", V=151936, H=2048,
+        "qwen3-1.7b",
+        "bfloat16",
+        V=151936,
+        H=2048,
         logprobs_N=[4096, 8192, 16384],
         sgsd=[(16384, 1), (16384, 4), (16384, 8), (4096, 8), (8192, 8)],
         check_N=256,
     ),
     "qwen3-8b": Preset(
-        "qwen3-8b", "bfloat16", V=151936, H=4096,
+        "qwen3-8b",
+        "bfloat16",
+        V=151936,
+        H=4096,
         logprobs_N=[4096, 8192, 16384],
         sgsd=[(16384, 1), (16384, 4), (16384, 8), (4096, 8), (8192, 8)],
         check_N=256,
@@ -198,9 +233,15 @@ def _torch():
 
 def dtype_of(name: str):
     torch = _torch()
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-            "float64": torch.float64}[name]
+    return {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float64": torch.float64,
+    }[name]
 
 
 def make_inputs(case: Case, N: int, device, dtype, seed: int = 0) -> dict:
@@ -222,7 +263,7 @@ def make_inputs(case: Case, N: int, device, dtype, seed: int = 0) -> dict:
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, device=dev) * scale
 
-    weight = randn(V, H, scale=H ** -0.5)
+    weight = randn(V, H, scale=H**-0.5)
     out = {}
     if case.workload == "logprobs":
         hidden = randn(N, H)
@@ -241,8 +282,14 @@ def make_inputs(case: Case, N: int, device, dtype, seed: int = 0) -> dict:
         alpha = (torch.linspace(-1.0, 1.0, K) if K > 1 else torch.tensor([0.7])).to(dev)
         teacher_hidden = hidden[:, None] + randn(B, K, T, H, scale=0.3)
         teacher_hidden += alpha.view(1, K, 1, 1) * (1.5 * weight[targets])[:, None]
-        out.update(hidden=hidden, targets=targets, token_mask=token_mask, rewards=rewards,
-                   teacher_weights=teacher_weights, teacher_hidden=teacher_hidden)
+        out.update(
+            hidden=hidden,
+            targets=targets,
+            token_mask=token_mask,
+            rewards=rewards,
+            teacher_weights=teacher_weights,
+            teacher_hidden=teacher_hidden,
+        )
     out["weight"] = weight
     for k, v in list(out.items()):
         if v.is_floating_point() and k not in ("rewards", "teacher_weights", "grad_out"):
@@ -283,9 +330,21 @@ def paper_logprobs(hidden, weight, targets, temperature: float = 1.0):
     return lp * valid
 
 
-def paper_sgsd_loss(student_hidden, weight, targets, token_mask, rewards, teacher_weights,
-                    teacher_hidden, *, gate_tau=1.0, clip_delta=3.0, confidence_threshold=0.05,
-                    temperature: float = 1.0, replicate: bool = True):
+def paper_sgsd_loss(
+    student_hidden,
+    weight,
+    targets,
+    token_mask,
+    rewards,
+    teacher_weights,
+    teacher_hidden,
+    *,
+    gate_tau=1.0,
+    clip_delta=3.0,
+    confidence_threshold=0.05,
+    temperature: float = 1.0,
+    replicate: bool = True,
+):
     """The SGSD loss the way the published TRL-based code computes it.
 
     One training row per (rollout, teacher): the student forward is replicated K times
@@ -309,8 +368,9 @@ def paper_sgsd_loss(student_hidden, weight, targets, token_mask, rewards, teache
     d = u - s
     n = mask.sum(-1).clamp(min=1.0)
     support = (mask * d.detach().clamp(-clip_delta, clip_delta)).sum(-1) / n
-    sigma = torch.where(support.abs() > confidence_threshold, torch.sign(support),
-                        torch.zeros_like(support))
+    sigma = torch.where(
+        support.abs() > confidence_threshold, torch.sign(support), torch.zeros_like(support)
+    )
     sgn_r = torch.where(rewards > 0, 1.0, -1.0).to(support.dtype).repeat_interleave(K)
     rho = sgn_r * sigma
     gate = math.log(2.0) - F.softplus(-(d * d) / (2.0 * gate_tau))
@@ -346,14 +406,17 @@ _COMPILED: dict = {}
 def static_unavailable(name: str, workload: str, cuda: bool) -> str | None:
     """Why ``name`` cannot run ``workload`` on this kind of device (None: it can)."""
     if name == "triton" and not cuda:
-        return ("the triton backend needs a CUDA device (TRITON_INTERPRET=1 runs it on CPU for "
-                "tests only, far too slow to time)")
+        return (
+            "the triton backend needs a CUDA device (TRITON_INTERPRET=1 runs it on CPU for "
+            "tests only, far too slow to time)"
+        )
     if name == "cce" and workload != "logprobs":
-        return ("Cut Cross-Entropy computes (linear) cross-entropy only; it has no SGSD "
-                "(multi-teacher gated) loss")
+        return (
+            "Cut Cross-Entropy computes (linear) cross-entropy only; it has no SGSD "
+            "(multi-teacher gated) loss"
+        )
     if name == "liger" and workload != "logprobs":
-        return ("Liger-Kernel's fused linear cross-entropy has no SGSD (multi-teacher gated) "
-                "loss")
+        return "Liger-Kernel's fused linear cross-entropy has no SGSD (multi-teacher gated) loss"
     if name == "liger" and not cuda:
         return "Liger-Kernel's fused linear cross-entropy is Triton-only and needs a CUDA device"
     return None
@@ -370,8 +433,15 @@ def build_provider(name: str, workload: str, device):
         if workload == "logprobs":
             return lambda x: paper_logprobs(x["hidden"], x["weight"], x["targets"])
         return lambda x: paper_sgsd_loss(
-            x["hidden"], x["weight"], x["targets"], x["token_mask"], x["rewards"],
-            x["teacher_weights"], x["teacher_hidden"], **SGSD_HYPER)
+            x["hidden"],
+            x["weight"],
+            x["targets"],
+            x["token_mask"],
+            x["rewards"],
+            x["teacher_weights"],
+            x["teacher_hidden"],
+            **SGSD_HYPER,
+        )
 
     if name in ("reference", "torch", "triton", "torch-compile"):
         sk = _sk()
@@ -379,15 +449,26 @@ def build_provider(name: str, workload: str, device):
         if name == "triton" and not cuda:
             raise NotAvailable(static_unavailable(name, workload, cuda))
         if workload == "logprobs":
+
             def fn(x, _b=backend):
-                return sk.linear_logprobs(x["hidden"], x["weight"], x["targets"],
-                                          ignore_index=IGNORE_INDEX, backend=_b)
+                return sk.linear_logprobs(
+                    x["hidden"], x["weight"], x["targets"], ignore_index=IGNORE_INDEX, backend=_b
+                )
         else:
+
             def fn(x, _b=backend):
                 return sk.linear_gated_kd_loss(
-                    x["hidden"], x["weight"], x["targets"], x["token_mask"], x["rewards"],
-                    x["teacher_weights"], teacher_hidden=x["teacher_hidden"], backend=_b,
-                    **SGSD_HYPER).loss
+                    x["hidden"],
+                    x["weight"],
+                    x["targets"],
+                    x["token_mask"],
+                    x["rewards"],
+                    x["teacher_weights"],
+                    teacher_hidden=x["teacher_hidden"],
+                    backend=_b,
+                    **SGSD_HYPER,
+                ).loss
+
         if name != "torch-compile":
             return fn
         key = (workload, str(device))
@@ -401,14 +482,23 @@ def build_provider(name: str, workload: str, device):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except Exception as e:
-            raise NotAvailable(f"cut-cross-entropy not installed ({type(e).__name__}: {e}); "
-                               "pip install cut-cross-entropy") from e
+            raise NotAvailable(
+                f"cut-cross-entropy not installed ({type(e).__name__}: {e}); "
+                "pip install cut-cross-entropy"
+            ) from e
         impl = "cce" if cuda else "torch_compile"
 
         def fn(x):
-            nll = linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
-                                       ignore_index=IGNORE_INDEX, reduction="none", impl=impl)
+            nll = linear_cross_entropy(
+                x["hidden"],
+                x["weight"],
+                x["targets"],
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+                impl=impl,
+            )
             return -nll.float()
+
         return fn
 
     if name == "liger":
@@ -419,13 +509,16 @@ def build_provider(name: str, workload: str, device):
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         except Exception as e:
-            raise NotAvailable(f"liger-kernel not installed ({type(e).__name__}: {e}); "
-                               "pip install liger-kernel") from e
+            raise NotAvailable(
+                f"liger-kernel not installed ({type(e).__name__}: {e}); pip install liger-kernel"
+            ) from e
 
         def fn(x):
-            nll = liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
-                                                   ignore_index=IGNORE_INDEX, reduction="none")
+            nll = liger_fused_linear_cross_entropy(
+                x["hidden"], x["weight"], x["targets"], ignore_index=IGNORE_INDEX, reduction="none"
+            )
             return -nll.float()
+
         return fn
     raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
 
@@ -488,6 +581,7 @@ class MemMeter:
             return self.torch.cuda.memory_allocated()
         if self.method == "ru_maxrss":
             import resource
+
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return _proc_status_kib("VmRSS") * 1024
 
@@ -560,11 +654,21 @@ def oracle(case: Case, N: int, device, cache_dir: str | None = None) -> list:
     if case.workload == "logprobs":
         out64 = paper_logprobs(x64["hidden"], x64["weight"], x64["targets"])
     else:
-        out64 = paper_sgsd_loss(x64["hidden"], x64["weight"], x64["targets"], x64["token_mask"],
-                                x64["rewards"], x64["teacher_weights"], x64["teacher_hidden"],
-                                replicate=False, **SGSD_HYPER)
-    want = [out64.detach(), *_grads(out64, x64, x64.get("grad_out")
-                                    if case.workload == "logprobs" else None)]
+        out64 = paper_sgsd_loss(
+            x64["hidden"],
+            x64["weight"],
+            x64["targets"],
+            x64["token_mask"],
+            x64["rewards"],
+            x64["teacher_weights"],
+            x64["teacher_hidden"],
+            replicate=False,
+            **SGSD_HYPER,
+        )
+    want = [
+        out64.detach(),
+        *_grads(out64, x64, x64.get("grad_out") if case.workload == "logprobs" else None),
+    ]
     want = [t.detach().cpu() for t in want]
     del x64, out64
     _ORACLE[key] = want
@@ -574,8 +678,9 @@ def oracle(case: Case, N: int, device, cache_dir: str | None = None) -> list:
     return want
 
 
-def check_provider(fn, case: Case, N: int, device, cache_dir: str | None = None
-                   ) -> tuple[float, str]:
+def check_provider(
+    fn, case: Case, N: int, device, cache_dir: str | None = None
+) -> tuple[float, str]:
     """Relative error (max over output, dh, dW) of ``fn`` vs the float64 paper-reference."""
     x = make_inputs(case, N, device, dtype_of(case.dtype), seed=1)
     go = x["grad_out"] if case.workload == "logprobs" else None
@@ -634,6 +739,7 @@ def cuda_times(fn, x: dict, case: Case, phases: list[str], res: dict) -> None:
 
     def fwdbwd():
         _grads(fn(x), x, go)
+
     if "fwdbwd" in phases or case.workload == "sgsd":
         res["fwdbwd"]["time_ms"] = list(tt.do_bench(fwdbwd, **kw))
     if case.workload == "sgsd":
@@ -643,9 +749,14 @@ def cuda_times(fn, x: dict, case: Case, phases: list[str], res: dict) -> None:
     if "bwd" in phases:
         out = fn(x)
         try:
-            res["bwd"]["time_ms"] = list(tt.do_bench(
-                lambda: torch.autograd.grad(out, [x["hidden"], x["weight"]], go,
-                                            retain_graph=True), **kw))
+            res["bwd"]["time_ms"] = list(
+                tt.do_bench(
+                    lambda: torch.autograd.grad(
+                        out, [x["hidden"], x["weight"]], go, retain_graph=True
+                    ),
+                    **kw,
+                )
+            )
         except RuntimeError as e:  # e.g. a backward that cannot be replayed
             fb = res["fwdbwd"].get("time_ms") or list(tt.do_bench(fwdbwd, **kw))
             fw = res["fwd"].get("time_ms") or list(tt.do_bench(lambda: fn(x), **kw))
@@ -710,13 +821,15 @@ def gemm_timer(case: Case, device):
     if _has_cuda(device):
         import triton.testing as tt
 
-        return lambda: list(tt.do_bench(lambda: torch.matmul(a, b.T, out=c),
-                                        quantiles=[0.2, 0.5, 0.8]))
+        return lambda: list(
+            tt.do_bench(lambda: torch.matmul(a, b.T, out=c), quantiles=[0.2, 0.5, 0.8])
+        )
 
     def one() -> float:
         t0 = time.perf_counter()
         torch.matmul(a, b.T, out=c)
         return (time.perf_counter() - t0) * 1e3
+
     return one
 
 
@@ -774,18 +887,26 @@ def run_worker(spec: dict) -> None:
             fn = build_provider(provider, case.workload, device)
             est = est_materialised_bytes(provider, case)
             if mem_limit and est > mem_limit:
-                row.update(status="skipped", note=(
-                    f"skipped: materialises ~{est / 2**30:.1f} GiB of logits, over the "
-                    f"{mem_limit / 2**30:.1f} GiB allowed here (--mem-limit-gb)"))
+                row.update(
+                    status="skipped",
+                    note=(
+                        f"skipped: materialises ~{est / 2**30:.1f} GiB of logits, over the "
+                        f"{mem_limit / 2**30:.1f} GiB allowed here (--mem-limit-gb)"
+                    ),
+                )
                 _emit(row)
                 continue
-            err, what = check_provider(fn, case, min(case.N, preset.check_N), device,
-                                       spec.get("cache_dir"))
+            err, what = check_provider(
+                fn, case, min(case.N, preset.check_N), device, spec.get("cache_dir")
+            )
             row["check_err"] = err
             tol = TOL.get(case.dtype, 1e-2)
             if not err <= tol:
-                row.update(status="WRONG", note=f"check failed vs float64 paper-reference: "
-                           f"{what} > tol {tol:.0e}; not timed")
+                row.update(
+                    status="WRONG",
+                    note=f"check failed vs float64 paper-reference: "
+                    f"{what} > tol {tol:.0e}; not timed",
+                )
                 _emit(row)
                 continue
             if provider in ("torch-compile", "triton", "cce", "liger"):
@@ -828,7 +949,10 @@ def run_worker(spec: dict) -> None:
                 e["row"].pop("result", None)
                 _emit(e["row"])
             entries = []
-        ms = lambda xs: _percentiles([v * 1e3 for v in xs])
+
+        def ms(xs):
+            return _percentiles([v * 1e3 for v in xs])
+
         for e in entries:
             res = e["row"]["result"]
             res["fwdbwd"]["time_ms"] = ms([a + b for a, b in zip(e["tf"], e["tb"])])
@@ -864,11 +988,29 @@ def _mem_available_bytes() -> int | None:
 
 def _git_version() -> str:
     try:
-        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
-                                "--", "sgsd_kernels"], capture_output=True, text=True, check=False,
-                               timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                REPO,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "sgsd_kernels",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "") if sha else "unknown"
     except Exception:  # noqa: BLE001
         return "unknown"
@@ -905,9 +1047,18 @@ def _pump(stream, q) -> None:
         q.put(line)
 
 
-def run_case_subprocess(case: Case, providers: list[str], device: str, preset: Preset,
-                        phases: list[str], mem_limit: int, on_row, timeout_s: float,
-                        threads: int | None = None, cache_dir: str | None = None) -> None:
+def run_case_subprocess(
+    case: Case,
+    providers: list[str],
+    device: str,
+    preset: Preset,
+    phases: list[str],
+    mem_limit: int,
+    on_row,
+    timeout_s: float,
+    threads: int | None = None,
+    cache_dir: str | None = None,
+) -> None:
     """Run one shape's providers in a fresh interpreter; after a crash (e.g. the kernel's
     OOM killer) or a timeout, report the provider that was running and rerun the rest."""
     env = dict(os.environ)
@@ -916,12 +1067,23 @@ def run_case_subprocess(case: Case, providers: list[str], device: str, preset: P
     env.setdefault("PYTHONUNBUFFERED", "1")
     remaining = list(providers)
     while remaining:
-        spec = {"providers": remaining, "case": asdict(case), "device": device,
-                "preset": asdict(preset), "phases": phases, "mem_limit_bytes": mem_limit,
-                "threads": threads, "cache_dir": cache_dir}
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker",
-                                 json.dumps(spec)], stdout=subprocess.PIPE, env=env, text=True,
-                                cwd=REPO)
+        spec = {
+            "providers": remaining,
+            "case": asdict(case),
+            "device": device,
+            "preset": asdict(preset),
+            "phases": phases,
+            "mem_limit_bytes": mem_limit,
+            "threads": threads,
+            "cache_dir": cache_dir,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            cwd=REPO,
+        )
         current = None
         done: set = set()
         lines: queue.Queue = queue.Queue()
@@ -943,10 +1105,10 @@ def run_case_subprocess(case: Case, providers: list[str], device: str, preset: P
                     break
                 continue
             if line.startswith(START_TAG):
-                current = line[len(START_TAG):].strip()
+                current = line[len(START_TAG) :].strip()
                 deadline = time.time() + timeout_s
             elif line.startswith(RESULT_TAG):
-                row = json.loads(line[len(RESULT_TAG):])
+                row = json.loads(line[len(RESULT_TAG) :])
                 done.add(row["provider"])
                 on_row(row)
         rc = proc.wait()
@@ -954,11 +1116,20 @@ def run_case_subprocess(case: Case, providers: list[str], device: str, preset: P
         if not left:
             return
         bad = current if current in left else left[0]
-        why = (f"timed out after {timeout_s:.0f}s (--worker-timeout)" if timed_out else
-               f"worker died (exit {rc}"
-               f"{', killed: probably out of memory' if rc in (-9, 137) else ''})")
-        on_row({"provider": bad, "case": asdict(case),
-                "status": "timeout" if timed_out else "crashed", "note": why})
+        why = (
+            f"timed out after {timeout_s:.0f}s (--worker-timeout)"
+            if timed_out
+            else f"worker died (exit {rc}"
+            f"{', killed: probably out of memory' if rc in (-9, 137) else ''})"
+        )
+        on_row(
+            {
+                "provider": bad,
+                "case": asdict(case),
+                "status": "timeout" if timed_out else "crashed",
+                "note": why,
+            }
+        )
         remaining = [p_ for p_ in left if p_ != bad]
 
 
@@ -981,15 +1152,26 @@ def build_rows(results: list[dict], gemm: dict[tuple, dict], device_is_cuda: boo
     rows = []
     for r in results:
         case = Case(**r["case"])
-        subs = ([f"logprobs-{p}" for p in LOGPROB_PHASES] if case.workload == "logprobs"
-                else ["sgsd-fwdbwd"])
+        subs = (
+            [f"logprobs-{p}" for p in LOGPROB_PHASES]
+            if case.workload == "logprobs"
+            else ["sgsd-fwdbwd"]
+        )
         for wl in subs:
             phase = wl.split("-", 1)[1]
             floor_g = LOGPROB_FLOOR[phase] if case.workload == "logprobs" else case.K + 4
             G = 2.0 * case.N * case.V * case.H
-            row = {"provider": r["provider"], "workload": wl, "case": case, "status": r["status"],
-                   "note": r.get("note", ""), "check_err": r.get("check_err"),
-                   "floor_flops": floor_g * G, "time_ms": None, "peak_bytes": None}
+            row = {
+                "provider": r["provider"],
+                "workload": wl,
+                "case": case,
+                "status": r["status"],
+                "note": r.get("note", ""),
+                "check_err": r.get("check_err"),
+                "floor_flops": floor_g * G,
+                "time_ms": None,
+                "peak_bytes": None,
+            }
             res = (r.get("result") or {}).get(phase)
             if res is None and r["status"] == "ok":
                 continue  # phase not requested
@@ -1028,31 +1210,51 @@ def _f(v, fmt="{:.2f}"):
 def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
     cuda = meta["device_is_cuda"]
     unit, scale = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
-    out = [(f"### {meta['preset']} on {meta['device']} — {meta['dtype']}, {meta['version']}, "
-           f"torch {meta['torch']}, {meta['timestamp']}"), ""]
+    out = [
+        (
+            f"### {meta['preset']} on {meta['device']} — {meta['dtype']}, {meta['version']}, "
+            f"torch {meta['torch']}, {meta['timestamp']}"
+        ),
+        "",
+    ]
     if gemm_rows:
-        out += [("GEMM rate (torch.matmul [M,H]@[H,V], M = N for log-probs and (K+1)·N for "
-                 "SGSD, into a preallocated output, same dtype and device, timed in the same "
-                 "process as the row's providers, interleaved with them on CPU): the floor's "
-                 "yardstick."),
-                "", f"| rows | shape | M | time ms (p50 [p20, p80]) | {unit} |",
-                "|---|---|---|---|---|"]
+        out += [
+            (
+                "GEMM rate (torch.matmul [M,H]@[H,V], M = N for log-probs and (K+1)·N for "
+                "SGSD, into a preallocated output, same dtype and device, timed in the same "
+                "process as the row's providers, interleaved with them on CPU): the floor's "
+                "yardstick."
+            ),
+            "",
+            f"| rows | shape | M | time ms (p50 [p20, p80]) | {unit} |",
+            "|---|---|---|---|---|",
+        ]
         for g in gemm_rows:
             c = g["case"]
             t = g["time_ms"]
             rate = 2.0 * gemm_m(c) * c.V * c.H / (t[1] / 1e3) / scale if t else None
-            out.append(f"| {c.workload} | {c.shape()} | {gemm_m(c)} | {fmt_ms(t)} | "
-                       f"{_f(rate, '{:.1f}')} |")
+            out.append(
+                f"| {c.workload} | {c.shape()} | {gemm_m(c)} | {fmt_ms(t)} | {_f(rate, '{:.1f}')} |"
+            )
         out.append("")
     out += [
-        (f"| workload | shape | provider | time ms (p50 [p20, p80]) | peak MiB | {unit} | "
-        "floor % | × vs ref | mem ÷ vs ref | × vs paper | mem ÷ vs paper | status |"),
+        (
+            f"| workload | shape | provider | time ms (p50 [p20, p80]) | peak MiB | {unit} | "
+            "floor % | × vs ref | mem ÷ vs ref | × vs paper | mem ÷ vs paper | status |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {p: i for i, p in enumerate(("paper-reference", *PROVIDERS[1:]))}
     wl_order = {w: i for i, w in enumerate(WORKLOAD_ROWS)}
-    rows = sorted(rows, key=lambda r: (wl_order.get(r["workload"], 9), r["case"].N, r["case"].K,
-                                       order.get(r["provider"], 99)))
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            wl_order.get(r["workload"], 9),
+            r["case"].N,
+            r["case"].K,
+            order.get(r["provider"], 99),
+        ),
+    )
     for r in rows:
         c = r["case"]
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
@@ -1067,28 +1269,71 @@ def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
             f"{_f(r.get('floor_frac') and 100 * r['floor_frac'], '{:.0f}')} | "
             f"{_f(r.get('speedup_vs_ref'))} | {_f(r.get('mem_ratio_vs_ref'), '{:.1f}')} | "
             f"{_f(r.get('speedup_vs_paper'))} | {_f(r.get('mem_ratio_vs_paper'), '{:.1f}')} | "
-            f"{status} |")
-    out += ["", (f"{unit}: useful work = the floor FLOPs ((K+4)·G for sgsd; 1/3/4 G for "
+            f"{status} |"
+        )
+    out += [
+        "",
+        (
+            f"{unit}: useful work = the floor FLOPs ((K+4)·G for sgsd; 1/3/4 G for "
             "logprobs fwd/bwd/fwd+bwd; G = 2·N·V·H) divided by the median time. floor % = time at "
             "the measured GEMM rate for the floor FLOPs ÷ median time. peak MiB: memory above the "
             f"inputs ({meta['mem_method']}). × / mem ÷: reference's (or paper-reference's) median "
-            "time / peak divided by this row's (> 1 = better than the baseline).")]
+            "time / peak divided by this row's (> 1 = better than the baseline)."
+        ),
+    ]
     return "\n".join(out)
 
 
-CSV_FIELDS = ("provider", "workload", "shape", "N", "K", "V", "H", "dtype", "device", "metric",
-              "unit", "p20", "p50", "p80", "status", "note", "timestamp", "version", "torch")
+CSV_FIELDS = (
+    "provider",
+    "workload",
+    "shape",
+    "N",
+    "K",
+    "V",
+    "H",
+    "dtype",
+    "device",
+    "metric",
+    "unit",
+    "p20",
+    "p50",
+    "p80",
+    "status",
+    "note",
+    "timestamp",
+    "version",
+    "torch",
+)
 
 
 def csv_records(rows: list[dict], gemm_rows: list[dict], meta: dict) -> list[dict]:
     recs = []
 
     def rec(provider, workload, c, metric, unit, p20, p50, p80, status="ok", note=""):
-        recs.append({"provider": provider, "workload": workload, "shape": c.shape(), "N": c.N,
-                     "K": c.K, "V": c.V, "H": c.H, "dtype": c.dtype, "device": meta["device"],
-                     "metric": metric, "unit": unit, "p20": p20, "p50": p50, "p80": p80,
-                     "status": status, "note": note, "timestamp": meta["timestamp"],
-                     "version": meta["version"], "torch": meta["torch"]})
+        recs.append(
+            {
+                "provider": provider,
+                "workload": workload,
+                "shape": c.shape(),
+                "N": c.N,
+                "K": c.K,
+                "V": c.V,
+                "H": c.H,
+                "dtype": c.dtype,
+                "device": meta["device"],
+                "metric": metric,
+                "unit": unit,
+                "p20": p20,
+                "p50": p50,
+                "p80": p80,
+                "status": status,
+                "note": note,
+                "timestamp": meta["timestamp"],
+                "version": meta["version"],
+                "torch": meta["torch"],
+            }
+        )
 
     for g in gemm_rows:
         c = g["case"]
@@ -1108,19 +1353,39 @@ def csv_records(rows: list[dict], gemm_rows: list[dict], meta: dict) -> list[dic
             # p20 of the rate comes from p80 of the time and vice versa
             rec(p, w, c, "flops_per_s", "FLOP/s", *[r["floor_flops"] / (v / 1e3) for v in t[::-1]])
         if r.get("peak_bytes") is not None:
-            rec(p, w, c, "peak_memory", "bytes", None, r["peak_bytes"], None,
-                note=r.get("mem_method") or "")
-        for m, u in (("floor_frac", "fraction"), ("speedup_vs_ref", "x"),
-                     ("mem_ratio_vs_ref", "x"), ("speedup_vs_paper", "x"),
-                     ("mem_ratio_vs_paper", "x"), ("check_err", "rel")):
+            rec(
+                p,
+                w,
+                c,
+                "peak_memory",
+                "bytes",
+                None,
+                r["peak_bytes"],
+                None,
+                note=r.get("mem_method") or "",
+            )
+        for m, u in (
+            ("floor_frac", "fraction"),
+            ("speedup_vs_ref", "x"),
+            ("mem_ratio_vs_ref", "x"),
+            ("speedup_vs_paper", "x"),
+            ("mem_ratio_vs_paper", "x"),
+            ("check_err", "rel"),
+        ):
             if r.get(m) is not None:
                 rec(p, w, c, m, u, None, r[m], None)
     return recs
 
 
-COLORS = {"paper-reference": "tab:blue", "reference": "tab:orange", "torch": "tab:green",
-          "triton": "tab:red", "torch-compile": "tab:purple", "cce": "tab:brown",
-          "liger": "tab:pink"}
+COLORS = {
+    "paper-reference": "tab:blue",
+    "reference": "tab:orange",
+    "torch": "tab:green",
+    "triton": "tab:red",
+    "torch-compile": "tab:purple",
+    "cce": "tab:brown",
+    "liger": "tab:pink",
+}
 
 
 def make_plots(rows: list[dict], out_prefix: str, meta: dict) -> list[str]:
@@ -1169,8 +1434,13 @@ def make_plots(rows: list[dict], out_prefix: str, meta: dict) -> list[str]:
             draw(axes[i][0], series, "N tokens", "median time (ms)", lambda r: r["time_ms"][1])
             axes[i][0].set_title(f"{name}: time")
             mseries = {k: [p for p in v if p[1].get("peak_bytes")] for k, v in series.items()}
-            draw(axes[i][1], mseries, "N tokens", "peak memory above inputs (MiB)",
-                 lambda r: max(r["peak_bytes"], 1) / 2**20)
+            draw(
+                axes[i][1],
+                mseries,
+                "N tokens",
+                "peak memory above inputs (MiB)",
+                lambda r: max(r["peak_bytes"], 1) / 2**20,
+            )
             axes[i][1].set_title(f"{name}: peak memory")
         axes[0][0].legend(fontsize=8)
         fig.suptitle(title)
@@ -1193,8 +1463,13 @@ def make_plots(rows: list[dict], out_prefix: str, meta: dict) -> list[str]:
                 series.setdefault(r["provider"], []).append((r["case"].K, r))
             draw(axes[0][0], series, "K teachers", "median time (ms)", lambda r: r["time_ms"][1])
             axes[0][0].set_title(f"sgsd fwd+bwd, N={N}: time")
-            draw(axes[0][1], series, "K teachers", "peak memory above inputs (MiB)",
-                 lambda r: max(r["peak_bytes"] or 1, 1) / 2**20)
+            draw(
+                axes[0][1],
+                series,
+                "K teachers",
+                "peak memory above inputs (MiB)",
+                lambda r: max(r["peak_bytes"] or 1, 1) / 2**20,
+            )
             axes[0][1].set_title(f"sgsd fwd+bwd, N={N}: peak memory")
             axes[0][0].legend(fontsize=8)
             fig.suptitle(title)
@@ -1221,27 +1496,52 @@ def _progress_line(row: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="shapes to run (default: cpu-small on CPU, qwen3-1.7b on CUDA)")
-    p.add_argument("--providers", default=None,
-                   help=f"comma list from {','.join(PROVIDERS)}, or 'all' (default: all but, "
-                        "on CPU with cpu-small, torch-compile and cce, whose rows then say why)")
-    p.add_argument("--workloads", default="all",
-                   help="comma list from logprobs,logprobs-fwd,logprobs-bwd,logprobs-fwdbwd,sgsd "
-                        "or 'all'")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="shapes to run (default: cpu-small on CPU, qwen3-1.7b on CUDA)",
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        help=f"comma list from {','.join(PROVIDERS)}, or 'all' (default: all but, "
+        "on CPU with cpu-small, torch-compile and cce, whose rows then say why)",
+    )
+    p.add_argument(
+        "--workloads",
+        default="all",
+        help="comma list from logprobs,logprobs-fwd,logprobs-bwd,logprobs-fwdbwd,sgsd or 'all'",
+    )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: preset's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"),
-                   help="directory for the CSV, markdown table and plots")
-    p.add_argument("--mem-limit-gb", type=float, default=None,
-                   help="skip rows whose logits would not fit (CPU default: 70%% of MemAvailable)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU: torch.set_num_threads in every worker (default: torch's choice, "
-                        "one per core). On a busy machine 1 thread gives steadier numbers")
-    p.add_argument("--worker-timeout", type=float, default=1800.0,
-                   help="seconds one row may take before its worker is killed")
+    p.add_argument(
+        "--out",
+        default=os.path.join(HERE, "results"),
+        help="directory for the CSV, markdown table and plots",
+    )
+    p.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=None,
+        help="skip rows whose logits would not fit (CPU default: 70%% of MemAvailable)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch.set_num_threads in every worker (default: torch's choice, "
+        "one per core). On a busy machine 1 thread gives steadier numbers",
+    )
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds one row may take before its worker is killed",
+    )
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1304,23 +1604,38 @@ def main(argv=None) -> int:
     else:
         mem_limit = 0  # CUDA: try, report OOM
 
-    meta = {"preset": preset.name, "device": _device_name(device), "dtype": dtype,
-            "device_is_cuda": cuda, "torch": torch.__version__, "version": _package_version(),
-            "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "mem_method": ("torch.cuda.max_memory_allocated after reset" if cuda else
-                           "process RSS high-water mark via /proc/self/clear_refs, "
-                           "MALLOC_MMAP_THRESHOLD_=65536; one subprocess per shape, its providers "
-                           "measured one after the other")}
-    print(f"[bench] {preset.name} on {meta['device']} ({dtype}); providers "
-          f"{','.join(provs)}; {len(cases)} shapes; {meta['version']}", file=sys.stderr)
+    meta = {
+        "preset": preset.name,
+        "device": _device_name(device),
+        "dtype": dtype,
+        "device_is_cuda": cuda,
+        "torch": torch.__version__,
+        "version": _package_version(),
+        "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "mem_method": (
+            "torch.cuda.max_memory_allocated after reset"
+            if cuda
+            else "process RSS high-water mark via /proc/self/clear_refs, "
+            "MALLOC_MMAP_THRESHOLD_=65536; one subprocess per shape, its providers "
+            "measured one after the other"
+        ),
+    }
+    print(
+        f"[bench] {preset.name} on {meta['device']} ({dtype}); providers "
+        f"{','.join(provs)}; {len(cases)} shapes; {meta['version']}",
+        file=sys.stderr,
+    )
 
     results: list[dict] = []
     gemm: dict = {}
     gemm_rows: list[dict] = []
 
     def on_row(row):
-        print(f"[bench {time.perf_counter() - t_begin:6.1f}s] {_progress_line(row)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[bench {time.perf_counter() - t_begin:6.1f}s] {_progress_line(row)}",
+            file=sys.stderr,
+            flush=True,
+        )
         if row["provider"] == "gemm":
             if row.get("gemm"):
                 c = Case(**row["case"])
@@ -1343,32 +1658,56 @@ def main(argv=None) -> int:
             why = None
             if not explicit and not cuda and prov in preset.default_off:
                 why = preset.default_off[prov]
-            why = why or next((r for p_, w_, n_, k_, r in preset.skip
-                               if (p_, w_, n_, k_) == (prov, c.workload, c.N, c.K)), None)
+            why = why or next(
+                (
+                    r
+                    for p_, w_, n_, k_, r in preset.skip
+                    if (p_, w_, n_, k_) == (prov, c.workload, c.N, c.K)
+                ),
+                None,
+            )
             if na:
                 on_row({"provider": prov, "case": asdict(c), "status": "n/a", "note": na})
             elif why and not explicit:
                 on_row({"provider": prov, "case": asdict(c), "status": "skipped", "note": why})
             else:
                 run.append(prov)
-        print(f"[bench {time.perf_counter() - t_begin:6.1f}s] {c.workload} {c.shape()}: "
-              f"{', '.join(run) or 'nothing to run'}", file=sys.stderr, flush=True)
-        run_case_subprocess(c, run, device, preset, phases, mem_limit, on_row,
-                            args.worker_timeout, args.threads, cache_dir)
+        print(
+            f"[bench {time.perf_counter() - t_begin:6.1f}s] {c.workload} {c.shape()}: "
+            f"{', '.join(run) or 'nothing to run'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        run_case_subprocess(
+            c,
+            run,
+            device,
+            preset,
+            phases,
+            mem_limit,
+            on_row,
+            args.worker_timeout,
+            args.threads,
+            cache_dir,
+        )
 
     if cache_dir:
         shutil.rmtree(cache_dir, ignore_errors=True)
     rows = build_rows(results, gemm, cuda)
-    rows = [r for r in rows if r["workload"] == "sgsd-fwdbwd" or r["workload"].split("-")[1]
-            in phases]
+    rows = [
+        r for r in rows if r["workload"] == "sgsd-fwdbwd" or r["workload"].split("-")[1] in phases
+    ]
     table = markdown_table(rows, gemm_rows, meta)
     elapsed = time.perf_counter() - t_begin
     table += f"\n\nWall time of this run: {elapsed:.0f} s.\n"
     print(table)
 
     os.makedirs(args.out, exist_ok=True)
-    tag = "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower()) \
-        if cuda else "cpu"
+    tag = (
+        "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower())
+        if cuda
+        else "cpu"
+    )
     prefix = os.path.join(args.out, f"{preset.name}_{dtype}_{tag}".replace("--", "-"))
     with open(prefix + ".md", "w") as f:
         f.write(table)
@@ -1378,8 +1717,12 @@ def main(argv=None) -> int:
         for rec in csv_records(rows, gemm_rows, meta):
             w.writerow(rec)
     plots = make_plots(rows, prefix, meta)
-    print(f"[bench] wrote {prefix}.csv, {prefix}.md" + "".join(f", {p}" for p in plots)
-          + f" in {elapsed:.0f} s", file=sys.stderr)
+    print(
+        f"[bench] wrote {prefix}.csv, {prefix}.md"
+        + "".join(f", {p}" for p in plots)
+        + f" in {elapsed:.0f} s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -42,7 +42,8 @@ def test_fwdbwd(benchmark, provider, workload):
 
     benchmark.group = f"{workload} fwd+bwd N={case.N} V={case.V} H={case.H} K={case.K}"
     benchmark.extra_info["floor_gflop"] = (
-        (4 if workload == "logprobs" else case.K + 4) * 2 * case.N * case.V * case.H / 1e9)
+        (4 if workload == "logprobs" else case.K + 4) * 2 * case.N * case.V * case.H / 1e9
+    )
     benchmark(step)
 
 
@@ -57,8 +58,16 @@ def test_gemm_rate(benchmark):
 
 def test_harness_end_to_end(benchmark, tmp_path):
     """The whole script on the tiny preset: subprocess workers, table, CSV, plots."""
-    argv = ["--preset", "tiny", "--providers", "paper-reference,reference,torch,liger",
-            "--threads", "1", "--out", str(tmp_path)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--providers",
+        "paper-reference,reference,torch,liger",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     benchmark.group = "harness"
     benchmark.pedantic(bench.main, args=(argv,), rounds=1, iterations=1)
     files = sorted(os.listdir(tmp_path))

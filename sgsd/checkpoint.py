@@ -92,12 +92,25 @@ def _full_state(policy, optimizer) -> tuple[dict, dict]:
     )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(policy, options=opts),
-            get_optimizer_state_dict(policy, optimizer, options=opts))
+    return (
+        get_model_state_dict(policy, options=opts),
+        get_optimizer_state_dict(policy, optimizer, options=opts),
+    )
 
 
-def save_checkpoint(output_dir, *, policy, optimizer, scheduler, bank, state: TrainerState,
-                    config: dict, rank: int, keep: int = 0, export_full: bool = True) -> Path:
+def save_checkpoint(
+    output_dir,
+    *,
+    policy,
+    optimizer,
+    scheduler,
+    bank,
+    state: TrainerState,
+    config: dict,
+    rank: int,
+    keep: int = 0,
+    export_full: bool = True,
+) -> Path:
     """Write a checkpoint for ``state.step`` atomically; all ranks must call it."""
     from safetensors.torch import save_file
 
@@ -119,13 +132,18 @@ def save_checkpoint(output_dir, *, policy, optimizer, scheduler, bank, state: Tr
         if policy.is_peft or export_full:
             # policy.model's own keys: drop the Policy wrapper's "model." prefix
             inner = {k.removeprefix("model."): v for k, v in model_sd.items()}
-            policy.model.save_pretrained(str(tmp / "model"), state_dict=inner,
-                                         safe_serialization=True)
+            policy.model.save_pretrained(
+                str(tmp / "model"), state_dict=inner, safe_serialization=True
+            )
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "skill_bank.json").write_text(json.dumps(bank.state_dict()))
-        meta = {"step": state.step, "data_position": state.data_position,
-                "world_size": state.world_size, "config": config}
+        meta = {
+            "step": state.step,
+            "data_position": state.data_position,
+            "world_size": state.world_size,
+            "config": config,
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     del model_sd, optim_sd
     _barrier()
@@ -160,8 +178,10 @@ def _complete(path: Path) -> bool:
 def _list(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p)
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -181,8 +201,9 @@ def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not _complete(path):
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory "
-                                f"(no trainer_state.json)")
+        raise FileNotFoundError(
+            f"--resume {resume}: not a checkpoint directory (no trainer_state.json)"
+        )
     return path
 
 
@@ -199,23 +220,32 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, worl
 
     meta = json.loads((path / "trainer_state.json").read_text())
     if meta["world_size"] != world_size:
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks; "
-                         f"resume with the same --nproc_per_node (got {world_size})")
+        raise ValueError(
+            f"checkpoint {path} was written by {meta['world_size']} ranks; "
+            f"resume with the same --nproc_per_node (got {world_size})"
+        )
     trainable = load_file(str(path / "trainable.safetensors"))
     expected = set(trainable_names(policy))
     if set(trainable) != expected:
-        raise ValueError(f"checkpoint {path} does not match the model's trainable parameters: "
-                         f"missing {sorted(expected - set(trainable))[:5]}, "
-                         f"unexpected {sorted(set(trainable) - expected)[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the model's trainable parameters: "
+            f"missing {sorted(expected - set(trainable))[:5]}, "
+            f"unexpected {sorted(set(trainable) - expected)[:5]}"
+        )
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(policy, trainable, options=opts)
-    set_optimizer_state_dict(policy, optimizer, options=opts, optim_state_dict=torch.load(
-        path / "optimizer.pt", map_location="cpu", weights_only=False))
+    set_optimizer_state_dict(
+        policy,
+        optimizer,
+        options=opts,
+        optim_state_dict=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+    )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng" / f"rank{rank}.pt", weights_only=False))
     bank_state = json.loads((path / "skill_bank.json").read_text())
-    state = TrainerState(step=meta["step"], data_position=meta["data_position"],
-                         world_size=world_size)
+    state = TrainerState(
+        step=meta["step"], data_position=meta["data_position"], world_size=world_size
+    )
     return state, bank_state
 
 
@@ -245,8 +275,11 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.requested = True
         self._first = time.monotonic()
-        log.warning("received %s: finishing this step, saving a checkpoint, then exiting "
-                    "(signal again to abort)", signal.Signals(signum).name)
+        log.warning(
+            "received %s: finishing this step, saving a checkpoint, then exiting "
+            "(signal again to abort)",
+            signal.Signals(signum).name,
+        )
 
     def should_stop(self, device: torch.device | None = None) -> bool:
         """True on every rank if any rank was signalled (a collective: call on all ranks)."""

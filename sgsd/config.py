@@ -161,49 +161,76 @@ class TrainConfig:
                 raise ValueError(f"invalid config: {msg}")
 
         need(bool(self.model), "model must be a model id, a path or 'tiny'")
-        need(self.finetune in ("lora", "full"), f"finetune must be lora|full, got {self.finetune!r}")
+        need(
+            self.finetune in ("lora", "full"), f"finetune must be lora|full, got {self.finetune!r}"
+        )
         need(self.lora_r >= 1 and self.lora_alpha > 0, "lora_r >= 1 and lora_alpha > 0")
         need(0.0 <= self.lora_dropout < 1.0, "0 <= lora_dropout < 1")
         need(len(self.lora_target_modules) > 0, "lora_target_modules must not be empty")
-        need(self.dtype in ("auto", "bfloat16", "float16", "float32"),
-             f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
-        need(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
-             f"attn_implementation must be auto|sdpa|eager|flash_attention_2, "
-             f"got {self.attn_implementation!r}")
+        need(
+            self.dtype in ("auto", "bfloat16", "float16", "float32"),
+            f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}",
+        )
+        need(
+            self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+            f"attn_implementation must be auto|sdpa|eager|flash_attention_2, "
+            f"got {self.attn_implementation!r}",
+        )
         need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit >= 1")
         need(self.loss in ("sgsd",), f"loss must be one of ('sgsd',), got {self.loss!r}")
         need(self.num_teachers >= 1, "num_teachers (K) >= 1")
         for name in ("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr"):
             v = getattr(self, name)
             need(math.isfinite(v) and v > 0, f"{name} must be finite and > 0, got {v}")
-        need(math.isfinite(self.confidence_threshold) and self.confidence_threshold >= 0,
-             "confidence_threshold (epsilon) must be finite and >= 0")
-        need(self.kernel_backend in ("auto", "triton", "torch", "reference", "native"),
-             f"kernel_backend must be auto|triton|torch|reference|native, got {self.kernel_backend!r}")
-        need(self.rollout_backend in ("auto", "vllm", "hf"),
-             f"rollout_backend must be auto|vllm|hf, got {self.rollout_backend!r}")
-        need(self.problems_per_step >= 1 and self.rollouts_per_problem >= 1,
-             "problems_per_step >= 1 and rollouts_per_problem >= 1")
+        need(
+            math.isfinite(self.confidence_threshold) and self.confidence_threshold >= 0,
+            "confidence_threshold (epsilon) must be finite and >= 0",
+        )
+        need(
+            self.kernel_backend in ("auto", "triton", "torch", "reference", "native"),
+            "kernel_backend must be auto|triton|torch|reference|native, "
+            f"got {self.kernel_backend!r}",
+        )
+        need(
+            self.rollout_backend in ("auto", "vllm", "hf"),
+            f"rollout_backend must be auto|vllm|hf, got {self.rollout_backend!r}",
+        )
+        need(
+            self.problems_per_step >= 1 and self.rollouts_per_problem >= 1,
+            "problems_per_step >= 1 and rollouts_per_problem >= 1",
+        )
         need(0.0 < self.top_p <= 1.0, "0 < top_p <= 1")
         need(self.top_k >= 0, "top_k >= 0 (0 disables)")
-        need(self.max_completion_tokens >= 1 and self.max_prompt_tokens >= 1,
-             "max_completion_tokens >= 1 and max_prompt_tokens >= 1")
-        need(self.vllm_gpu_memory_utilization is None
-             or 0.0 < self.vllm_gpu_memory_utilization < 1.0,
-             "0 < vllm_gpu_memory_utilization < 1")
+        need(
+            self.max_completion_tokens >= 1 and self.max_prompt_tokens >= 1,
+            "max_completion_tokens >= 1 and max_prompt_tokens >= 1",
+        )
+        need(
+            self.vllm_gpu_memory_utilization is None
+            or 0.0 < self.vllm_gpu_memory_utilization < 1.0,
+            "0 < vllm_gpu_memory_utilization < 1",
+        )
         need(self.max_steps >= 1, "max_steps >= 1")
         need(self.weight_decay >= 0, "weight_decay >= 0")
-        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-             "adam_betas must be two numbers in [0, 1)")
+        need(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "adam_betas must be two numbers in [0, 1)",
+        )
         need(self.warmup_steps >= 0, "warmup_steps >= 0")
         need(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant|cosine")
         need(self.max_grad_norm >= 0, "max_grad_norm >= 0 (0 disables clipping)")
-        need(self.micro_batch_size >= 1 and self.teacher_micro_batch_size >= 1,
-             "micro_batch_size >= 1 and teacher_micro_batch_size >= 1")
-        need(self.parallelism in ("ddp", "fsdp2"),
-             f"parallelism must be ddp|fsdp2, got {self.parallelism!r}")
-        need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 0,
-             "checkpoint_every >= 0 and keep_checkpoints >= 0")
+        need(
+            self.micro_batch_size >= 1 and self.teacher_micro_batch_size >= 1,
+            "micro_batch_size >= 1 and teacher_micro_batch_size >= 1",
+        )
+        need(
+            self.parallelism in ("ddp", "fsdp2"),
+            f"parallelism must be ddp|fsdp2, got {self.parallelism!r}",
+        )
+        need(
+            self.checkpoint_every >= 0 and self.keep_checkpoints >= 0,
+            "checkpoint_every >= 0 and keep_checkpoints >= 0",
+        )
         need(self.log_every >= 1 and self.sample_every >= 1, "log_every >= 1 and sample_every >= 1")
 
     # ---- (de)serialisation -------------------------------------------------------------
@@ -323,7 +350,8 @@ def _load_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(  # noqa: TRY004 - bad file content, not a caller type error
-            f"config file {path} must hold a mapping, got {type(data).__name__}")
+            f"config file {path} must hold a mapping, got {type(data).__name__}"
+        )
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -337,9 +365,13 @@ def field_docs() -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, nxt in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -349,17 +381,22 @@ def usage() -> str:
     import textwrap
 
     docs = field_docs()
-    lines = ["usage: torchrun --nproc_per_node=N sgsd/train.py [--config FILE] [--key value ...]",
-             "",
-             ("Paper defaults; --model tiny (the default) also applies TINY_PROFILE to the "
-              "fields you do not set."),
-             ""]
+    lines = [
+        "usage: torchrun --nproc_per_node=N sgsd/train.py [--config FILE] [--key value ...]",
+        "",
+        (
+            "Paper defaults; --model tiny (the default) also applies TINY_PROFILE to the "
+            "fields you do not set."
+        ),
+        "",
+    ]
     for f in fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tiny = f"  [tiny: {TINY_PROFILE[f.name]!r}]" if f.name in TINY_PROFILE else ""
         lines.append(f"  --{f.name.replace('_', '-')} (default {default!r}){tiny}")
-        lines += textwrap.wrap(docs.get(f.name, ""), 88, initial_indent="      ",
-                               subsequent_indent="      ")
+        lines += textwrap.wrap(
+            docs.get(f.name, ""), 88, initial_indent="      ", subsequent_indent="      "
+        )
     return "\n".join(lines)
 
 
@@ -376,8 +413,9 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
     types = _field_types()
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(types))})")
+        raise ValueError(
+            f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(types))})"
+        )
     parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
     if parsed.get("model", "tiny") == "tiny":
         parsed = {**{k: v for k, v in TINY_PROFILE.items() if k not in parsed}, **parsed}

@@ -59,12 +59,26 @@ DATASET_ALIASES = {
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question", "prompt", "query", "input")
 #: Fields that hold a final answer, in order of preference (dotted = nested).
 ANSWER_FIELDS = (
-    "answer", "final_answer", "Answer", "ground_truth", "reward_model.ground_truth",
-    "target", "label", "expected_answer",
+    "answer",
+    "final_answer",
+    "Answer",
+    "ground_truth",
+    "reward_model.ground_truth",
+    "target",
+    "label",
+    "expected_answer",
 )
 #: Where a row id is looked for, in order (else ``<name>-<row>``).
-ID_FIELDS = ("id", "unique_id", "problem_id", "problem_idx", "idx", "index", "extra_info.index",
-             "ID")
+ID_FIELDS = (
+    "id",
+    "unique_id",
+    "problem_id",
+    "problem_idx",
+    "idx",
+    "index",
+    "extra_info.index",
+    "ID",
+)
 _SOLUTION_FIELDS = ("solution", "Solution", "reasoning", "rationale")
 _SUFFIXES = (".jsonl", ".json", ".parquet")
 # A "short final answer": no sentence structure, no \boxed; e.g. "204", "\frac{3}{4}".
@@ -75,8 +89,10 @@ _DAPO_PREFIX = re.compile(
     r"^\s*Solve the following math problem step by step\..*?answer to the problem\.\s*",
     re.DOTALL,
 )
-_DAPO_SUFFIX = re.compile(r"\s*Remember to put your answer on its own line after "
-                          r"\"Answer:\"\.?\s*$")
+_DAPO_SUFFIX = re.compile(
+    r"\s*Remember to put your answer on its own line after "
+    r"\"Answer:\"\.?\s*$"
+)
 
 
 @dataclass(frozen=True)
@@ -117,19 +133,28 @@ def _problem_text(row: Mapping, where: str) -> str:
         if value is None:
             continue
         if isinstance(value, list):  # chat format: [{"role": "user", "content": ...}]
-            users = [m.get("content") for m in value
-                     if isinstance(m, Mapping) and m.get("role", "user") == "user"]
+            users = [
+                m.get("content")
+                for m in value
+                if isinstance(m, Mapping) and m.get("role", "user") == "user"
+            ]
             value = users[-1] if users else None
         if isinstance(value, str) and value.strip():
             text = _DAPO_SUFFIX.sub("", _DAPO_PREFIX.sub("", value, count=1))
             return text.strip()
-    raise ValueError(f"{where}: no problem text (looked for fields {', '.join(PROBLEM_FIELDS)};"
-                     f" the row has {', '.join(map(str, row.keys()))})")
+    raise ValueError(
+        f"{where}: no problem text (looked for fields {', '.join(PROBLEM_FIELDS)};"
+        f" the row has {', '.join(map(str, row.keys()))})"
+    )
 
 
 def _looks_like_final_answer(s: str) -> bool:
-    return (0 < len(s) <= _MAX_SHORT_ANSWER and "\\boxed" not in s and "\n" not in s
-            and not re.search(r"[.!?]\s+[A-Z]", s))
+    return (
+        0 < len(s) <= _MAX_SHORT_ANSWER
+        and "\\boxed" not in s
+        and "\n" not in s
+        and not re.search(r"[.!?]\s+[A-Z]", s)
+    )
 
 
 def _detect_answer(rows: list[Mapping], name: str) -> tuple[str, str]:
@@ -161,8 +186,9 @@ def _detect_answer(rows: list[Mapping], name: str) -> tuple[str, str]:
     )
 
 
-def _to_problems(rows: list[Mapping], name: str, answer_field: str | None,
-                 dedupe: bool) -> list[Problem]:
+def _to_problems(
+    rows: list[Mapping], name: str, answer_field: str | None, dedupe: bool
+) -> list[Problem]:
     if not rows:
         return []
     for i, r in enumerate(rows):
@@ -187,8 +213,7 @@ def _to_problems(rows: list[Mapping], name: str, answer_field: str | None,
                     f"{where}: answer field '{field}' is missing or empty; fields with a value "
                     f"here: {', '.join(map(str, filled))}. Pass answer_field='<field>'."
                 )
-            sol_field = next((f for f in _SOLUTION_FIELDS if f != field and _text(r.get(f))),
-                             None)
+            sol_field = next((f for f in _SOLUTION_FIELDS if f != field and _text(r.get(f))), None)
             solution = _text(r.get(sol_field)) if sol_field else ""
         elif how == "solution":
             answer = _text(r.get(field))  # the "solution" column holds only the answer
@@ -201,12 +226,19 @@ def _to_problems(rows: list[Mapping], name: str, answer_field: str | None,
                 continue
             seen_pairs.add(key)
         raw_id = next((_text(_get(r, f)) for f in ID_FIELDS if _text(_get(r, f))), None)
-        out.append(Problem(id=raw_id if raw_id is not None else f"{name}-{i}", problem=text,
-                           answer=answer, solution=solution or ""))
+        out.append(
+            Problem(
+                id=raw_id if raw_id is not None else f"{name}-{i}",
+                problem=text,
+                answer=answer,
+                solution=solution or "",
+            )
+        )
         ids.add(out[-1].id)
     if len(ids) != len(out):  # ids must identify problems: fall back to positions
-        warnings.warn(f"{name}: row ids are not unique; using '{name}-<row>' ids instead",
-                      stacklevel=3)
+        warnings.warn(
+            f"{name}: row ids are not unique; using '{name}-<row>' ids instead", stacklevel=3
+        )
         out = [Problem(f"{name}-{i}", p.problem, p.answer, p.solution) for i, p in enumerate(out)]
     return out
 
@@ -240,8 +272,10 @@ def _read_json(path: Path, split: str | None) -> list[Any]:
         for key in ("data", "problems", "rows", "train", "test"):
             if isinstance(data.get(key), list):
                 return data[key]
-    raise ValueError(f"{path}: expected a JSON list of rows, or an object with a 'data' list "
-                     "or per-split lists (pass split=)")
+    raise ValueError(
+        f"{path}: expected a JSON list of rows, or an object with a 'data' list "
+        "or per-split lists (pass split=)"
+    )
 
 
 def _read_parquet(path: Path) -> list[Any]:
@@ -286,9 +320,14 @@ def _check_limit(limit: Any) -> None:
         raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
 
 
-def load_problems(source: str | Path = "demo", *, split: str | None = None,
-                  answer_field: str | None = None, limit: int | None = None,
-                  dedupe: bool = True) -> list[Problem]:
+def load_problems(
+    source: str | Path = "demo",
+    *,
+    split: str | None = None,
+    answer_field: str | None = None,
+    limit: int | None = None,
+    dedupe: bool = True,
+) -> list[Problem]:
     """Load a problem set (see the module docstring for sources and field detection).
 
     ``split`` selects a Hugging Face split or a top-level key of a JSON object;
@@ -312,8 +351,9 @@ def load_problems(source: str | Path = "demo", *, split: str | None = None,
         elif suffix == ".parquet":
             rows = _read_parquet(path)
         else:
-            raise ValueError(f"{path}: unsupported file type {suffix!r} (use "
-                             f"{', '.join(_SUFFIXES)})")
+            raise ValueError(
+                f"{path}: unsupported file type {suffix!r} (use {', '.join(_SUFFIXES)})"
+            )
         name = path.stem
     elif src.lower() in DATASET_ALIASES or re.fullmatch(r"[\w.-]+/[\w.-]+", src):
         dataset_id = DATASET_ALIASES.get(src.lower(), src)
@@ -325,4 +365,3 @@ def load_problems(source: str | Path = "demo", *, split: str | None = None,
         )
     problems = _to_problems(rows, name, answer_field, dedupe)
     return problems if limit is None else problems[:limit]
-

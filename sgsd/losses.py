@@ -64,8 +64,13 @@ class LossStrategy:
         """Teacher contexts for one problem: ``[(chat messages, weight), ...]``."""
         raise NotImplementedError
 
-    def loss(self, student_hidden: torch.Tensor, weight: torch.Tensor,
-             bias: torch.Tensor | None, batch: ScoredBatch) -> LossResult:
+    def loss(
+        self,
+        student_hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        batch: ScoredBatch,
+    ) -> LossResult:
         raise NotImplementedError
 
 

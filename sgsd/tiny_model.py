@@ -262,8 +262,14 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
     tok = _train_tokenizer()
     for content, special in SPECIAL_TOKENS.items():
-        added = AddedToken(content, special=special, normalized=False, single_word=False,
-                           lstrip=False, rstrip=False)
+        added = AddedToken(
+            content,
+            special=special,
+            normalized=False,
+            single_word=False,
+            lstrip=False,
+            rstrip=False,
+        )
         if special:
             tok.add_special_tokens([added])
         else:
@@ -404,8 +410,12 @@ def _main(argv: list[str] | None = None) -> int:
         prog="python -m sgsd.tiny_model",
         description="Write the tiny offline Qwen3 model + tokenizer (save_pretrained format).",
     )
-    ap.add_argument("out_dir", nargs="?", default=None,
-                    help="output directory (default: the cache dir, see default_tiny_model_dir)")
+    ap.add_argument(
+        "out_dir",
+        nargs="?",
+        default=None,
+        help="output directory (default: the cache dir, see default_tiny_model_dir)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="init seed (default 0)")
     args = ap.parse_args(argv)
     out = save_tiny_model(args.out_dir, seed=args.seed)

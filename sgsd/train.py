@@ -107,7 +107,7 @@ class ProblemSampler:
         while len(out) < count:
             epoch, offset = divmod(position + len(out), self.n)
             order = self._epoch(epoch)
-            out.extend(order[offset: offset + count - len(out)])
+            out.extend(order[offset : offset + count - len(out)])
         return out
 
 
@@ -137,8 +137,9 @@ class Rollout:
     teachers: list[tuple[list[int], float]]  # (teacher prompt ids, weight), at most K
 
 
-def sequences_batch(prefixes: list[list[int]], completions: list[list[int]], pad_id: int,
-                    device: torch.device):
+def sequences_batch(
+    prefixes: list[list[int]], completions: list[list[int]], pad_id: int, device: torch.device
+):
     """Right-padded ``prefix + completion`` batch and, for each completion token t, the
     position whose hidden state predicts it (``len(prefix) - 1 + t``).
 
@@ -169,13 +170,17 @@ def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
-def make_rollouts(cfg: TrainConfig, batch_problems, completions, tokenizer, bank,
-                  strategy: LossStrategy) -> list[Rollout]:
+def make_rollouts(
+    cfg: TrainConfig, batch_problems, completions, tokenizer, bank, strategy: LossStrategy
+) -> list[Rollout]:
     """Verify every completion (math-verify) and attach its problem's teacher contexts."""
     from sgsd.verify import verify_batch
 
-    flat = [(problem, prompt_ids, list(c))
-            for problem, prompt_ids, group in zip(*batch_problems, completions) for c in group]
+    flat = [
+        (problem, prompt_ids, list(c))
+        for problem, prompt_ids, group in zip(*batch_problems, completions)
+        for c in group
+    ]
     texts = [tokenizer.decode(c, skip_special_tokens=True) for _, _, c in flat]
     results = verify_batch(texts, [problem.answer for problem, _, _ in flat])
     teachers: dict[int, list[tuple[list[int], float]]] = {}
@@ -183,19 +188,25 @@ def make_rollouts(cfg: TrainConfig, batch_problems, completions, tokenizer, bank
     for (problem, prompt_ids, completion_ids), result in zip(flat, results):
         if id(problem) not in teachers:  # retrieve once per problem, shared by its G rollouts
             teachers[id(problem)] = [
-                (prompts.render_prompt_ids(tokenizer, messages,
-                                           enable_thinking=cfg.enable_thinking), w)
+                (
+                    prompts.render_prompt_ids(
+                        tokenizer, messages, enable_thinking=cfg.enable_thinking
+                    ),
+                    w,
+                )
                 for messages, w in strategy.teachers(problem, bank)
             ]
-        rollouts.append(Rollout(
-            problem=problem,
-            prompt_ids=prompt_ids,
-            completion_ids=completion_ids,
-            token_mask=prompts.format_token_mask(tokenizer, completion_ids),
-            reward=float(result.reward),
-            predicted=result.predicted,
-            teachers=teachers[id(problem)],
-        ))
+        rollouts.append(
+            Rollout(
+                problem=problem,
+                prompt_ids=prompt_ids,
+                completion_ids=completion_ids,
+                token_mask=prompts.format_token_mask(tokenizer, completion_ids),
+                reward=float(result.reward),
+                predicted=result.predicted,
+                teachers=teachers[id(problem)],
+            )
+        )
     return rollouts
 
 
@@ -207,24 +218,41 @@ def _float_dtype(policy: Policy) -> torch.dtype:
 
 
 @torch.no_grad()
-def teacher_logprobs(policy: Policy, rollouts: list[Rollout], num_teachers: int, t_max: int,
-                     cfg: TrainConfig, pad_id: int, device: torch.device) -> torch.Tensor:
+def teacher_logprobs(
+    policy: Policy,
+    rollouts: list[Rollout],
+    num_teachers: int,
+    t_max: int,
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+) -> torch.Tensor:
     """``[B, K, T]`` log-probs of each rollout's completion under each teacher context,
     from the live model (no grad). Missing teachers stay 0 (their weight is 0)."""
     dtype = _float_dtype(policy)
     out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=dtype, device=device)
-    jobs = [(b, k, ids) for b, r in enumerate(rollouts)
-            for k, (ids, _) in enumerate(r.teachers[:num_teachers])]
+    jobs = [
+        (b, k, ids)
+        for b, r in enumerate(rollouts)
+        for k, (ids, _) in enumerate(r.teachers[:num_teachers])
+    ]
     size = cfg.teacher_micro_batch_size
-    chunks = [jobs[lo: lo + size] for lo in range(0, len(jobs), size)]
+    chunks = [jobs[lo : lo + size] for lo in range(0, len(jobs), size)]
     for chunk in chunks:
         completions = [rollouts[b].completion_ids for b, _, _ in chunk]
-        ids, attn, pos, targets, _ = sequences_batch([j[2] for j in chunk], completions,
-                                                     pad_id, device)
+        ids, attn, pos, targets, _ = sequences_batch(
+            [j[2] for j in chunk], completions, pad_id, device
+        )
         hidden = gather_positions(policy(ids, attn), pos)
         weight, bias = policy.lm_head()  # after the forward: FSDP2 has gathered the head
-        lp = sk.linear_logprobs(hidden, weight, targets, bias=bias,
-                                temperature=cfg.logprob_temperature, backend=cfg.kernel_backend)
+        lp = sk.linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=cfg.logprob_temperature,
+            backend=cfg.kernel_backend,
+        )
         for row, (b, k, _) in enumerate(chunk):
             n = len(rollouts[b].completion_ids)
             out[b, k, :n] = lp[row, :n].to(dtype)
@@ -237,8 +265,15 @@ def teacher_logprobs(policy: Policy, rollouts: list[Rollout], num_teachers: int,
     return out
 
 
-def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[Rollout],
-                 cfg: TrainConfig, pad_id: int, device: torch.device):
+def rollout_loss(
+    model,
+    policy: Policy,
+    strategy: LossStrategy,
+    rollouts: list[Rollout],
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+):
     """The strategy's loss on one micro-batch (mean over its rollouts, differentiable).
 
     ``model`` is what the student forward runs through (the DDP wrapper under DDP, else
@@ -247,7 +282,8 @@ def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[R
     K = strategy.num_teachers
     fdtype = _float_dtype(policy)
     ids, attn, pos, targets, valid = sequences_batch(
-        [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id, device)
+        [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id, device
+    )
     mask = torch.zeros_like(valid)
     weights = torch.zeros((len(rollouts), K), dtype=fdtype, device=device)
     for b, r in enumerate(rollouts):
@@ -259,16 +295,24 @@ def rollout_loss(model, policy: Policy, strategy: LossStrategy, rollouts: list[R
         token_mask=mask & valid,
         rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
         teacher_weights=weights,
-        teacher_logprobs=teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id,
-                                          device),
+        teacher_logprobs=teacher_logprobs(
+            policy, rollouts, K, targets.shape[1], cfg, pad_id, device
+        ),
     )
     hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
     weight, bias = policy.lm_head()
     return strategy.loss(hidden, weight, bias, batch)
 
 
-def forward_backward(model, policy: Policy, strategy: LossStrategy, rollouts: list[Rollout],
-                     cfg: TrainConfig, pad_id: int, device: torch.device):
+def forward_backward(
+    model,
+    policy: Policy,
+    strategy: LossStrategy,
+    rollouts: list[Rollout],
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+):
     """Accumulate d(loss)/d(params) over micro-batches, loss = mean over ``rollouts``.
 
     Returns ``(loss, metrics)`` where metrics are micro-batch metrics averaged with the
@@ -280,7 +324,7 @@ def forward_backward(model, policy: Policy, strategy: LossStrategy, rollouts: li
     weights: dict[str, float] = {}
     mbs = range(0, total, cfg.micro_batch_size)
     for i, lo in enumerate(mbs):
-        chunk = rollouts[lo: lo + cfg.micro_batch_size]
+        chunk = rollouts[lo : lo + cfg.micro_batch_size]
         last = i == len(mbs) - 1  # reduce gradients across ranks only after the last one
         sync = _nullcontext()
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
@@ -331,8 +375,9 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(self.out / "tb"))
         if cfg.wandb_project:
             wandb = _optional("wandb", "wandb")
-            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(),
-                                    dir=str(self.out), resume="allow")
+            self.wandb = wandb.init(
+                project=cfg.wandb_project, config=cfg.to_dict(), dir=str(self.out), resume="allow"
+            )
 
     def step(self, record: dict) -> None:
         if not self.enabled:
@@ -351,15 +396,26 @@ class MetricsLogger:
         if not self.enabled:
             return ""
         with open(self.out / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps({
-                    "step": step, "problem_id": r.problem.id, "answer": r.problem.answer,
-                    "predicted": r.predicted, "reward": r.reward,
-                    "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=False),
-                }) + "\n" for r in rollouts)
+            f.writelines(
+                json.dumps(
+                    {
+                        "step": step,
+                        "problem_id": r.problem.id,
+                        "answer": r.problem.answer,
+                        "predicted": r.predicted,
+                        "reward": r.reward,
+                        "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=False),
+                    }
+                )
+                + "\n"
+                for r in rollouts
+            )
         r = rollouts[0]
         text = tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip()
-        return (f"  sample [{r.problem.id}] reward={r.reward:+.0f} answer={r.problem.answer!r} "
-                f"predicted={r.predicted!r}\n  | " + text[:300].replace("\n", "\n  | "))
+        return (
+            f"  sample [{r.problem.id}] reward={r.reward:+.0f} answer={r.problem.answer!r} "
+            f"predicted={r.predicted!r}\n  | " + text[:300].replace("\n", "\n  | ")
+        )
 
     def close(self) -> None:
         if self.tb is not None:
@@ -381,17 +437,22 @@ def _truncate_after(path: Path, step: int) -> None:
     """Drop records of steps > ``step`` (a resumed run rewrites them)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 
 def format_line(r: dict) -> str:
-    return (f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward']:+.3f} | "
-            f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
-            f"{r['neutral_frac']:.2f} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
-            f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
-            f"(gen {r['gen_time_s']:.2f}s, train {r['train_time_s']:.2f}s)")
+    return (
+        f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward']:+.3f} | "
+        f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
+        f"{r['neutral_frac']:.2f} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
+        f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
+        f"(gen {r['gen_time_s']:.2f}s, train {r['train_time_s']:.2f}s)"
+    )
 
 
 def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -418,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     if cfg.problems_per_step % env.world_size:
-        raise ValueError(f"problems_per_step={cfg.problems_per_step} must be divisible by the "
-                         f"number of ranks ({env.world_size})")
+        raise ValueError(
+            f"problems_per_step={cfg.problems_per_step} must be divisible by the "
+            f"number of ranks ({env.world_size})"
+        )
     out_dir = Path(cfg.output_dir)
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -438,63 +501,93 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id
     strategy = build_loss(cfg)
     problems, prompt_ids = [], []
-    loaded = load_problems(cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field,
-                           limit=cfg.dataset_limit)
+    loaded = load_problems(
+        cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field, limit=cfg.dataset_limit
+    )
     n_loaded = len(loaded)
     for p in loaded:
-        ids = prompts.render_prompt_ids(tokenizer, strategy.student_messages(p),
-                                        enable_thinking=cfg.enable_thinking)
+        ids = prompts.render_prompt_ids(
+            tokenizer, strategy.student_messages(p), enable_thinking=cfg.enable_thinking
+        )
         if len(ids) <= cfg.max_prompt_tokens:
             problems.append(p)
             prompt_ids.append(ids)
     if skipped := n_loaded - len(problems):
-        log.warning("skipped %d of %d problems: student prompt longer than max_prompt_tokens=%d",
-                    skipped, n_loaded, cfg.max_prompt_tokens)
+        log.warning(
+            "skipped %d of %d problems: student prompt longer than max_prompt_tokens=%d",
+            skipped,
+            n_loaded,
+            cfg.max_prompt_tokens,
+        )
     if not problems:
-        raise ValueError(f"no problem in {cfg.dataset!r} fits max_prompt_tokens="
-                         f"{cfg.max_prompt_tokens}")
+        raise ValueError(
+            f"no problem in {cfg.dataset!r} fits max_prompt_tokens={cfg.max_prompt_tokens}"
+        )
     bank = SkillBank.load(cfg.skill_bank) if cfg.skill_bank else SkillBank.default()
     sampler = ProblemSampler(len(problems), cfg.seed)
-    log.info("%d problems, skill bank %s, loss %s, K=%d, %d rank(s)", len(problems),
-             cfg.skill_bank or "(bundled default)", strategy.name, strategy.num_teachers,
-             env.world_size)
+    log.info(
+        "%d problems, skill bank %s, loss %s, K=%d, %d rank(s)",
+        len(problems),
+        cfg.skill_bank or "(bundled default)",
+        strategy.name,
+        strategy.num_teachers,
+        env.world_size,
+    )
 
     # ---- distributed wrapper, optimizer (after sharding: FSDP2 replaces the parameters) ---
     model = policy
     if env.world_size > 1 and cfg.parallelism == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(
-            policy, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            policy, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
     elif env.world_size > 1 and cfg.parallelism == "fsdp2":
         model = shard_fsdp2(policy, env.device, env.world_size)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
     scheduler = build_scheduler(cfg, optimizer)
 
     # ---- resume --------------------------------------------------------------------------
     state = TrainerState(world_size=env.world_size)
     ckpt = find_checkpoint(cfg.resume, out_dir)
     if ckpt is not None:
-        state, bank_state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer,
-                                            scheduler=scheduler, rank=env.rank,
-                                            world_size=env.world_size)
+        state, bank_state = load_checkpoint(
+            ckpt,
+            policy=policy,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
         bank = SkillBank.from_state_dict(bank_state)
         log.info("resumed from %s at step %d", ckpt, state.step)
     elif env.main and find_checkpoint("latest", out_dir) is not None:
-        log.warning("%s already holds checkpoints; this fresh run will overwrite and prune "
-                    "them (use --resume latest to continue instead)", out_dir)
+        log.warning(
+            "%s already holds checkpoints; this fresh run will overwrite and prune "
+            "them (use --resume latest to continue instead)",
+            out_dir,
+        )
 
     # ---- rollout engine (weights are pushed before every generation, so also after resume)
     threads = torch.get_num_threads()
     engine: RolloutEngine = build_rollout_engine(
-        cfg, policy, tokenizer, source, env.device, rank=env.rank,
-        max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_tokens)
+        cfg,
+        policy,
+        tokenizer,
+        source,
+        env.device,
+        rank=env.rank,
+        max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_tokens,
+    )
     if torch.get_num_threads() != threads:  # vLLM may lower it for serving
         torch.set_num_threads(threads)
     log.info("rollouts: %s", engine.name)
     if is_fsdp(policy) and engine.name != "vllm":
-        raise ValueError("parallelism='fsdp2' needs vLLM rollouts: HF generate would run a "
-                         "different number of (collective) forwards on each rank")
+        raise ValueError(
+            "parallelism='fsdp2' needs vLLM rollouts: HF generate would run a "
+            "different number of (collective) forwards on each rank"
+        )
 
     metrics_log = MetricsLogger(cfg, env.main, state.step)
     stop = GracefulStop()
@@ -508,10 +601,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint() -> None:
         nonlocal last_saved
-        save_checkpoint(out_dir, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                        bank=bank, state=state, config=cfg.to_dict(), rank=env.rank,
-                        keep=cfg.keep_checkpoints,
-                        export_full=policy.is_peft or state.step >= cfg.max_steps)
+        save_checkpoint(
+            out_dir,
+            policy=policy,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            bank=bank,
+            state=state,
+            config=cfg.to_dict(),
+            rank=env.rank,
+            keep=cfg.keep_checkpoints,
+            export_full=policy.is_peft or state.step >= cfg.max_steps,
+        )
         last_saved = state.step
 
     try:
@@ -521,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # 1. rollouts: G samples per problem, one batched call, from the live weights
             global_ids = sampler.take(state.data_position, cfg.problems_per_step)
-            mine = global_ids[env.rank * per_rank: (env.rank + 1) * per_rank]
+            mine = global_ids[env.rank * per_rank : (env.rank + 1) * per_rank]
             batch = ([problems[i] for i in mine], [prompt_ids[i] for i in mine])
             with gathered(policy):  # full weights under FSDP2 (a no-op otherwise)
                 engine.sync_weights(policy)
@@ -534,16 +635,19 @@ def main(argv: list[str] | None = None) -> int:
             # 4-5. teacher scoring + one student forward/backward per rollout
             t_train = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss, loss_metrics = forward_backward(model, policy, strategy, rollouts, cfg,
-                                                  pad_id, env.device)
+            loss, loss_metrics = forward_backward(
+                model, policy, strategy, rollouts, cfg, pad_id, env.device
+            )
 
             # 6. clip, step
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # same on every rank
-                raise FloatingPointError(f"step {step}: non-finite loss ({loss}) or gradient "
-                                         f"norm ({grad_norm}); the weights were not updated")
+                raise FloatingPointError(
+                    f"step {step}: non-finite loss ({loss}) or gradient "
+                    f"norm ({grad_norm}); the weights were not updated"
+                )
             optimizer.step()
             t_train = time.perf_counter() - t_train
             lr = scheduler.get_last_lr()[0]
@@ -553,11 +657,19 @@ def main(argv: list[str] | None = None) -> int:
 
             # 7. metrics over all ranks
             n_teach = loss_metrics.pop("num_teachers")
-            sums = {"loss": loss * len(rollouts), "reward": sum(r.reward for r in rollouts),
-                    "rollouts": len(rollouts), "num_teachers": n_teach,
-                    "tokens": sum(len(r.completion_ids) for r in rollouts)}
-            sums.update({f"w_{k}": v * (len(rollouts) if k == "mask_keep_frac" else n_teach)
-                         for k, v in loss_metrics.items()})
+            sums = {
+                "loss": loss * len(rollouts),
+                "reward": sum(r.reward for r in rollouts),
+                "rollouts": len(rollouts),
+                "num_teachers": n_teach,
+                "tokens": sum(len(r.completion_ids) for r in rollouts),
+            }
+            sums.update(
+                {
+                    f"w_{k}": v * (len(rollouts) if k == "mask_keep_frac" else n_teach)
+                    for k, v in loss_metrics.items()
+                }
+            )
             sums = reduce_sums(sums, env.device)
             step_time = time.perf_counter() - t0
             record = {

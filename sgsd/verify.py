@@ -179,14 +179,15 @@ class _Worker:
         env = dict(os.environ)
         # The child must import this package even when the parent got it via sys.path
         # (e.g. `torchrun sgsd/train.py` from a source checkout).
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import sgsd.verify as v; v._worker_loop()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, bufsize=0,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            bufsize=0,
         )
         self._buf = b""
         if self._readline(_STARTUP_TIMEOUT_S) != b"ready":
@@ -323,7 +324,10 @@ def verify(completion: str, answer: str, *, timeout_s: float = 5.0) -> VerifyRes
 
 
 def verify_batch(
-    completions: Sequence[str], answers: Sequence[str], *, timeout_s: float = 5.0,
+    completions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    timeout_s: float = 5.0,
     max_workers: int | None = None,
 ) -> list[VerifyResult]:
     """:func:`verify` over pairs, in order. Symbolic checks run on up to ``max_workers``
@@ -333,11 +337,13 @@ def verify_batch(
     """
     completions, answers = list(completions), list(answers)
     if len(completions) != len(answers):
-        raise ValueError(f"completions and answers differ in length "
-                         f"({len(completions)} vs {len(answers)})")
+        raise ValueError(
+            f"completions and answers differ in length ({len(completions)} vs {len(answers)})"
+        )
     n = max_workers or min(4, os.cpu_count() or 1)
     if n <= 1 or len(completions) <= 1:
         return [verify(c, a, timeout_s=timeout_s) for c, a in zip(completions, answers)]
     with ThreadPoolExecutor(max_workers=n) as ex:
-        return list(ex.map(lambda ca: verify(ca[0], ca[1], timeout_s=timeout_s),
-                           zip(completions, answers)))
+        return list(
+            ex.map(lambda ca: verify(ca[0], ca[1], timeout_s=timeout_s), zip(completions, answers))
+        )

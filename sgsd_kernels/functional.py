@@ -34,8 +34,9 @@ def _check_finite(check_finite: bool, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index,
-                         hidden_name="hidden"):
+def _check_linear_inputs(
+    hidden, weight, targets, bias, temperature, ignore_index, hidden_name="hidden"
+):
     check.tensor(hidden_name, hidden, kind="float")
     check.tensor("weight", weight, kind="float")
     check.tensor("targets", targets, kind="int")
@@ -120,8 +121,14 @@ def linear_logprobs(
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     t1 = targets.reshape(-1).long().contiguous()
     lp, ent, _ = linear_logprobs_op(
-        h2, weight.contiguous(), None if bias is None else bias.contiguous(), t1,
-        temperature, ignore_index, return_entropy, backend,
+        h2,
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        t1,
+        temperature,
+        ignore_index,
+        return_entropy,
+        backend,
     )
     if return_entropy:
         return lp.view(lead), ent.view(lead)
@@ -167,7 +174,11 @@ def logprobs_from_logits(
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1]).contiguous()
     lp, ent, _ = logprobs_from_logits_op(
-        z, targets.reshape(-1).long().contiguous(), temperature, ignore_index, return_entropy,
+        z,
+        targets.reshape(-1).long().contiguous(),
+        temperature,
+        ignore_index,
+        return_entropy,
         backend,
     )
     if return_entropy:
@@ -238,10 +249,22 @@ def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens)
         parts = ref.gated_kd_ref(s, u, mask, rewards, w, tau, delta, eps)
     else:
         names = ("loss", "support", "polarity", "row_loss", "clipped")
-        parts = dict(zip(names, gated_kd_op(
-            s.contiguous(), u.contiguous(), mask.contiguous(), rewards.to(dtype).contiguous(),
-            w.contiguous(), tau, delta, eps, backend,
-        )))
+        parts = dict(
+            zip(
+                names,
+                gated_kd_op(
+                    s.contiguous(),
+                    u.contiguous(),
+                    mask.contiguous(),
+                    rewards.to(dtype).contiguous(),
+                    w.contiguous(),
+                    tau,
+                    delta,
+                    eps,
+                    backend,
+                ),
+            )
+        )
     return _wrap(parts, w, mask, total_tokens)
 
 
@@ -279,15 +302,26 @@ def gated_kd_loss(
     B, T, K = _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights)
     check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
     check.same_device(
-        student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
-        token_mask=token_mask, rewards=rewards, teacher_weights=teacher_weights,
+        student_logprobs=student_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        token_mask=token_mask,
+        rewards=rewards,
+        teacher_weights=teacher_weights,
     )
     tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
     backend = resolve_backend(backend, student_logprobs.device)
     _check_gate_values(token_mask, backend)
     return _gated(
-        student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights, tau, delta,
-        eps, backend, B * T,
+        student_logprobs,
+        teacher_logprobs,
+        token_mask,
+        rewards,
+        teacher_weights,
+        tau,
+        delta,
+        eps,
+        backend,
+        B * T,
     )
 
 
@@ -359,13 +393,19 @@ def linear_gated_kd_loss(
         check.tensor("teacher_logprobs", teacher_logprobs, kind="float")
         check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
     check.same_device(
-        student_hidden=student_hidden, token_mask=token_mask, rewards=rewards,
-        teacher_weights=teacher_weights, teacher_hidden=teacher_hidden,
+        student_hidden=student_hidden,
+        token_mask=token_mask,
+        rewards=rewards,
+        teacher_weights=teacher_weights,
+        teacher_hidden=teacher_hidden,
         teacher_logprobs=teacher_logprobs,
     )
     tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
     _check_finite(
-        check_finite, student_hidden=student_hidden, weight=weight, bias=bias,
+        check_finite,
+        student_hidden=student_hidden,
+        weight=weight,
+        bias=bias,
         teacher_hidden=teacher_hidden,
     )
     backend = resolve_backend(backend, student_hidden.device)
@@ -376,8 +416,20 @@ def linear_gated_kd_loss(
         check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
         check.teacher_weights_valid(teacher_weights)
         parts = ref.linear_gated_kd_ref(
-            student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden,
-            teacher_logprobs, bias, temperature, tau, delta, eps, ignore_index,
+            student_hidden,
+            weight,
+            targets,
+            mask,
+            rewards,
+            teacher_weights,
+            teacher_hidden,
+            teacher_logprobs,
+            bias,
+            temperature,
+            tau,
+            delta,
+            eps,
+            ignore_index,
         )
         return _wrap(parts, teacher_weights.detach(), mask, B * T)
 
@@ -390,7 +442,14 @@ def linear_gated_kd_loss(
         t_hidden = teacher_hidden.detach().reshape(B * K * T, H).contiguous()
         t_targets = targets.long().unsqueeze(1).expand(B, K, T).reshape(-1).contiguous()
         s_lp, u_lp, _ = linear_logprobs_streams_op(
-            s_hidden, t_hidden, w_arg, b_arg, flat_t, t_targets, temperature, ignore_index,
+            s_hidden,
+            t_hidden,
+            w_arg,
+            b_arg,
+            flat_t,
+            t_targets,
+            temperature,
+            ignore_index,
             backend,
         )
         u = u_lp.view(B, K, T)
@@ -433,20 +492,32 @@ class GatedKDLoss(torch.nn.Module):
 
     def _hypers(self) -> dict:
         return dict(
-            gate_tau=self.gate_tau, clip_delta=self.clip_delta,
-            confidence_threshold=self.confidence_threshold, backend=self.backend,
+            gate_tau=self.gate_tau,
+            clip_delta=self.clip_delta,
+            confidence_threshold=self.confidence_threshold,
+            backend=self.backend,
         )
 
     def forward(self, student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights):
         return gated_kd_loss(
-            student_logprobs, teacher_logprobs, token_mask, rewards, teacher_weights,
+            student_logprobs,
+            teacher_logprobs,
+            token_mask,
+            rewards,
+            teacher_weights,
             **self._hypers(),
         )
 
-    def from_hidden(self, student_hidden, weight, targets, token_mask, rewards, teacher_weights,
-                    **kwargs) -> GatedKDOutput:
+    def from_hidden(
+        self, student_hidden, weight, targets, token_mask, rewards, teacher_weights, **kwargs
+    ) -> GatedKDOutput:
         return linear_gated_kd_loss(
-            student_hidden, weight, targets, token_mask, rewards, teacher_weights,
+            student_hidden,
+            weight,
+            targets,
+            token_mask,
+            rewards,
+            teacher_weights,
             **{**self._hypers(), **kwargs},
         )
 

@@ -98,7 +98,8 @@ def _lora_delta(head: nn.Module) -> torch.Tensor | None:
     active = getattr(head, "active_adapters", None) or []
     merged = set(getattr(head, "merged_adapters", []) or [])
     deltas = [
-        get_delta(name) for name in active
+        get_delta(name)
+        for name in active
         if name not in merged and name in getattr(head, "lora_A", {})
     ]
     if not deltas:

@@ -102,13 +102,27 @@ def gated_kd_ref(
     K = teacher_logprobs.shape[1]
     s_rows = student_logprobs.unsqueeze(1).expand(-1, K, -1)
     return _gated_rows(
-        s_rows, teacher_logprobs, token_mask, rewards, teacher_weights, gate_tau, clip_delta,
+        s_rows,
+        teacher_logprobs,
+        token_mask,
+        rewards,
+        teacher_weights,
+        gate_tau,
+        clip_delta,
         confidence_threshold,
     )
 
 
-def _gated_rows(s_rows, teacher_logprobs, token_mask, rewards, teacher_weights, gate_tau,
-                clip_delta, confidence_threshold):
+def _gated_rows(
+    s_rows,
+    teacher_logprobs,
+    token_mask,
+    rewards,
+    teacher_weights,
+    gate_tau,
+    clip_delta,
+    confidence_threshold,
+):
     """§3 with the student log-probs given per (rollout, teacher) row: s_rows [B, K, T]."""
     dtype = compute_dtype(s_rows, teacher_logprobs)
     s = s_rows.to(dtype)  # [B, K, T]
@@ -175,8 +189,7 @@ def linear_gated_kd_ref(
     valid = targets != ignore_index
     row_targets = targets.unsqueeze(1).expand(B, K, T)
     student_rows = student_hidden.unsqueeze(1).expand(B, K, T, H)  # one copy per teacher
-    s_rows = linear_logprobs_ref(student_rows, weight, row_targets, bias, temperature,
-                                 ignore_index)
+    s_rows = linear_logprobs_ref(student_rows, weight, row_targets, bias, temperature, ignore_index)
     if teacher_logprobs is None:
         with torch.no_grad():
             u = linear_logprobs_ref(
@@ -190,7 +203,13 @@ def linear_gated_kd_ref(
     else:
         u = teacher_logprobs.detach().to(s_rows.dtype)
     out = _gated_rows(
-        s_rows, u, token_mask & valid, rewards, teacher_weights, gate_tau, clip_delta,
+        s_rows,
+        u,
+        token_mask & valid,
+        rewards,
+        teacher_weights,
+        gate_tau,
+        clip_delta,
         confidence_threshold,
     )
     out["student_logprobs"] = s_rows[:, 0].detach()

@@ -15,8 +15,9 @@ from sgsd_kernels import validation as check
 from sgsd_kernels.ops import blockwise
 
 
-def _forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
-             dtype):
+def _forward(
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend, dtype
+):
     if backend == "triton":
         from sgsd_kernels.ops import triton_linear_logprobs
 
@@ -47,7 +48,14 @@ def linear_logprobs_op(
     (logprobs [N], entropy [N] (or [0] without entropy), lse [N]) in fp32 (fp64 for fp64)."""
     check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
     return _forward(
-        hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        ignore_index,
+        with_entropy,
+        backend,
         _out_dtype(hidden),
     )
 
@@ -85,13 +93,33 @@ def linear_logprobs_backward_op(
         from sgsd_kernels.ops import triton_linear_logprobs
 
         gh, gw, gb = triton_linear_logprobs.backward(
-            grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-            temperature, ignore_index, dtype, need_weight_grad,
+            grad_logprobs,
+            grad_entropy,
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            entropy,
+            temperature,
+            ignore_index,
+            dtype,
+            need_weight_grad,
         )
     else:
         gh, gw, gb = blockwise.backward(
-            grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-            temperature, ignore_index, dtype, need_weight_grad,
+            grad_logprobs,
+            grad_entropy,
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            entropy,
+            temperature,
+            ignore_index,
+            dtype,
+            need_weight_grad,
         )
     if gw is None:
         gw = weight.new_empty(0)
@@ -101,8 +129,20 @@ def linear_logprobs_backward_op(
 
 
 @linear_logprobs_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-      ignore_index, need_weight_grad, backend):
+def _(
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    temperature,
+    ignore_index,
+    need_weight_grad,
+    backend,
+):
     gw = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
     gb = torch.empty_like(bias) if need_weight_grad and bias is not None else weight.new_empty(0)
     return torch.empty_like(hidden), gw, gb
@@ -128,20 +168,30 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     gh, gw, gb = linear_logprobs_backward_op(
         grad_logprobs.contiguous(),
         None if grad_entropy is None else grad_entropy.contiguous(),
-        hidden, weight, bias, targets, lse, entropy, ctx.temperature, ctx.ignore_index,
-        need_w, ctx.backend,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        ctx.temperature,
+        ctx.ignore_index,
+        need_w,
+        ctx.backend,
     )
     return (
         gh if ctx.needs_input_grad[0] else None,
         gw if ctx.needs_input_grad[1] else None,
         gb if ctx.has_bias and ctx.needs_input_grad[2] else None,
-        None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
-torch.library.register_autograd(
-    "sgsd::linear_logprobs", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("sgsd::linear_logprobs", _backward, setup_context=_setup_context)
 
 
 # --- Student + K teachers sharing W -----------------------------------------------------
@@ -173,8 +223,15 @@ def linear_logprobs_streams_op(
         from sgsd_kernels.ops import triton_linear_logprobs
 
         lp, lse = triton_linear_logprobs.forward_streams(
-            student_hidden, teacher_hidden, weight, bias, student_targets, teacher_targets,
-            temperature, ignore_index, dtype,
+            student_hidden,
+            teacher_hidden,
+            weight,
+            bias,
+            student_targets,
+            teacher_targets,
+            temperature,
+            ignore_index,
+            dtype,
         )
         return lp[:N].clone(), lp[N:].clone(), lse[:N].clone()
     s_lp, _, s_lse = blockwise.forward(
@@ -187,8 +244,17 @@ def linear_logprobs_streams_op(
 
 
 @linear_logprobs_streams_op.register_fake
-def _(student_hidden, teacher_hidden, weight, bias, student_targets, teacher_targets,
-      temperature, ignore_index, backend):
+def _(
+    student_hidden,
+    teacher_hidden,
+    weight,
+    bias,
+    student_targets,
+    teacher_targets,
+    temperature,
+    ignore_index,
+    backend,
+):
     dt = _out_dtype(student_hidden)
     N, M = student_hidden.shape[0], teacher_hidden.shape[0]
     return (
@@ -199,8 +265,17 @@ def _(student_hidden, teacher_hidden, weight, bias, student_targets, teacher_tar
 
 
 def _streams_setup_context(ctx, inputs, output):
-    (student_hidden, _teacher_hidden, weight, bias, student_targets, _teacher_targets,
-     temperature, ignore_index, backend) = inputs
+    (
+        student_hidden,
+        _teacher_hidden,
+        weight,
+        bias,
+        student_targets,
+        _teacher_targets,
+        temperature,
+        ignore_index,
+        backend,
+    ) = inputs
     ctx.save_for_backward(student_hidden, weight, bias, student_targets, output[2])
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
@@ -214,15 +289,29 @@ def _streams_backward(ctx, grad_student, _grad_teacher, _grad_lse):
         grad_student = torch.zeros_like(lse)
     need_w = ctx.needs_input_grad[2] or (ctx.has_bias and ctx.needs_input_grad[3])
     gh, gw, gb = linear_logprobs_backward_op(
-        grad_student.contiguous(), None, hidden, weight, bias, targets, lse, None,
-        ctx.temperature, ctx.ignore_index, need_w, ctx.backend,
+        grad_student.contiguous(),
+        None,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        None,
+        ctx.temperature,
+        ctx.ignore_index,
+        need_w,
+        ctx.backend,
     )
     return (
         gh if ctx.needs_input_grad[0] else None,
         None,
         gw if ctx.needs_input_grad[2] else None,
         gb if ctx.has_bias and ctx.needs_input_grad[3] else None,
-        None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 

@@ -65,18 +65,33 @@ def logprobs_from_logits_backward_op(
         from sgsd_kernels.ops import triton_logprobs_from_logits
 
         return triton_logprobs_from_logits.backward(
-            grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature,
-            ignore_index, dtype,
+            grad_logprobs,
+            grad_entropy,
+            logits,
+            targets,
+            lse,
+            entropy,
+            temperature,
+            ignore_index,
+            dtype,
         )
     return blockwise.logits_backward(
-        grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index,
+        grad_logprobs,
+        grad_entropy,
+        logits,
+        targets,
+        lse,
+        entropy,
+        temperature,
+        ignore_index,
         dtype,
     )
 
 
 @logprobs_from_logits_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index,
-      backend):
+def _(
+    grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend
+):
     return torch.empty_like(logits)
 
 
@@ -98,7 +113,13 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     grad = logprobs_from_logits_backward_op(
         grad_logprobs.contiguous(),
         None if grad_entropy is None else grad_entropy.contiguous(),
-        logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend,
+        logits,
+        targets,
+        lse,
+        entropy,
+        ctx.temperature,
+        ctx.ignore_index,
+        ctx.backend,
     )
     return grad, None, None, None, None, None
 

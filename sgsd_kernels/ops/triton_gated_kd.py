@@ -21,8 +21,26 @@ _LOG2 = math.log(2.0)
 
 
 @triton.jit
-def _fwd_kernel(S, U, M, R, Wt, Support, Polarity, RowLoss, Term, Clipped, K, T, tau, delta,
-                eps, log2, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+def _fwd_kernel(
+    S,
+    U,
+    M,
+    R,
+    Wt,
+    Support,
+    Polarity,
+    RowLoss,
+    Term,
+    Clipped,
+    K,
+    T,
+    tau,
+    delta,
+    eps,
+    log2,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64)
     sup = tl.zeros((), ACC)
@@ -58,8 +76,7 @@ def _fwd_kernel(S, U, M, R, Wt, Support, Polarity, RowLoss, Term, Clipped, K, T,
 
 
 @triton.jit
-def _bwd_kernel(GradLoss, S, U, M, Wt, Polarity, Nrow, Out, B, K, T, tau,
-                BLOCK_T: tl.constexpr):
+def _bwd_kernel(GradLoss, S, U, M, Wt, Polarity, Nrow, Out, B, K, T, tau, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = t < T
@@ -98,8 +115,24 @@ def forward(s, u, mask, rewards, weights, tau, delta, eps):
     clipped = torch.empty_like(support)
     if B and K:
         _fwd_kernel[(B, K)](
-            s, u, mask.to(torch.int8), rewards, weights, support, polarity, row_loss, term,
-            clipped, K, T, tau, delta, eps, _LOG2, ACC=_acc(dt), BLOCK_T=_block_t(T),
+            s,
+            u,
+            mask.to(torch.int8),
+            rewards,
+            weights,
+            support,
+            polarity,
+            row_loss,
+            term,
+            clipped,
+            K,
+            T,
+            tau,
+            delta,
+            eps,
+            _LOG2,
+            ACC=_acc(dt),
+            BLOCK_T=_block_t(T),
         )
     loss = term.sum() / max(B, 1)
     return loss, support, polarity, row_loss, clipped.sum()
@@ -112,7 +145,18 @@ def backward(grad_loss, s, u, mask, weights, polarity, tau):
     if B and T:
         block = _block_t(T)
         _bwd_kernel[(B, triton.cdiv(T, block))](
-            grad_loss.to(s.dtype).reshape(1), s, u, mask.to(torch.int8), weights, polarity, n,
-            out, B, K, T, tau, BLOCK_T=block,
+            grad_loss.to(s.dtype).reshape(1),
+            s,
+            u,
+            mask.to(torch.int8),
+            weights,
+            polarity,
+            n,
+            out,
+            B,
+            K,
+            T,
+            tau,
+            BLOCK_T=block,
         )
     return out

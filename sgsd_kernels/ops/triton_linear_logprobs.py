@@ -70,10 +70,29 @@ def _load_rows(X1, X2, N1, rows, row_ok, hk, h_ok, stride1, stride2, TWO_STREAMS
 
 
 @triton.jit
-def _logits_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, stride2, stride_w,
-                 inv_t, HAS_BIAS: tl.constexpr, TWO_STREAMS: tl.constexpr,
-                 UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _logits_tile(
+    X1,
+    X2,
+    N1,
+    W,
+    Bias,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    H,
+    stride1,
+    stride2,
+    stride_w,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    TWO_STREAMS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """z = (x·Wᵀ + b) / T for one [BLOCK_N, BLOCK_V] tile, accumulated in ACC (fp32;
     fp64 for fp64 inputs)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
@@ -81,8 +100,11 @@ def _logits_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, st
         hk = h0 + tl.arange(0, BLOCK_H)
         h_ok = hk < H
         x = _load_rows(X1, X2, N1, rows, row_ok, hk, h_ok, stride1, stride2, TWO_STREAMS)
-        w = tl.load(W + cols[:, None] * stride_w + hk[None, :],
-                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(
+            W + cols[:, None] * stride_w + hk[None, :],
+            mask=col_ok[:, None] & h_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -93,11 +115,34 @@ def _logits_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, st
 
 
 @triton.jit
-def _fwd_kernel(X1, X2, N1, N, W, Bias, Tgt, PartM, PartS, PartA, PartT,
-                V, H, stride1, stride2, stride_w, inv_t, cols_per_split,
-                HAS_BIAS: tl.constexpr, TWO_STREAMS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _fwd_kernel(
+    X1,
+    X2,
+    N1,
+    N,
+    W,
+    Bias,
+    Tgt,
+    PartM,
+    PartS,
+    PartA,
+    PartT,
+    V,
+    H,
+    stride1,
+    stride2,
+    stride_w,
+    inv_t,
+    cols_per_split,
+    HAS_BIAS: tl.constexpr,
+    TWO_STREAMS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,9 +157,29 @@ def _fwd_kernel(X1, X2, N1, N, W, Bias, Tgt, PartM, PartS, PartA, PartT,
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols·stride_w can pass 2**31
         col_ok = cols < v_end
-        z = _logits_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, stride2,
-                         stride_w, inv_t, HAS_BIAS, TWO_STREAMS, UPCAST, ACC, BLOCK_N,
-                         BLOCK_V, BLOCK_H)
+        z = _logits_tile(
+            X1,
+            X2,
+            N1,
+            W,
+            Bias,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            H,
+            stride1,
+            stride2,
+            stride_w,
+            inv_t,
+            HAS_BIAS,
+            TWO_STREAMS,
+            UPCAST,
+            ACC,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
         z = tl.where(col_ok[None, :], z, float("-inf"))
         picked += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -180,11 +245,30 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     part_a = torch.empty(splits, n, **f32) if with_entropy else part_s
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
     _fwd_kernel[grid](
-        x1, x1 if x2 is None else x2, n1, n, weight, weight if bias is None else bias, targets,
-        part_m, part_s, part_a, part_t, V, H, x1.stride(0),
-        x1.stride(0) if x2 is None else x2.stride(0), weight.stride(0), 1.0 / temperature,
-        cols_per_split, HAS_BIAS=bias is not None, TWO_STREAMS=x2 is not None,
-        WITH_ENTROPY=with_entropy, UPCAST=_upcast(x1.dtype), ACC=_acc(x1.dtype), **cfg,
+        x1,
+        x1 if x2 is None else x2,
+        n1,
+        n,
+        weight,
+        weight if bias is None else bias,
+        targets,
+        part_m,
+        part_s,
+        part_a,
+        part_t,
+        V,
+        H,
+        x1.stride(0),
+        x1.stride(0) if x2 is None else x2.stride(0),
+        weight.stride(0),
+        1.0 / temperature,
+        cols_per_split,
+        HAS_BIAS=bias is not None,
+        TWO_STREAMS=x2 is not None,
+        WITH_ENTROPY=with_entropy,
+        UPCAST=_upcast(x1.dtype),
+        ACC=_acc(x1.dtype),
+        **cfg,
     )
     return _combine(part_m, part_s, part_a, part_t, with_entropy)
 
@@ -201,30 +285,60 @@ def _finish(picked, lse, entropy, targets, ignore_index, dtype):
 def forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype):
     """-> (logprobs [N], entropy [N] or [0], lse [N]) like ``blockwise.forward``."""
     safe_t = torch.where(targets == ignore_index, 0, targets)
-    picked, lse, entropy = _launch_forward(hidden, None, weight, bias, safe_t, temperature,
-                                           with_entropy)
+    picked, lse, entropy = _launch_forward(
+        hidden, None, weight, bias, safe_t, temperature, with_entropy
+    )
     logprobs, entropy = _finish(picked, lse, entropy, targets, ignore_index, dtype)
     if entropy is None:
         entropy = torch.empty(0, dtype=dtype, device=hidden.device)
     return logprobs, entropy, lse.to(dtype)
 
 
-def forward_streams(student_hidden, teacher_hidden, weight, bias, student_targets,
-                    teacher_targets, temperature, ignore_index, dtype):
+def forward_streams(
+    student_hidden,
+    teacher_hidden,
+    weight,
+    bias,
+    student_targets,
+    teacher_targets,
+    temperature,
+    ignore_index,
+    dtype,
+):
     """Student and teacher rows in one launch -> (logprobs [N+M], lse [N+M])."""
     targets = torch.cat([student_targets, teacher_targets])
     safe_t = torch.where(targets == ignore_index, 0, targets)
-    picked, lse, _ = _launch_forward(student_hidden, teacher_hidden, weight, bias, safe_t,
-                                     temperature, False)
+    picked, lse, _ = _launch_forward(
+        student_hidden, teacher_hidden, weight, bias, safe_t, temperature, False
+    )
     logprobs, _ = _finish(picked, lse, None, targets, ignore_index, dtype)
     return logprobs, lse.to(dtype)
 
 
 @triton.jit
-def _grad_tile(X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, inv_t,
-               HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
-               ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-               BLOCK_H: tl.constexpr):
+def _grad_tile(
+    X,
+    W,
+    Bias,
+    Tgt,
+    Lse,
+    G,
+    GE,
+    Ent,
+    N,
+    V,
+    H,
+    stride_x,
+    stride_w,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """This program's (row block, vocab block) tile of ∂loss/∂logits, recomputing the
     logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T. Returns (rows, row_ok, cols,
     col_ok, grad)."""
@@ -232,8 +346,29 @@ def _grad_tile(X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, in
     row_ok = rows < N
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
-    z = _logits_tile(X, X, N, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_x,
-                     stride_w, inv_t, HAS_BIAS, False, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+    z = _logits_tile(
+        X,
+        X,
+        N,
+        W,
+        Bias,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        H,
+        stride_x,
+        stride_x,
+        stride_w,
+        inv_t,
+        HAS_BIAS,
+        False,
+        UPCAST,
+        ACC,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
     tgt = tl.load(Tgt + rows, mask=row_ok, other=0)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
@@ -249,13 +384,56 @@ def _grad_tile(X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, in
 
 
 @triton.jit
-def _bwd_fused_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, DX, DW, DB, N, V, H, stride_x,
-                      stride_w, inv_t, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                      NEED_W: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _bwd_fused_kernel(
+    X,
+    W,
+    Bias,
+    Tgt,
+    Lse,
+    G,
+    GE,
+    Ent,
+    DX,
+    DW,
+    DB,
+    N,
+    V,
+    H,
+    stride_x,
+    stride_w,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    NEED_W: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows, row_ok, cols, col_ok, grad = _grad_tile(
-        X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, inv_t, HAS_BIAS,
-        WITH_ENTROPY, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+        X,
+        W,
+        Bias,
+        Tgt,
+        Lse,
+        G,
+        GE,
+        Ent,
+        N,
+        V,
+        H,
+        stride_x,
+        stride_w,
+        inv_t,
+        HAS_BIAS,
+        WITH_ENTROPY,
+        UPCAST,
+        ACC,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
     if NEED_W and HAS_BIAS:
         tl.atomic_add(DB + cols, tl.sum(grad, axis=0), mask=col_ok)
     grad_lp = grad.to(X.dtype.element_ty)
@@ -264,34 +442,85 @@ def _bwd_fused_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, DX, DW, DB, N, V, H, str
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
         h_ok = hk < H
-        w = tl.load(W + cols[:, None] * stride_w + hk[None, :],
-                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(
+            W + cols[:, None] * stride_w + hk[None, :],
+            mask=col_ok[:, None] & h_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             w = w.to(tl.float32)
         dx = tl.dot(grad_lp, w)
-        tl.atomic_add(DX + rows[:, None] * H + hk[None, :], dx,
-                      mask=row_ok[:, None] & h_ok[None, :])
+        tl.atomic_add(
+            DX + rows[:, None] * H + hk[None, :], dx, mask=row_ok[:, None] & h_ok[None, :]
+        )
         if NEED_W:
-            x = tl.load(X + rows[:, None] * stride_x + hk[None, :],
-                        mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            x = tl.load(
+                X + rows[:, None] * stride_x + hk[None, :],
+                mask=row_ok[:, None] & h_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 x = x.to(tl.float32)
             dw = tl.dot(tl.trans(grad_lp), x)
-            tl.atomic_add(DW + cols[:, None] * H + hk[None, :], dw,
-                          mask=col_ok[:, None] & h_ok[None, :])
+            tl.atomic_add(
+                DW + cols[:, None] * H + hk[None, :], dw, mask=col_ok[:, None] & h_ok[None, :]
+            )
 
 
 @triton.jit
-def _grad_logits_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, Out, N, V, H, stride_x, stride_w,
-                        inv_t, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                        UPCAST: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _grad_logits_kernel(
+    X,
+    W,
+    Bias,
+    Tgt,
+    Lse,
+    G,
+    GE,
+    Ent,
+    Out,
+    N,
+    V,
+    H,
+    stride_x,
+    stride_w,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Chunked (deterministic) backward, step 1: write ∂loss/∂logits for a row chunk."""
     rows, row_ok, cols, col_ok, grad = _grad_tile(
-        X, W, Bias, Tgt, Lse, G, GE, Ent, N, V, H, stride_x, stride_w, inv_t, HAS_BIAS,
-        WITH_ENTROPY, UPCAST, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
-    tl.store(Out + rows[:, None] * V + cols[None, :], grad.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        X,
+        W,
+        Bias,
+        Tgt,
+        Lse,
+        G,
+        GE,
+        Ent,
+        N,
+        V,
+        H,
+        stride_x,
+        stride_w,
+        inv_t,
+        HAS_BIAS,
+        WITH_ENTROPY,
+        UPCAST,
+        ACC,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
+    tl.store(
+        Out + rows[:, None] * V + cols[None, :],
+        grad.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 # Deterministic backward: rows per chunk, so that the [chunk, V] gradient workspace stays
@@ -299,8 +528,20 @@ def _grad_logits_kernel(X, W, Bias, Tgt, Lse, G, GE, Ent, Out, N, V, H, stride_x
 _CHUNK_ELEMENTS = 1 << 25
 
 
-def backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-             temperature, ignore_index, dtype, need_weight_grad):
+def backward(
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    temperature,
+    ignore_index,
+    dtype,
+    need_weight_grad,
+):
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
@@ -324,9 +565,27 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, en
         db = torch.zeros(V, **f32) if need_weight_grad and has_bias else dx
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
         _bwd_fused_kernel[grid](
-            hidden, weight, bias if has_bias else weight, safe_t, lse32, g, ge, ent, dx, dw, db,
-            N, V, H, hidden.stride(0), weight.stride(0), inv_t, HAS_BIAS=has_bias,
-            WITH_ENTROPY=with_entropy, NEED_W=need_weight_grad, **consts,
+            hidden,
+            weight,
+            bias if has_bias else weight,
+            safe_t,
+            lse32,
+            g,
+            ge,
+            ent,
+            dx,
+            dw,
+            db,
+            N,
+            V,
+            H,
+            hidden.stride(0),
+            weight.stride(0),
+            inv_t,
+            HAS_BIAS=has_bias,
+            WITH_ENTROPY=with_entropy,
+            NEED_W=need_weight_grad,
+            **consts,
         )
     else:
         dx = torch.empty(N, H, **f32)
@@ -342,9 +601,24 @@ def backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, en
             x = hidden[r0:r1]
             grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
             _grad_logits_kernel[grid](
-                x, weight, bias if has_bias else weight, safe_t[r0:r1], lse32[r0:r1], g[r0:r1],
-                ge[r0:r1], ent[r0:r1], work, rows, V, H, x.stride(0), weight.stride(0), inv_t,
-                HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, **consts,
+                x,
+                weight,
+                bias if has_bias else weight,
+                safe_t[r0:r1],
+                lse32[r0:r1],
+                g[r0:r1],
+                ge[r0:r1],
+                ent[r0:r1],
+                work,
+                rows,
+                V,
+                H,
+                x.stride(0),
+                weight.stride(0),
+                inv_t,
+                HAS_BIAS=has_bias,
+                WITH_ENTROPY=with_entropy,
+                **consts,
             )
             grad_z = work[:rows]
             torch.mm(grad_z, w32, out=dx[r0:r1])

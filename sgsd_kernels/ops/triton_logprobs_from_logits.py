@@ -21,8 +21,19 @@ def _block_v(V: int) -> int:
 
 
 @triton.jit
-def _fwd_kernel(Z, Tgt, Lse, Picked, Ent, V, stride_z, inv_t, WITH_ENTROPY: tl.constexpr,
-                ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _fwd_kernel(
+    Z,
+    Tgt,
+    Lse,
+    Picked,
+    Ent,
+    V,
+    stride_z,
+    inv_t,
+    WITH_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     tgt = tl.load(Tgt + row)
     run_max = tl.full((), float("-inf"), ACC)
@@ -51,8 +62,22 @@ def _fwd_kernel(Z, Tgt, Lse, Picked, Ent, V, stride_z, inv_t, WITH_ENTROPY: tl.c
 
 
 @triton.jit
-def _bwd_kernel(Z, Tgt, Lse, G, GE, Ent, Out, V, stride_z, stride_o, inv_t,
-                WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _bwd_kernel(
+    Z,
+    Tgt,
+    Lse,
+    G,
+    GE,
+    Ent,
+    Out,
+    V,
+    stride_z,
+    stride_o,
+    inv_t,
+    WITH_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < V
@@ -83,18 +108,32 @@ def forward(logits, targets, temperature, ignore_index, with_entropy, dtype):
     picked = torch.empty_like(lse)
     ent = torch.empty_like(lse) if with_entropy else lse
     if N:
-        _fwd_kernel[(N,)](logits, safe_t, lse, picked, ent, V, logits.stride(0),
-                          1.0 / temperature, WITH_ENTROPY=with_entropy, ACC=acc_tl,
-                          BLOCK_V=_block_v(V))
+        _fwd_kernel[(N,)](
+            logits,
+            safe_t,
+            lse,
+            picked,
+            ent,
+            V,
+            logits.stride(0),
+            1.0 / temperature,
+            WITH_ENTROPY=with_entropy,
+            ACC=acc_tl,
+            BLOCK_V=_block_v(V),
+        )
     zero = torch.zeros((), dtype=dtype, device=logits.device)
     logprobs = torch.where(valid, picked.to(dtype), zero)
-    entropy = (torch.where(valid, ent.to(dtype), zero) if with_entropy
-               else torch.empty(0, dtype=dtype, device=logits.device))
+    entropy = (
+        torch.where(valid, ent.to(dtype), zero)
+        if with_entropy
+        else torch.empty(0, dtype=dtype, device=logits.device)
+    )
     return logprobs, entropy, lse.to(dtype)
 
 
-def backward(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature,
-             ignore_index, dtype):
+def backward(
+    grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, dtype
+):
     N, V = logits.shape
     valid = targets != ignore_index
     safe_t = torch.where(valid, targets, 0)
@@ -107,7 +146,19 @@ def backward(grad_logprobs, grad_entropy, logits, targets, lse, entropy, tempera
     if N:
         block = _block_v(V)
         _bwd_kernel[(N, triton.cdiv(V, block))](
-            logits, safe_t, lse.to(acc_t), g, ge, ent, out, V, logits.stride(0), out.stride(0),
-            1.0 / temperature, WITH_ENTROPY=with_entropy, ACC=acc_tl, BLOCK_V=block,
+            logits,
+            safe_t,
+            lse.to(acc_t),
+            g,
+            ge,
+            ent,
+            out,
+            V,
+            logits.stride(0),
+            out.stride(0),
+            1.0 / temperature,
+            WITH_ENTROPY=with_entropy,
+            ACC=acc_tl,
+            BLOCK_V=block,
         )
     return out

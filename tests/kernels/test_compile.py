@@ -40,34 +40,65 @@ def _fresh_dynamo():
 
 # --- the functions under test: inputs -> (outputs..., scalar to differentiate) ---------------
 
+
 def _linear_logprobs(hidden, weight, bias, targets, g_lp, g_ent):
-    lp, ent = sk.linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.7,
-                                 return_entropy=True, backend="torch")
+    lp, ent = sk.linear_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.7, return_entropy=True, backend="torch"
+    )
     return lp, ent, (lp * g_lp).sum() + (ent * g_ent).sum()
 
 
 def _logprobs_from_logits(logits, targets, g_lp, g_ent):
-    lp, ent = sk.logprobs_from_logits(logits, targets, temperature=1.3, return_entropy=True,
-                                      backend="torch")
+    lp, ent = sk.logprobs_from_logits(
+        logits, targets, temperature=1.3, return_entropy=True, backend="torch"
+    )
     return lp, ent, (lp * g_lp).sum() + (ent * g_ent).sum()
 
 
 def _gated_kd_loss(s, u, mask, rewards, weights):
-    out = sk.gated_kd_loss(s, u, mask, rewards, weights, gate_tau=0.8, clip_delta=2.0,
-                           confidence_threshold=0.01, backend="torch")
+    out = sk.gated_kd_loss(
+        s,
+        u,
+        mask,
+        rewards,
+        weights,
+        gate_tau=0.8,
+        clip_delta=2.0,
+        confidence_threshold=0.01,
+        backend="torch",
+    )
     return out.support, out.polarity, out.row_loss, out.loss
 
 
 def _linear_gated_kd_loss(hidden, weight, bias, targets, mask, rewards, weights, teacher_hidden):
-    out = sk.linear_gated_kd_loss(hidden, weight, targets, mask, rewards, weights,
-                                  teacher_hidden=teacher_hidden, bias=bias, temperature=0.9,
-                                  confidence_threshold=0.01, backend="torch")
+    out = sk.linear_gated_kd_loss(
+        hidden,
+        weight,
+        targets,
+        mask,
+        rewards,
+        weights,
+        teacher_hidden=teacher_hidden,
+        bias=bias,
+        temperature=0.9,
+        confidence_threshold=0.01,
+        backend="torch",
+    )
     return out.support, out.polarity, out.row_loss, out.loss
 
 
 def _linear_gated_kd_loss_precomputed(hidden, weight, targets, mask, rewards, weights, u):
-    out = sk.linear_gated_kd_loss(hidden, weight, targets, mask, rewards, weights,
-                                  teacher_logprobs=u, confidence_threshold=0.01, backend="torch")
+    out = sk.linear_gated_kd_loss(
+        hidden,
+        weight,
+        targets,
+        mask,
+        rewards,
+        weights,
+        teacher_logprobs=u,
+        confidence_threshold=0.01,
+        backend="torch",
+    )
     return out.support, out.polarity, out.row_loss, out.loss
 
 
@@ -76,13 +107,22 @@ def _everything(hidden, weight, bias, targets, mask, rewards, weights, teacher_h
     s = sk.linear_logprobs(hidden, weight, targets, bias=bias, backend="torch")
     logits = hidden @ weight.T + bias
     s2 = sk.logprobs_from_logits(logits, targets, backend="torch")
-    u = sk.linear_logprobs(teacher_hidden, weight, targets[:, None].expand(-1, K, -1),
-                           bias=bias, backend="torch").detach()
-    a = sk.gated_kd_loss(s, u, mask, rewards, weights, confidence_threshold=0.01,
-                         backend="torch")
-    b = sk.linear_gated_kd_loss(hidden, weight, targets, mask, rewards, weights,
-                                teacher_hidden=teacher_hidden, bias=bias,
-                                confidence_threshold=0.01, backend="torch")
+    u = sk.linear_logprobs(
+        teacher_hidden, weight, targets[:, None].expand(-1, K, -1), bias=bias, backend="torch"
+    ).detach()
+    a = sk.gated_kd_loss(s, u, mask, rewards, weights, confidence_threshold=0.01, backend="torch")
+    b = sk.linear_gated_kd_loss(
+        hidden,
+        weight,
+        targets,
+        mask,
+        rewards,
+        weights,
+        teacher_hidden=teacher_hidden,
+        bias=bias,
+        confidence_threshold=0.01,
+        backend="torch",
+    )
     return s, s2, a.support, b.row_loss, a.loss + 2.0 * b.loss + 1e-2 * (s + s2).sum()
 
 
@@ -99,8 +139,17 @@ def _inputs(seed=0, n_tokens=T):
     weights = torch.rand(B, K, generator=g)
     weights[0, 1] = 0.0  # an absent teacher
     teacher_hidden = hidden[:, None] + 0.7 * torch.randn(B, K, n_tokens, H, generator=g)
-    return dict(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask,
-                rewards=rewards, weights=weights, teacher_hidden=teacher_hidden, g=g)
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        mask=mask,
+        rewards=rewards,
+        weights=weights,
+        teacher_hidden=teacher_hidden,
+        g=g,
+    )
 
 
 def case(name, seed=0, n_tokens=T):
@@ -109,13 +158,23 @@ def case(name, seed=0, n_tokens=T):
     g = x["g"]
     if name == "linear_logprobs":
         n = B * n_tokens
-        args = (x["hidden"].reshape(n, H), x["weight"], x["bias"], x["targets"].reshape(n),
-                torch.randn(n, generator=g), torch.randn(n, generator=g))
+        args = (
+            x["hidden"].reshape(n, H),
+            x["weight"],
+            x["bias"],
+            x["targets"].reshape(n),
+            torch.randn(n, generator=g),
+            torch.randn(n, generator=g),
+        )
         return _linear_logprobs, args, (0, 1, 2)
     if name == "logprobs_from_logits":
         logits = torch.randn(B, n_tokens, V, generator=g) * 4
-        args = (logits, x["targets"], torch.randn(B, n_tokens, generator=g),
-                torch.randn(B, n_tokens, generator=g))
+        args = (
+            logits,
+            x["targets"],
+            torch.randn(B, n_tokens, generator=g),
+            torch.randn(B, n_tokens, generator=g),
+        )
         return _logprobs_from_logits, args, (0,)
     if name == "gated_kd_loss":
         s = -torch.rand(B, n_tokens, generator=g) * 3
@@ -123,22 +182,43 @@ def case(name, seed=0, n_tokens=T):
         args = (s, u, x["mask"], x["rewards"], x["weights"])
         return _gated_kd_loss, args, (0,)
     if name == "linear_gated_kd_loss":
-        args = (x["hidden"], x["weight"], x["bias"], x["targets"], x["mask"], x["rewards"],
-                x["weights"], x["teacher_hidden"])
+        args = (
+            x["hidden"],
+            x["weight"],
+            x["bias"],
+            x["targets"],
+            x["mask"],
+            x["rewards"],
+            x["weights"],
+            x["teacher_hidden"],
+        )
         return _linear_gated_kd_loss, args, (0, 1, 2)
     if name == "linear_gated_kd_loss[teacher_logprobs]":
         u = -torch.rand(B, K, n_tokens, generator=g) * 3
         args = (x["hidden"], x["weight"], x["targets"], x["mask"], x["rewards"], x["weights"], u)
         return _linear_gated_kd_loss_precomputed, args, (0, 1)
     if name == "everything":
-        args = (x["hidden"], x["weight"], x["bias"], x["targets"], x["mask"], x["rewards"],
-                x["weights"], x["teacher_hidden"])
+        args = (
+            x["hidden"],
+            x["weight"],
+            x["bias"],
+            x["targets"],
+            x["mask"],
+            x["rewards"],
+            x["weights"],
+            x["teacher_hidden"],
+        )
         return _everything, args, (0, 1, 2)
     raise AssertionError(name)
 
 
-OPS = ["linear_logprobs", "logprobs_from_logits", "gated_kd_loss", "linear_gated_kd_loss",
-       "linear_gated_kd_loss[teacher_logprobs]"]
+OPS = [
+    "linear_logprobs",
+    "logprobs_from_logits",
+    "gated_kd_loss",
+    "linear_gated_kd_loss",
+    "linear_gated_kd_loss[teacher_logprobs]",
+]
 
 
 def run(fn, args, grad_idx):
@@ -204,25 +284,34 @@ def test_compiled_dynamic_shapes():
 
 
 @pytest.mark.parametrize("fullgraph", [False, True])
-@pytest.mark.parametrize("bad, exc, message", [
-    (dict(temperature=0.0), ValueError, "temperature must be > 0, got 0.0"),
-    (dict(hidden=torch.randn(N, H - 1)), ValueError,
-     "hidden must have shape [..., H] with H = weight.shape[1] = 13, got (10, 12)"),
-    (dict(targets=torch.zeros(N)), TypeError, "targets must be an integer tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, message",
+    [
+        (dict(temperature=0.0), ValueError, "temperature must be > 0, got 0.0"),
+        (
+            dict(hidden=torch.randn(N, H - 1)),
+            ValueError,
+            "hidden must have shape [..., H] with H = weight.shape[1] = 13, got (10, 12)",
+        ),
+        (dict(targets=torch.zeros(N)), TypeError, "targets must be an integer tensor"),
+    ],
+)
 def test_compiled_static_checks_still_raise(bad, exc, message, fullgraph):
     """Shape/dtype/hyper-parameter checks run under compile. With graph breaks allowed the
     user gets the ValueError/TypeError itself; with fullgraph=True Dynamo (torch 2.13)
     reports it as ``Unsupported: Observed exception`` whose text quotes the original."""
     g = torch.Generator().manual_seed(0)
-    args = dict(hidden=torch.randn(N, H, generator=g), weight=torch.randn(V, H, generator=g),
-                targets=torch.randint(0, V, (N,), generator=g), temperature=1.0)
+    args = dict(
+        hidden=torch.randn(N, H, generator=g),
+        weight=torch.randn(V, H, generator=g),
+        targets=torch.randint(0, V, (N,), generator=g),
+        temperature=1.0,
+    )
     args.update(bad)
     temperature = args.pop("temperature")
 
     def f(hidden, weight, targets):
-        return sk.linear_logprobs(hidden, weight, targets, temperature=temperature,
-                                  backend="torch")
+        return sk.linear_logprobs(hidden, weight, targets, temperature=temperature, backend="torch")
 
     compiled = torch.compile(f, backend="eager", fullgraph=fullgraph)
     with pytest.raises(exc if not fullgraph else Exception) as info:
@@ -279,6 +368,7 @@ def test_compiled_bad_values_are_never_silent(fn, args, position):
 
 # --- the custom ops themselves: schema, fake impl, autograd registration -----------------------
 
+
 def _opcheck_cases():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, H, generator=g, requires_grad=True)
@@ -318,8 +408,10 @@ def test_custom_ops_compile_fullgraph(name):
     comes from the Python around them)."""
     cases = _opcheck_cases()
     op, args = cases["linear_logprobs+entropy" if name == "linear_logprobs" else "gated_kd"]
-    leaves = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
-              else a for a in args]
+    leaves = [
+        a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    ]
 
     def f(*xs):
         out = op(*xs)
@@ -328,8 +420,10 @@ def test_custom_ops_compile_fullgraph(name):
     want = f(*leaves)
     want.backward()
     want_grads = [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
-    got_leaves = [a.detach().clone().requires_grad_(a.requires_grad)
-                  if isinstance(a, torch.Tensor) else a for a in args]
+    got_leaves = [
+        a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    ]
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(*got_leaves)
     got.backward()
     got_grads = [a.grad for a in got_leaves if isinstance(a, torch.Tensor) and a.requires_grad]

@@ -14,9 +14,15 @@ transformers = pytest.importorskip("transformers")
 def _tiny_qwen3(seed: int = 0, *, tie: bool = False, head_bias: bool = False):
     torch.manual_seed(seed)
     cfg = transformers.Qwen3Config(
-        vocab_size=1007, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        max_position_embeddings=128, tie_word_embeddings=tie,
+        vocab_size=1007,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
     )
     model = transformers.Qwen3ForCausalLM(cfg).double().eval()
     if head_bias:
@@ -40,8 +46,9 @@ class _NoLogits:
     """Fails the test if the LM head's forward runs (that would be a [B, T, V] tensor)."""
 
     def __init__(self, model):
-        self.handle = hf.unwrap_causal_lm(model).get_output_embeddings().register_forward_hook(
-            self._fail)
+        self.handle = (
+            hf.unwrap_causal_lm(model).get_output_embeddings().register_forward_hook(self._fail)
+        )
 
     @staticmethod
     def _fail(*_):
@@ -63,8 +70,11 @@ def _check_against_forward(model, ids, mask):
         targets = ids[:, 1:]
         lp = sk.linear_logprobs(hidden[:, :-1], weight, targets, bias=bias)
     torch.testing.assert_close(hidden, ref.hidden_states[-1])
-    expected = torch.log_softmax(ref.logits[:, :-1].double(), -1).gather(
-        -1, targets.unsqueeze(-1)).squeeze(-1)
+    expected = (
+        torch.log_softmax(ref.logits[:, :-1].double(), -1)
+        .gather(-1, targets.unsqueeze(-1))
+        .squeeze(-1)
+    )
     valid = mask[:, 1:].bool()
     torch.testing.assert_close(lp[valid].double(), expected[valid], rtol=1e-9, atol=1e-9)
 

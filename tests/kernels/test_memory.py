@@ -67,7 +67,10 @@ SCRIPT = textwrap.dedent(
 def _peak_delta(workload: str, backend: str, n: int) -> int:
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, workload, backend, str(n), str(V), str(H)],
-        capture_output=True, text=True, timeout=600, check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["delta"]
 
@@ -90,8 +93,7 @@ def test_torch_path_allocates_nothing_proportional_to_n_times_v(workload):
     # grow by far less than one of them (it holds dW (V×H) and a fixed-size workspace).
     growth = big - small
     assert growth < logits_bytes(N_BIG - N_SMALL) / 8, (
-        f"torch path grew {mib(growth)} from N={N_SMALL} to N={N_BIG} "
-        f"({mib(small)} -> {mib(big)})"
+        f"torch path grew {mib(growth)} from N={N_SMALL} to N={N_BIG} ({mib(small)} -> {mib(big)})"
     )
     assert big < logits_bytes(N_BIG) / 2, f"torch path peak {mib(big)}"
     assert reference / max(big, 1) >= 8, f"reference {mib(reference)} vs ours {mib(big)}"

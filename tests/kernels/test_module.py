@@ -24,12 +24,24 @@ def _inputs(B=3, K=4, T=11, H=16, V=97):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_module_matches_functions(backend):
     sh, th, w, tg, mask, r, tw = _inputs()
-    loss_fn = sk.GatedKDLoss(gate_tau=0.5, clip_delta=2.0, confidence_threshold=0.01,
-                             backend=backend)
+    loss_fn = sk.GatedKDLoss(
+        gate_tau=0.5, clip_delta=2.0, confidence_threshold=0.01, backend=backend
+    )
     assert "gate_tau=0.5" in repr(loss_fn)
     a = loss_fn.from_hidden(sh, w, tg, mask, r, tw, teacher_hidden=th)
-    b = sk.linear_gated_kd_loss(sh, w, tg, mask, r, tw, teacher_hidden=th, gate_tau=0.5,
-                                clip_delta=2.0, confidence_threshold=0.01, backend=backend)
+    b = sk.linear_gated_kd_loss(
+        sh,
+        w,
+        tg,
+        mask,
+        r,
+        tw,
+        teacher_hidden=th,
+        gate_tau=0.5,
+        clip_delta=2.0,
+        confidence_threshold=0.01,
+        backend=backend,
+    )
     torch.testing.assert_close(a.loss, b.loss)
     c = loss_fn(a.student_logprobs, a.teacher_logprobs, mask, r, tw)
     torch.testing.assert_close(c.loss, a.loss)

@@ -61,13 +61,15 @@ def _leaf(x, dtype=None):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N%d-H%d-V%d" % s)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N{}-H{}-V{}".format(*s))
 @pytest.mark.parametrize(
-    "with_bias,temperature,entropy", [(False, 1.0, False), (True, 0.7, True)],
+    "with_bias,temperature,entropy",
+    [(False, 1.0, False), (True, 0.7, True)],
     ids=["plain", "bias-temp-entropy"],
 )
-def test_linear_logprobs_matches_oracle(backend, dtype, shape, with_bias, temperature, entropy,
-                                        small_workspace):
+def test_linear_logprobs_matches_oracle(
+    backend, dtype, shape, with_bias, temperature, entropy, small_workspace
+):
     h, w, b, t = _linear_case(*shape, dtype, with_bias)
     kw = dict(bias=None, temperature=temperature, return_entropy=entropy)
 
@@ -91,8 +93,9 @@ def test_linear_logprobs_matches_oracle(backend, dtype, shape, with_bias, temper
         assert_close_to_oracle(name, x, y, z, rel_atol=REL_ATOL[dtype])
         if shape[0] > 2:
             assert x[1].item() == 0.0  # ignore_index gives 0
-    for name, g, e, o in zip(("d_hidden", "d_weight", "d_bias"), got_grads, eager_grads,
-                             oracle_grads):
+    for name, g, e, o in zip(
+        ("d_hidden", "d_weight", "d_bias"), got_grads, eager_grads, oracle_grads
+    ):
         assert g.dtype == dtype
         assert_close_to_oracle(name, g, e, o, rel_atol=REL_ATOL[dtype])
     if shape[0] > 2:
@@ -102,8 +105,7 @@ def test_linear_logprobs_matches_oracle(backend, dtype, shape, with_bias, temper
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("entropy,temperature", [(False, 1.0), (True, 1.3)])
-def test_logprobs_from_logits_matches_oracle(backend, dtype, entropy, temperature,
-                                             small_workspace):
+def test_logprobs_from_logits_matches_oracle(backend, dtype, entropy, temperature, small_workspace):
     B, T, V = 3, 5, 1007
     logits = (torch.randn(B, T, V, dtype=torch.float64) * 4).to(dtype).to(DEVICE)
     t = torch.randint(0, V, (B, T), device=DEVICE)
@@ -147,8 +149,9 @@ def _gated_case(B, K, T, dtype, *, all_masked_row=True, absent_teacher=True):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("BKT", [(1, 1, 1), (3, 1, 17), (4, 8, 33), (2, 3, 600)],
-                         ids=lambda s: "B%d-K%d-T%d" % s)
+@pytest.mark.parametrize(
+    "BKT", [(1, 1, 1), (3, 1, 17), (4, 8, 33), (2, 3, 600)], ids=lambda s: "B{}-K{}-T{}".format(*s)
+)
 @pytest.mark.parametrize("hypers", [(1.0, 3.0, 0.05), (0.5, 1.0, 0.0)], ids=["paper", "tight"])
 def test_gated_kd_matches_oracle(backend, dtype, BKT, hypers):
     tau, delta, eps = hypers
@@ -228,18 +231,34 @@ def test_linear_gated_kd_loss_matches_oracle(backend, dtype, teachers, K, small_
         extra_for = lambda d: dict(teacher_hidden=th.to(d))  # noqa: E731
     else:
         u_targets = tg.clamp_min(0).unsqueeze(1).expand(-1, K, -1)
-        u = sk.linear_logprobs(th.double(), w.double(), u_targets, bias=b.double(),
-                               temperature=0.9, backend="reference")
+        u = sk.linear_logprobs(
+            th.double(),
+            w.double(),
+            u_targets,
+            bias=b.double(),
+            temperature=0.9,
+            backend="reference",
+        )
         extra_for = lambda d: dict(teacher_logprobs=u.to(d))  # noqa: E731
     kw = dict(bias=None, temperature=0.9)
 
     osh, ow, ob = _leaf(sh, torch.float64), _leaf(w, torch.float64), _leaf(b, torch.float64)
-    oracle = sk.linear_gated_kd_loss(osh, ow, tg, mask, r, tw.double(), **{**kw, "bias": ob},
-                                     **extra_for(torch.float64), backend="reference")
+    oracle = sk.linear_gated_kd_loss(
+        osh,
+        ow,
+        tg,
+        mask,
+        r,
+        tw.double(),
+        **{**kw, "bias": ob},
+        **extra_for(torch.float64),
+        backend="reference",
+    )
     og = torch.autograd.grad(oracle.loss, [osh, ow, ob])
     gsh, gw, gb = _leaf(sh), _leaf(w), _leaf(b)
-    got = sk.linear_gated_kd_loss(gsh, gw, tg, mask, r, tw, **{**kw, "bias": gb},
-                                  **extra_for(dtype), backend=backend)
+    got = sk.linear_gated_kd_loss(
+        gsh, gw, tg, mask, r, tw, **{**kw, "bias": gb}, **extra_for(dtype), backend=backend
+    )
     gg = torch.autograd.grad(got.loss, [gsh, gw, gb])
 
     rel = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
@@ -279,22 +298,25 @@ def test_leading_dims_are_kept():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N", [1, 300])
-@pytest.mark.parametrize("with_bias,temperature,entropy", [(False, 1.0, False), (True, 0.7, False),
-                                                           (True, 1.3, True)])
+@pytest.mark.parametrize(
+    "with_bias,temperature,entropy", [(False, 1.0, False), (True, 0.7, False), (True, 1.3, True)]
+)
 def test_torch_backend_default_workspace(dtype, N, with_bias, temperature, entropy):
     """Default workspace: the whole vocabulary in one block takes the fused log_softmax
     path (no entropy) or the online path (entropy); both against the oracle."""
     h, w, b, t = _linear_case(N, 61, 1007, dtype, with_bias)
     oh, ow, ob = _leaf(h, torch.float64), _leaf(w, torch.float64), _leaf(b, torch.float64)
-    oracle = sk.linear_logprobs(oh, ow, t, bias=ob, temperature=temperature,
-                                return_entropy=entropy, backend="reference")
+    oracle = sk.linear_logprobs(
+        oh, ow, t, bias=ob, temperature=temperature, return_entropy=entropy, backend="reference"
+    )
     og = _grads(oracle, [oh, ow, ob], entropy)
     eh, ew, eb = _leaf(h), _leaf(w), _leaf(b)
     eager = _eager_linear(eh, ew, eb, t, temperature, -100, entropy)
     eg = _grads(eager, [eh, ew, eb], entropy)
     gh, gw, gb = _leaf(h), _leaf(w), _leaf(b)
-    got = sk.linear_logprobs(gh, gw, t, bias=gb, temperature=temperature,
-                             return_entropy=entropy, backend="torch")
+    got = sk.linear_logprobs(
+        gh, gw, t, bias=gb, temperature=temperature, return_entropy=entropy, backend="torch"
+    )
     gg = _grads(got, [gh, gw, gb], entropy)
     triples = zip(got, eager, oracle) if entropy else [(got, eager, oracle)]
     for x, y, z in triples:

@@ -37,8 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def props(n: int):
-    return settings(max_examples=n * _SCALE, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+    return settings(
+        max_examples=n * _SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
 
 
 odd = st.integers(0, 20).map(lambda x: 2 * x + 1)  # 1, 3, ..., 41
@@ -83,11 +84,14 @@ def amax(t: torch.Tensor) -> float:
 def round32(c: dict) -> dict:
     """The case with its floating tensors rounded to float32 (kept in float64), so that the
     float64 oracle is exact for the very values the float32 runs see."""
-    return {k: (v.float().double() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                else v) for k, v in c.items()}
+    return {
+        k: (v.float().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in c.items()
+    }
 
 
 # --- log-prob inputs ---------------------------------------------------------------------------
+
 
 @st.composite
 def logits_cases(draw):
@@ -99,10 +103,14 @@ def logits_cases(draw):
     targets = torch.randint(0, v, (n,), generator=g)
     ignored = torch.rand(n, generator=g) < draw(st.sampled_from([0.0, 0.3]))
     targets[ignored] = -100
-    return dict(logits=logits, targets=targets, temperature=draw(temperatures),
-                workspace=draw(workspaces),
-                g_lp=torch.randn(n, generator=g, dtype=torch.float64),
-                g_ent=torch.randn(n, generator=g, dtype=torch.float64))
+    return dict(
+        logits=logits,
+        targets=targets,
+        temperature=draw(temperatures),
+        workspace=draw(workspaces),
+        g_lp=torch.randn(n, generator=g, dtype=torch.float64),
+        g_ent=torch.randn(n, generator=g, dtype=torch.float64),
+    )
 
 
 @st.composite
@@ -120,18 +128,25 @@ def linear_cases(draw):
     targets = torch.randint(0, v, (n,), generator=g)
     ignored = torch.rand(n, generator=g) < draw(st.sampled_from([0.0, 0.3]))
     targets[ignored] = -100
-    return dict(hidden=hidden, weight=weight, bias=bias, targets=targets,
-                temperature=draw(temperatures), workspace=draw(workspaces),
-                g_lp=torch.randn(n, generator=g, dtype=torch.float64),
-                g_ent=torch.randn(n, generator=g, dtype=torch.float64))
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        temperature=draw(temperatures),
+        workspace=draw(workspaces),
+        g_lp=torch.randn(n, generator=g, dtype=torch.float64),
+        g_ent=torch.randn(n, generator=g, dtype=torch.float64),
+    )
 
 
 def _logits_run(c, dtype, backend, entropy=True):
     """(lp, ent, grad_logits) of logprobs_from_logits on ``c`` cast to ``dtype``."""
     z = c["logits"].detach().to(dtype).clone().requires_grad_(True)
     with workspace(c["workspace"]):
-        lp, ent = sk.logprobs_from_logits(z, c["targets"], temperature=c["temperature"],
-                                          return_entropy=True, backend=backend)
+        lp, ent = sk.logprobs_from_logits(
+            z, c["targets"], temperature=c["temperature"], return_entropy=True, backend=backend
+        )
         loss = (lp * c["g_lp"].to(lp.dtype)).sum()
         if entropy:
             loss = loss + (ent * c["g_ent"].to(ent.dtype)).sum()
@@ -155,12 +170,21 @@ def _logits_eager32(c, entropy=True):
 
 
 def _linear_run(c, dtype, backend, entropy=True):
-    leaves = {k: c[k].detach().to(dtype).clone().requires_grad_(True)
-              for k in ("hidden", "weight", "bias") if c[k] is not None}
+    leaves = {
+        k: c[k].detach().to(dtype).clone().requires_grad_(True)
+        for k in ("hidden", "weight", "bias")
+        if c[k] is not None
+    }
     with workspace(c["workspace"]):
-        lp, ent = sk.linear_logprobs(leaves["hidden"], leaves["weight"], c["targets"],
-                                     bias=leaves.get("bias"), temperature=c["temperature"],
-                                     return_entropy=True, backend=backend)
+        lp, ent = sk.linear_logprobs(
+            leaves["hidden"],
+            leaves["weight"],
+            c["targets"],
+            bias=leaves.get("bias"),
+            temperature=c["temperature"],
+            return_entropy=True,
+            backend=backend,
+        )
         loss = (lp * c["g_lp"].to(lp.dtype)).sum()
         if entropy:
             loss = loss + (ent * c["g_ent"].to(ent.dtype)).sum()
@@ -169,15 +193,19 @@ def _linear_run(c, dtype, backend, entropy=True):
 
 
 def _linear_eager32(c, entropy=True):
-    leaves = {k: c[k].detach().float().clone().requires_grad_(True)
-              for k in ("hidden", "weight", "bias") if c[k] is not None}
+    leaves = {
+        k: c[k].detach().float().clone().requires_grad_(True)
+        for k in ("hidden", "weight", "bias")
+        if c[k] is not None
+    }
     z = leaves["hidden"] @ leaves["weight"].T
     if "bias" in leaves:
         z = z + leaves["bias"]
     logp = torch.log_softmax(z / c["temperature"], -1)
     valid = c["targets"] != -100
-    lp = torch.where(valid, logp.gather(-1, torch.where(valid, c["targets"], 0)[:, None])
-                     .squeeze(-1), 0.0)
+    lp = torch.where(
+        valid, logp.gather(-1, torch.where(valid, c["targets"], 0)[:, None]).squeeze(-1), 0.0
+    )
     ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
     loss = (lp * c["g_lp"].float()).sum()
     if entropy:
@@ -196,6 +224,7 @@ def _scale_of(c) -> float:
 
 
 # --- torch backend == float64 oracle ---------------------------------------------------------
+
 
 @props(60)
 @given(c=logits_cases())
@@ -220,7 +249,7 @@ def test_logprobs_from_logits_float32_within_rule(c, entropy):
     # log_softmax subtracts m and log Σ separately: the atol is eps·|z|-sized.
     atol = 8 * EPS32 * _scale_of(c)
     # Gradient terms g·onehot and g·p can cancel (p → 1): scale by the terms, not the result.
-    g = (amax(c["g_lp"]) + (amax(c["g_ent"]) * _scale_of(c) if entropy else 0.0))
+    g = amax(c["g_lp"]) + (amax(c["g_ent"]) * _scale_of(c) if entropy else 0.0)
     g /= c["temperature"]
     for got_t, o, e, what in zip(got, oracle, eager, ("logprobs", "entropy", "grad")):
         assert_rule(got_t, o, e, atol * g if what == "grad" else atol, what)
@@ -236,8 +265,9 @@ def test_linear_logprobs_float64_matches_reference(c):
     torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=tol)
     for k in want[2]:
         gw = want[2][k]
-        torch.testing.assert_close(got[2][k], gw, rtol=1e-9, atol=1e-11 * max(1.0, amax(gw)),
-                                   msg=f"grad {k}")
+        torch.testing.assert_close(
+            got[2][k], gw, rtol=1e-9, atol=1e-11 * max(1.0, amax(gw)), msg=f"grad {k}"
+        )
 
 
 @props(60)
@@ -254,8 +284,11 @@ def test_linear_logprobs_float32_within_rule(c, entropy):
     # Gradients are sums of terms that can cancel exactly (V = 1: onehot − p = 0), so the
     # atol scales with the size of the terms, not of the result.
     g = amax(c["g_lp"]) + (amax(c["g_ent"]) * _scale_of(c) if entropy else 0.0)
-    partner = {"hidden": max(1.0, amax(c["weight"])), "weight": n * max(1.0, amax(c["hidden"])),
-               "bias": n}
+    partner = {
+        "hidden": max(1.0, amax(c["weight"])),
+        "weight": n * max(1.0, amax(c["hidden"])),
+        "bias": n,
+    }
     for k, o in oracle[2].items():
         assert got[2][k].dtype == torch.float32
         assert_rule(got[2][k], o, eager[2][k], atol * g * partner[k], f"grad {k}")
@@ -263,9 +296,13 @@ def test_linear_logprobs_float32_within_rule(c, entropy):
 
 # --- log-prob invariances and ranges ------------------------------------------------------------
 
+
 @props(40)
-@given(c=logits_cases(), shift_scale=st.sampled_from([1.0, 1e3, 1e6]),
-       backend=st.sampled_from(BACKENDS))
+@given(
+    c=logits_cases(),
+    shift_scale=st.sampled_from([1.0, 1e3, 1e6]),
+    backend=st.sampled_from(BACKENDS),
+)
 def test_logprobs_invariant_to_per_row_shift(c, shift_scale, backend):
     n = c["logits"].shape[0]
     shift = torch.randn(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
@@ -285,28 +322,36 @@ def test_linear_logprobs_invariant_to_per_row_shift(c, backend):
     n = c["hidden"].shape[0]
     shift = torch.randn(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) * 50
     v = c["weight"].shape[0]
-    shifted = dict(c, hidden=torch.cat([c["hidden"], shift], 1),
-                   weight=torch.cat([c["weight"], torch.ones(v, 1, dtype=torch.float64)], 1))
+    shifted = dict(
+        c,
+        hidden=torch.cat([c["hidden"], shift], 1),
+        weight=torch.cat([c["weight"], torch.ones(v, 1, dtype=torch.float64)], 1),
+    )
     a = _linear_run(c, torch.float64, backend)
     b = _linear_run(shifted, torch.float64, backend)
     tol = 1e-12 * (_scale_of(c) + amax(shift) / c["temperature"])
     torch.testing.assert_close(b[0], a[0], rtol=0, atol=tol)
     torch.testing.assert_close(b[1], a[1], rtol=0, atol=tol)
-    torch.testing.assert_close(b[2]["hidden"][:, :-1], a[2]["hidden"], rtol=1e-9,
-                               atol=tol * max(1.0, amax(a[2]["hidden"])))
+    torch.testing.assert_close(
+        b[2]["hidden"][:, :-1], a[2]["hidden"], rtol=1e-9, atol=tol * max(1.0, amax(a[2]["hidden"]))
+    )
     # Σ_v ∂/∂z_v = 0 per row, so the shift unit's gradient is ~0.
     assert amax(b[2]["hidden"][:, -1]) <= tol * max(1.0, amax(c["weight"])) * v
 
 
 @props(60)
-@given(c=logits_cases(), dtype=st.sampled_from([torch.float32, torch.float64]),
-       backend=st.sampled_from(BACKENDS))
+@given(
+    c=logits_cases(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    backend=st.sampled_from(BACKENDS),
+)
 def test_logprobs_nonpositive_and_entropy_in_range(c, dtype, backend):
     z = c["logits"].to(dtype)
     v = z.shape[1]
     with workspace(c["workspace"]):
-        lp, ent = sk.logprobs_from_logits(z, c["targets"], temperature=c["temperature"],
-                                          return_entropy=True, backend=backend)
+        lp, ent = sk.logprobs_from_logits(
+            z, c["targets"], temperature=c["temperature"], return_entropy=True, backend=backend
+        )
     assert (lp <= 0).all(), lp
     assert (lp[c["targets"] == -100] == 0).all()
     assert (ent >= 0).all(), ent
@@ -315,16 +360,23 @@ def test_logprobs_nonpositive_and_entropy_in_range(c, dtype, backend):
 
 
 @props(60)
-@given(c=linear_cases(), dtype=st.sampled_from([torch.float32, torch.float64]),
-       backend=st.sampled_from(BACKENDS))
+@given(
+    c=linear_cases(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    backend=st.sampled_from(BACKENDS),
+)
 def test_linear_logprobs_nonpositive_and_entropy_in_range(c, dtype, backend):
     v = c["weight"].shape[0]
     with workspace(c["workspace"]):
-        lp, ent = sk.linear_logprobs(c["hidden"].to(dtype), c["weight"].to(dtype),
-                                     c["targets"],
-                                     bias=None if c["bias"] is None else c["bias"].to(dtype),
-                                     temperature=c["temperature"], return_entropy=True,
-                                     backend=backend)
+        lp, ent = sk.linear_logprobs(
+            c["hidden"].to(dtype),
+            c["weight"].to(dtype),
+            c["targets"],
+            bias=None if c["bias"] is None else c["bias"].to(dtype),
+            temperature=c["temperature"],
+            return_entropy=True,
+            backend=backend,
+        )
     assert (lp <= 0).all(), lp
     assert (ent >= 0).all(), ent
     slack = 1e-6 if dtype == torch.float32 else 1e-12
@@ -358,7 +410,11 @@ def gated_cases(draw, rewards=ALL_REWARDS):
     if draw(st.booleans()):
         w = torch.softmax(torch.randn(b, k, generator=g, dtype=torch.float64), -1)
     return dict(
-        student_logprobs=s, teacher_logprobs=u, token_mask=mask, rewards=r, teacher_weights=w,
+        student_logprobs=s,
+        teacher_logprobs=u,
+        token_mask=mask,
+        rewards=r,
+        teacher_weights=w,
         gate_tau=draw(st.sampled_from([0.1, 1.0, 4.0])),
         clip_delta=draw(st.sampled_from([0.5, 3.0, 100.0])),
         confidence_threshold=draw(st.sampled_from([0.0, 0.05, 0.5])),
@@ -367,16 +423,25 @@ def gated_cases(draw, rewards=ALL_REWARDS):
 
 def _gated_run(c, dtype, backend):
     s = c["student_logprobs"].detach().to(dtype).clone().requires_grad_(True)
-    args = dict(c, student_logprobs=s, teacher_logprobs=c["teacher_logprobs"].to(dtype),
-                teacher_weights=c["teacher_weights"].to(dtype))
+    args = dict(
+        c,
+        student_logprobs=s,
+        teacher_logprobs=c["teacher_logprobs"].to(dtype),
+        teacher_weights=c["teacher_weights"].to(dtype),
+    )
     out = sk.gated_kd_loss(**args, backend=backend)
     out.loss.backward()
     return out, s.grad
 
 
 def _gated_fields(out, grad):
-    return dict(loss=out.loss.detach(), support=out.support, polarity=out.polarity,
-                row_loss=out.row_loss, grad=grad)
+    return dict(
+        loss=out.loss.detach(),
+        support=out.support,
+        polarity=out.polarity,
+        row_loss=out.row_loss,
+        grad=grad,
+    )
 
 
 @props(80)
@@ -399,8 +464,7 @@ def test_gated_kd_loss_float32_within_rule(c):
     assume(bool(((S == 0) | ((S.abs() - eps).abs() > 1e-4)).all()))
     c32 = round32(c)
     oracle = _gated_fields(*_gated_run(c32, torch.float64, "reference"))
-    assume(bool(((oracle["support"] == 0)
-                 | ((oracle["support"].abs() - eps).abs() > 1e-4)).all()))
+    assume(bool(((oracle["support"] == 0) | ((oracle["support"].abs() - eps).abs() > 1e-4)).all()))
     eager = _gated_fields(*_gated_run(c32, torch.float32, "reference"))
     got = _gated_fields(*_gated_run(c32, torch.float32, "torch"))
     torch.testing.assert_close(got["polarity"], oracle["polarity"].float())
@@ -442,8 +506,11 @@ def test_gated_kd_loss_zero_weights_give_zero(c, backend):
 
 
 @props(60)
-@given(c=gated_cases(rewards=st.sampled_from([1.0, -1.0, 0.7, -3.0])),
-       backend=st.sampled_from(BACKENDS), dtype=st.sampled_from([torch.float32, torch.float64]))
+@given(
+    c=gated_cases(rewards=st.sampled_from([1.0, -1.0, 0.7, -3.0])),
+    backend=st.sampled_from(BACKENDS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
 def test_gated_kd_loss_flipping_rewards_flips_sign(c, backend, dtype):
     a, ga = _gated_run(c, dtype, backend)
     b, gb = _gated_run(dict(c, rewards=-c["rewards"]), dtype, backend)
@@ -458,8 +525,11 @@ def test_gated_kd_loss_flipping_rewards_flips_sign(c, backend, dtype):
 
 
 @props(40)
-@given(c=gated_cases(), backend=st.sampled_from(BACKENDS),
-       garbage=st.sampled_from([math.nan, math.inf, -math.inf, 1e30]))
+@given(
+    c=gated_cases(),
+    backend=st.sampled_from(BACKENDS),
+    garbage=st.sampled_from([math.nan, math.inf, -math.inf, 1e30]),
+)
 def test_gated_kd_loss_masked_positions_are_inert(c, backend, garbage):
     a, ga = _gated_run(c, torch.float64, backend)
     off = ~c["token_mask"]
@@ -468,8 +538,13 @@ def test_gated_kd_loss_masked_positions_are_inert(c, backend, garbage):
     s[off] = garbage
     u[off[:, None].expand_as(u)] = -garbage
     b, gb = _gated_run(dict(c, student_logprobs=s, teacher_logprobs=u), torch.float64, backend)
-    for x, y in ((a.loss, b.loss), (a.support, b.support), (a.polarity, b.polarity),
-                 (a.row_loss, b.row_loss), (ga, gb)):
+    for x, y in (
+        (a.loss, b.loss),
+        (a.support, b.support),
+        (a.polarity, b.polarity),
+        (a.row_loss, b.row_loss),
+        (ga, gb),
+    ):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
@@ -479,8 +554,11 @@ def test_gated_kd_loss_teacher_permutation_and_batch_duplication(c, backend):
     a, ga = _gated_run(c, torch.float64, backend)
     k = c["teacher_weights"].shape[1]
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(k))
-    p = dict(c, teacher_logprobs=c["teacher_logprobs"][:, perm],
-             teacher_weights=c["teacher_weights"][:, perm])
+    p = dict(
+        c,
+        teacher_logprobs=c["teacher_logprobs"][:, perm],
+        teacher_weights=c["teacher_weights"][:, perm],
+    )
     b, gb = _gated_run(p, torch.float64, backend)
     torch.testing.assert_close(b.loss, a.loss, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(b.support, a.support[:, perm])
@@ -496,6 +574,7 @@ def test_gated_kd_loss_teacher_permutation_and_batch_duplication(c, backend):
 
 # --- the gated loss from hidden states ------------------------------------------------------------
 
+
 @st.composite
 def linear_gated_cases(draw):
     c = draw(gated_cases())
@@ -505,22 +584,33 @@ def linear_gated_cases(draw):
     scale = draw(st.sampled_from([1.0, 8.0, 100.0]))
     hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64)
     teacher_hidden = hidden[:, None] + draw(st.sampled_from([0.01, 0.5, 3.0])) * torch.randn(
-        b, k, t, h, generator=g, dtype=torch.float64)
+        b, k, t, h, generator=g, dtype=torch.float64
+    )
     weight = torch.randn(v, h, generator=g, dtype=torch.float64) * (scale / math.sqrt(h))
     bias = torch.randn(v, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
     targets = torch.randint(0, v, (b, t), generator=g)
     targets[torch.rand(b, t, generator=g) < 0.15] = -100
     del c["student_logprobs"], c["teacher_logprobs"]
-    return dict(c, student_hidden=hidden, weight=weight, targets=targets,
-                teacher_hidden=teacher_hidden, bias=bias, temperature=draw(temperatures),
-                workspace=draw(workspaces))
+    return dict(
+        c,
+        student_hidden=hidden,
+        weight=weight,
+        targets=targets,
+        teacher_hidden=teacher_hidden,
+        bias=bias,
+        temperature=draw(temperatures),
+        workspace=draw(workspaces),
+    )
 
 
 def _linear_gated_run(c, backend, **over):
     c = dict(c, **over)
     ws = c.pop("workspace")
-    leaves = {k: c[k].clone().requires_grad_(True)
-              for k in ("student_hidden", "weight", "bias") if c[k] is not None}
+    leaves = {
+        k: c[k].clone().requires_grad_(True)
+        for k in ("student_hidden", "weight", "bias")
+        if c[k] is not None
+    }
     with workspace(ws):
         out = sk.linear_gated_kd_loss(**{**c, **leaves}, backend=backend)
         out.loss.backward()
@@ -533,14 +623,21 @@ def test_linear_gated_kd_loss_float64_matches_reference(c):
     want, gw = _linear_gated_run(c, "reference")
     got, gg = _linear_gated_run(c, "torch")
     for name in ("loss", "support", "polarity", "row_loss"):
-        torch.testing.assert_close(getattr(got, name).detach(), getattr(want, name).detach(),
-                                   rtol=1e-10, atol=1e-11, msg=name)
+        torch.testing.assert_close(
+            getattr(got, name).detach(),
+            getattr(want, name).detach(),
+            rtol=1e-10,
+            atol=1e-11,
+            msg=name,
+        )
     for k in gw:
-        torch.testing.assert_close(gg[k], gw[k], rtol=1e-9, atol=1e-11 * max(1.0, amax(gw[k])),
-                                   msg=f"grad {k}")
+        torch.testing.assert_close(
+            gg[k], gw[k], rtol=1e-9, atol=1e-11 * max(1.0, amax(gw[k])), msg=f"grad {k}"
+        )
     # Precomputed teacher log-probs give the same result as teacher hidden states.
-    pre, gp = _linear_gated_run(c, "torch", teacher_hidden=None,
-                                teacher_logprobs=got.teacher_logprobs)
+    pre, gp = _linear_gated_run(
+        c, "torch", teacher_hidden=None, teacher_logprobs=got.teacher_logprobs
+    )
     torch.testing.assert_close(pre.loss, got.loss, rtol=1e-12, atol=1e-15)
     for k in gg:
         torch.testing.assert_close(gp[k], gg[k], rtol=1e-12, atol=1e-15)
@@ -555,14 +652,26 @@ def test_linear_gated_kd_loss_reported_logprobs_match_reference(c):
     want, _ = _linear_gated_run(c, "reference")
     got, _ = _linear_gated_run(c, "torch")
     for name in ("student_logprobs", "teacher_logprobs"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10,
-                                   atol=1e-11, msg=name)
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-11, msg=name
+        )
     k = c["teacher_weights"].shape[1]
-    expect_s = sk.linear_logprobs(c["student_hidden"], c["weight"], c["targets"], bias=c["bias"],
-                                  temperature=c["temperature"], backend="reference")
-    expect_u = sk.linear_logprobs(c["teacher_hidden"], c["weight"],
-                                  c["targets"][:, None].expand(-1, k, -1), bias=c["bias"],
-                                  temperature=c["temperature"], backend="reference")
+    expect_s = sk.linear_logprobs(
+        c["student_hidden"],
+        c["weight"],
+        c["targets"],
+        bias=c["bias"],
+        temperature=c["temperature"],
+        backend="reference",
+    )
+    expect_u = sk.linear_logprobs(
+        c["teacher_hidden"],
+        c["weight"],
+        c["targets"][:, None].expand(-1, k, -1),
+        bias=c["bias"],
+        temperature=c["temperature"],
+        backend="reference",
+    )
     for out in (want, got):
         torch.testing.assert_close(out.student_logprobs, expect_s, rtol=1e-10, atol=1e-11)
         torch.testing.assert_close(out.teacher_logprobs, expect_u, rtol=1e-10, atol=1e-11)

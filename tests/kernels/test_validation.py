@@ -46,8 +46,10 @@ def valid_args(fn: str, seed: int = 0) -> dict:
     g = _gen(seed)
     if fn == "linear_logprobs":
         return dict(
-            hidden=torch.randn(N, H, generator=g), weight=torch.randn(V, H, generator=g),
-            targets=torch.randint(0, V, (N,), generator=g), bias=torch.randn(V, generator=g),
+            hidden=torch.randn(N, H, generator=g),
+            weight=torch.randn(V, H, generator=g),
+            targets=torch.randint(0, V, (N,), generator=g),
+            bias=torch.randn(V, generator=g),
         )
     if fn == "logprobs_from_logits":
         return dict(
@@ -105,176 +107,456 @@ def test_valid_call(fn):
 # --- shapes, dtypes, types: one table per entry point --------------------------------------
 
 LINEAR_LOGPROBS_CASES = [
-    ("hidden H != weight H", dict(hidden=torch.randn(N, H - 1)), ValueError,
-     ("hidden must have shape [..., H] with H = weight.shape[1] = 7", "got (4, 6)")),
-    ("hidden 0-d", dict(hidden=torch.tensor(1.0)),
-     ValueError, ("hidden must have shape [..., H]",)),
-    ("weight 1-d", dict(weight=torch.randn(V)), ValueError,
-     ("weight must have shape [V, H]", "got (11,)")),
-    ("weight V = 0", dict(weight=torch.randn(0, H)), ValueError,
-     ("weight must have shape [V, H] with V, H >= 1", "got (0, 7)")),
-    ("targets fewer rows", dict(targets=torch.randint(0, V, (N - 1,))), ValueError,
-     ("targets must have shape", "(4,)", "got (3,)")),
-    ("targets broadcastable", dict(targets=torch.randint(0, V, (1,))), ValueError,
-     ("targets must have shape", "(4,)", "got (1,)")),
-    ("targets more rows", dict(targets=torch.randint(0, V, (2 * N,))), ValueError,
-     ("targets must have shape", "(4,)", "got (8,)")),
-    ("targets same numel, other shape", dict(targets=torch.randint(0, V, (2, 2))), ValueError,
-     ("targets must have shape", "(4,)", "got (2, 2)")),
-    ("bias wrong length", dict(bias=torch.randn(V + 1)), ValueError,
-     ("bias must have shape [V] = [11]", "got (12,)")),
-    ("weight dtype != hidden dtype", dict(weight=torch.randn(V, H, dtype=torch.float64)), TypeError,
-     ("weight dtype torch.float64 must match hidden dtype torch.float32",)),
-    ("hidden bf16, weight fp32", dict(hidden=torch.randn(N, H).bfloat16()), TypeError,
-     ("weight dtype torch.float32 must match hidden dtype torch.bfloat16",)),
-    ("bias dtype != weight dtype", dict(bias=torch.randn(V, dtype=torch.float64)), TypeError,
-     ("bias dtype torch.float64 must match weight dtype torch.float32",)),
-    ("hidden integer", dict(hidden=torch.ones(N, H, dtype=torch.long)), TypeError,
-     ("hidden must be a floating tensor", "torch.int64")),
-    ("hidden not a tensor", dict(hidden=[[0.0] * H] * N), TypeError,
-     ("hidden must be a torch.Tensor", "list")),
+    (
+        "hidden H != weight H",
+        dict(hidden=torch.randn(N, H - 1)),
+        ValueError,
+        ("hidden must have shape [..., H] with H = weight.shape[1] = 7", "got (4, 6)"),
+    ),
+    (
+        "hidden 0-d",
+        dict(hidden=torch.tensor(1.0)),
+        ValueError,
+        ("hidden must have shape [..., H]",),
+    ),
+    (
+        "weight 1-d",
+        dict(weight=torch.randn(V)),
+        ValueError,
+        ("weight must have shape [V, H]", "got (11,)"),
+    ),
+    (
+        "weight V = 0",
+        dict(weight=torch.randn(0, H)),
+        ValueError,
+        ("weight must have shape [V, H] with V, H >= 1", "got (0, 7)"),
+    ),
+    (
+        "targets fewer rows",
+        dict(targets=torch.randint(0, V, (N - 1,))),
+        ValueError,
+        ("targets must have shape", "(4,)", "got (3,)"),
+    ),
+    (
+        "targets broadcastable",
+        dict(targets=torch.randint(0, V, (1,))),
+        ValueError,
+        ("targets must have shape", "(4,)", "got (1,)"),
+    ),
+    (
+        "targets more rows",
+        dict(targets=torch.randint(0, V, (2 * N,))),
+        ValueError,
+        ("targets must have shape", "(4,)", "got (8,)"),
+    ),
+    (
+        "targets same numel, other shape",
+        dict(targets=torch.randint(0, V, (2, 2))),
+        ValueError,
+        ("targets must have shape", "(4,)", "got (2, 2)"),
+    ),
+    (
+        "bias wrong length",
+        dict(bias=torch.randn(V + 1)),
+        ValueError,
+        ("bias must have shape [V] = [11]", "got (12,)"),
+    ),
+    (
+        "weight dtype != hidden dtype",
+        dict(weight=torch.randn(V, H, dtype=torch.float64)),
+        TypeError,
+        ("weight dtype torch.float64 must match hidden dtype torch.float32",),
+    ),
+    (
+        "hidden bf16, weight fp32",
+        dict(hidden=torch.randn(N, H).bfloat16()),
+        TypeError,
+        ("weight dtype torch.float32 must match hidden dtype torch.bfloat16",),
+    ),
+    (
+        "bias dtype != weight dtype",
+        dict(bias=torch.randn(V, dtype=torch.float64)),
+        TypeError,
+        ("bias dtype torch.float64 must match weight dtype torch.float32",),
+    ),
+    (
+        "hidden integer",
+        dict(hidden=torch.ones(N, H, dtype=torch.long)),
+        TypeError,
+        ("hidden must be a floating tensor", "torch.int64"),
+    ),
+    (
+        "hidden not a tensor",
+        dict(hidden=[[0.0] * H] * N),
+        TypeError,
+        ("hidden must be a torch.Tensor", "list"),
+    ),
     ("weight not a tensor", dict(weight=None), TypeError, ("weight must be a torch.Tensor",)),
-    ("targets float", dict(targets=torch.zeros(N)), TypeError,
-     ("targets must be an integer tensor", "torch.float32")),
-    ("targets bool", dict(targets=torch.zeros(N, dtype=torch.bool)), TypeError,
-     ("targets must be an integer tensor", "torch.bool")),
-    ("target == V", dict(targets=torch.tensor([0, 1, V, 2])), ValueError,
-     ("targets must be in [0, 11) or equal ignore_index=-100", "found 11")),
-    ("target -1", dict(targets=torch.tensor([0, -1, 3, 2])), ValueError,
-     ("targets must be in [0, 11)", "found -1")),
-    ("target == default ignore_index but ignore_index=-1",
-     dict(targets=torch.tensor([0, -100, 3, 2]), ignore_index=-1), ValueError,
-     ("targets must be in [0, 11) or equal ignore_index=-1", "found -100")),
-    ("ignore_index float", dict(ignore_index=-100.0),
-     TypeError, ("ignore_index must be an int", "float")),
-    ("return_entropy int", dict(return_entropy=1),
-     TypeError, ("return_entropy must be a bool", "int")),
-    ("check_finite str", dict(check_finite="yes"),
-     TypeError, ("check_finite must be a bool", "str")),
+    (
+        "targets float",
+        dict(targets=torch.zeros(N)),
+        TypeError,
+        ("targets must be an integer tensor", "torch.float32"),
+    ),
+    (
+        "targets bool",
+        dict(targets=torch.zeros(N, dtype=torch.bool)),
+        TypeError,
+        ("targets must be an integer tensor", "torch.bool"),
+    ),
+    (
+        "target == V",
+        dict(targets=torch.tensor([0, 1, V, 2])),
+        ValueError,
+        ("targets must be in [0, 11) or equal ignore_index=-100", "found 11"),
+    ),
+    (
+        "target -1",
+        dict(targets=torch.tensor([0, -1, 3, 2])),
+        ValueError,
+        ("targets must be in [0, 11)", "found -1"),
+    ),
+    (
+        "target == default ignore_index but ignore_index=-1",
+        dict(targets=torch.tensor([0, -100, 3, 2]), ignore_index=-1),
+        ValueError,
+        ("targets must be in [0, 11) or equal ignore_index=-1", "found -100"),
+    ),
+    (
+        "ignore_index float",
+        dict(ignore_index=-100.0),
+        TypeError,
+        ("ignore_index must be an int", "float"),
+    ),
+    (
+        "return_entropy int",
+        dict(return_entropy=1),
+        TypeError,
+        ("return_entropy must be a bool", "int"),
+    ),
+    (
+        "check_finite str",
+        dict(check_finite="yes"),
+        TypeError,
+        ("check_finite must be a bool", "str"),
+    ),
 ]
 
 LOGITS_CASES = [
-    ("logits V = 0", dict(logits=torch.randn(N, 0)), ValueError,
-     ("logits must have shape [..., V] with V >= 1", "got (4, 0)")),
-    ("logits 0-d", dict(logits=torch.tensor(1.0)),
-     ValueError, ("logits must have shape [..., V]",)),
-    ("targets fewer rows", dict(targets=torch.randint(0, V, (N - 1,))), ValueError,
-     ("targets must have shape logits.shape[:-1] = (4,)", "got (3,)")),
-    ("targets extra dim", dict(targets=torch.randint(0, V, (N, 1))), ValueError,
-     ("targets must have shape logits.shape[:-1] = (4,)", "got (4, 1)")),
-    ("logits integer", dict(logits=torch.ones(N, V, dtype=torch.int32)), TypeError,
-     ("logits must be a floating tensor", "torch.int32")),
-    ("targets float", dict(targets=torch.zeros(N)),
-     TypeError, ("targets must be an integer tensor",)),
-    ("target == V", dict(targets=torch.tensor([V, 0, 0, 0])), ValueError,
-     ("targets must be in [0, 11) or equal ignore_index=-100", "found 11")),
-    ("target negative", dict(targets=torch.tensor([0, 0, -5, 0])), ValueError,
-     ("targets must be in [0, 11)", "found -5")),
-    ("ignore_index str", dict(ignore_index="-100"),
-     TypeError, ("ignore_index must be an int", "str")),
-    ("return_entropy None", dict(return_entropy=None),
-     TypeError, ("return_entropy must be a bool",)),
+    (
+        "logits V = 0",
+        dict(logits=torch.randn(N, 0)),
+        ValueError,
+        ("logits must have shape [..., V] with V >= 1", "got (4, 0)"),
+    ),
+    (
+        "logits 0-d",
+        dict(logits=torch.tensor(1.0)),
+        ValueError,
+        ("logits must have shape [..., V]",),
+    ),
+    (
+        "targets fewer rows",
+        dict(targets=torch.randint(0, V, (N - 1,))),
+        ValueError,
+        ("targets must have shape logits.shape[:-1] = (4,)", "got (3,)"),
+    ),
+    (
+        "targets extra dim",
+        dict(targets=torch.randint(0, V, (N, 1))),
+        ValueError,
+        ("targets must have shape logits.shape[:-1] = (4,)", "got (4, 1)"),
+    ),
+    (
+        "logits integer",
+        dict(logits=torch.ones(N, V, dtype=torch.int32)),
+        TypeError,
+        ("logits must be a floating tensor", "torch.int32"),
+    ),
+    (
+        "targets float",
+        dict(targets=torch.zeros(N)),
+        TypeError,
+        ("targets must be an integer tensor",),
+    ),
+    (
+        "target == V",
+        dict(targets=torch.tensor([V, 0, 0, 0])),
+        ValueError,
+        ("targets must be in [0, 11) or equal ignore_index=-100", "found 11"),
+    ),
+    (
+        "target negative",
+        dict(targets=torch.tensor([0, 0, -5, 0])),
+        ValueError,
+        ("targets must be in [0, 11)", "found -5"),
+    ),
+    (
+        "ignore_index str",
+        dict(ignore_index="-100"),
+        TypeError,
+        ("ignore_index must be an int", "str"),
+    ),
+    (
+        "return_entropy None",
+        dict(return_entropy=None),
+        TypeError,
+        ("return_entropy must be a bool",),
+    ),
 ]
 
 # Shared by gated_kd_loss, GatedKDLoss, linear_gated_kd_loss, GatedKDLoss.from_hidden.
 GATE_CASES = [
-    ("token_mask wrong T", dict(token_mask=torch.ones(B, T + 1, dtype=torch.bool)), ValueError,
-     ("token_mask must have shape [B, T] = [2, 5]", "got (2, 6)")),
-    ("token_mask 1-d", dict(token_mask=torch.ones(B * T, dtype=torch.bool)), ValueError,
-     ("token_mask must have shape [B, T] = [2, 5]", "got (10,)")),
-    ("token_mask float", dict(token_mask=torch.ones(B, T)), TypeError,
-     ("token_mask must be a bool (or 0/1 integer) tensor", "torch.float32")),
-    ("token_mask int holds 2", dict(token_mask=torch.full((B, T), 2)), ValueError,
-     ("token_mask must hold only 0/1",)),
-    ("rewards wrong B", dict(rewards=torch.ones(B + 1)), ValueError,
-     ("rewards must have shape [B] = [2]", "got (3,)")),
-    ("rewards [B, 1]", dict(rewards=torch.ones(B, 1)), ValueError,
-     ("rewards must have shape [B] = [2]", "got (2, 1)")),
-    ("rewards not a tensor", dict(rewards=[1.0, -1.0]),
-     TypeError, ("rewards must be a torch.Tensor",)),
-    ("teacher_weights 1-d", dict(teacher_weights=torch.ones(B)), ValueError,
-     ("teacher_weights must have shape [B, K] = [2, K]", "got (2,)")),
-    ("teacher_weights wrong B", dict(teacher_weights=torch.ones(B + 1, K)), ValueError,
-     ("teacher_weights must have shape [B, K] = [2, K]", "got (3, 3)")),
-    ("teacher_weights integer", dict(teacher_weights=torch.ones(B, K, dtype=torch.long)), TypeError,
-     ("teacher_weights must be a floating tensor",)),
-    ("teacher_weights negative",
-     dict(teacher_weights=torch.tensor([[1.0, -0.5, 0.0], [1.0, 1.0, 1.0]])),
-     ValueError, ("teacher_weights must be finite and >= 0",)),
-    ("teacher_weights NaN",
-     dict(teacher_weights=torch.tensor([[1.0, math.nan, 0.0], [1.0, 1.0, 1.0]])),
-     ValueError, ("teacher_weights must be finite and >= 0",)),
-    ("teacher_weights inf",
-     dict(teacher_weights=torch.tensor([[1.0, math.inf, 0.0], [1.0, 1.0, 1.0]])),
-     ValueError, ("teacher_weights must be finite and >= 0",)),
+    (
+        "token_mask wrong T",
+        dict(token_mask=torch.ones(B, T + 1, dtype=torch.bool)),
+        ValueError,
+        ("token_mask must have shape [B, T] = [2, 5]", "got (2, 6)"),
+    ),
+    (
+        "token_mask 1-d",
+        dict(token_mask=torch.ones(B * T, dtype=torch.bool)),
+        ValueError,
+        ("token_mask must have shape [B, T] = [2, 5]", "got (10,)"),
+    ),
+    (
+        "token_mask float",
+        dict(token_mask=torch.ones(B, T)),
+        TypeError,
+        ("token_mask must be a bool (or 0/1 integer) tensor", "torch.float32"),
+    ),
+    (
+        "token_mask int holds 2",
+        dict(token_mask=torch.full((B, T), 2)),
+        ValueError,
+        ("token_mask must hold only 0/1",),
+    ),
+    (
+        "rewards wrong B",
+        dict(rewards=torch.ones(B + 1)),
+        ValueError,
+        ("rewards must have shape [B] = [2]", "got (3,)"),
+    ),
+    (
+        "rewards [B, 1]",
+        dict(rewards=torch.ones(B, 1)),
+        ValueError,
+        ("rewards must have shape [B] = [2]", "got (2, 1)"),
+    ),
+    (
+        "rewards not a tensor",
+        dict(rewards=[1.0, -1.0]),
+        TypeError,
+        ("rewards must be a torch.Tensor",),
+    ),
+    (
+        "teacher_weights 1-d",
+        dict(teacher_weights=torch.ones(B)),
+        ValueError,
+        ("teacher_weights must have shape [B, K] = [2, K]", "got (2,)"),
+    ),
+    (
+        "teacher_weights wrong B",
+        dict(teacher_weights=torch.ones(B + 1, K)),
+        ValueError,
+        ("teacher_weights must have shape [B, K] = [2, K]", "got (3, 3)"),
+    ),
+    (
+        "teacher_weights integer",
+        dict(teacher_weights=torch.ones(B, K, dtype=torch.long)),
+        TypeError,
+        ("teacher_weights must be a floating tensor",),
+    ),
+    (
+        "teacher_weights negative",
+        dict(teacher_weights=torch.tensor([[1.0, -0.5, 0.0], [1.0, 1.0, 1.0]])),
+        ValueError,
+        ("teacher_weights must be finite and >= 0",),
+    ),
+    (
+        "teacher_weights NaN",
+        dict(teacher_weights=torch.tensor([[1.0, math.nan, 0.0], [1.0, 1.0, 1.0]])),
+        ValueError,
+        ("teacher_weights must be finite and >= 0",),
+    ),
+    (
+        "teacher_weights inf",
+        dict(teacher_weights=torch.tensor([[1.0, math.inf, 0.0], [1.0, 1.0, 1.0]])),
+        ValueError,
+        ("teacher_weights must be finite and >= 0",),
+    ),
 ]
 
 GATED_KD_CASES = GATE_CASES + [
-    ("student_logprobs 1-d", dict(student_logprobs=torch.zeros(B)), ValueError,
-     ("student_logprobs must have shape [B, T]", "got (2,)")),
-    ("student_logprobs 3-d", dict(student_logprobs=torch.zeros(B, T, 1)), ValueError,
-     ("student_logprobs must have shape [B, T]", "got (2, 5, 1)")),
-    ("student_logprobs integer", dict(student_logprobs=torch.zeros(B, T, dtype=torch.long)),
-     TypeError,
-     ("student_logprobs must be a floating tensor", "torch.int64")),
-    ("teacher_logprobs wrong T", dict(teacher_logprobs=torch.zeros(B, K, T + 1)), ValueError,
-     ("teacher_logprobs must have shape [B, K, T] = [2, 3, 5]", "got (2, 3, 6)")),
-    ("teacher_logprobs [B, T]", dict(teacher_logprobs=torch.zeros(B, T)), ValueError,
-     ("teacher_logprobs must have shape [B, K, T] = [2, 3, 5]", "got (2, 5)")),
-    ("teacher_logprobs K != weights K", dict(teacher_weights=torch.ones(B, K + 1)), ValueError,
-     ("teacher_logprobs must have shape [B, K, T] = [2, 4, 5]", "got (2, 3, 5)")),
-    ("teacher_logprobs not a tensor", dict(teacher_logprobs=0.0), TypeError,
-     ("teacher_logprobs must be a torch.Tensor",)),
-    ("K = 0", dict(teacher_weights=torch.ones(B, 0), teacher_logprobs=torch.zeros(B, 0, T)),
-     ValueError,
-     ("teacher_weights has K = 0 teachers; K must be >= 1",)),
+    (
+        "student_logprobs 1-d",
+        dict(student_logprobs=torch.zeros(B)),
+        ValueError,
+        ("student_logprobs must have shape [B, T]", "got (2,)"),
+    ),
+    (
+        "student_logprobs 3-d",
+        dict(student_logprobs=torch.zeros(B, T, 1)),
+        ValueError,
+        ("student_logprobs must have shape [B, T]", "got (2, 5, 1)"),
+    ),
+    (
+        "student_logprobs integer",
+        dict(student_logprobs=torch.zeros(B, T, dtype=torch.long)),
+        TypeError,
+        ("student_logprobs must be a floating tensor", "torch.int64"),
+    ),
+    (
+        "teacher_logprobs wrong T",
+        dict(teacher_logprobs=torch.zeros(B, K, T + 1)),
+        ValueError,
+        ("teacher_logprobs must have shape [B, K, T] = [2, 3, 5]", "got (2, 3, 6)"),
+    ),
+    (
+        "teacher_logprobs [B, T]",
+        dict(teacher_logprobs=torch.zeros(B, T)),
+        ValueError,
+        ("teacher_logprobs must have shape [B, K, T] = [2, 3, 5]", "got (2, 5)"),
+    ),
+    (
+        "teacher_logprobs K != weights K",
+        dict(teacher_weights=torch.ones(B, K + 1)),
+        ValueError,
+        ("teacher_logprobs must have shape [B, K, T] = [2, 4, 5]", "got (2, 3, 5)"),
+    ),
+    (
+        "teacher_logprobs not a tensor",
+        dict(teacher_logprobs=0.0),
+        TypeError,
+        ("teacher_logprobs must be a torch.Tensor",),
+    ),
+    (
+        "K = 0",
+        dict(teacher_weights=torch.ones(B, 0), teacher_logprobs=torch.zeros(B, 0, T)),
+        ValueError,
+        ("teacher_weights has K = 0 teachers; K must be >= 1",),
+    ),
 ]
 
 LINEAR_GATED_CASES = GATE_CASES + [
-    ("neither teacher input", dict(teacher_hidden=_DROP), ValueError,
-     ("pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]",)),
-    ("both teacher inputs", dict(teacher_logprobs=torch.zeros(B, K, T)), ValueError,
-     ("pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]",)),
-    ("student_hidden 2-d", dict(student_hidden=torch.randn(B * T, H)), ValueError,
-     ("student_hidden must have shape [B, T, H]", "got (10, 7)")),
-    ("student_hidden H != weight H", dict(student_hidden=torch.randn(B, T, H + 1)), ValueError,
-     ("student_hidden must have shape [..., H] with H = weight.shape[1] = 7", "got (2, 5, 8)")),
-    ("weight dtype != student_hidden dtype", dict(weight=torch.randn(V, H, dtype=torch.float64)),
-     TypeError, ("weight dtype torch.float64 must match student_hidden dtype torch.float32",)),
-    ("weight 3-d", dict(weight=torch.randn(1, V, H)),
-     ValueError, ("weight must have shape [V, H]",)),
-    ("bias wrong length", dict(bias=torch.randn(V - 1)),
-     ValueError, ("bias must have shape [V] = [11]",)),
-    ("targets wrong T", dict(targets=torch.randint(0, V, (B, T + 1))), ValueError,
-     ("targets must have shape [B, T] = [2, 5]", "got (2, 6)")),
-    ("targets float", dict(targets=torch.zeros(B, T)),
-     TypeError, ("targets must be an integer tensor",)),
-    ("target == V", dict(targets=torch.full((B, T), V)), ValueError,
-     ("targets must be in [0, 11) or equal ignore_index=-100", "found 11")),
-    ("target negative", dict(targets=torch.full((B, T), -3)), ValueError,
-     ("targets must be in [0, 11)", "found -3")),
-    ("teacher_hidden wrong K", dict(teacher_hidden=torch.randn(B, K + 1, T, H)), ValueError,
-     ("teacher_hidden must have shape [B, K, T, H] = [2, 3, 5, 7]", "got (2, 4, 5, 7)")),
-    ("teacher_hidden wrong H", dict(teacher_hidden=torch.randn(B, K, T, H - 1)), ValueError,
-     ("teacher_hidden must have shape [B, K, T, H] = [2, 3, 5, 7]", "got (2, 3, 5, 6)")),
-    ("teacher_hidden dtype != weight dtype", dict(teacher_hidden=torch.randn(B, K, T, H).double()),
-     TypeError, ("teacher_hidden dtype torch.float64 must match weight dtype torch.float32",)),
-    ("teacher_hidden integer", dict(teacher_hidden=torch.ones(B, K, T, H, dtype=torch.long)),
-     TypeError,
-     ("teacher_hidden must be a floating tensor",)),
-    ("teacher_logprobs wrong shape",
-     dict(teacher_hidden=_DROP, teacher_logprobs=torch.zeros(B, K, T + 1)), ValueError,
-     ("teacher_logprobs must have shape [B, K, T] = [2, 3, 5]", "got (2, 3, 6)")),
-    ("teacher_logprobs integer",
-     dict(teacher_hidden=_DROP, teacher_logprobs=torch.zeros(B, K, T, dtype=torch.long)), TypeError,
-     ("teacher_logprobs must be a floating tensor",)),
-    ("K = 0", dict(teacher_weights=torch.ones(B, 0), teacher_hidden=torch.randn(B, 0, T, H)),
-     ValueError,
-     ("teacher_weights has K = 0 teachers; K must be >= 1",)),
-    ("K = 0 with teacher_logprobs",
-     dict(teacher_weights=torch.ones(B, 0), teacher_hidden=_DROP,
-          teacher_logprobs=torch.zeros(B, 0, T)),
-     ValueError, ("teacher_weights has K = 0 teachers; K must be >= 1",)),
+    (
+        "neither teacher input",
+        dict(teacher_hidden=_DROP),
+        ValueError,
+        ("pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]",),
+    ),
+    (
+        "both teacher inputs",
+        dict(teacher_logprobs=torch.zeros(B, K, T)),
+        ValueError,
+        ("pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]",),
+    ),
+    (
+        "student_hidden 2-d",
+        dict(student_hidden=torch.randn(B * T, H)),
+        ValueError,
+        ("student_hidden must have shape [B, T, H]", "got (10, 7)"),
+    ),
+    (
+        "student_hidden H != weight H",
+        dict(student_hidden=torch.randn(B, T, H + 1)),
+        ValueError,
+        ("student_hidden must have shape [..., H] with H = weight.shape[1] = 7", "got (2, 5, 8)"),
+    ),
+    (
+        "weight dtype != student_hidden dtype",
+        dict(weight=torch.randn(V, H, dtype=torch.float64)),
+        TypeError,
+        ("weight dtype torch.float64 must match student_hidden dtype torch.float32",),
+    ),
+    (
+        "weight 3-d",
+        dict(weight=torch.randn(1, V, H)),
+        ValueError,
+        ("weight must have shape [V, H]",),
+    ),
+    (
+        "bias wrong length",
+        dict(bias=torch.randn(V - 1)),
+        ValueError,
+        ("bias must have shape [V] = [11]",),
+    ),
+    (
+        "targets wrong T",
+        dict(targets=torch.randint(0, V, (B, T + 1))),
+        ValueError,
+        ("targets must have shape [B, T] = [2, 5]", "got (2, 6)"),
+    ),
+    (
+        "targets float",
+        dict(targets=torch.zeros(B, T)),
+        TypeError,
+        ("targets must be an integer tensor",),
+    ),
+    (
+        "target == V",
+        dict(targets=torch.full((B, T), V)),
+        ValueError,
+        ("targets must be in [0, 11) or equal ignore_index=-100", "found 11"),
+    ),
+    (
+        "target negative",
+        dict(targets=torch.full((B, T), -3)),
+        ValueError,
+        ("targets must be in [0, 11)", "found -3"),
+    ),
+    (
+        "teacher_hidden wrong K",
+        dict(teacher_hidden=torch.randn(B, K + 1, T, H)),
+        ValueError,
+        ("teacher_hidden must have shape [B, K, T, H] = [2, 3, 5, 7]", "got (2, 4, 5, 7)"),
+    ),
+    (
+        "teacher_hidden wrong H",
+        dict(teacher_hidden=torch.randn(B, K, T, H - 1)),
+        ValueError,
+        ("teacher_hidden must have shape [B, K, T, H] = [2, 3, 5, 7]", "got (2, 3, 5, 6)"),
+    ),
+    (
+        "teacher_hidden dtype != weight dtype",
+        dict(teacher_hidden=torch.randn(B, K, T, H).double()),
+        TypeError,
+        ("teacher_hidden dtype torch.float64 must match weight dtype torch.float32",),
+    ),
+    (
+        "teacher_hidden integer",
+        dict(teacher_hidden=torch.ones(B, K, T, H, dtype=torch.long)),
+        TypeError,
+        ("teacher_hidden must be a floating tensor",),
+    ),
+    (
+        "teacher_logprobs wrong shape",
+        dict(teacher_hidden=_DROP, teacher_logprobs=torch.zeros(B, K, T + 1)),
+        ValueError,
+        ("teacher_logprobs must have shape [B, K, T] = [2, 3, 5]", "got (2, 3, 6)"),
+    ),
+    (
+        "teacher_logprobs integer",
+        dict(teacher_hidden=_DROP, teacher_logprobs=torch.zeros(B, K, T, dtype=torch.long)),
+        TypeError,
+        ("teacher_logprobs must be a floating tensor",),
+    ),
+    (
+        "K = 0",
+        dict(teacher_weights=torch.ones(B, 0), teacher_hidden=torch.randn(B, 0, T, H)),
+        ValueError,
+        ("teacher_weights has K = 0 teachers; K must be >= 1",),
+    ),
+    (
+        "K = 0 with teacher_logprobs",
+        dict(
+            teacher_weights=torch.ones(B, 0),
+            teacher_hidden=_DROP,
+            teacher_logprobs=torch.zeros(B, 0, T),
+        ),
+        ValueError,
+        ("teacher_weights has K = 0 teachers; K must be >= 1",),
+    ),
     ("ignore_index float", dict(ignore_index=0.5), TypeError, ("ignore_index must be an int",)),
     ("check_finite int", dict(check_finite=1), TypeError, ("check_finite must be a bool",)),
 ]
@@ -283,7 +565,8 @@ LINEAR_GATED_CASES = GATE_CASES + [
 def _cases(fns, table):
     return [
         pytest.param(fn, over, exc, frags, id=f"{fn}-{name}")
-        for fn in fns for name, over, exc, frags in table
+        for fn in fns
+        for name, over, exc, frags in table
     ]
 
 
@@ -317,17 +600,40 @@ def _hyper_cases():
     for fn, names in HYPERS.items():
         for name in names:
             for value in (math.nan, math.inf, -math.inf):
-                cases.append(pytest.param(fn, name, value, ValueError, f"{name} must be finite",
-                                          id=f"{fn}-{name}={value}"))
+                cases.append(
+                    pytest.param(
+                        fn,
+                        name,
+                        value,
+                        ValueError,
+                        f"{name} must be finite",
+                        id=f"{fn}-{name}={value}",
+                    )
+                )
             bad = (0.0, -1.0, -1e-12, 0) if name in POSITIVE else (-0.05, -1e-12, -1)
             expect = "> 0" if name in POSITIVE else ">= 0"
             for value in bad:
-                cases.append(pytest.param(fn, name, value, ValueError, f"{name} must be {expect}",
-                                          id=f"{fn}-{name}={value!r}"))
+                cases.append(
+                    pytest.param(
+                        fn,
+                        name,
+                        value,
+                        ValueError,
+                        f"{name} must be {expect}",
+                        id=f"{fn}-{name}={value!r}",
+                    )
+                )
             for value in ("1.0", None, True, torch.tensor(1.0)):
-                cases.append(pytest.param(fn, name, value, TypeError,
-                                          f"{name} must be a real number",
-                                          id=f"{fn}-{name}={type(value).__name__}"))
+                cases.append(
+                    pytest.param(
+                        fn,
+                        name,
+                        value,
+                        TypeError,
+                        f"{name} must be a real number",
+                        id=f"{fn}-{name}={type(value).__name__}",
+                    )
+                )
     return cases
 
 
@@ -360,11 +666,13 @@ def test_boundary_hyper_parameters_are_accepted(fn):
 
 # --- backend names -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fn", ENTRY_POINTS)
 @pytest.mark.parametrize("backend", ["cuda", "Torch", "", "triton ", None, 1])
 def test_bad_backend_name(fn, backend):
-    with raises(ValueError, "backend must be one of", "'auto'", "'triton'", "'torch'",
-                "'reference'"):
+    with raises(
+        ValueError, "backend must be one of", "'auto'", "'triton'", "'torch'", "'reference'"
+    ):
         call(fn, backend=backend)
 
 
@@ -384,12 +692,31 @@ def test_triton_backend_on_cpu_without_interpreter(fn, monkeypatch):
 _TENSOR_ARGS = {
     "linear_logprobs": ("hidden", "weight", "targets", "bias"),
     "logprobs_from_logits": ("logits", "targets"),
-    "gated_kd_loss": ("student_logprobs", "teacher_logprobs", "token_mask", "rewards",
-                      "teacher_weights"),
-    "GatedKDLoss": ("student_logprobs", "teacher_logprobs", "token_mask", "rewards",
-                    "teacher_weights"),
-    "linear_gated_kd_loss": ("student_hidden", "weight", "targets", "token_mask", "rewards",
-                             "teacher_weights", "teacher_hidden", "bias", "teacher_logprobs"),
+    "gated_kd_loss": (
+        "student_logprobs",
+        "teacher_logprobs",
+        "token_mask",
+        "rewards",
+        "teacher_weights",
+    ),
+    "GatedKDLoss": (
+        "student_logprobs",
+        "teacher_logprobs",
+        "token_mask",
+        "rewards",
+        "teacher_weights",
+    ),
+    "linear_gated_kd_loss": (
+        "student_hidden",
+        "weight",
+        "targets",
+        "token_mask",
+        "rewards",
+        "teacher_weights",
+        "teacher_hidden",
+        "bias",
+        "teacher_logprobs",
+    ),
 }
 
 
@@ -418,6 +745,7 @@ def test_mismatched_device(fn, name):
 
 
 # --- non-finite values ---------------------------------------------------------------------------
+
 
 def _poison(t: torch.Tensor, index, value: float) -> torch.Tensor:
     t = t.clone()
@@ -451,11 +779,14 @@ def test_check_finite_raises(fn, name, index, value):
 
 @pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
 @pytest.mark.parametrize("return_entropy", [False, True])
-@pytest.mark.parametrize("name, index, bad_rows", [
-    ("hidden", (1, 2), [1]),
-    ("weight", (3, 0), [0, 1, 2, 3]),  # a NaN weight row enters every row's normaliser
-    ("bias", (6,), [0, 1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "name, index, bad_rows",
+    [
+        ("hidden", (1, 2), [1]),
+        ("weight", (3, 0), [0, 1, 2, 3]),  # a NaN weight row enters every row's normaliser
+        ("bias", (6,), [0, 1, 2, 3]),
+    ],
+)
 def test_linear_logprobs_nan_propagates(backend, return_entropy, name, index, bad_rows):
     args = valid_args("linear_logprobs")
     clean = sk.linear_logprobs(**args, backend=backend, return_entropy=return_entropy)
@@ -490,10 +821,13 @@ def test_logprobs_from_logits_non_finite_propagates(backend, return_entropy, val
 
 
 @pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
-@pytest.mark.parametrize("name, index", [
-    ("student_logprobs", (0, 3)),
-    ("teacher_logprobs", (1, 2, 0)),
-])
+@pytest.mark.parametrize(
+    "name, index",
+    [
+        ("student_logprobs", (0, 3)),
+        ("teacher_logprobs", (1, 2, 0)),
+    ],
+)
 def test_gated_kd_loss_nan_propagates(backend, name, index):
     """A NaN log-prob at a masked-in position of a present teacher makes the loss NaN."""
     bad = _poison(valid_args("gated_kd_loss")[name], index, math.nan)
@@ -502,20 +836,26 @@ def test_gated_kd_loss_nan_propagates(backend, name, index):
 
 
 @pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
-@pytest.mark.parametrize("name, index", [
-    ("student_hidden", (0, 3, 1)),
-    ("teacher_hidden", (1, 2, 0, 6)),
-    ("weight", (10, 3)),
-    ("bias", (0,)),
-])
+@pytest.mark.parametrize(
+    "name, index",
+    [
+        ("student_hidden", (0, 3, 1)),
+        ("teacher_hidden", (1, 2, 0, 6)),
+        ("weight", (10, 3)),
+        ("bias", (0,)),
+    ],
+)
 def test_linear_gated_kd_loss_nan_propagates(backend, name, index):
-    out = call("linear_gated_kd_loss",
-               **{name: _poison(valid_args("linear_gated_kd_loss")[name], index, math.nan)},
-               backend=backend)
+    out = call(
+        "linear_gated_kd_loss",
+        **{name: _poison(valid_args("linear_gated_kd_loss")[name], index, math.nan)},
+        backend=backend,
+    )
     assert torch.isnan(out.loss), out.loss
 
 
 # --- all-masked rows: contribute exactly 0, never NaN ---------------------------------------------
+
 
 def _loss_and_grads(fn, backend, args, wrt):
     args = dict(args)

@@ -43,7 +43,8 @@ def test_demo_asset_is_what_the_generator_writes():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert gen.render(gen.generate()) == DEMO_PATH.read_text(encoding="utf-8"), (
-        "sgsd/assets/demo_problems.jsonl is stale: run python tools/make_demo_problems.py")
+        "sgsd/assets/demo_problems.jsonl is stale: run python tools/make_demo_problems.py"
+    )
 
 
 def _ints(text):
@@ -56,10 +57,14 @@ _RECHECKS = [
     (r"greatest common divisor of \$(\d+)\$ and \$(\d+)\$", math.gcd),
     (r"least common multiple of \$(\d+)\$ and \$(\d+)\$", lambda a, b: a * b // math.gcd(a, b)),
     (r"remainder when \$(\d+)\^\{(\d+)\}\$ is divided by \$(\d+)\$", pow),
-    (r"committee of \$(\d+)\$ people be chosen from a group of \$(\d+)\$",
-     lambda k, n: math.comb(n, k)),
-    (r"How many positive divisors does \$(\d+)\$",
-     lambda n: sum(n % d == 0 for d in range(1, n + 1))),
+    (
+        r"committee of \$(\d+)\$ people be chosen from a group of \$(\d+)\$",
+        lambda k, n: math.comb(n, k),
+    ),
+    (
+        r"How many positive divisors does \$(\d+)\$",
+        lambda n: sum(n % d == 0 for d in range(1, n + 1)),
+    ),
     (r"legs of length \$(\d+)\$ and \$(\d+)\$", lambda a, b: math.isqrt(a * a + b * b)),
     (r"convex polygon with \$(\d+)\$ sides", lambda n: (n - 2) * 180),
 ]
@@ -108,9 +113,13 @@ def test_shared_files_load_with_detected_answer_fields(shared_file):
 def test_explicit_answer_field(shared_file):
     path = shared_file("aime24.jsonl")
     assert [p.answer for p in load_problems(path, answer_field="solution")] == [
-        p.answer for p in load_problems(path)]
-    with pytest.raises(ValueError, match=r"row 0: answer field 'answer' is missing or empty; "
-                                         r"fields with a value here: .*solution.*answer_field="):
+        p.answer for p in load_problems(path)
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"row 0: answer field 'answer' is missing or empty; "
+        r"fields with a value here: .*solution.*answer_field=",
+    ):
         load_problems(path, answer_field="answer")
 
 
@@ -123,38 +132,53 @@ def test_limit(shared_file):
 
 # --------------------------------------------------------------------------- detection
 def test_undetectable_answer_says_which_field_to_pass(tmp_path):
-    rows = [{"problem": "p1", "answer": "1", "notes": "x"}, {"problem": "p2", "answer": "",
-                                                            "notes": "y"}]
+    rows = [
+        {"problem": "p1", "answer": "1", "notes": "x"},
+        {"problem": "p2", "answer": "", "notes": "y"},
+    ]
     path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
-    with pytest.raises(ValueError, match=r"cannot detect the answer field \('answer' is empty in "
-                                         r"1 of 2 rows\)\. Fields present: answer, notes, "
-                                         r"problem\. Pass answer_field="):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot detect the answer field \('answer' is empty in "
+        r"1 of 2 rows\)\. Fields present: answer, notes, "
+        r"problem\. Pass answer_field=",
+    ):
         load_problems(path)
     assert load_problems(path, answer_field="notes")[1].answer == "y"
 
 
 def test_answer_from_boxed_worked_solution(tmp_path):
-    rows = [{"question": "What is 1+1?", "solution": "1+1 = \\boxed{2}."},
-            {"question": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}]
+    rows = [
+        {"question": "What is 1+1?", "solution": "1+1 = \\boxed{2}."},
+        {"question": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+    ]
     probs = load_problems(_write_jsonl(tmp_path / "worked.jsonl", rows))
     assert [p.answer for p in probs] == ["2", "\\frac{1}{2}"]
     assert probs[0].solution == rows[0]["solution"] and probs[0].id == "worked-0"
 
 
 def test_dapo_format_rows(tmp_path):
-    wrapper = ("Solve the following math problem step by step. The last line of your response "
-               "should be of the form Answer: $Answer (without quotes) where $Answer is the "
-               "answer to the problem.\n\n{}\n\nRemember to put your answer on its own line "
-               "after \"Answer:\".")
-    rows = [{"data_source": "math_dapo",
-             "prompt": [{"role": "user", "content": wrapper.format(q)}],
-             "reward_model": {"ground_truth": a, "style": "rule-lighteval/MATH_v2"},
-             "extra_info": {"index": f"uuid-{i}"}}
-            for i, (q, a) in enumerate([("What is $2+2$?", "4"), ("What is $3 \\cdot 3$?", "9")])]
+    wrapper = (
+        "Solve the following math problem step by step. The last line of your response "
+        "should be of the form Answer: $Answer (without quotes) where $Answer is the "
+        "answer to the problem.\n\n{}\n\nRemember to put your answer on its own line "
+        'after "Answer:".'
+    )
+    rows = [
+        {
+            "data_source": "math_dapo",
+            "prompt": [{"role": "user", "content": wrapper.format(q)}],
+            "reward_model": {"ground_truth": a, "style": "rule-lighteval/MATH_v2"},
+            "extra_info": {"index": f"uuid-{i}"},
+        }
+        for i, (q, a) in enumerate([("What is $2+2$?", "4"), ("What is $3 \\cdot 3$?", "9")])
+    ]
     path = _write_jsonl(tmp_path / "dapo.jsonl", rows + rows)  # DAPO repeats its rows
     probs = load_problems(path)
     assert [(p.problem, p.answer, p.id) for p in probs] == [
-        ("What is $2+2$?", "4", "uuid-0"), ("What is $3 \\cdot 3$?", "9", "uuid-1")]
+        ("What is $2+2$?", "4", "uuid-0"),
+        ("What is $3 \\cdot 3$?", "9", "uuid-1"),
+    ]
     with pytest.warns(UserWarning, match="row ids are not unique"):
         dup = load_problems(path, dedupe=False)
     assert len(dup) == 4 and dup[2].id == "dapo-2"

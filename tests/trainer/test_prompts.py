@@ -114,7 +114,7 @@ def test_render_matches_chat_template(tiny_tokenizer):
             msgs, tokenize=False, add_generation_prompt=True, enable_thinking=P.ENABLE_THINKING
         )
         assert tiny_tokenizer.decode(ids) == text, name
-        assert ids[: 1] == [tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")]
+        assert ids[:1] == [tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")]
 
 
 def test_one_thinking_mode_for_all_prompts(tiny_tokenizer):
@@ -124,7 +124,9 @@ def test_one_thinking_mode_for_all_prompts(tiny_tokenizer):
         ids = P.render_prompt_ids(tiny_tokenizer, msgs)
         tails.add(tiny_tokenizer.decode(ids).split("<|im_end|>")[-1])
     assert len(tails) == 1
-    expected = "\n<|im_start|>assistant\n" + ("" if P.ENABLE_THINKING else "<think>\n\n</think>\n\n")
+    expected = "\n<|im_start|>assistant\n" + (
+        "" if P.ENABLE_THINKING else "<think>\n\n</think>\n\n"
+    )
     assert tails.pop() == expected
 
 

@@ -23,8 +23,13 @@ def _mistake(i, text="gamma delta"):
 
 
 def _bank(n_skills, n_mistakes, **kw):
-    return SkillBank({"general_skills": [_skill(i) for i in range(n_skills)],
-                      "common_mistakes": [_mistake(i) for i in range(n_mistakes)]}, **kw)
+    return SkillBank(
+        {
+            "general_skills": [_skill(i) for i in range(n_skills)],
+            "common_mistakes": [_mistake(i) for i in range(n_mistakes)],
+        },
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +108,32 @@ def test_default_bank_is_not_copied_from_the_published_one(shared_file):
         ("[1, 2]", "must be a JSON object, got list"),
         ('{"general_skills": {}}', "'general_skills' must be a list, got dict"),
         ('{"general_skills": ["x"]}', r"general_skills\[0\]: expected an object, got str"),
-        ('{"general_skills": [{"skill_id": "a", "title": "t", "principle": "p"}]}',
-         r"general_skills\[0\] \(skill_id 'a'\): missing required field 'when_to_apply'"),
-        (('{"common_mistakes": [{"mistake_id": "e", "description": 5, "why_it_happens": "",'
-         ' "how_to_avoid": ""}]}'),
-         (r"common_mistakes\[0\] \(mistake_id 'e'\): field 'description' must be a string, "
-         r"got int")),
-        ('{"general_skills": [' + json.dumps(_skill(1)) + "," + json.dumps(_skill(1)) + "]}",
-         r"general_skills\[1\]: duplicate skill_id 's1' \(first at general_skills\[0\]\)"),
-        ('{"general_skills": [' + json.dumps({**_skill(1), "skill_id": " "}) + "]}",
-         r"general_skills\[0\]: 'skill_id' is empty"),
-        ('{"common_mistakes": [' + json.dumps({**_mistake(1), "description": ""}) + "]}",
-         r"common_mistakes\[0\] \(mistake_id 'm1'\): field 'description' is empty"),
+        (
+            '{"general_skills": [{"skill_id": "a", "title": "t", "principle": "p"}]}',
+            r"general_skills\[0\] \(skill_id 'a'\): missing required field 'when_to_apply'",
+        ),
+        (
+            (
+                '{"common_mistakes": [{"mistake_id": "e", "description": 5, "why_it_happens": "",'
+                ' "how_to_avoid": ""}]}'
+            ),
+            (
+                r"common_mistakes\[0\] \(mistake_id 'e'\): field 'description' must be a string, "
+                r"got int"
+            ),
+        ),
+        (
+            '{"general_skills": [' + json.dumps(_skill(1)) + "," + json.dumps(_skill(1)) + "]}",
+            r"general_skills\[1\]: duplicate skill_id 's1' \(first at general_skills\[0\]\)",
+        ),
+        (
+            '{"general_skills": [' + json.dumps({**_skill(1), "skill_id": " "}) + "]}",
+            r"general_skills\[0\]: 'skill_id' is empty",
+        ),
+        (
+            '{"common_mistakes": [' + json.dumps({**_mistake(1), "description": ""}) + "]}",
+            r"common_mistakes\[0\] \(mistake_id 'm1'\): field 'description' is empty",
+        ),
         ('{"metadata": [], "general_skills": []}', "'metadata' must be an object"),
     ],
 )
@@ -173,8 +192,11 @@ def test_online_items_are_retrieved_after_update():
     bank = SkillBank.default()
     query = "A quokka hops around a hexagonal quokka enclosure. How many hops?"
     before = bank.teachers(query, 3)
-    sid = bank.add_skill("Quokka hopping", "Count quokka hops around hexagonal enclosures.",
-                         "Problems about quokka hops.")
+    sid = bank.add_skill(
+        "Quokka hopping",
+        "Count quokka hops around hexagonal enclosures.",
+        "Problems about quokka hops.",
+    )
     after = bank.teachers(query, 3)
     assert sid not in [t.skill_id for t in before]
     assert after[0].skill_id == sid and after[0].skill_score == 1.0
@@ -261,12 +283,15 @@ def test_reference_bank_retrieval_is_relevant(ref_bank, shared_file, file, row, 
     ("problem", "expected_title"),
     [
         ("What is the remainder when $7^{100}$ is divided by $13$?", "Periodicity of powers"),
-        (("How many ordered solutions in nonnegative integers does $x_1 + x_2 + x_3 = 9$ "
-         "have?"), "Stars and bars"),
-        ("A right triangle has legs of length $9$ and $12$. What is its hypotenuse?",
-         "Pythagorean theorem"),
-        ("Let $r$ and $s$ be the roots of $x^2 - 5x + 3 = 0$. Compute $r^2 + s^2$.",
-         "Vieta"),
+        (
+            ("How many ordered solutions in nonnegative integers does $x_1 + x_2 + x_3 = 9$ have?"),
+            "Stars and bars",
+        ),
+        (
+            "A right triangle has legs of length $9$ and $12$. What is its hypotenuse?",
+            "Pythagorean theorem",
+        ),
+        ("Let $r$ and $s$ be the roots of $x^2 - 5x + 3 = 0$. Compute $r^2 + s^2$.", "Vieta"),
         ("Compute $\\sum_{k=1}^{99} \\frac{1}{k(k+1)}$.", "Telescoping"),
     ],
 )
@@ -291,15 +316,21 @@ def test_weights_temperature_and_uniform_fallback():
 def test_ties_break_by_bank_order_deterministically():
     bank = _bank(3, 3)  # identical texts: every item ties
     specs = bank.teachers("alpha gamma", 3)
-    assert [(t.skill_id, t.mistake_id) for t in specs] == [("s0", "m0"), ("s1", "m1"),
-                                                           ("s2", "m2")]
+    assert [(t.skill_id, t.mistake_id) for t in specs] == [("s0", "m0"), ("s1", "m1"), ("s2", "m2")]
     assert specs == bank.teachers("alpha gamma", 3)
 
 
 @pytest.mark.parametrize(
     ("n_skills", "n_mistakes", "k", "expected"),
-    [(3, 5, 8, 3), (5, 3, 8, 3), (4, 4, 2, 2), (0, 0, 8, 0), (4, 0, 8, 4), (0, 2, 8, 2),
-     (3, 3, 0, 0)],
+    [
+        (3, 5, 8, 3),
+        (5, 3, 8, 3),
+        (4, 4, 2, 2),
+        (0, 0, 8, 0),
+        (4, 0, 8, 4),
+        (0, 2, 8, 2),
+        (3, 3, 0, 0),
+    ],
 )
 def test_number_of_teachers(n_skills, n_mistakes, k, expected):
     specs = _bank(n_skills, n_mistakes).teachers("alpha gamma", k)

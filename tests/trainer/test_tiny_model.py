@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from sgsd.tiny_model import (
+from sgsd.tiny_model import (  # noqa: E402 (after the importorskips)
     SPECIAL_TOKENS,
     TINY_MODEL_CONFIG,
     build_tiny_model,
@@ -189,7 +189,10 @@ def test_cli_writes_model(tmp_path):
     out = tmp_path / "cli"
     res = subprocess.run(
         [sys.executable, "-m", "sgsd.tiny_model", str(out), "--seed", "0"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == str(out)
@@ -233,11 +236,15 @@ def test_vllm_loads_generates_and_matches_hf(tiny_model_dir, tiny_model_and_toke
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
     res = subprocess.run(
         [sys.executable, str(script), str(tiny_model_dir), json.dumps(prompt_ids)],
-        capture_output=True, text=True, timeout=500, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=env,
+        check=False,
     )
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert res.returncode == 0 and lines, res.stdout[-3000:] + res.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     comp = out["completion"]
     assert 1 <= len(comp) <= 8 and all(0 <= t < len(tok) for t in comp)
     # HF log-probs of the same tokens: vLLM's rollout and HF's scoring agree.

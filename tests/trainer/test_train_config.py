@@ -11,16 +11,28 @@ from sgsd.config import TINY_PROFILE, TrainConfig, field_docs, load_config, usag
 
 
 def test_paper_defaults_when_a_real_model_is_named():
-    cfg = load_config(["--model", "Qwen/Qwen3-1.7B", "--dataset",
-                       "BytedTsinghua-SIA/DAPO-Math-17k"])
+    cfg = load_config(
+        ["--model", "Qwen/Qwen3-1.7B", "--dataset", "BytedTsinghua-SIA/DAPO-Math-17k"]
+    )
     assert (cfg.num_teachers, cfg.gate_tau, cfg.clip_delta, cfg.confidence_threshold) == (
-        8, 1.0, 3.0, 0.05)
+        8,
+        1.0,
+        3.0,
+        0.05,
+    )
     assert (cfg.lr, cfg.max_grad_norm, cfg.lora_r, cfg.lora_alpha) == (5e-6, 0.1, 64, 128)
     assert (cfg.temperature, cfg.top_p, cfg.top_k) == (1.1, 0.95, 20)
     assert (cfg.max_completion_tokens, cfg.max_steps, cfg.checkpoint_every) == (1024, 200, 25)
     assert cfg.finetune == "lora"
     assert set(cfg.lora_target_modules) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_tiny_profile_applies_only_to_unset_fields():
@@ -35,10 +47,24 @@ def test_tiny_profile_applies_only_to_unset_fields():
 
 def test_file_then_cli_precedence_and_parsing(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"max-steps": 7, "lr": 1e-4, "tensorboard": True,
-                                    "lora_target_modules": ["q_proj"]}))
-    cfg = load_config(["--config", str(path), "--lr=2e-4", "--gradient-checkpointing", "false",
-                       "--resume", "none", "--adam-betas", "0.8,0.9"])
+    path.write_text(
+        yaml.safe_dump(
+            {"max-steps": 7, "lr": 1e-4, "tensorboard": True, "lora_target_modules": ["q_proj"]}
+        )
+    )
+    cfg = load_config(
+        [
+            "--config",
+            str(path),
+            "--lr=2e-4",
+            "--gradient-checkpointing",
+            "false",
+            "--resume",
+            "none",
+            "--adam-betas",
+            "0.8,0.9",
+        ]
+    )
     assert cfg.max_steps == 7 and cfg.lr == 2e-4 and cfg.tensorboard is True
     assert cfg.gradient_checkpointing is False and cfg.resume is None
     assert cfg.lora_target_modules == ["q_proj"] and cfg.adam_betas == [0.8, 0.9]
@@ -52,20 +78,23 @@ def test_save_round_trips(tmp_path):
     assert TrainConfig(**json.loads((tmp_path / "config.json").read_text())) == cfg
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--gate-tau", "0"], "gate_tau"),
-    (["--clip-delta", "-1"], "clip_delta"),
-    (["--confidence-threshold", "-0.1"], "confidence_threshold"),
-    (["--confidence-threshold", "nan"], "confidence_threshold"),
-    (["--num-teachers", "0"], "num_teachers"),
-    (["--finetune", "qlora"], "finetune"),
-    (["--rollout-backend", "sglang"], "rollout_backend"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--max-steps", "zero"], "max_steps"),
-    (["--no-such-key", "1"], "unknown config key"),
-    (["--parallelism", "fsdp"], "parallelism must be ddp|fsdp2"),
-    (["positional"], "unexpected argument"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--gate-tau", "0"], "gate_tau"),
+        (["--clip-delta", "-1"], "clip_delta"),
+        (["--confidence-threshold", "-0.1"], "confidence_threshold"),
+        (["--confidence-threshold", "nan"], "confidence_threshold"),
+        (["--num-teachers", "0"], "num_teachers"),
+        (["--finetune", "qlora"], "finetune"),
+        (["--rollout-backend", "sglang"], "rollout_backend"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--max-steps", "zero"], "max_steps"),
+        (["--no-such-key", "1"], "unknown config key"),
+        (["--parallelism", "fsdp"], "parallelism must be ddp|fsdp2"),
+        (["positional"], "unexpected argument"),
+    ],
+)
 def test_bad_values_are_rejected_by_name(argv, match):
     with pytest.raises(ValueError, match=match):
         load_config(argv)

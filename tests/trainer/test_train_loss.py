@@ -25,9 +25,22 @@ from sgsd.train import Rollout, forward_backward
 def setup(request):
     """LoRA (adapters only) and full fine-tuning (the LM head's gradient then flows through
     the fused kernel's dW, the embeddings' through dh)."""
-    cfg = load_config(["--dtype", "float32", "--micro-batch-size", "2",
-                       "--teacher-micro-batch-size", "3", "--num-teachers", "3",
-                       "--kernel-backend", "torch", "--finetune", request.param])
+    cfg = load_config(
+        [
+            "--dtype",
+            "float32",
+            "--micro-batch-size",
+            "2",
+            "--teacher-micro-batch-size",
+            "3",
+            "--num-teachers",
+            "3",
+            "--kernel-backend",
+            "torch",
+            "--finetune",
+            request.param,
+        ]
+    )
     torch.manual_seed(0)
     policy, tokenizer, _ = load_policy(cfg, torch.device("cpu"))
     policy.double()
@@ -52,22 +65,34 @@ def _rollouts(cfg, tokenizer):
     out = []
     for i, problem in enumerate(problems):
         prompt_ids = prompts.render_prompt_ids(tokenizer, strategy.student_messages(problem))
-        teachers = [(prompts.render_prompt_ids(tokenizer, m), w)
-                    for m, w in strategy.teachers(problem, bank)]
+        teachers = [
+            (prompts.render_prompt_ids(tokenizer, m), w)
+            for m, w in strategy.teachers(problem, bank)
+        ]
         assert len(teachers) == cfg.num_teachers
         for j, length in enumerate((7, 12)):
             completion = torch.randint(0, vocab, (length,), generator=g).tolist()
             completion[2:2] = newline  # a whitespace token the mask must drop
             completion.append(tokenizer.eos_token_id)  # a format token the mask must drop
             if i == 0 and j == 0:  # right answer, so rewards are mixed
-                completion = tokenizer.encode(f"so \\boxed{{{problem.answer}}}",
-                                              add_special_tokens=False) + completion
+                completion = (
+                    tokenizer.encode(f"so \\boxed{{{problem.answer}}}", add_special_tokens=False)
+                    + completion
+                )
             text = tokenizer.decode(completion, skip_special_tokens=True)
             result = verify(text, problem.answer)
             t = teachers if (i, j) != (1, 1) else teachers[:1]  # fewer than K teachers
-            out.append(Rollout(problem, prompt_ids, completion,
-                               prompts.format_token_mask(tokenizer, completion),
-                               float(result.reward), result.predicted, t))
+            out.append(
+                Rollout(
+                    problem,
+                    prompt_ids,
+                    completion,
+                    prompts.format_token_mask(tokenizer, completion),
+                    float(result.reward),
+                    result.predicted,
+                    t,
+                )
+            )
     assert {r.reward for r in out} == {1.0, -1.0}
     return out
 
@@ -75,7 +100,7 @@ def _rollouts(cfg, tokenizer):
 def _seq_logprobs(policy, prefix, completion):
     ids = torch.tensor([prefix + completion])
     logits = policy.model(input_ids=ids).logits[0].double()  # full [L, V] logits: the oracle
-    lp = torch.log_softmax(logits[len(prefix) - 1: -1], -1)
+    lp = torch.log_softmax(logits[len(prefix) - 1 : -1], -1)
     return lp.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
 
 
@@ -106,8 +131,9 @@ def test_trainer_loss_and_grads_equal_per_row_formulation(setup):
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
 
     policy.zero_grad(set_to_none=True)
-    loss, metrics = forward_backward(policy, policy, strategy, rollouts, cfg,
-                                     tokenizer.pad_token_id, torch.device("cpu"))
+    loss, metrics = forward_backward(
+        policy, policy, strategy, rollouts, cfg, tokenizer.pad_token_id, torch.device("cpu")
+    )
     ours = {n: p.grad.clone() for n, p in params.items()}
 
     policy.zero_grad(set_to_none=True)
@@ -125,7 +151,6 @@ def test_trainer_loss_and_grads_equal_per_row_formulation(setup):
         assert ref["model.lm_head.weight"].abs().sum() > 0
     for name in params:
         scale = float(ref[name].abs().max())
-        torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6 * scale,
-                                   msg=name)
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
     assert 0.0 <= metrics["helpful_frac"] <= 1.0
     assert metrics["num_teachers"] == sum(len(r.teachers) for r in rollouts)

@@ -18,14 +18,31 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "sgsd" / "train.py"
 
 # Small and fast: a step takes about a second on two CPU cores.
-FAST = ["--rollout-backend", "hf", "--max-completion-tokens", "12", "--problems-per-step", "2",
-        "--rollouts-per-problem", "2", "--num-teachers", "2", "--micro-batch-size", "2",
-        "--progress-bar", "false"]
+FAST = [
+    "--rollout-backend",
+    "hf",
+    "--max-completion-tokens",
+    "12",
+    "--problems-per-step",
+    "2",
+    "--rollouts-per-problem",
+    "2",
+    "--num-teachers",
+    "2",
+    "--micro-batch-size",
+    "2",
+    "--progress-bar",
+    "false",
+]
 
 
 def _env() -> dict:
-    return dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING",
-                PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ,
+        TOKENIZERS_PARALLELISM="false",
+        VLLM_LOGGING_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+    )
 
 
 def run_train(args: list[str], *, nproc: int | None = None, timeout: int = 300):
@@ -33,10 +50,18 @@ def run_train(args: list[str], *, nproc: int | None = None, timeout: int = 300):
     if nproc is None:
         cmd = [sys.executable, str(TRAIN), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", str(TRAIN), *args]
-    res = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=timeout)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(TRAIN),
+            *args,
+        ]
+    res = subprocess.run(
+        cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
     return res
 
@@ -60,15 +85,38 @@ def test_single_process_run_then_exact_resume(tmp_path):
     """The README command (torchrun, one process): it trains, logs and checkpoints; a run
     resumed from its step-2 checkpoint logs the same losses and ends with the same weights."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    res = run_train([*FAST, "--max-steps", "4", "--checkpoint-every", "2",
-                     "--keep-checkpoints", "0", "--sample-every", "2", "--output-dir", str(full)],
-                    nproc=1)
+    res = run_train(
+        [
+            *FAST,
+            "--max-steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--keep-checkpoints",
+            "0",
+            "--sample-every",
+            "2",
+            "--output-dir",
+            str(full),
+        ],
+        nproc=1,
+    )
     rows = metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
-        for key in ("loss", "reward", "helpful_frac", "harmful_frac", "neutral_frac",
-                    "clipped_frac", "mask_keep_frac", "mean_support", "grad_norm",
-                    "tokens_per_s", "step_time_s"):
+        for key in (
+            "loss",
+            "reward",
+            "helpful_frac",
+            "harmful_frac",
+            "neutral_frac",
+            "clipped_frac",
+            "mask_keep_frac",
+            "mean_support",
+            "grad_norm",
+            "tokens_per_s",
+            "step_time_s",
+        ):
             assert math.isfinite(r[key]), (key, r)
         assert -1.0 <= r["reward"] <= 1.0
         assert r["helpful_frac"] + r["harmful_frac"] + r["neutral_frac"] == pytest.approx(1.0)
@@ -81,8 +129,15 @@ def test_single_process_run_then_exact_resume(tmp_path):
     # checkpoints: every 2 steps (the last is also the end), complete, no temp dir left over
     assert checkpoints(full) == ["step_000002", "step_000004"]
     ck = full / "checkpoints" / "step_000004"
-    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "skill_bank.json",
-                 "trainer_state.json", "rng/rank0.pt", "model/adapter_config.json"):
+    for name in (
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "skill_bank.json",
+        "trainer_state.json",
+        "rng/rank0.pt",
+        "model/adapter_config.json",
+    ):
         assert (ck / name).exists(), name
     assert json.loads((ck / "trainer_state.json").read_text())["step"] == 4
     # parameters moved: LoRA B starts at exactly 0, and A and B change between checkpoints
@@ -91,8 +146,17 @@ def test_single_process_run_then_exact_resume(tmp_path):
     assert b_names and all(last[n].abs().max() > 0 for n in b_names)
     assert any(not (mid[n] == last[n]).all() for n in last)
 
-    run_train([*FAST, "--max-steps", "4", "--output-dir", str(resumed),
-               "--resume", str(full / "checkpoints" / "step_000002")])
+    run_train(
+        [
+            *FAST,
+            "--max-steps",
+            "4",
+            "--output-dir",
+            str(resumed),
+            "--resume",
+            str(full / "checkpoints" / "step_000002"),
+        ]
+    )
     again = metrics(resumed)
     assert [r["step"] for r in again] == [3, 4]
     for key in ("loss", "reward", "grad_norm", "completion_tokens", "helpful_frac"):
@@ -107,22 +171,37 @@ def test_torchrun_two_ranks_gloo_then_resume_ddp_and_fsdp2(tmp_path):
     full-state format for both) and takes the same step as DDP."""
     out, sharded = tmp_path / "ddp", tmp_path / "fsdp2"
     common = ["--max-completion-tokens", "12", "--progress-bar", "false"]
-    res = run_train([*common, "--max-steps", "2", "--output-dir", str(out)], nproc=2,
-                    timeout=420)
+    res = run_train([*common, "--max-steps", "2", "--output-dir", str(out)], nproc=2, timeout=420)
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert res.stdout.count("step     1 |") == 1  # rank 0 alone logs
     ck = out / "checkpoints" / "step_000002"
     assert (ck / "rng" / "rank0.pt").is_file() and (ck / "rng" / "rank1.pt").is_file()
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["data_position"] == 2 * 4
-    run_train([*common, "--max-steps", "3", "--output-dir", str(out), "--resume", "latest"],
-              nproc=2, timeout=420)
+    run_train(
+        [*common, "--max-steps", "3", "--output-dir", str(out), "--resume", "latest"],
+        nproc=2,
+        timeout=420,
+    )
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     assert "step_000003" in checkpoints(out)
 
-    run_train([*common, "--max-steps", "3", "--parallelism", "fsdp2", "--output-dir",
-               str(sharded), "--resume", str(ck)], nproc=2, timeout=420)
+    run_train(
+        [
+            *common,
+            "--max-steps",
+            "3",
+            "--parallelism",
+            "fsdp2",
+            "--output-dir",
+            str(sharded),
+            "--resume",
+            str(ck),
+        ],
+        nproc=2,
+        timeout=420,
+    )
     (step3,) = metrics(sharded)
     assert step3["step"] == 3
     # same samples (seeded, same pushed weights), same loss up to reduction order
@@ -142,11 +221,32 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_before_exiting(tmp_path):
     well): both ranks agree on the step to stop at, save one checkpoint and exit without a
     KeyboardInterrupt. (torchrun itself then exits non-zero, as it does on any signal.)"""
     out = tmp_path / "sig"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(TRAIN), *FAST, "--max-completion-tokens", "8", "--max-steps", "1000",
-           "--checkpoint-every", "0", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(TRAIN),
+        *FAST,
+        "--max-completion-tokens",
+        "8",
+        "--max-steps",
+        "1000",
+        "--checkpoint-every",
+        "0",
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:

@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed"),
 ]
 
-_ENGINE_SCRIPT = r'''
+_ENGINE_SCRIPT = r"""
 import json, sys
 import torch
 import sgsd_kernels as sk
@@ -54,17 +54,24 @@ if __name__ == "__main__":
     c = engine.generate(prompts, 3, step=8)
     engine.close()
     print("RESULT " + json.dumps({"before": before, "after": after, "a": a, "b": b, "c": c}))
-'''
+"""
 
 
 def test_vllm_engine_samples_from_the_pushed_weights(tmp_path):
     script = tmp_path / "engine_check.py"
     script.write_text(_ENGINE_SCRIPT)
-    res = subprocess.run([sys.executable, str(script)], check=False, cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     assert r["before"] > 1e-2, "the LoRA perturbation did not change the model"
     assert r["after"] < 1e-4, "vLLM does not score with the pushed (LoRA-merged) weights"
     assert [len(g) for g in r["a"]] == [3, 3, 3]  # G completions per prompt
@@ -75,13 +82,41 @@ def test_vllm_engine_samples_from_the_pushed_weights(tmp_path):
 
 def test_vllm_training_resumes_exactly(tmp_path):
     """Resume re-pushes the restored weights into a fresh vLLM: identical samples, losses."""
-    fast = ["--rollout-backend", "vllm", "--max-completion-tokens", "16",
-            "--problems-per-step", "2", "--progress-bar", "false"]
+    fast = [
+        "--rollout-backend",
+        "vllm",
+        "--max-completion-tokens",
+        "16",
+        "--problems-per-step",
+        "2",
+        "--progress-bar",
+        "false",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_train([*fast, "--max-steps", "2", "--checkpoint-every", "1", "--keep-checkpoints", "0",
-               "--output-dir", str(full)])
-    run_train([*fast, "--max-steps", "2", "--output-dir", str(resumed),
-               "--resume", str(full / "checkpoints" / "step_000001")])
+    run_train(
+        [
+            *fast,
+            "--max-steps",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--keep-checkpoints",
+            "0",
+            "--output-dir",
+            str(full),
+        ]
+    )
+    run_train(
+        [
+            *fast,
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(resumed),
+            "--resume",
+            str(full / "checkpoints" / "step_000001"),
+        ]
+    )
     a, b = metrics(full), metrics(resumed)
     assert [r["step"] for r in b] == [2]
     for key in ("loss", "reward", "completion_tokens", "grad_norm"):

@@ -70,8 +70,14 @@ def test_equivalent_answers_are_accepted(pred, gold):
 
 @pytest.mark.parametrize(
     ("pred", "gold"),
-    [("\\frac{1}{3}", "0.5"), ("205", "204"), ("1,2", "12"), ("x^2", "x^3"), ("\\pi", "3.14"),
-     ("(1, 2)", "(2, 1)")],
+    [
+        ("\\frac{1}{3}", "0.5"),
+        ("205", "204"),
+        ("1,2", "12"),
+        ("x^2", "x^3"),
+        ("\\pi", "3.14"),
+        ("(1, 2)", "(2, 1)"),
+    ],
 )
 def test_wrong_answers_are_rejected(pred, gold):
     res = verify(f"\\boxed{{{pred}}}", gold)
@@ -144,13 +150,17 @@ def test_every_aime_gold_answer_verifies_and_wrong_ones_are_rejected(shared_file
 
     problems = load_problems(shared_file(name))
     assert len(problems) == 30
-    right = verify_batch([f"Thus the answer is $\\boxed{{{p.answer}}}$." for p in problems],
-                         [p.answer for p in problems])
+    right = verify_batch(
+        [f"Thus the answer is $\\boxed{{{p.answer}}}$." for p in problems],
+        [p.answer for p in problems],
+    )
     assert all(r.correct and r.reward == 1.0 for r in right), [
-        (p.answer, r) for p, r in zip(problems, right) if not r.correct]
+        (p.answer, r) for p, r in zip(problems, right) if not r.correct
+    ]
     assert all(re.fullmatch(r"\d+", p.answer) for p in problems)  # AIME: integers 0-999
-    wrong = verify_batch([f"\\boxed{{{int(p.answer) + 1}}}" for p in problems],
-                         [p.answer for p in problems])
+    wrong = verify_batch(
+        [f"\\boxed{{{int(p.answer) + 1}}}" for p in problems], [p.answer for p in problems]
+    )
     assert all(r.reward == -1.0 for r in wrong)
     swapped = verify_batch(["\\boxed{\\frac{1}{7}}"] * len(problems), [p.answer for p in problems])
     assert not any(r.correct for r in swapped)
@@ -170,8 +180,10 @@ def test_math500_answers_verify_against_their_own_solutions(shared_file):
     res = verify_batch([r["solution"] for r in rows], golds)
     rate = sum(r.correct for r in res) / len(rows)
     failures = [(g, r.predicted, r.error) for g, r in zip(golds, res) if not r.correct]
-    print(f"\nMATH-500 self-verification: {rate:.1%} ({len(rows) - len(failures)}/{len(rows)});"
-          f" failures: {failures[:10]}")
+    print(
+        f"\nMATH-500 self-verification: {rate:.1%} ({len(rows) - len(failures)}/{len(rows)});"
+        f" failures: {failures[:10]}"
+    )
     assert rate >= 0.98
 
     def rewrite(s):
