@@ -34,6 +34,7 @@ __all__ = [
     "SamplingConfig",
     "VLLMRolloutEngine",
     "build_rollout_engine",
+    "generate_chat",
     "request_seed",
     "vllm_available",
 ]
@@ -70,7 +71,16 @@ class RolloutEngine:
     def sync_weights(self, policy: Policy) -> None:
         """Make the engine sample from ``policy``'s current weights."""
 
-    def generate(self, prompts: list[list[int]], n: int, *, step: int) -> list[list[list[int]]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        *,
+        step: int,
+        sampling: SamplingConfig | None = None,
+    ) -> list[list[list[int]]]:
+        """``sampling`` overrides the engine's rollout sampling for this call (the skill-bank
+        calls decode greedily); temperature 0 means greedy decoding."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -90,12 +100,31 @@ class HFRolloutEngine(RolloutEngine):
         self.rank = rank
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.max_model_len = None  # bounded by the model's positions only
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, *, step: int) -> list[list[list[int]]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        *,
+        step: int,
+        sampling: SamplingConfig | None = None,
+    ) -> list[list[list[int]]]:
         model = self.policy.model
         device = next(model.parameters()).device
-        s = self.sampling
+        s = sampling or self.sampling
+        greedy = s.temperature == 0
+        knobs = (
+            {"do_sample": False}
+            if greedy
+            else {
+                "do_sample": True,
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "top_k": s.top_k,  # 0 disables (None would mean generation_config's)
+            }
+        )
         out: list[list[list[int]]] = []
         was_training = model.training
         model.eval()
@@ -112,10 +141,7 @@ class HFRolloutEngine(RolloutEngine):
                 gen = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
-                    do_sample=True,
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    top_k=s.top_k,  # 0 disables (None would mean generation_config's)
+                    **knobs,
                     max_new_tokens=s.max_tokens,
                     num_return_sequences=n,
                     eos_token_id=self.eos_id,
@@ -177,6 +203,7 @@ class VLLMRolloutEngine(RolloutEngine):
             enforce_eager=device.type != "cuda",
             enable_prefix_caching=True,
         )
+        self.max_model_len = max_model_len
         self._closed = False
 
     def sync_weights(self, policy: Policy) -> None:
@@ -184,10 +211,17 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: list[list[int]], n: int, *, step: int) -> list[list[list[int]]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        *,
+        step: int,
+        sampling: SamplingConfig | None = None,
+    ) -> list[list[list[int]]]:
         from vllm import SamplingParams
 
-        s = self.sampling
+        s = sampling or self.sampling
         params = [
             SamplingParams(
                 n=n,
@@ -233,3 +267,32 @@ def build_rollout_engine(
             )
         return VLLMRolloutEngine(cfg, source, device, rank=rank, max_model_len=max_model_len)
     return HFRolloutEngine(cfg, policy, tokenizer, rank=rank)
+
+
+def generate_chat(
+    engine: RolloutEngine,
+    tokenizer,
+    conversations: list[list[dict]],
+    sampling: SamplingConfig,
+    *,
+    step: int,
+    enable_thinking: bool,
+) -> list[str | None]:
+    """One reply text per chat conversation, from one batched ``engine.generate`` call.
+
+    Prompts are rendered with the chat template; a conversation whose prompt plus
+    ``sampling.max_tokens`` does not fit the engine's ``max_model_len`` gets ``None``
+    (vLLM would reject the whole batch). Replies are decoded without special tokens;
+    ``<think>`` blocks (ordinary tokens in Qwen3) stay in the text.
+    """
+    from sgsd.prompts import render_prompt_ids
+
+    ids = [render_prompt_ids(tokenizer, c, enable_thinking=enable_thinking) for c in conversations]
+    limit = getattr(engine, "max_model_len", None)
+    keep = [i for i, p in enumerate(ids) if limit is None or len(p) + sampling.max_tokens <= limit]
+    out: list[str | None] = [None] * len(ids)
+    if keep:
+        gen = engine.generate([ids[i] for i in keep], 1, step=step, sampling=sampling)
+        for i, group in zip(keep, gen):
+            out[i] = tokenizer.decode(group[0], skip_special_tokens=True)
+    return out

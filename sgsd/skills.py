@@ -10,12 +10,16 @@ Format (the one the SGSD authors publish, read and written losslessly)::
 
 Unknown keys, at the top level and inside items, are kept and written back unchanged.
 
-**Static and online items.** Items read from a file are *static*: never evicted. Items
-added during training with :meth:`SkillBank.add_skill` / :meth:`SkillBank.add_mistake` are
-*online*, bounded by ``online_capacity`` per kind. When a kind is full the **oldest online
-item of that kind is evicted** (FIFO): online items are extracted from recent rollouts,
-so the oldest is the one distilled from the most out-of-date policy. Adding an item whose
-text equals an existing one is a no-op that returns the existing id. :meth:`save` writes
+**Static and online items.** Items read from a file are *static*: never changed or
+evicted (the cold-start bank). Items added during training are *online*, with ids
+``dyn_###`` (a counter over the bank's life, never reused, kept in :meth:`state_dict`),
+bounded by ``online_capacity`` per kind (30, as published). They enter one at a time with
+:meth:`SkillBank.add_skill` / :meth:`SkillBank.add_mistake`, or a whole kind at once with
+:meth:`SkillBank.set_online` (what :mod:`sgsd.skill_update` does after an LLM merge). When
+a kind is full the **oldest online item of that kind is evicted** (FIFO): online items
+are extracted from recent rollouts, so the oldest is the one distilled from the most
+out-of-date policy. Adding an item whose text equals an existing one is a no-op that
+returns the existing id. :meth:`save` writes
 online items after the static ones, and records which ids are online (and the capacity)
 under ``metadata["sgsd_online"]``, so a saved bank reloads with the same split; a bank
 without online items is written back exactly as it was read.
@@ -24,7 +28,7 @@ without online items is written back exactly as it was read.
 lazily and rebuilt after online updates, over item text tokenised by
 :func:`math_tokenize` (LaTeX commands, numbers and operators are tokens; LaTeX commands
 also add the words they stand for, so ``\\binom`` in a problem meets "binomial" in a
-skill). The k-th ranked skill is paired with the k-th ranked mistake (DESIGN §2).
+skill). The k-th ranked skill is paired with the k-th ranked mistake (docs/design.md §2).
 
 Teacher weights: each index's scores are divided by that index's best score for this
 query (so the top item scores 1 and all scores lie in [0, 1]); a pair's score is the mean
@@ -52,12 +56,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sgsd.prompts import format_guidance, format_skill, sgsd_teacher_text
+from sgsd.prompts import (
+    DEFAULT_TEACHER_STYLE,
+    TEACHER_STYLES,
+    format_guidance,
+    format_skill,
+    sgsd_teacher_text,
+)
 
 __all__ = [
     "DEFAULT_ONLINE_CAPACITY",
     "DEFAULT_TEMPERATURE",
     "MISTAKE_FIELDS",
+    "ONLINE_ID_PREFIX",
     "SKILL_FIELDS",
     "SkillBank",
     "SkillBankError",
@@ -68,8 +79,10 @@ __all__ = [
 #: Required fields of a general skill / a common mistake (the first is the id).
 SKILL_FIELDS = ("skill_id", "title", "principle", "when_to_apply")
 MISTAKE_FIELDS = ("mistake_id", "description", "why_it_happens", "how_to_avoid")
-#: Default cap on online-added items, per kind.
-DEFAULT_ONLINE_CAPACITY = 64
+#: Default cap on online-added items, per kind (the published online update keeps 30).
+DEFAULT_ONLINE_CAPACITY = 30
+#: Prefix of online item ids (``dyn_001``...).
+ONLINE_ID_PREFIX = "dyn_"
 #: Default softmax temperature for teacher weights (pair scores lie in [0, 1], so at 0.5
 #: the best pair weighs at most e^2 ~ 7.4x the weakest).
 DEFAULT_TEMPERATURE = 0.5
@@ -556,7 +569,7 @@ class SkillBank:
         skill_id: str | None = None,
         **extra: Any,
     ) -> str:
-        """Add an online general skill; returns its id (``online_skill_<n>`` if not given).
+        """Add an online general skill; returns its id (the next ``dyn_###`` if not given).
 
         Evicts the oldest online skill when ``online_capacity`` is reached; a skill with
         the same title/principle/when_to_apply as an existing one is not added twice.
@@ -590,10 +603,7 @@ class SkillBank:
             if all(it.get(f, "").strip() == str(fields[f]).strip() for f in text_fields):
                 return it[id_field]
         if item_id is None:
-            existing = {it[id_field] for it in pool}
-            while item_id is None or item_id in existing:
-                self._counter += 1
-                item_id = f"online_{kind}_{self._counter:04d}"
+            item_id = self.next_online_id()
         item = self._validate(kind, {id_field: item_id, **fields, **extra}, f"new {kind}")
         if any(it[id_field] == item_id for it in pool):
             raise SkillBankError(
@@ -605,6 +615,40 @@ class SkillBank:
             online.pop(0)  # FIFO: the oldest online item goes first
         self._indices[kind] = None  # rebuilt lazily at the next retrieval
         return item_id
+
+    def next_online_id(self) -> str:
+        """A fresh ``dyn_###`` id (the counter only grows, so an evicted id never returns)."""
+        existing = {it[_KINDS[k][1]] for k in _KINDS for it in self._static[k] + self._online[k]}
+        while True:
+            self._counter += 1
+            item_id = f"{ONLINE_ID_PREFIX}{self._counter:03d}"
+            if item_id not in existing:
+                return item_id
+
+    def set_online(self, kind: str, items: list[Mapping[str, Any]]) -> None:
+        """Replace every online item of ``kind`` ("skill" or "mistake") with ``items``
+        (oldest first, each with its id). Static items are untouched; raises
+        ``SkillBankError`` for an invalid item or an id clash, ``ValueError`` when there
+        are more than ``online_capacity`` items."""
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be 'skill' or 'mistake', got {kind!r}")
+        if len(items) > self.online_capacity:
+            raise ValueError(
+                f"{len(items)} online {kind}s exceed online_capacity={self.online_capacity}"
+            )
+        new = [self._validate(kind, it, f"online {kind}[{i}]") for i, it in enumerate(items)]
+        self._check_unique(kind, self._static[kind] + new)
+        self._online[kind] = new
+        self._indices[kind] = None
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        """Set ``metadata[key]`` (JSON-serialisable; written by :meth:`save`)."""
+        if not isinstance(key, str) or key == _ONLINE_META_KEY:
+            raise ValueError(f"metadata key must be a str other than {_ONLINE_META_KEY!r}")
+        meta = self._data.setdefault("metadata", {})
+        if "metadata" not in self._key_order:
+            self._key_order.append("metadata")
+        meta[key] = copy.deepcopy(value)
 
     def clear_online(self) -> None:
         """Drop every online item (static items stay)."""
@@ -652,8 +696,9 @@ class SkillBank:
         mode: str = "bm25",
         temperature: float = DEFAULT_TEMPERATURE,
         seed: int | None = None,
+        style: str = DEFAULT_TEACHER_STYLE,
     ) -> list[TeacherSpec]:
-        """Up to ``k`` skill-conditioned teachers for ``problem`` (DESIGN §2).
+        """Up to ``k`` skill-conditioned teachers for ``problem`` (docs/design.md §2).
 
         ``mode="bm25"``: the k-th best skill paired with the k-th best mistake, weights
         ``softmax(pair_score / temperature)`` (module docstring). ``mode="random"`` (an
@@ -663,9 +708,12 @@ class SkillBank:
         Returns ``min(k, #skills, #mistakes)`` teachers (or ``min(k, #items)`` of the one
         kind when the other is empty; ``[]`` for an empty bank or ``k == 0``). Weights are
         > 0 and sum to 1. Ties are broken by bank order, so the result is deterministic.
+        ``style`` is the teacher-context style (:data:`sgsd.prompts.TEACHER_STYLES`).
         """
         if mode not in ("bm25", "random"):
             raise ValueError(f"mode must be 'bm25' or 'random', got {mode!r}")
+        if style not in TEACHER_STYLES:
+            raise ValueError(f"style must be one of {TEACHER_STYLES}, got {style!r}")
         _check_k(k)
         if not (
             isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
@@ -705,10 +753,10 @@ class SkillBank:
             weights = [1.0 / n] * n
         out = []
         for r, ((sk, mi, ss, ms, pair), w) in enumerate(zip(specs_in, weights)):
-            guidance = format_guidance([sk] if sk else [], [mi] if mi else [])
+            guidance = format_guidance([sk] if sk else [], [mi] if mi else [], style=style)
             out.append(
                 TeacherSpec(
-                    context=sgsd_teacher_text(text, guidance),
+                    context=sgsd_teacher_text(text, guidance, style=style),
                     guidance=guidance,
                     weight=w,
                     skill_id=sk["skill_id"] if sk else None,
