@@ -22,24 +22,29 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from typing import Any
 
 __all__ = ["extract_json_object"]
 
 _FENCE_RE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
 _CLOSER = {"{": "}", "[": "]"}
+# Start positions tried per text region: each try scans to the end of its span, so this
+# bounds the work on pathological replies (thousands of nested or unmatched braces).
+_MAX_STARTS = 64
 
 
 def _scan(text: str, start: int) -> tuple[int | None, list[tuple[int, str]]]:
     """Scan a bracketed value starting at ``text[start] == "{"``.
 
     Returns ``(end, cuts)``: ``end`` is the index just past the matching ``}`` (None if
-    the text ends first); ``cuts`` lists ``(index, closers)`` after each nested element
-    closed, where ``closers`` would close the brackets still open there (used to repair
-    a truncated object). Strings in either quote style are skipped.
+    the text ends first); ``cuts`` lists, for the last :data:`_MAX_STARTS` nested elements
+    that closed, ``(index after it, the closers of the brackets still open there)`` (used
+    to repair a truncated object). Strings in either quote style are skipped. The open
+    brackets are a linked list, so remembering them at a cut costs O(1).
     """
-    stack: list[str] = []
-    cuts: list[tuple[int, str]] = []
+    stack: tuple | None = None  # (bracket, rest) cons cells
+    cuts: deque = deque(maxlen=_MAX_STARTS)
     quote: str | None = None
     i = start
     while i < len(text):
@@ -53,16 +58,24 @@ def _scan(text: str, start: int) -> tuple[int | None, list[tuple[int, str]]]:
         elif c in "\"'":
             quote = c
         elif c in "{[":
-            stack.append(c)
+            stack = (c, stack)
         elif c in "}]":
-            if not stack or _CLOSER[stack[-1]] != c:
-                return None, cuts  # mismatched bracket: not a JSON value
-            stack.pop()
-            if not stack:
-                return i + 1, cuts
-            cuts.append((i + 1, "".join(_CLOSER[b] for b in reversed(stack))))
+            if stack is None or _CLOSER[stack[0]] != c:
+                return None, []  # mismatched bracket: not a JSON value
+            stack = stack[1]
+            if stack is None:
+                return i + 1, []
+            cuts.append((i + 1, stack))
         i += 1
-    return None, cuts
+    return None, [(cut, _closers(open_)) for cut, open_ in cuts]
+
+
+def _closers(stack: tuple | None) -> str:
+    out = []
+    while stack is not None:
+        out.append(_CLOSER[stack[0]])
+        stack = stack[1]
+    return "".join(out)
 
 
 def _lenient(text: str) -> str:
@@ -112,7 +125,9 @@ def _objects(text: str) -> list[Any]:
     spans only: a span's nested objects are not separate candidates)."""
     found: list[Any] = []
     i = text.find("{")
-    while i != -1:
+    for _ in range(_MAX_STARTS):
+        if i == -1:
+            break
         end, cuts = _scan(text, i)
         if end is not None:
             value = _loads(text[i:end])

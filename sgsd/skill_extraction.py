@@ -129,7 +129,7 @@ def build_record(
 
 def item_key(kind: str, item: dict) -> tuple[str, ...]:
     """The exact-duplicate key of an item: its text fields, case- and space-folded."""
-    return tuple(" ".join(str(item.get(f, "")).lower().split()) for f in _KIND[kind][2])
+    return tuple(" ".join(str(item.get(f) or "").lower().split()) for f in _KIND[kind][2])
 
 
 def parse_items(kind: str, reply: str | None, max_items: int | None = None) -> list[dict] | None:

@@ -52,3 +52,39 @@ def tiny_model_dir(tmp_path_factory):
     from sgsd.tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+# --------------------------------------------------------------------------- skill bank
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def skill_replies() -> dict:
+    """Recorded model replies to the skill-bank prompts (fixtures/skill_replies.json)."""
+    import json
+
+    return json.loads((FIXTURES / "skill_replies.json").read_text(encoding="utf-8"))
+
+
+class ReplayLLM:
+    """Plays back recorded replies in call order, one per prompt, and keeps every prompt
+    it was sent (so tests check what the pipeline asked as well as what it did)."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.prompts: list[str] = []
+
+    def __call__(self, conversations):
+        out = []
+        for conv in conversations:
+            self.prompts.append(conv[-1]["content"])
+            if not self.replies:
+                raise AssertionError(f"no recorded reply left for prompt #{len(self.prompts)}")
+            out.append(self.replies.pop(0))
+        return out
+
+
+@pytest.fixture
+def replay_llm():
+    """``replay_llm(replies)`` -> a :class:`ReplayLLM`."""
+    return ReplayLLM
