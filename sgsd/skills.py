@@ -444,9 +444,9 @@ class SkillBank:
         return cls(data, online_capacity=online_capacity, source=str(path))
 
     @classmethod
-    def default(cls) -> SkillBank:
+    def default(cls, *, online_capacity: int = DEFAULT_ONLINE_CAPACITY) -> SkillBank:
         """The competition-math bank bundled with the package (written for this project)."""
-        return cls.load(_DEFAULT_BANK)
+        return cls.load(_DEFAULT_BANK, online_capacity=online_capacity)
 
     @classmethod
     def from_dict(

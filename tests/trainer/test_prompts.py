@@ -46,9 +46,10 @@ def test_problem_object_accepted():
     assert P.student_messages(Obj()) == P.student_messages(PROBLEM)
 
 
-def test_teacher_is_guidance_then_student_prompt():
-    guidance = P.format_guidance([SKILL], [MISTAKE])
-    (teacher,) = P.sgsd_teacher_messages(PROBLEM, guidance)
+@pytest.mark.parametrize("style", P.TEACHER_STYLES)
+def test_teacher_is_guidance_then_student_prompt(style):
+    guidance = P.format_guidance([SKILL], [MISTAKE], style=style)
+    (teacher,) = P.sgsd_teacher_messages(PROBLEM, guidance, style=style)
     (student,) = P.student_messages(PROBLEM)
     # The teacher differs from the student only by the prepended guidance.
     assert teacher["content"].endswith(student["content"])
@@ -57,6 +58,28 @@ def test_teacher_is_guidance_then_student_prompt():
         assert text in teacher["content"]
     # Skill block comes before the mistake block.
     assert guidance.index(SKILL["title"]) < guidance.index(MISTAKE["description"])
+
+
+def test_published_teacher_layout():
+    """The published teacher prompt: preamble, principles, mistakes, then "Problem:"."""
+    guidance = P.format_guidance([SKILL, {"principle": "Untitled idea."}], [MISTAKE])
+    assert P.DEFAULT_TEACHER_STYLE == "published"
+    expected = (
+        "You may use the following retrieved math-reasoning skills as soft guidance. Solve "
+        "the current problem independently and do not quote the skills verbatim.\n\n"
+        "### General Principles\n"
+        f"- **{SKILL['title']}**: {SKILL['principle']}\n  _Apply when: {SKILL['when_to_apply']}_\n"
+        "- Untitled idea.\n\n"
+        "### Mistakes to Avoid\n"
+        f"- **Don't**: {MISTAKE['description']}\n  **Instead**: {MISTAKE['how_to_avoid']}"
+    )
+    assert guidance == expected
+    text = P.sgsd_teacher_messages(PROBLEM, guidance)[0]["content"]
+    assert text == f"{expected}\n\nProblem: {PROBLEM}\n\n{P.STUDENT_INSTRUCTION}"
+    only_mistakes = P.format_guidance([], [MISTAKE])
+    assert "### Mistakes to Avoid" in only_mistakes and "Principles" not in only_mistakes
+    compact = P.format_guidance([SKILL], [MISTAKE], style="compact")
+    assert compact.startswith("The following guidance") and "Skill: " in compact
 
 
 def test_empty_guidance_is_the_student_prompt():
@@ -93,6 +116,8 @@ def test_skill_student_lists_skills():
         (lambda: P.student_messages(""), ValueError, "problem text is empty"),
         (lambda: P.student_messages(12), TypeError, "problem must be a str"),
         (lambda: P.sgsd_teacher_messages(PROBLEM, None), TypeError, "guidance must be a str"),
+        (lambda: P.sgsd_teacher_text(PROBLEM, "g", style="x"), ValueError, "style must be one"),
+        (lambda: P.format_guidance([SKILL], style="md"), ValueError, "style must be one of"),
         (lambda: P.opsd_teacher_messages(PROBLEM, ""), ValueError, "reference_solution"),
         (lambda: P.skill_student_messages(PROBLEM, "one skill"), TypeError, "not a single str"),
         (lambda: P.skill_student_messages(PROBLEM, ["a", 3]), TypeError, "only str"),

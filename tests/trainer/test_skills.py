@@ -188,6 +188,53 @@ def test_online_items_capacity_fifo_and_dedup():
     assert bank.online_skill_ids == [] and len(bank.skills) == 2
 
 
+def test_online_ids_capacity_and_set_online():
+    bank = _bank(1, 1)
+    assert bank.online_capacity == 30 == SkillBank.default().online_capacity
+    assert SkillBank.default(online_capacity=4).online_capacity == 4
+    a = bank.add_skill("A", "first online principle")
+    m = bank.add_mistake("first online mistake")
+    assert (a, m) == ("dyn_001", "dyn_002")  # one counter over the bank's life
+    bank.set_online("skill", [{**_skill(9), "skill_id": "dyn_010"}, _skill(8)])
+    assert bank.online_skill_ids == ["dyn_010", "s8"] and bank.online_mistake_ids == [m]
+    assert bank.next_online_id() == "dyn_003"  # ids already used never come back
+    bank.set_online("skill", [])
+    assert bank.online_skill_ids == [] and [s["skill_id"] for s in bank.skills] == ["s0"]
+    small = _bank(1, 1, online_capacity=1)
+    with pytest.raises(ValueError, match="2 online skills exceed online_capacity=1"):
+        small.set_online("skill", [_skill(5), _skill(6)])
+    with pytest.raises(SkillBankError, match="duplicate skill_id 's0'"):
+        small.set_online("skill", [_skill(0)])
+    with pytest.raises(SkillBankError, match=r"online mistake\[0\].*missing required field"):
+        small.set_online("mistake", [{"mistake_id": "x", "description": "d"}])
+    with pytest.raises(ValueError, match="kind must be 'skill' or 'mistake'"):
+        small.set_online("hint", [])
+
+
+def test_set_metadata_is_saved(tmp_path):
+    bank = _bank(1, 1)
+    bank.set_metadata("history", [{"step": 3}])
+    assert SkillBank.load(bank.save(tmp_path / "b.json")).metadata["history"] == [{"step": 3}]
+    with pytest.raises(ValueError, match="metadata key must be a str other than 'sgsd_online'"):
+        bank.set_metadata("sgsd_online", 1)
+
+
+@pytest.mark.parametrize("style", ["published", "compact"])
+def test_teacher_styles(style):
+    (t,) = _bank(1, 1).teachers("alpha gamma", 1, style=style)
+    assert t.context == prompts.sgsd_teacher_text("alpha gamma", t.guidance, style=style)
+    if style == "published":
+        assert t.guidance.startswith("You may use the following retrieved math-reasoning")
+        assert "- **T0**: alpha beta\n  _Apply when: w_" in t.guidance
+        assert "- **Don't**: gamma delta\n  **Instead**: h" in t.guidance
+        assert "\n\nProblem: alpha gamma" in t.context
+    else:
+        assert "Skill: T0" in t.guidance and "Common mistake: gamma delta" in t.guidance
+        assert "Problem:" not in t.context
+    with pytest.raises(ValueError, match="style must be one of"):
+        _bank(1, 1).teachers("alpha", 1, style="fancy")
+
+
 def test_online_items_are_retrieved_after_update():
     bank = SkillBank.default()
     query = "A quokka hops around a hexagonal quokka enclosure. How many hops?"
@@ -338,9 +385,11 @@ def test_number_of_teachers(n_skills, n_mistakes, k, expected):
     if specs:
         assert math.isclose(sum(t.weight for t in specs), 1.0)
     if n_mistakes == 0:
-        assert all(t.mistake_id is None and "Common mistake" not in t.guidance for t in specs)
+        assert all(t.mistake_id is None and "Mistakes to Avoid" not in t.guidance for t in specs)
+        assert all("General Principles" in t.guidance for t in specs)
     if n_skills == 0:
-        assert all(t.skill_id is None and "Skill:" not in t.guidance for t in specs)
+        assert all(t.skill_id is None and "General Principles" not in t.guidance for t in specs)
+        assert all("Mistakes to Avoid" in t.guidance for t in specs)
 
 
 def test_random_mode():
