@@ -126,6 +126,10 @@ class _Work:
                 break  # a line cut off by an interrupted run: redo from here
         return rows
 
+    def write(self, name: str, rows: list[dict]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (self.dir / name).write_text(text, encoding="utf-8")
+
     def append(self, name: str, rows: list[dict]) -> None:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         with open(self.dir / name, "a", encoding="utf-8") as f:
@@ -238,8 +242,6 @@ def _extract(args, records, work: _Work, llm) -> list:
     for lo in range(len(done), len(records), args.batch_size):
         new = extract_from_records(llm, records[lo : lo + args.batch_size])
         work.append("extractions.jsonl", [e.to_dict() for e in new])
-        bad = [{"stage": "extract", "record": e.record_id, "reply": e.reply} for e in new]
-        work.append("unparsed_replies.jsonl", [b for b, e in zip(bad, new) if not e.parsed])
         done.extend(new)
         bar.update(len(new))
     bar.close()
@@ -270,9 +272,6 @@ def _merge(args, kind: str, extractions, work: _Work, llm):
         on_layer=on_layer,
     )
     bar.close()
-    work.append(
-        "unparsed_replies.jsonl", [{"stage": f"merge_{kind}", **f} for f in res.failed_replies]
-    )
     return len(items), res
 
 
@@ -342,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     extractions = _extract(args, records, work, llm)
     merged = {kind: _merge(args, kind, extractions, work, llm) for kind in ("skill", "mistake")}
     engine.close()
+    unparsed_rows = [
+        {"stage": "extract", "record": e.record_id, "reply": e.reply}
+        for e in extractions
+        if not e.parsed
+    ]
+    for kind, (_, res) in merged.items():
+        unparsed_rows += [{"stage": f"merge_{kind}", **f} for f in res.failed_replies]
+    work.write("unparsed_replies.jsonl", unparsed_rows)
 
     successes = sum(r.success for r in records)
     unparsed = sum(not e.parsed for e in extractions)
