@@ -66,6 +66,20 @@ class TrainConfig:
     """Skill-bank JSON path (None: the bundled default bank)."""
     retrieval_mode: str = "bm25"
     """How teachers are retrieved from the bank (passed to SkillBank.teachers)."""
+    teacher_style: str = "published"
+    """Teacher-context layout: ``published`` (the SGSD authors' Markdown prompt) or
+    ``compact`` (sgsd.prompts.TEACHER_STYLES)."""
+    skill_update_every: int = 25
+    """Online skill-bank update every N steps (0 = off), only on steps whose success rate
+    is below skill_update_threshold (sgsd.skill_update; paper: 25)."""
+    skill_update_threshold: float = 0.8
+    """Update only when the step's success rate (all ranks) is below this (paper: 0.8)."""
+    skill_update_max_new: int = 5
+    """At most this many new online items per kind per update (paper: 5)."""
+    skill_online_capacity: int = 30
+    """At most this many online items per kind; the oldest are evicted (paper: 30)."""
+    skill_update_max_tokens: int = 1024
+    """Reply budget of each extraction / merge generation in an online update."""
     enable_thinking: bool = False
     """Render chat prompts with thinking enabled (Qwen3 chat template flag)."""
 
@@ -177,6 +191,15 @@ class TrainConfig:
             f"got {self.attn_implementation!r}",
         )
         need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit >= 1")
+        need(
+            self.teacher_style in ("published", "compact"),
+            f"teacher_style must be published|compact, got {self.teacher_style!r}",
+        )
+        need(self.skill_update_every >= 0, "skill_update_every >= 0 (0 = off)")
+        need(0.0 <= self.skill_update_threshold <= 1.0, "0 <= skill_update_threshold <= 1")
+        need(self.skill_update_max_new >= 0, "skill_update_max_new >= 0")
+        need(self.skill_online_capacity >= 0, "skill_online_capacity >= 0")
+        need(self.skill_update_max_tokens >= 1, "skill_update_max_tokens >= 1")
         need(self.loss in ("sgsd",), f"loss must be one of ('sgsd',), got {self.loss!r}")
         need(self.num_teachers >= 1, "num_teachers (K) >= 1")
         for name in ("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr"):
@@ -260,6 +283,7 @@ TINY_PROFILE: dict[str, Any] = {
     "lora_r": 8,
     "lora_alpha": 16,
     "gradient_checkpointing": False,
+    "skill_update_max_tokens": 32,
     "max_steps": 10,
     "checkpoint_every": 5,
     "sample_every": 5,

@@ -83,6 +83,7 @@ class SGSDLoss(LossStrategy):
     def __init__(self, cfg: TrainConfig):
         self.num_teachers = cfg.num_teachers
         self.retrieval_mode = cfg.retrieval_mode
+        self.teacher_style = cfg.teacher_style
         self.temperature = cfg.logprob_temperature
         self.gate_tau = cfg.gate_tau
         self.clip_delta = cfg.clip_delta
@@ -90,9 +91,12 @@ class SGSDLoss(LossStrategy):
         self.backend = cfg.kernel_backend
 
     def teachers(self, problem, bank) -> list[tuple[list[dict], float]]:
-        specs = bank.teachers(problem.problem, self.num_teachers, mode=self.retrieval_mode)
+        specs = bank.teachers(
+            problem.problem, self.num_teachers, mode=self.retrieval_mode, style=self.teacher_style
+        )
+        # spec.context is the teacher text in the configured style (sgsd_teacher_text)
         return [
-            (prompts.sgsd_teacher_messages(problem.problem, spec.guidance), float(spec.weight))
+            ([{"role": "user", "content": spec.context}], float(spec.weight))
             for spec in specs[: self.num_teachers]
         ]
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from sgsd.skills import SkillBank
 
 __all__ = ["OnlineBankUpdater", "UpdateReport", "online_update", "resolve_online"]
 
+log = logging.getLogger(__name__)
 _ID = {"skill": "skill_id", "mistake": "mistake_id"}
 _HISTORY_KEY = "sgsd_online_updates"
 
@@ -322,12 +324,26 @@ class OnlineBankUpdater:
         rep = online_update(
             bank, [build_record(**r) for r in rows], llm, max_new=cfg.skill_update_max_new
         )
-        history = bank.metadata.get(_HISTORY_KEY, [])
-        bank.set_metadata(
-            _HISTORY_KEY, [*history, {"step": step, "success_rate": rate, **rep.summary()}]
-        )
+        # The history leaves out timings, so that a resumed run writes the same bank.
+        entry = {"step": step, "success_rate": rate, **rep.summary()}
+        entry.pop("seconds")
+        bank.set_metadata(_HISTORY_KEY, [*bank.metadata.get(_HISTORY_KEY, []), entry])
         self.out.mkdir(parents=True, exist_ok=True)
-        bank.save(self.out / f"step_{step:06d}.json")
+        path = bank.save(self.out / f"step_{step:06d}.json")
+        log.info(
+            "skill bank update at step %d (success rate %.2f, %d rollouts): +%d skills, "
+            "+%d mistakes, %d evicted, %d/%d replies unparsed, %.1fs -> %s",
+            step,
+            rate,
+            len(rows),
+            rep.added["skill"],
+            rep.added["mistake"],
+            sum(rep.evicted.values()),
+            rep.extract_parse_failures + rep.merge_parse_failures,
+            rep.llm_prompts,
+            rep.seconds,
+            path,
+        )
         if rep.unparsed:
             with open(self.out / "unparsed_replies.jsonl", "a", encoding="utf-8") as f:
                 for u in rep.unparsed:

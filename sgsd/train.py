@@ -16,7 +16,8 @@ One optimizer step:
    ``[T, V]`` logits are never materialised), in bounded micro-batches;
 5. ONE student forward with grad per rollout -> ``sgsd_kernels.linear_gated_kd_loss`` ->
    backward (gradient accumulation over micro-batches);
-6. clip the gradient norm, optimizer and scheduler step;
+6. clip the gradient norm, optimizer and scheduler step; every ``skill_update_every``
+   steps, the online skill-bank update (sgsd.skill_update);
 7. log, maybe checkpoint.
 
 Everything configurable lives in :class:`sgsd.config.TrainConfig`.
@@ -51,6 +52,7 @@ from sgsd.config import TrainConfig, load_config, usage
 from sgsd.losses import LossStrategy, ScoredBatch, build_loss
 from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
+from sgsd.skill_update import OnlineBankUpdater
 
 log = logging.getLogger("sgsd.train")
 
@@ -523,7 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(
             f"no problem in {cfg.dataset!r} fits max_prompt_tokens={cfg.max_prompt_tokens}"
         )
-    bank = SkillBank.load(cfg.skill_bank) if cfg.skill_bank else SkillBank.default()
+    capacity = cfg.skill_online_capacity
+    bank = (
+        SkillBank.load(cfg.skill_bank, online_capacity=capacity)
+        if cfg.skill_bank
+        else SkillBank.default(online_capacity=capacity)
+    )
     sampler = ProblemSampler(len(problems), cfg.seed)
     log.info(
         "%d problems, skill bank %s, loss %s, K=%d, %d rank(s)",
@@ -578,7 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         source,
         env.device,
         rank=env.rank,
-        max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_tokens,
+        max_model_len=max(
+            max(map(len, prompt_ids)) + cfg.max_completion_tokens,
+            OnlineBankUpdater.context_len(cfg),  # room for the skill-bank prompts
+        ),
     )
     if torch.get_num_threads() != threads:  # vLLM may lower it for serving
         torch.set_num_threads(threads)
@@ -590,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     metrics_log = MetricsLogger(cfg, env.main, state.step)
+    bank_updater = OnlineBankUpdater(cfg, out_dir, rank=env.rank)
     stop = GracefulStop()
     per_rank = cfg.problems_per_step // env.world_size
     bar = None
@@ -654,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
             scheduler.step()
             state.step = step
             state.data_position += cfg.problems_per_step
+            # online skill-bank update (rank 0 updates, every rank gets the same bank)
+            bank, bank_metrics = bank_updater.step(
+                step, rollouts, bank, engine, tokenizer, env.device
+            )
 
             # 7. metrics over all ranks
             n_teach = loss_metrics.pop("num_teachers")
@@ -689,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                 w = sums["rollouts"] if k == "mask_keep_frac" else sums["num_teachers"]
                 record[k] = sums[f"w_{k}"] / w if w else 0.0
             record["teachers_per_rollout"] = sums["num_teachers"] / sums["rollouts"]
+            record.update(bank_metrics)
             metrics_log.step(record)
             if env.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 line = format_line(record)
@@ -700,9 +716,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(line, flush=True)
             if bar:
                 bar.update(1)
-
-            # Online skill-bank update (DESIGN §2) lands here in its own issue: it will read
-            # this step's `rollouts` and mutate `bank`, whose state every checkpoint saves.
 
             # 8. checkpoint
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
