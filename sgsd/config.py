@@ -66,6 +66,11 @@ class TrainConfig:
     """Skill-bank JSON path (None: the bundled default bank)."""
     retrieval_mode: str = "bm25"
     """How teachers are retrieved from the bank (passed to SkillBank.teachers)."""
+    teacher_enable_thinking: bool | None = None
+    """Render teacher prompts in thinking mode (the published setup: teachers think, the
+    student does not). None: same as enable_thinking, so the teacher and student prompts
+    differ only by the guidance (Qwen3's non-thinking prompt ends with an empty think
+    block that a thinking-mode teacher prompt lacks)."""
     teacher_style: str = "published"
     """Teacher-context layout: ``published`` (the SGSD authors' Markdown prompt) or
     ``compact`` (sgsd.prompts.TEACHER_STYLES)."""
@@ -255,6 +260,12 @@ class TrainConfig:
             "checkpoint_every >= 0 and keep_checkpoints >= 0",
         )
         need(self.log_every >= 1 and self.sample_every >= 1, "log_every >= 1 and sample_every >= 1")
+
+    def teacher_thinking(self) -> bool:
+        """The thinking mode teacher prompts are rendered with."""
+        if self.teacher_enable_thinking is None:
+            return self.enable_thinking
+        return self.teacher_enable_thinking
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

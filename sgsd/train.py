@@ -192,7 +192,7 @@ def make_rollouts(
             teachers[id(problem)] = [
                 (
                     prompts.render_prompt_ids(
-                        tokenizer, messages, enable_thinking=cfg.enable_thinking
+                        tokenizer, messages, enable_thinking=cfg.teacher_thinking()
                     ),
                     w,
                 )

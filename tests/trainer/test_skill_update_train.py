@@ -1,6 +1,6 @@
-"""The online skill-bank update inside the trainer: the hook with the real tiny model
-(HF generate), its config fields, and a 2-rank torchrun run in which updates fire and
-a resumed run reproduces the bank."""
+"""The skill bank inside the trainer: the online-update hook with the real tiny model
+(HF generate), its config fields, a 2-rank torchrun run in which updates fire and a
+resumed run reproduces the bank, and the teacher style / thinking options."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from test_train_run import FAST, metrics, run_train
 
 from sgsd.config import load_config
 from sgsd.data import load_problems
+from sgsd.prompts import STUDENT_INSTRUCTION
 from sgsd.skill_update import OnlineBankUpdater
 from sgsd.skills import SkillBank
 from sgsd.train import Rollout
@@ -138,3 +139,21 @@ def test_torchrun_two_ranks_update_fires_and_resume_reproduces_the_bank(tmp_path
     for key in BANK_KEYS:
         if key != "bank_update_time_s":
             assert row[key] == rows[1][key], key
+
+
+@pytest.mark.parametrize(
+    "style, marker", [("published", "### General Principles"), ("compact", "Skill: ")]
+)
+def test_teacher_style_and_thinking_reach_the_loss(style, marker):
+    from sgsd.losses import build_loss
+
+    cfg = load_config(["--teacher-style", style])
+    (problem,) = load_problems("demo", limit=1)
+    teachers = build_loss(cfg).teachers(problem, SkillBank.default())
+    assert len(teachers) == cfg.num_teachers
+    assert all(marker in messages[0]["content"] for messages, _ in teachers)
+    tail = problem.problem + "\n\n" + STUDENT_INSTRUCTION
+    assert all(messages[0]["content"].endswith(tail) for messages, _ in teachers)
+    assert cfg.teacher_thinking() is False  # default: the student's setting
+    assert load_config(["--teacher-enable-thinking", "true"]).teacher_thinking() is True
+    assert load_config(["--enable-thinking", "true"]).teacher_thinking() is True
