@@ -400,7 +400,7 @@ def _summary(output, work, meta, bank, n_records, seconds, t_solve) -> str:
         f"{layers(meta['common_mistake_merge_layers'], meta['input_common_mistakes'])}",
         f"  bank              {len(bank.skills)} general skills, {len(bank.mistakes)} common "
         f"mistakes",
-        f"  time              {seconds:.1f}s (solve {t_solve:.1f}s)",
+        f"  time              {seconds:.1f}s (model load + solve {t_solve:.1f}s)",
         f"  cache, debug      {work.dir}",
     ]
     if "note" in meta:
