@@ -33,8 +33,8 @@ from dataclasses import asdict
 from sgsd_bench import env, report
 from sgsd_bench.inputs import dtype_of
 from sgsd_bench.plots import make_plots
-from sgsd_bench.presets import LOGPROB_PHASES, PRESETS, Case, cases_for, skip_reason
-from sgsd_bench.providers import NAMES, PROVIDERS, static_unavailable
+from sgsd_bench.presets import PRESETS, Case, cases_for, parse_workloads, skip_reason
+from sgsd_bench.providers import NAMES, parse_providers, static_unavailable
 from sgsd_bench.worker import run_case_subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -91,32 +91,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def select(args) -> tuple[list[str], bool, list[str], bool, bool]:
-    """(providers, named explicitly, log-prob phases, run log-probs, run sgsd) from the flags."""
-    explicit = args.providers not in (None, "all")
-    provs = list(NAMES)
-    if explicit:
-        provs = [s.strip() for s in args.providers.split(",") if s.strip()]
-        bad = [s for s in provs if s not in PROVIDERS]
-        if bad:
-            raise SystemExit(f"unknown provider(s) {bad}; choose from {','.join(NAMES)}")
-    wls = {s.strip() for s in args.workloads.split(",")}
-    phases: list[str] = []
-    do_lp = do_sgsd = False
-    for w in sorted(wls):
-        if w in ("all", "logprobs"):
-            phases, do_lp = list(LOGPROB_PHASES), True
-        elif w.startswith("logprobs-") and w[9:] in LOGPROB_PHASES:
-            do_lp = True
-            phases += [] if w[9:] in phases else [w[9:]]
-        elif w != "sgsd":
-            raise SystemExit(f"unknown workload {w!r}")
-        do_sgsd = do_sgsd or w in ("all", "sgsd")
-    if do_sgsd and "fwdbwd" not in phases:
-        phases.append("fwdbwd")
-    return provs, args.providers == "all" or explicit, phases, do_lp, do_sgsd
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_begin = time.perf_counter()
@@ -128,8 +102,12 @@ def main(argv=None) -> int:
     cuda = device.startswith("cuda")
     preset = PRESETS[args.preset or ("qwen3-1.7b" if cuda else "cpu-small")]
     dtype = args.dtype or preset.dtype
-    dtype_of(dtype)  # validate
-    provs, explicit, phases, do_lp, do_sgsd = select(args)
+    try:
+        dtype_of(dtype)
+        provs, explicit = parse_providers(args.providers)
+        phases, do_lp, do_sgsd = parse_workloads(args.workloads)
+    except ValueError as e:
+        raise SystemExit(f"bench_gated_kd.py: {e}") from None
     cases = cases_for(preset, dtype, do_lp, do_sgsd)
     if args.mem_limit_gb is not None:
         mem_limit = int(args.mem_limit_gb * 2**30)

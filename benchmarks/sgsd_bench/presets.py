@@ -186,3 +186,28 @@ def skip_reason(preset: Preset, provider: str, case: Case, on_cuda: bool) -> str
         if (p, w, n, k) == (provider, case.workload, case.N, case.K):
             return why
     return None
+
+
+def parse_workloads(spec: str) -> tuple[list[str], bool, bool]:
+    """(log-prob phases to time, run log-probs, run sgsd) from ``--workloads``: "all", or a
+    comma list of logprobs, logprobs-fwd, logprobs-bwd, logprobs-fwdbwd, sgsd."""
+    phases: list[str] = []
+    do_lp = do_sgsd = False
+    for w in [s.strip() for s in spec.split(",") if s.strip()]:
+        if w in ("all", "logprobs"):
+            phases, do_lp = list(LOGPROB_PHASES), True
+        elif w.startswith("logprobs-") and w[9:] in LOGPROB_PHASES:
+            do_lp = True
+            phases += [] if w[9:] in phases else [w[9:]]
+        elif w != "sgsd":
+            raise ValueError(
+                f"unknown workload {w!r}; choose from all, logprobs, "
+                + ", ".join(f"logprobs-{p}" for p in LOGPROB_PHASES)
+                + ", sgsd"
+            )
+        do_sgsd = do_sgsd or w in ("all", "sgsd")
+    if not (do_lp or do_sgsd):
+        raise ValueError(f"no workload in {spec!r}")
+    if do_sgsd and "fwdbwd" not in phases:
+        phases.append("fwdbwd")  # the SGSD row is forward+backward
+    return phases, do_lp, do_sgsd

@@ -253,3 +253,15 @@ def build_provider(name: str, workload: str, device):
     if why:
         raise NotAvailable(why)
     return p.build(workload, str(device))
+
+
+def parse_providers(spec: str | None) -> tuple[list[str], bool]:
+    """(providers, named explicitly) from ``--providers``: None (the default set, minus what
+    the preset leaves out), "all", or a comma list of registry names."""
+    if spec in (None, "all"):
+        return list(NAMES), spec == "all"
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [s for s in names if s not in PROVIDERS]
+    if bad or not names:
+        raise ValueError(f"unknown provider(s) {bad or spec!r}; choose from {', '.join(NAMES)}")
+    return names, True
