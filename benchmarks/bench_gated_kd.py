@@ -24,18 +24,15 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 
 from sgsd_bench import env, report
 from sgsd_bench.inputs import dtype_of
 from sgsd_bench.plots import make_plots
-from sgsd_bench.presets import PRESETS, Case, cases_for, parse_workloads, skip_reason
-from sgsd_bench.providers import NAMES, parse_providers, static_unavailable
-from sgsd_bench.worker import run_case_subprocess
+from sgsd_bench.presets import PRESETS, Case, cases_for, parse_workloads
+from sgsd_bench.providers import NAMES, parse_providers
+from sgsd_bench.worker import run_cases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -138,34 +135,19 @@ def main(argv=None) -> int:
             gemm[c.key()] = row["gemm"]
             gemm_rows.append({"case": c, **row["gemm"]})
 
-    # CPU: the float64 oracle is shared across a shape's workers through files; on CUDA the
-    # float64 dW of a 151936 × 4096 head is 5 GB per shape, so it stays in memory only
-    cache_dir = None if cuda else tempfile.mkdtemp(prefix="sgsd-bench-oracle-")
-    for c in cases:
-        run = []
-        for prov in provs:
-            na = static_unavailable(prov, c.workload, cuda)
-            why = None if explicit else skip_reason(preset, prov, c, cuda)
-            if na or why:
-                status = "n/a" if na else "skipped"
-                on_row({"provider": prov, "case": asdict(c), "status": status, "note": na or why})
-            else:
-                run.append(prov)
-        log(f"{c.workload} {c.shape()}: {', '.join(run) or 'nothing to run'}")
-        run_case_subprocess(
-            c,
-            run,
-            device,
-            preset,
-            phases,
-            mem_limit,
-            on_row,
-            args.worker_timeout,
-            args.threads,
-            cache_dir,
-        )
-    if cache_dir:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    run_cases(
+        cases,
+        provs,
+        explicit,
+        preset,
+        device,
+        phases,
+        mem_limit,
+        on_row,
+        log,
+        args.worker_timeout,
+        args.threads,
+    )
 
     rows = report.build_rows(results, gemm)
     rows = [r for r in rows if r["workload"].split("-")[1] in phases]

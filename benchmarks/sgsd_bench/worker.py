@@ -14,8 +14,10 @@ import gc
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -248,6 +250,50 @@ def run_case_subprocess(
         status = "timeout" if timed_out else "crashed"
         on_row({"provider": bad, "case": asdict(case), "status": status, "note": why})
         remaining = [p for p in left if p != bad]
+
+
+def run_cases(
+    cases: list,
+    providers: list[str],
+    explicit: bool,
+    preset,
+    device: str,
+    phases: list[str],
+    mem_limit: int,
+    on_row,
+    log,
+    timeout_s: float,
+    threads: int | None = None,
+) -> None:
+    """Every shape in its own worker; providers that cannot run, or that the preset leaves
+    out (unless ``explicit``), get their row here, with the reason, without a worker."""
+    from sgsd_bench.presets import skip_reason
+    from sgsd_bench.providers import static_unavailable
+
+    cuda = device.startswith("cuda")
+    # CPU: the float64 oracle is shared across a shape's workers through files; on CUDA the
+    # float64 dW of a 151936 × 4096 head is 5 GB per shape, so it stays in memory only
+    cache_dir = None if cuda else tempfile.mkdtemp(prefix="sgsd-bench-oracle-")
+    try:
+        for c in cases:
+            run = []
+            for prov in providers:
+                na = static_unavailable(prov, c.workload, cuda)
+                why = None if explicit else skip_reason(preset, prov, c, cuda)
+                if na or why:
+                    status = "n/a" if na else "skipped"
+                    on_row(
+                        {"provider": prov, "case": asdict(c), "status": status, "note": na or why}
+                    )
+                else:
+                    run.append(prov)
+            log(f"{c.workload} {c.shape()}: {', '.join(run) or 'nothing to run'}")
+            run_case_subprocess(
+                c, run, device, preset, phases, mem_limit, on_row, timeout_s, threads, cache_dir
+            )
+    finally:
+        if cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
