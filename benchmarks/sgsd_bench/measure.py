@@ -302,12 +302,25 @@ def gemm_m(case: Case) -> int:
 
 
 def _plan_blocks():
-    """The torch backend's tiling function, wherever the library keeps it (None: not found)."""
-    for mod in ("sgsd_kernels.ops.torch_backend.blocks", "sgsd_kernels.ops.blockwise"):
-        try:
-            return importlib.import_module(mod).plan_blocks
-        except (ImportError, AttributeError):
+    """The torch backend's tiling function ``plan_blocks(rows, vocab) -> (row chunk, vocab
+    block)``, wherever under ``sgsd_kernels.ops`` the library keeps it (None: not found)."""
+    import pkgutil
+
+    try:
+        ops = importlib.import_module("sgsd_kernels.ops")
+    except ImportError:
+        return None
+    names = ["sgsd_kernels.ops.blockwise"]
+    names += [m.name for m in pkgutil.walk_packages(ops.__path__, "sgsd_kernels.ops.")]
+    for name in names:
+        if "triton" in name:
             continue
+        try:
+            fn = getattr(importlib.import_module(name), "plan_blocks", None)
+        except ImportError:
+            continue
+        if fn is not None:
+            return fn
     return None
 
 

@@ -120,6 +120,7 @@ def test_split_bt_covers_n(N):
 def test_gemm_tile_is_the_backend_tile_on_cpu():
     c = Case("sgsd", 1024, 32768, 256, 8, "float32")
     m, h, v = measure.gemm_tile(c, "cpu")
+    assert measure._plan_blocks() is not None, "the torch backend's plan_blocks is not found"
     assert h == 256 and m * v <= 1 << 24 and m <= measure.gemm_m(c) == 9216
     big = Case("logprobs", 256, 151936, 1024, 0, "float32")
     assert measure.gemm_tile(big, "cuda") == (256, 1024, 151936)
