@@ -103,7 +103,8 @@ class TrainConfig:
     """Temperature of the student/teacher log-probs in the loss (1 = the model's own
     distribution; independent of the sampling temperature)."""
     kernel_backend: str = "auto"
-    """sgsd_kernels backend: auto, triton, torch, reference."""
+    """sgsd_kernels backend (``sgsd_kernels.runtime.BACKENDS``): auto (triton on CUDA, else
+    torch), triton, torch, reference."""
 
     # ---- rollouts ----------------------------------------------------------------------
     rollout_backend: str = "auto"
@@ -214,10 +215,10 @@ class TrainConfig:
             math.isfinite(self.confidence_threshold) and self.confidence_threshold >= 0,
             "confidence_threshold (epsilon) must be finite and >= 0",
         )
+        backends = kernel_backends()
         need(
-            self.kernel_backend in ("auto", "triton", "torch", "reference", "native"),
-            "kernel_backend must be auto|triton|torch|reference|native, "
-            f"got {self.kernel_backend!r}",
+            self.kernel_backend in backends,
+            f"kernel_backend must be {'|'.join(backends)}, got {self.kernel_backend!r}",
         )
         need(
             self.rollout_backend in ("auto", "vllm", "hf"),
@@ -276,6 +277,14 @@ class TrainConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = _dump(self.to_dict(), yaml_format=path.suffix in (".yaml", ".yml"))
         path.write_text(text)
+
+
+def kernel_backends() -> tuple[str, ...]:
+    """The kernel backends the runtime accepts. Imported on first validation, not at
+    ``import sgsd.config``, so that importing the config stays free of torch."""
+    from sgsd_kernels.runtime import BACKENDS
+
+    return BACKENDS
 
 
 #: Overrides applied when ``model == "tiny"`` (the embedded default, CPU, offline), for the

@@ -92,6 +92,7 @@ def test_save_round_trips(tmp_path):
         (["--max-steps", "zero"], "max_steps"),
         (["--no-such-key", "1"], "unknown config key"),
         (["--parallelism", "fsdp"], "parallelism must be ddp|fsdp2"),
+        (["--kernel-backend", "native"], "kernel_backend must be auto|triton|torch|reference"),
         (["positional"], "unexpected argument"),
     ],
 )
@@ -109,3 +110,19 @@ def test_every_field_is_documented_and_listed_in_help():
     text = usage()
     assert all(f"--{n.replace('_', '-')} " in text for n in names)
     assert "[tiny: 32]" in text  # max_completion_tokens' tiny-profile value is shown
+
+
+def test_kernel_backend_choices_are_the_runtimes():
+    from sgsd_kernels.runtime import BACKENDS
+
+    for backend in BACKENDS:
+        assert load_config(["--kernel-backend", backend]).kernel_backend == backend
+
+
+def test_importing_sgsd_and_its_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sgsd, sgsd.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
