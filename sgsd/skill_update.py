@@ -105,8 +105,11 @@ def resolve_online(
     claimed: dict[str, dict] = {}
     absorbed: set[str] = set()
     fresh: list[dict] = []
+
+    def free(item_id: str) -> bool:  # an existing item no earlier output has taken
+        return item_id in order and item_id not in claimed and item_id not in absorbed
+
     for out in merged:
-        free = lambda i: i in order and i not in claimed and i not in absorbed  # noqa: E731
         ids = sorted({i for i in out.get(SRC, []) if free(i)}, key=order.__getitem__)
         if not ids and free(by_key.get(item_key(kind, out), "")):
             ids = [by_key[item_key(kind, out)]]
