@@ -134,6 +134,12 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
         return RunPlan(out_dir, new_run_id(), None, 0, cfg.overwrite)
 
     meta = _checkpoint_meta(checkpoint)
+    step = int(meta["step"])
+    if step >= cfg.max_steps:
+        raise NothingToDo(
+            f"nothing to do: {checkpoint} is at step {step} and --max-steps is "
+            f"{cfg.max_steps} (raise --max-steps to train on)"
+        )
     if meta.get("world_size", world_size) != world_size:
         raise ConfigError(
             f"--resume {checkpoint}: written by {meta['world_size']} ranks; resume with the "
@@ -148,12 +154,6 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
             f"--resume {checkpoint}: the checkpoint is from run {run_id} but --output-dir "
             f"{out_dir} holds run {theirs or sorted(map(str, others))[0]}; resume into that "
             "run's own directory, or into a new one"
-        )
-    step = int(meta["step"])
-    if step >= cfg.max_steps:
-        raise NothingToDo(
-            f"nothing to do: {checkpoint} is at step {step} and --max-steps is "
-            f"{cfg.max_steps} (raise --max-steps to train on)"
         )
     return RunPlan(out_dir, run_id or new_run_id(), checkpoint, step, False)
 
