@@ -223,3 +223,13 @@ def test_noise_filter_drops_known_third_party_lines_and_keeps_real_ones():
     assert not f.filter(record("vllm.x", "Model Runner V2 requires Triton; using V1"))
     assert f.filter(record("vllm.worker", "out of KV-cache blocks: preempting request 3"))
     assert f.filter(record("sgsd.train", "libtcmalloc is not found in LD_PRELOAD"))
+
+
+def test_missing_train_extra_names_the_extra():
+    """``python -S`` leaves site-packages off sys.path, as an install without the train
+    extra would (the repo stays importable through PYTHONPATH)."""
+    res = run([sys.executable, "-S", "-m", "sgsd.train", "--max-steps", "1"], timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("sgsd-train: error: the trainer needs transformers")
+    assert line.endswith('pip install "sgsd-kernels[train]"')
