@@ -35,12 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sgsd.rundir import checkpoints
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "GracefulStop",
     "TrainerState",
-    "find_checkpoint",
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",
@@ -201,40 +202,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _complete(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file()
-
-
-def _list(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p)
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
-
-
 def _prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
-    for old in _list(root)[:-keep]:
+    for old in checkpoints(root.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``"latest"`` -> newest complete checkpoint under output_dir (None if there is none);
-    a path -> that checkpoint (error if it is not one)."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = _list(_checkpoint_root(output_dir))
-        return found[-1] if found else None
-    path = Path(resume)
-    if not _complete(path):
-        raise FileNotFoundError(
-            f"--resume {resume}: not a checkpoint directory (no trainer_state.json)"
-        )
-    return path
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, world_size: int):

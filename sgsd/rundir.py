@@ -25,7 +25,15 @@ from pathlib import Path
 
 from sgsd.config import ConfigError, TrainConfig
 
-__all__ = ["RUN_FILES", "NothingToDo", "RunPlan", "new_run_id", "plan_run", "start_run"]
+__all__ = [
+    "RUN_FILES",
+    "NothingToDo",
+    "RunPlan",
+    "checkpoints",
+    "new_run_id",
+    "plan_run",
+    "start_run",
+]
 
 #: What a run writes into its output directory. ``--overwrite`` deletes these; a fresh
 #: start refuses when any but config.yaml exists. A feature that writes a new log adds
