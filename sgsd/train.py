@@ -6,9 +6,11 @@
     sgsd-train --nproc-per-node 2 --max-steps 3 --output-dir runs/demo   # the same
     python -m sgsd.train --resume --output-dir runs/demo   # continue the newest checkpoint
 
-:func:`main` reads top to bottom: :func:`setup` builds a :class:`Trainer` (model, data,
-skill bank, loss strategy, optimizer, resume, rollout engine), :func:`train_step` takes one
-optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
+:func:`sgsd.cli.main` validates the options and plans the run directory before anything
+heavy is imported, then calls :func:`run`, which reads top to bottom: :func:`setup` builds
+a :class:`Trainer` (model, data, skill bank, loss strategy, optimizer, resume, rollout
+engine), the run starts (the first write into its directory), :func:`train_step` takes
+each optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
 
 1. the policy samples G completions for each of this rank's problems (vLLM colocated in
    this process, or HF generate), after its current weights are pushed into vLLM;
@@ -21,7 +23,7 @@ optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
    ``sgsd_kernels.linear_gated_kd_loss``) -> backward, accumulated over micro-batches;
 6. clip the gradient norm, optimizer and scheduler step;
 7. metrics over all ranks, the console line;
-8. (in :func:`main`) maybe checkpoint, stop on a signal.
+8. (in :func:`run`) maybe checkpoint, stop on a signal.
 
 Steps 2-5 live in :mod:`sgsd.scoring`, the loss itself in :mod:`sgsd.losses`, metrics in
 :mod:`sgsd.metrics`. Everything configurable lives in :class:`sgsd.config.TrainConfig`.

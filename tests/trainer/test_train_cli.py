@@ -233,3 +233,20 @@ def test_missing_train_extra_names_the_extra():
     (line,) = res.stderr.splitlines()
     assert line.startswith("sgsd-train: error: the trainer needs transformers")
     assert line.endswith('pip install "sgsd-kernels[train]"')
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_merged_model_export_loads_in_vllm(finished_run):
+    pytest.importorskip("vllm")
+    model = finished_run / "checkpoints" / "step_000002" / "model"
+    code = f"""
+from vllm import LLM, SamplingParams
+llm = LLM(model={str(model)!r}, dtype="float32", gpu_memory_utilization=0.2,
+          max_model_len=256, enforce_eager=True)
+out = llm.generate(["What is 2 + 3?"], SamplingParams(max_tokens=4, temperature=0))
+print("generated", len(out[0].outputs[0].token_ids))
+"""
+    env_code = "import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n" + code
+    res = ok(run([sys.executable, "-c", env_code], timeout=400))
+    assert "generated 4" in res.stdout
