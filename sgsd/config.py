@@ -471,10 +471,11 @@ def usage() -> str:
         "       torchrun --nproc_per_node=N --module sgsd.train [--key value ...]",
         "       python -m sgsd.train [--key value ...]",
         "",
-        (
+        *textwrap.wrap(
             "Paper defaults; --model tiny (the default) also applies TINY_PROFILE to the "
             "fields you do not set. Boolean flags and --resume may stand alone; every "
-            "other flag takes a value."
+            "other flag takes a value.",
+            88,
         ),
         "",
     ]
@@ -483,9 +484,10 @@ def usage() -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tiny = f"  [tiny: {TINY_PROFILE[f.name]!r}]" if f.name in TINY_PROFILE else ""
         metavar = "" if types[f.name] is bool else " VALUE"
+        shown = f"default {default!r}"
         if f.name == "resume":
-            metavar = " [latest|PATH]"
-        lines.append(f"  {flag(f.name)}{metavar} (default {default!r}){tiny}")
+            metavar, shown = " [latest|PATH]", "default: a fresh start"
+        lines.append(f"  {flag(f.name)}{metavar} ({shown}){tiny}")
         lines += textwrap.wrap(
             docs.get(f.name, ""), 88, initial_indent="      ", subsequent_indent="      "
         )

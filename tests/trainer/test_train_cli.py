@@ -167,6 +167,9 @@ def test_bad_flag_under_torchrun_is_one_line_from_rank_0(tmp_path):
     "cmd",
     [
         [*LAUNCH, "--nproc-per-node", "2", "--nonexistent-flag", "1"],
+        [*LAUNCH, "--nproc-per-node", "0"],
+        [*LAUNCH, "--nproc-per-node", "two"],
+        [*LAUNCH, "--nproc-per-node", "2", "--problems-per-step", "3"],
         [*MODULE, "--max-stpes", "3"],
         [sys.executable, str(REPO / "sgsd" / "train.py"), "--output-dir"],
     ],
