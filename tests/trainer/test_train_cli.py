@@ -253,3 +253,14 @@ print("generated", len(out[0].outputs[0].token_ids))
     env_code = "import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n" + code
     res = ok(run([sys.executable, "-c", env_code], timeout=400))
     assert "generated 4" in res.stdout
+
+
+def test_console_scripts_point_at_callables():
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sgsd-train"] == "sgsd.cli:launch"
+    for target in scripts.values():
+        module, attr = target.split(":")
+        assert callable(getattr(importlib.import_module(module), attr)), target
