@@ -4,7 +4,7 @@
 The op is tiny next to the log-prob GEMMs (O(B·K·T)), so the torch path is plain
 vectorised math with an explicit gradient (no autograd graph is recorded, which keeps
 ``torch.compile`` and memory simple). The Triton path runs the same math as one
-forward and one backward kernel (``ops/triton_gated_kd.py``).
+forward and one backward kernel (``ops/triton_backend/gated_kd.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def backward_torch(grad_loss, s, u, mask, weights, polarity, tau):
 
 def _run_forward(backend, s, u, mask, rewards, weights, tau, delta, eps):
     if backend == "triton":
-        from sgsd_kernels.ops import triton_gated_kd
+        from sgsd_kernels.ops.triton_backend import gated_kd as triton_gated_kd
 
         return triton_gated_kd.forward(s, u, mask, rewards, weights, tau, delta, eps)
     return forward_torch(s, u, mask, rewards, weights, tau, delta, eps)
@@ -98,7 +98,7 @@ def gated_kd_backward_op(
     backend: str,
 ) -> torch.Tensor:
     if backend == "triton":
-        from sgsd_kernels.ops import triton_gated_kd
+        from sgsd_kernels.ops.triton_backend import gated_kd as triton_gated_kd
 
         return triton_gated_kd.backward(grad_loss, s, u, mask, weights, polarity, tau)
     return backward_torch(grad_loss, s, u, mask, weights, polarity, tau).contiguous()

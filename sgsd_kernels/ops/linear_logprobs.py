@@ -1,7 +1,7 @@
 """Log-probs (and entropy) of targets from hidden states and the LM-head weight, without
 materialising N×V logits: the ``sgsd::linear_logprobs`` custom op, its backward op and
 autograd formula. Dispatches to the blockwise torch kernels (``ops/blockwise.py``) or the
-fused Triton kernels (``ops/triton_linear_logprobs.py``).
+fused Triton kernels (``ops/triton_backend/linear_logprobs.py``).
 
 Registered with ``torch.library.custom_op`` so that ``torch.compile`` treats it as one
 opaque node with a fake (shape-only) implementation instead of tracing into the loops.
@@ -19,7 +19,7 @@ def _forward(
     hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend, dtype
 ):
     if backend == "triton":
-        from sgsd_kernels.ops import triton_linear_logprobs
+        from sgsd_kernels.ops.triton_backend import linear_logprobs as triton_linear_logprobs
 
         return triton_linear_logprobs.forward(
             hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype
@@ -90,7 +90,7 @@ def linear_logprobs_backward_op(
     grad_bias [V] (or [0] when bias is None or not needed))."""
     dtype = _out_dtype(hidden)
     if backend == "triton":
-        from sgsd_kernels.ops import triton_linear_logprobs
+        from sgsd_kernels.ops.triton_backend import linear_logprobs as triton_linear_logprobs
 
         gh, gw, gb = triton_linear_logprobs.backward(
             grad_logprobs,
@@ -220,7 +220,7 @@ def linear_logprobs_streams_op(
     dtype = _out_dtype(student_hidden)
     N = student_hidden.shape[0]
     if backend == "triton":
-        from sgsd_kernels.ops import triton_linear_logprobs
+        from sgsd_kernels.ops.triton_backend import linear_logprobs as triton_linear_logprobs
 
         lp, lse = triton_linear_logprobs.forward_streams(
             student_hidden,

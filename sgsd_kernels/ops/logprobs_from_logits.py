@@ -1,7 +1,7 @@
 """Log-probs (and entropy) of targets from an existing logits tensor, streaming over the
 vocabulary: no log_softmax copy of the logits is made. The ``sgsd::logprobs_from_logits``
 custom op and its autograd formula; torch (``ops/blockwise.py``) or Triton
-(``ops/triton_logprobs_from_logits.py``) kernels.
+(``ops/triton_backend/logprobs_from_logits.py``) kernels.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def logprobs_from_logits_op(
     check.targets_in_range("targets", targets, logits.shape[1], ignore_index)
     dtype = _out_dtype(logits)
     if backend == "triton":
-        from sgsd_kernels.ops import triton_logprobs_from_logits
+        from sgsd_kernels.ops.triton_backend import (
+            logprobs_from_logits as triton_logprobs_from_logits,
+        )
 
         return triton_logprobs_from_logits.forward(
             logits, targets, temperature, ignore_index, with_entropy, dtype
@@ -62,7 +64,9 @@ def logprobs_from_logits_backward_op(
 ) -> torch.Tensor:
     dtype = _out_dtype(logits)
     if backend == "triton":
-        from sgsd_kernels.ops import triton_logprobs_from_logits
+        from sgsd_kernels.ops.triton_backend import (
+            logprobs_from_logits as triton_logprobs_from_logits,
+        )
 
         return triton_logprobs_from_logits.backward(
             grad_logprobs,
