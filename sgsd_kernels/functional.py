@@ -1,4 +1,4 @@
-"""Public functions (DESIGN §4): argument validation, flattening, backend dispatch.
+"""Public functions (docs/design.md §4): argument validation, flattening, backend dispatch.
 
 Each function's docstring shows the eager PyTorch expression it equals. The heavy work
 lives in ``sgsd_kernels.ops`` (custom ops with autograd); ``backend="reference"`` runs the
@@ -11,11 +11,12 @@ import torch
 
 from sgsd_kernels import reference as ref
 from sgsd_kernels import validation as check
+from sgsd_kernels.ops.common import compute_dtype
 from sgsd_kernels.ops.gated_kd import gated_kd_op
 from sgsd_kernels.ops.linear_logprobs import linear_logprobs_op, linear_logprobs_streams_op
 from sgsd_kernels.ops.logprobs_from_logits import logprobs_from_logits_op
 from sgsd_kernels.output import GatedKDOutput
-from sgsd_kernels.runtime import resolve_backend
+from sgsd_kernels.runtime import check_backend, resolve_backend
 
 __all__ = [
     "linear_logprobs",
@@ -99,7 +100,7 @@ def linear_logprobs(
         bias: optional [V] (differentiable).
         return_entropy: also return the (differentiable) entropy of the softmax; 0 at
             ignored positions.
-        backend: "auto" | "triton" | "torch" | "reference".
+        backend: one of ``sgsd_kernels.BACKENDS`` ("auto" picks triton on CUDA, else torch).
         check_finite: raise ``ValueError`` on NaN/inf in ``hidden``/``weight``/``bias``
             (otherwise NaN propagates to the output; it is never hidden).
 
@@ -213,7 +214,7 @@ def _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
     return B, T, K
 
 
-def _check_gate_values(token_mask, backend):
+def _check_gate_values(token_mask):
     """Eager-only value check of the mask; teacher weights are checked where they are
     read (in the reference, and inside the custom op, so also under torch.compile)."""
     if not check.value_checks_enabled():
@@ -239,7 +240,7 @@ def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: 
 
 def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens):
     """Run the loss on validated [B,T]/[B,K,T] tensors and wrap a GatedKDOutput."""
-    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(s.dtype)
     s = s.to(dtype)
     u = u.detach().to(dtype)
     w = weights.detach().to(dtype)
@@ -280,7 +281,7 @@ def gated_kd_loss(
     confidence_threshold: float = 0.05,
     backend: str = "auto",
 ) -> GatedKDOutput:
-    """The SGSD gated self-distillation loss (DESIGN §3) from per-token log-probs.
+    """The SGSD gated self-distillation loss (docs/design.md §3) from per-token log-probs.
 
     Equivalent to (s [B,T], u [B,K,T], m [B,T], r [B], w [B,K])::
 
@@ -310,7 +311,7 @@ def gated_kd_loss(
     )
     tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
     backend = resolve_backend(backend, student_logprobs.device)
-    _check_gate_values(token_mask, backend)
+    _check_gate_values(token_mask)
     return _gated(
         student_logprobs,
         teacher_logprobs,
@@ -409,7 +410,7 @@ def linear_gated_kd_loss(
         teacher_hidden=teacher_hidden,
     )
     backend = resolve_backend(backend, student_hidden.device)
-    _check_gate_values(token_mask, backend)
+    _check_gate_values(token_mask)
     mask = token_mask.to(torch.bool) & (targets != ignore_index)
 
     if backend == "reference":
@@ -484,11 +485,7 @@ class GatedKDLoss(torch.nn.Module):
         self.gate_tau, self.clip_delta, self.confidence_threshold = _check_gate_hypers(
             gate_tau, clip_delta, confidence_threshold
         )
-        if backend not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(
-                f"backend must be one of ('auto', 'triton', 'torch', 'reference'), got {backend!r}"
-            )
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def _hypers(self) -> dict:
         return dict(

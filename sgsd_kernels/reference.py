@@ -1,6 +1,6 @@
 """Eager, materialising reference implementations of every public op.
 
-Written to read like DESIGN §3: every intermediate (full logits, full log-softmax, the
+Written to read like docs/design.md §3: every intermediate (full logits, full log-softmax, the
 per-token gaps) is a plain tensor. This is the baseline in benchmarks and, run in
 float64, the oracle in tests. Math is done in float32 (float64 when the inputs are
 float64); the memory cost is O(N·V) (O(K·N·V) for the gated loss from hidden states),
@@ -93,7 +93,7 @@ def gated_kd_ref(
     clip_delta: float = 3.0,
     confidence_threshold: float = 0.05,
 ) -> dict[str, torch.Tensor]:
-    """The SGSD gated loss, DESIGN §3, line by line.
+    """The SGSD gated loss, docs/design.md §3, line by line.
 
     Returns a dict with ``loss`` (differentiable w.r.t. ``student_logprobs`` only),
     ``support``, ``polarity``, ``row_loss`` ([B, K]) and ``clipped`` (count of masked-in

@@ -31,10 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
+from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.triton_backend import tl_compute_dtype
 from sgsd_kernels.runtime import interpreting, is_deterministic
 
 
-def _config(dtype: torch.dtype) -> dict:
+def _config() -> dict:
     if interpreting():
         # The interpreter runs each program in numpy: fewer, larger tiles are faster, and
         # tl.dot needs every dimension >= 16.
@@ -45,10 +47,6 @@ def _config(dtype: torch.dtype) -> dict:
 
 def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -233,12 +231,11 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     n1 = x1.shape[0]
     n = n1 + (0 if x2 is None else x2.shape[0])
     V, H = weight.shape
-    cfg = _config(x1.dtype)
+    cfg = _config()
     splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
     cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(V, cols_per_split)
-    acc = torch.float64 if x1.dtype == torch.float64 else torch.float32
-    f32 = dict(dtype=acc, device=x1.device)
+    f32 = dict(dtype=compute_dtype(x1.dtype), device=x1.device)
     part_m = torch.empty(splits, n, **f32)
     part_s = torch.empty(splits, n, **f32)
     part_t = torch.empty(splits, n, **f32)
@@ -267,31 +264,19 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
         TWO_STREAMS=x2 is not None,
         WITH_ENTROPY=with_entropy,
         UPCAST=_upcast(x1.dtype),
-        ACC=_acc(x1.dtype),
+        ACC=tl_compute_dtype(x1.dtype),
         **cfg,
     )
     return _combine(part_m, part_s, part_a, part_t, with_entropy)
 
 
-def _finish(picked, lse, entropy, targets, ignore_index, dtype):
-    valid = targets != ignore_index
-    zero = torch.zeros((), dtype=dtype, device=lse.device)
-    logprobs = torch.where(valid, picked.to(dtype), zero)
-    if entropy is not None:
-        entropy = torch.where(valid, entropy.to(dtype), zero)
-    return logprobs, entropy
-
-
-def forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype):
-    """-> (logprobs [N], entropy [N] or [0], lse [N]) like ``blockwise.forward``."""
-    safe_t = torch.where(targets == ignore_index, 0, targets)
+def forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+    """-> (logprobs [N], entropy [N] or None, lse [N]) like the torch backend's."""
+    valid, safe_t = safe_targets(targets, ignore_index)
     picked, lse, entropy = _launch_forward(
         hidden, None, weight, bias, safe_t, temperature, with_entropy
     )
-    logprobs, entropy = _finish(picked, lse, entropy, targets, ignore_index, dtype)
-    if entropy is None:
-        entropy = torch.empty(0, dtype=dtype, device=hidden.device)
-    return logprobs, entropy, lse.to(dtype)
+    return *zero_ignored(valid, picked, entropy), lse
 
 
 def forward_streams(
@@ -303,16 +288,13 @@ def forward_streams(
     teacher_targets,
     temperature,
     ignore_index,
-    dtype,
 ):
     """Student and teacher rows in one launch -> (logprobs [N+M], lse [N+M])."""
-    targets = torch.cat([student_targets, teacher_targets])
-    safe_t = torch.where(targets == ignore_index, 0, targets)
+    valid, safe_t = safe_targets(torch.cat([student_targets, teacher_targets]), ignore_index)
     picked, lse, _ = _launch_forward(
         student_hidden, teacher_hidden, weight, bias, safe_t, temperature, False
     )
-    logprobs, _ = _finish(picked, lse, None, targets, ignore_index, dtype)
-    return logprobs, lse.to(dtype)
+    return zero_ignored(valid, picked)[0], lse
 
 
 @triton.jit
@@ -539,24 +521,21 @@ def backward(
     entropy,
     temperature,
     ignore_index,
-    dtype,
     need_weight_grad,
 ):
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, 0)
-    # Fold the ignore mask and 1/T (∂z/∂logits) into the per-row scales.
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    g = torch.where(valid, grad_logprobs.to(acc), 0.0) * inv_t
-    with_entropy = grad_entropy is not None
-    ge = torch.where(valid, grad_entropy.to(acc), 0.0) * inv_t if with_entropy else g
+    valid, safe_t = safe_targets(targets, ignore_index)
+    acc = compute_dtype(hidden.dtype)
+    g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, acc)
+    with_entropy = ge is not None
+    ge = ge if with_entropy else g
     ent = entropy.to(acc) if with_entropy else g
     lse32 = lse.to(acc)
-    cfg = _config(hidden.dtype)
+    cfg = _config()
     upcast = _upcast(hidden.dtype)
-    consts = dict(UPCAST=upcast, ACC=_acc(hidden.dtype), **cfg)
+    consts = dict(UPCAST=upcast, ACC=tl_compute_dtype(hidden.dtype), **cfg)
     has_bias = bias is not None
     f32 = dict(dtype=acc, device=hidden.device)
     if not is_deterministic():
