@@ -1,5 +1,9 @@
 """Fused Triton kernels for log-probs from hidden states (the `triton` backend).
 
+Longer than ~450 lines on purpose: the layout keeps one file per op and backend, and this
+op's forward, its two backward strategies and the jit helpers they share (``_logits_tile``,
+``_grad_tile``) are one unit that is tuned together.
+
 Forward (``_fwd_kernel``): grid = (token blocks, vocab splits). Each program tiles
 z = h·Wᵀ for BLOCK_N tokens × BLOCK_V vocab columns with fp32 accumulation (loop over H
 in BLOCK_H steps), keeps an online (max, Σexp, Σexp·(z−max)) per row and picks the target
@@ -16,8 +20,9 @@ Backward, two strategies:
     dh += G·W and dW += Gᵀ·h with fp32 atomics (Cut-Cross-Entropy style): no workspace.
   * chunked (deterministic mode): a kernel writes G for a bounded chunk of rows into a
     [chunk, V] workspace, then two GEMMs give dh and dW — bit-reproducible.
-The default was chosen by design, not measured: this session had no GPU. The numbers
-that should decide it are produced by ``benchmarks/bench_gated_kd.py`` on CUDA.
+The fused path is the default because it needs no workspace and makes one pass; it has
+not been timed against the chunked path on a GPU, and ``benchmarks/bench_gated_kd.py`` on
+CUDA gives the numbers that would decide between them.
 
 Triton-interpreter note (Triton 3.9, ``TRITON_INTERPRET=1``): ``tl.dot`` on bf16 operands
 returns garbage, so the kernels upcast operands to fp32 before ``tl.dot`` under the
@@ -41,7 +46,7 @@ def _config() -> dict:
         # The interpreter runs each program in numpy: fewer, larger tiles are faster, and
         # tl.dot needs every dimension >= 16.
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
-    # Hopper-sized tiles (128×128 output, 64-deep K steps). Not autotuned yet.
+    # Hopper-sized tiles (64×128 output, 64-deep K steps); a fixed choice, not autotuned.
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
 
