@@ -27,51 +27,6 @@ __all__ = [
 ]
 
 
-def _check_finite(check_finite: bool, **tensors: torch.Tensor | None) -> None:
-    if not check.flag("check_finite", check_finite) or not check.value_checks_enabled():
-        return
-    for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-
-
-def _check_linear_inputs(
-    hidden, weight, targets, bias, temperature, ignore_index, hidden_name="hidden"
-):
-    check.tensor(hidden_name, hidden, kind="float")
-    check.tensor("weight", weight, kind="float")
-    check.tensor("targets", targets, kind="int")
-    if bias is not None:
-        check.tensor("bias", bias, kind="float")
-    check.same_device(**{hidden_name: hidden, "weight": weight, "targets": targets, "bias": bias})
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
-    V, H = weight.shape
-    if hidden.dim() < 1 or hidden.shape[-1] != H:
-        raise ValueError(
-            f"{hidden_name} must have shape [..., H] with H = weight.shape[1] = {H}, "
-            f"got {tuple(hidden.shape)}"
-        )
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"targets must have shape {hidden_name}.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(targets.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"weight dtype {weight.dtype} must match {hidden_name} dtype {hidden.dtype}"
-        )
-    if bias is not None:
-        check.shape("bias", bias, (V,), f"[V] = [{V}]")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
-    temperature = check.hyper("temperature", temperature, positive=True)
-    ignore_index = check.integer("ignore_index", ignore_index)
-    # The target range is checked where the values are read: in the reference below, and
-    # inside the custom ops (so that it also holds under torch.compile).
-    return temperature, ignore_index
-
-
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -107,11 +62,11 @@ def linear_logprobs(
     Returns:
         float32 [...] log-probs (float64 for float64 inputs), or (logprobs, entropy).
     """
-    temperature, ignore_index = _check_linear_inputs(
+    temperature, ignore_index = check.linear_inputs(
         hidden, weight, targets, bias, temperature, ignore_index
     )
     check.flag("return_entropy", return_entropy)
-    _check_finite(check_finite, hidden=hidden, weight=weight, bias=bias)
+    check.finite_inputs(check_finite, hidden=hidden, weight=weight, bias=bias)
     backend = resolve_backend(backend, hidden.device)
     lead = hidden.shape[:-1]
     if backend == "reference":
@@ -165,7 +120,7 @@ def logprobs_from_logits(
     temperature = check.hyper("temperature", temperature, positive=True)
     ignore_index = check.integer("ignore_index", ignore_index)
     check.flag("return_entropy", return_entropy)
-    _check_finite(check_finite, logits=logits)
+    check.finite_inputs(check_finite, logits=logits)
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         check.targets_in_range("targets", targets, logits.shape[-1], ignore_index)
@@ -187,42 +142,6 @@ def logprobs_from_logits(
     return lp.view(lead)
 
 
-def _check_gate_hypers(gate_tau, clip_delta, confidence_threshold):
-    return (
-        check.hyper("gate_tau", gate_tau, positive=True),
-        check.hyper("clip_delta", clip_delta, positive=True),
-        check.hyper("confidence_threshold", confidence_threshold, nonnegative=True),
-    )
-
-
-def _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
-    """Types and shapes of the [B,T] / [B] / [B,K] inputs; returns (B, T, K). Values are
-    checked by :func:`_check_gate_values` once devices are known to agree."""
-    check.tensor("token_mask", token_mask, kind="mask")
-    check.tensor("rewards", rewards, kind="real")
-    check.tensor("teacher_weights", teacher_weights, kind="float")
-    B, T = student_logprobs.shape[0], student_logprobs.shape[1]
-    check.shape("token_mask", token_mask, (B, T), f"[B, T] = [{B}, {T}]")
-    check.shape("rewards", rewards, (B,), f"[B] = [{B}]")
-    if teacher_weights.dim() != 2 or teacher_weights.shape[0] != B:
-        raise ValueError(
-            f"teacher_weights must have shape [B, K] = [{B}, K], got {tuple(teacher_weights.shape)}"
-        )
-    K = teacher_weights.shape[1]
-    if K == 0:
-        raise ValueError("teacher_weights has K = 0 teachers; K must be >= 1")
-    return B, T, K
-
-
-def _check_gate_values(token_mask):
-    """Eager-only value check of the mask; teacher weights are checked where they are
-    read (in the reference, and inside the custom op, so also under torch.compile)."""
-    if not check.value_checks_enabled():
-        return
-    if token_mask.dtype != torch.bool and bool(((token_mask != 0) & (token_mask != 1)).any()):
-        raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
-
-
 def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: int):
     return GatedKDOutput(
         loss=parts["loss"],
@@ -240,7 +159,7 @@ def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: 
 
 def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens):
     """Run the loss on validated [B,T]/[B,K,T] tensors and wrap a GatedKDOutput."""
-    dtype = compute_dtype(s.dtype)
+    dtype = compute_dtype(s)
     s = s.to(dtype)
     u = u.detach().to(dtype)
     w = weights.detach().to(dtype)
@@ -300,7 +219,7 @@ def gated_kd_loss(
         raise ValueError(
             f"student_logprobs must have shape [B, T], got {tuple(student_logprobs.shape)}"
         )
-    B, T, K = _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights)
+    B, T, K = check.gate_inputs(student_logprobs, token_mask, rewards, teacher_weights)
     check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
     check.same_device(
         student_logprobs=student_logprobs,
@@ -309,9 +228,9 @@ def gated_kd_loss(
         rewards=rewards,
         teacher_weights=teacher_weights,
     )
-    tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    tau, delta, eps = check.gate_hypers(gate_tau, clip_delta, confidence_threshold)
     backend = resolve_backend(backend, student_logprobs.device)
-    _check_gate_values(token_mask)
+    check.mask_values(token_mask)
     return _gated(
         student_logprobs,
         teacher_logprobs,
@@ -376,10 +295,10 @@ def linear_gated_kd_loss(
         )
     B, T, H = student_hidden.shape
     check.shape("targets", targets, (B, T), f"[B, T] = [{B}, {T}]")
-    temperature, ignore_index = _check_linear_inputs(
+    temperature, ignore_index = check.linear_inputs(
         student_hidden, weight, targets, bias, temperature, ignore_index, "student_hidden"
     )
-    _, _, K = _check_gate_inputs(student_hidden, token_mask, rewards, teacher_weights)
+    _, _, K = check.gate_inputs(student_hidden, token_mask, rewards, teacher_weights)
     if teacher_hidden is not None:
         check.tensor("teacher_hidden", teacher_hidden, kind="float")
         check.shape(
@@ -401,8 +320,8 @@ def linear_gated_kd_loss(
         teacher_hidden=teacher_hidden,
         teacher_logprobs=teacher_logprobs,
     )
-    tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
-    _check_finite(
+    tau, delta, eps = check.gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    check.finite_inputs(
         check_finite,
         student_hidden=student_hidden,
         weight=weight,
@@ -410,7 +329,7 @@ def linear_gated_kd_loss(
         teacher_hidden=teacher_hidden,
     )
     backend = resolve_backend(backend, student_hidden.device)
-    _check_gate_values(token_mask)
+    check.mask_values(token_mask)
     mask = token_mask.to(torch.bool) & (targets != ignore_index)
 
     if backend == "reference":
@@ -482,7 +401,7 @@ class GatedKDLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.gate_tau, self.clip_delta, self.confidence_threshold = _check_gate_hypers(
+        self.gate_tau, self.clip_delta, self.confidence_threshold = check.gate_hypers(
             gate_tau, clip_delta, confidence_threshold
         )
         self.backend = check_backend(backend)

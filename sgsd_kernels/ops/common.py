@@ -16,9 +16,12 @@ from types import ModuleType
 import torch
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise: accumulators and outputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any given tensor is float64, otherwise float32 (None is skipped): the
+    dtype of accumulators and outputs."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
 
 
 def safe_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,3 +73,17 @@ def empty_if_none(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
     """Custom ops cannot return None: an absent output (entropy not requested, no weight
     gradient) is returned as an empty tensor with ``like``'s dtype and device."""
     return like.new_empty(0) if value is None else value
+
+
+def fake_logprob_outputs(
+    rows: torch.Tensor, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shape-only outputs of a log-prob op over the N rows of ``rows`` (for
+    ``register_fake``): logprobs [N], entropy [N] (or [0] without entropy), lse [N]."""
+    N = rows.shape[0]
+    dt = compute_dtype(rows)
+    return (
+        rows.new_empty(N, dtype=dt),
+        rows.new_empty(N if with_entropy else 0, dtype=dt),
+        rows.new_empty(N, dtype=dt),
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels import validation as check
-from sgsd_kernels.ops.common import backend_module, compute_dtype, empty_if_none
+from sgsd_kernels.ops import common
 
 _OP = "linear_logprobs"
 
@@ -32,22 +32,16 @@ def linear_logprobs_op(
     """hidden [N,H], weight [V,H], bias [V] | None, targets [N] int64 ->
     (logprobs [N], entropy [N] (or [0] without entropy), lse [N]) in fp32 (fp64 for fp64)."""
     check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
-    kernels = backend_module(backend, _OP)
+    kernels = common.backend_module(backend, _OP)
     lp, ent, lse = kernels.forward(
         hidden, weight, bias, targets, temperature, ignore_index, with_entropy
     )
-    return lp, empty_if_none(ent, lp), lse
+    return lp, common.empty_if_none(ent, lp), lse
 
 
 @linear_logprobs_op.register_fake
 def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend):
-    N = hidden.shape[0]
-    dt = compute_dtype(hidden.dtype)
-    return (
-        hidden.new_empty(N, dtype=dt),
-        hidden.new_empty(N if with_entropy else 0, dtype=dt),
-        hidden.new_empty(N, dtype=dt),
-    )
+    return common.fake_logprob_outputs(hidden, with_entropy)
 
 
 @torch.library.custom_op("sgsd::linear_logprobs_backward", mutates_args=())
@@ -67,7 +61,7 @@ def linear_logprobs_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_hidden [N,H], grad_weight [V,H] (or [0] when not needed),
     grad_bias [V] (or [0] when bias is None or not needed))."""
-    kernels = backend_module(backend, _OP)
+    kernels = common.backend_module(backend, _OP)
     gh, gw, gb = kernels.backward(
         grad_logprobs,
         grad_entropy,
@@ -81,7 +75,7 @@ def linear_logprobs_backward_op(
         ignore_index,
         need_weight_grad,
     )
-    return gh, empty_if_none(gw, weight), empty_if_none(gb, weight)
+    return gh, common.empty_if_none(gw, weight), common.empty_if_none(gb, weight)
 
 
 @linear_logprobs_backward_op.register_fake
@@ -174,7 +168,7 @@ def linear_logprobs_streams_op(
     """
     check.targets_in_range("targets", student_targets, weight.shape[0], ignore_index)
     N = student_hidden.shape[0]
-    kernels = backend_module(backend, _OP)
+    kernels = common.backend_module(backend, _OP)
     lp, lse = kernels.forward_streams(
         student_hidden,
         teacher_hidden,
@@ -200,7 +194,7 @@ def _(
     ignore_index,
     backend,
 ):
-    dt = compute_dtype(student_hidden.dtype)
+    dt = common.compute_dtype(student_hidden)
     N, M = student_hidden.shape[0], teacher_hidden.shape[0]
     return (
         student_hidden.new_empty(N, dtype=dt),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels import validation as check
-from sgsd_kernels.ops.common import backend_module, compute_dtype, empty_if_none
+from sgsd_kernels.ops import common
 
 _OP = "logprobs_from_logits"
 
@@ -26,20 +26,14 @@ def logprobs_from_logits_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N,V], targets [N] int64 -> (logprobs [N], entropy [N] or [0], lse [N])."""
     check.targets_in_range("targets", targets, logits.shape[1], ignore_index)
-    kernels = backend_module(backend, _OP)
+    kernels = common.backend_module(backend, _OP)
     lp, ent, lse = kernels.forward(logits, targets, temperature, ignore_index, with_entropy)
-    return lp, empty_if_none(ent, lp), lse
+    return lp, common.empty_if_none(ent, lp), lse
 
 
 @logprobs_from_logits_op.register_fake
 def _(logits, targets, temperature, ignore_index, with_entropy, backend):
-    N = logits.shape[0]
-    dt = compute_dtype(logits.dtype)
-    return (
-        logits.new_empty(N, dtype=dt),
-        logits.new_empty(N if with_entropy else 0, dtype=dt),
-        logits.new_empty(N, dtype=dt),
-    )
+    return common.fake_logprob_outputs(logits, with_entropy)
 
 
 @torch.library.custom_op("sgsd::logprobs_from_logits_backward", mutates_args=())
@@ -54,7 +48,7 @@ def logprobs_from_logits_backward_op(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    kernels = backend_module(backend, _OP)
+    kernels = common.backend_module(backend, _OP)
     return kernels.backward(
         grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index
     )

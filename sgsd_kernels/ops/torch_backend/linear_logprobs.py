@@ -74,7 +74,7 @@ def forward(
     N, V = hidden.shape[0], weight.shape[0]
     device = hidden.device
     inv_t = 1.0 / temperature
-    dtype = compute_dtype(hidden.dtype)
+    dtype = compute_dtype(hidden)
     valid, safe_t = safe_targets(targets, ignore_index)
     lse = torch.empty(N, dtype=dtype, device=device)
     picked = torch.empty(N, dtype=dtype, device=device)  # z_target − max − log Σ, see below
@@ -186,7 +186,7 @@ def backward(
     V = weight.shape[0]
     device = hidden.device
     inv_t = 1.0 / temperature
-    dtype = compute_dtype(hidden.dtype)
+    dtype = compute_dtype(hidden)
     valid, safe_t = safe_targets(targets, ignore_index)
     g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
     grad_w = torch.zeros(V, H, dtype=dtype, device=device) if need_weight_grad else None

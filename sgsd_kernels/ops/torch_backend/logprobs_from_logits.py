@@ -24,7 +24,7 @@ def forward(
     N, V = logits.shape
     device = logits.device
     inv_t = 1.0 / temperature
-    dtype = compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits)
     valid, safe_t = safe_targets(targets, ignore_index)
     rows = max(1, min(N, (workspace or torch_backend.WORKSPACE_ELEMENTS) // max(V, 1)))
     lse = torch.empty(N, dtype=dtype, device=device)
@@ -62,7 +62,7 @@ def backward(
     """∂loss/∂logits [N, V] in the logits' dtype, written row chunk by row chunk."""
     N, V = logits.shape
     inv_t = 1.0 / temperature
-    dtype = compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits)
     valid, safe_t = safe_targets(targets, ignore_index)
     g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
     grad = torch.empty_like(logits)

@@ -10,7 +10,7 @@ import triton.language as tl
 from sgsd_kernels.ops.common import compute_dtype
 
 
-def tl_compute_dtype(dtype: torch.dtype):
+def tl_compute_dtype(*tensors: torch.Tensor | None):
     """The Triton twin of :func:`sgsd_kernels.ops.common.compute_dtype`: ``tl.float64``
-    for float64 inputs, ``tl.float32`` otherwise (the kernels' ``ACC`` constexpr)."""
-    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+    when a tensor is float64, ``tl.float32`` otherwise (the kernels' ``ACC`` constexpr)."""
+    return tl.float64 if compute_dtype(*tensors) == torch.float64 else tl.float32

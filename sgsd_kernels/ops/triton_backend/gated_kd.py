@@ -128,7 +128,7 @@ def forward(s, u, mask, rewards, weights, tau, delta, eps):
             delta,
             eps,
             _LOG2,
-            ACC=tl_compute_dtype(dt),
+            ACC=tl_compute_dtype(s),
             BLOCK_T=_block_t(T),
         )
     loss = term.sum() / max(B, 1)

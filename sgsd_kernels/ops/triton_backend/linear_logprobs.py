@@ -240,7 +240,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
     cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(V, cols_per_split)
-    f32 = dict(dtype=compute_dtype(x1.dtype), device=x1.device)
+    f32 = dict(dtype=compute_dtype(x1), device=x1.device)
     part_m = torch.empty(splits, n, **f32)
     part_s = torch.empty(splits, n, **f32)
     part_t = torch.empty(splits, n, **f32)
@@ -269,7 +269,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
         TWO_STREAMS=x2 is not None,
         WITH_ENTROPY=with_entropy,
         UPCAST=_upcast(x1.dtype),
-        ACC=tl_compute_dtype(x1.dtype),
+        ACC=tl_compute_dtype(x1),
         **cfg,
     )
     return _combine(part_m, part_s, part_a, part_t, with_entropy)
@@ -532,7 +532,7 @@ def backward(
     V = weight.shape[0]
     inv_t = 1.0 / temperature
     valid, safe_t = safe_targets(targets, ignore_index)
-    acc = compute_dtype(hidden.dtype)
+    acc = compute_dtype(hidden)
     g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, acc)
     with_entropy = ge is not None
     ge = ge if with_entropy else g
@@ -540,7 +540,7 @@ def backward(
     lse32 = lse.to(acc)
     cfg = _config()
     upcast = _upcast(hidden.dtype)
-    consts = dict(UPCAST=upcast, ACC=tl_compute_dtype(hidden.dtype), **cfg)
+    consts = dict(UPCAST=upcast, ACC=tl_compute_dtype(hidden), **cfg)
     has_bias = bias is not None
     f32 = dict(dtype=acc, device=hidden.device)
     if not is_deterministic():

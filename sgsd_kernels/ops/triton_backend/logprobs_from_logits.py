@@ -100,7 +100,7 @@ def _bwd_kernel(
 def forward(logits, targets, temperature, ignore_index, with_entropy):
     N, V = logits.shape
     valid, safe_t = safe_targets(targets, ignore_index)
-    lse = torch.empty(N, dtype=compute_dtype(logits.dtype), device=logits.device)
+    lse = torch.empty(N, dtype=compute_dtype(logits), device=logits.device)
     picked = torch.empty_like(lse)
     ent = torch.empty_like(lse) if with_entropy else lse
     if N:
@@ -114,7 +114,7 @@ def forward(logits, targets, temperature, ignore_index, with_entropy):
             logits.stride(0),
             1.0 / temperature,
             WITH_ENTROPY=with_entropy,
-            ACC=tl_compute_dtype(logits.dtype),
+            ACC=tl_compute_dtype(logits),
             BLOCK_V=_block_v(V),
         )
     return *zero_ignored(valid, picked, ent if with_entropy else None), lse
@@ -122,7 +122,7 @@ def forward(logits, targets, temperature, ignore_index, with_entropy):
 
 def backward(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
     N, V = logits.shape
-    acc_t = compute_dtype(logits.dtype)
+    acc_t = compute_dtype(logits)
     valid, safe_t = safe_targets(targets, ignore_index)
     # 1/T is applied in the kernel, after the entropy term.
     g, ge = row_scales(valid, grad_logprobs, grad_entropy, 1.0, acc_t)
@@ -145,7 +145,7 @@ def backward(grad_logprobs, grad_entropy, logits, targets, lse, entropy, tempera
             out.stride(0),
             1.0 / temperature,
             WITH_ENTROPY=with_entropy,
-            ACC=tl_compute_dtype(logits.dtype),
+            ACC=tl_compute_dtype(logits),
             BLOCK_V=block,
         )
     return out
