@@ -219,15 +219,11 @@ def gated_kd_loss(
         raise ValueError(
             f"student_logprobs must have shape [B, T], got {tuple(student_logprobs.shape)}"
         )
-    B, T, K = check.gate_inputs(student_logprobs, token_mask, rewards, teacher_weights)
-    check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
-    check.same_device(
-        student_logprobs=student_logprobs,
-        teacher_logprobs=teacher_logprobs,
-        token_mask=token_mask,
-        rewards=rewards,
-        teacher_weights=teacher_weights,
+    B, T, K = check.gate_inputs(
+        "student_logprobs", student_logprobs, token_mask, rewards, teacher_weights
     )
+    check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
+    check.same_device(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
     tau, delta, eps = check.gate_hypers(gate_tau, clip_delta, confidence_threshold)
     backend = resolve_backend(backend, student_logprobs.device)
     check.mask_values(token_mask)
@@ -298,7 +294,9 @@ def linear_gated_kd_loss(
     temperature, ignore_index = check.linear_inputs(
         student_hidden, weight, targets, bias, temperature, ignore_index, "student_hidden"
     )
-    _, _, K = check.gate_inputs(student_hidden, token_mask, rewards, teacher_weights)
+    _, _, K = check.gate_inputs(
+        "student_hidden", student_hidden, token_mask, rewards, teacher_weights
+    )
     if teacher_hidden is not None:
         check.tensor("teacher_hidden", teacher_hidden, kind="float")
         check.shape(
@@ -314,9 +312,6 @@ def linear_gated_kd_loss(
         check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
     check.same_device(
         student_hidden=student_hidden,
-        token_mask=token_mask,
-        rewards=rewards,
-        teacher_weights=teacher_weights,
         teacher_hidden=teacher_hidden,
         teacher_logprobs=teacher_logprobs,
     )

@@ -162,13 +162,14 @@ def gate_hypers(gate_tau, clip_delta, confidence_threshold):
     )
 
 
-def gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
-    """Types and shapes of the [B,T] / [B] / [B,K] inputs; returns (B, T, K). Values are
-    checked by :func:`mask_values` once devices are known to agree."""
+def gate_inputs(student_name, student, token_mask, rewards, teacher_weights):
+    """Types, shapes and devices of the [B,T] / [B] / [B,K] gate inputs, against the
+    student tensor ``student`` ([B, T, ...]) named ``student_name``; returns (B, T, K).
+    Mask values are checked by :func:`mask_values`."""
     tensor("token_mask", token_mask, kind="mask")
     tensor("rewards", rewards, kind="real")
     tensor("teacher_weights", teacher_weights, kind="float")
-    B, T = student_logprobs.shape[0], student_logprobs.shape[1]
+    B, T = student.shape[0], student.shape[1]
     shape("token_mask", token_mask, (B, T), f"[B, T] = [{B}, {T}]")
     shape("rewards", rewards, (B,), f"[B] = [{B}]")
     if teacher_weights.dim() != 2 or teacher_weights.shape[0] != B:
@@ -178,6 +179,8 @@ def gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
     K = teacher_weights.shape[1]
     if K == 0:
         raise ValueError("teacher_weights has K = 0 teachers; K must be >= 1")
+    devices = {"token_mask": token_mask, "rewards": rewards, "teacher_weights": teacher_weights}
+    same_device(**{student_name: student}, **devices)
     return B, T, K
 
 
