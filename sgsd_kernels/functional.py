@@ -27,6 +27,23 @@ __all__ = [
 ]
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> contiguous [N, D], the layout the custom ops take."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _flat_targets(targets: torch.Tensor) -> torch.Tensor:
+    """[...] integer ids -> contiguous int64 [N]."""
+    return targets.reshape(-1).long().contiguous()
+
+
+def _unflatten(lp, ent, lead, return_entropy):
+    """[N] op results back to the caller's leading shape."""
+    if return_entropy:
+        return lp.view(lead), ent.view(lead)
+    return lp.view(lead)
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -74,21 +91,12 @@ def linear_logprobs(
         return ref.linear_logprobs_ref(
             hidden, weight, targets, bias, temperature, ignore_index, return_entropy
         )
-    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    t1 = targets.reshape(-1).long().contiguous()
+    h2, t1 = _rows(hidden), _flat_targets(targets)
+    b = None if bias is None else bias.contiguous()
     lp, ent, _ = linear_logprobs_op(
-        h2,
-        weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        t1,
-        temperature,
-        ignore_index,
-        return_entropy,
-        backend,
+        h2, weight.contiguous(), b, t1, temperature, ignore_index, return_entropy, backend
     )
-    if return_entropy:
-        return lp.view(lead), ent.view(lead)
-    return lp.view(lead)
+    return _unflatten(lp, ent, lead, return_entropy)
 
 
 def logprobs_from_logits(
@@ -128,18 +136,9 @@ def logprobs_from_logits(
             logits, targets, temperature, ignore_index, return_entropy
         )
     lead = logits.shape[:-1]
-    z = logits.reshape(-1, logits.shape[-1]).contiguous()
-    lp, ent, _ = logprobs_from_logits_op(
-        z,
-        targets.reshape(-1).long().contiguous(),
-        temperature,
-        ignore_index,
-        return_entropy,
-        backend,
-    )
-    if return_entropy:
-        return lp.view(lead), ent.view(lead)
-    return lp.view(lead)
+    z, t1 = _rows(logits), _flat_targets(targets)
+    lp, ent, _ = logprobs_from_logits_op(z, t1, temperature, ignore_index, return_entropy, backend)
+    return _unflatten(lp, ent, lead, return_entropy)
 
 
 def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: int):
@@ -348,10 +347,10 @@ def linear_gated_kd_loss(
         )
         return _wrap(parts, teacher_weights.detach(), mask, B * T)
 
-    flat_t = targets.reshape(-1).long().contiguous()
+    flat_t = _flat_targets(targets)
     b_arg = None if bias is None else bias.contiguous()
     w_arg = weight.contiguous()
-    s_hidden = student_hidden.reshape(B * T, H).contiguous()
+    s_hidden = _rows(student_hidden)
     if teacher_hidden is not None:
         # One stream of (K+1)·B·T rows over W; teacher rows get no gradient.
         t_hidden = teacher_hidden.detach().reshape(B * K * T, H).contiguous()
