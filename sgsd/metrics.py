@@ -25,7 +25,7 @@ __all__ = [
 #: an average over present teachers (weight > 0).
 PER_ROLLOUT = frozenset({"mask_keep_frac"})
 #: Loss-metric keys that are not averages (the loss is logged from its own sum).
-NOT_AVERAGED = frozenset({"loss", "num_teachers"})
+NOT_AVERAGED = frozenset({"loss", "teacher_rows"})
 
 
 class MetricSums:
