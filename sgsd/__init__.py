@@ -3,8 +3,11 @@
 Kept deliberately light: importing ``sgsd`` imports nothing heavy (no torch,
 transformers, vLLM, math-verify). Import the submodules you need:
 
-* :mod:`sgsd.train`       -- the training loop: setup, ``train_step``, finish; the CLI entry
+* :mod:`sgsd.train`       -- the training loop: setup, ``train_step``, finish
+* :mod:`sgsd.cli`         -- the command line: validation before any heavy import, launcher
 * :mod:`sgsd.config`      -- ``TrainConfig``: every option, its default, validation, ``--help``
+* :mod:`sgsd.rundir`      -- one run per output directory: fresh / resume / overwrite, run id
+* :mod:`sgsd.console`     -- quiet console: known third-party noise filtered (``--verbose``)
 * :mod:`sgsd.distributed` -- rank layout from torchrun's environment, seeding
 * :mod:`sgsd.model`       -- the policy (+ LoRA): hidden states and LM head, FSDP2 sharding
 * :mod:`sgsd.rollout`     -- rollout engines: vLLM in process, or HF ``generate``

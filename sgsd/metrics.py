@@ -12,13 +12,20 @@ import torch.distributed as dist
 
 from sgsd.config import TrainConfig
 
-__all__ = ["MetricSums", "MetricsLogger", "format_line", "reduce_sums"]
+__all__ = [
+    "LOSS_METRIC_NAMES",
+    "MetricSums",
+    "MetricsLogger",
+    "format_line",
+    "reduce_sums",
+    "step_record",
+]
 
 #: Loss metrics that are fractions of a rollout's positions; every other loss metric is
 #: an average over present teachers (weight > 0).
 PER_ROLLOUT = frozenset({"mask_keep_frac"})
 #: Loss-metric keys that are not averages (the loss is logged from its own sum).
-NOT_AVERAGED = frozenset({"loss", "num_teachers"})
+NOT_AVERAGED = frozenset({"loss", "teacher_rows"})
 
 
 class MetricSums:
@@ -71,13 +78,67 @@ def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, t.tolist()))
 
 
+#: metrics.jsonl names of the loss metrics (sgsd_kernels' GatedKDOutput.metrics() keys);
+#: a key not listed keeps its own name. docs/metrics.md says what each counts.
+LOSS_METRIC_NAMES = {
+    "helpful_frac": "teacher_helpful_frac",
+    "harmful_frac": "teacher_harmful_frac",
+    "neutral_frac": "teacher_neutral_frac",
+    "clipped_frac": "gap_clipped_frac",
+    "mask_keep_frac": "token_kept_frac",
+    "mean_support": "teacher_support_mean",
+}
+
+
+def step_record(
+    step: int,
+    run_id: str,
+    sums: dict[str, float],
+    *,
+    grad_norm: float,
+    lr: float,
+    step_time: float,
+    rollout_time: float,
+    update_time: float,
+) -> dict:
+    """One metrics.jsonl record from the step's sums over all ranks (``loss``, ``reward``,
+    ``correct``, ``tokens`` and the :class:`MetricSums` keys). Every key is documented in
+    docs/metrics.md; a new key goes there too."""
+    n = sums["rollouts"]
+    record = {
+        "step": step,
+        "run_id": run_id,
+        "loss": sums["loss"] / n,
+        "reward_mean": sums["reward"] / n,
+        "correct_frac": sums["correct"] / n,
+        "rollouts": int(n),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "completion_tokens": int(sums["tokens"]),
+        "completion_tokens_per_rollout": sums["tokens"] / n,
+        "completion_tokens_per_s": sums["tokens"] / step_time,
+        "step_time_s": step_time,
+        "rollout_time_s": rollout_time,
+        "update_time_s": update_time,
+        "teachers_per_rollout": sums["teachers"] / n,
+    }
+    for key, value in MetricSums(sums).means().items():
+        record[LOSS_METRIC_NAMES.get(key, key)] = value
+    return record
+
+
 def format_line(r: dict) -> str:
+    help_harm = ""
+    if "teacher_helpful_frac" in r:
+        help_harm = (
+            f"help/harm/neut {r['teacher_helpful_frac']:.2f}/{r['teacher_harmful_frac']:.2f}/"
+            f"{r['teacher_neutral_frac']:.2f} | "
+        )
     return (
-        f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward']:+.3f} | "
-        f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
-        f"{r['neutral_frac']:.2f} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
-        f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
-        f"(gen {r['gen_time_s']:.2f}s, train {r['train_time_s']:.2f}s)"
+        f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward_mean']:+.3f} | "
+        f"{help_harm}gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
+        f"{r['completion_tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
+        f"(rollout {r['rollout_time_s']:.2f}s, update {r['update_time_s']:.2f}s)"
     )
 
 

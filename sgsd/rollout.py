@@ -202,6 +202,7 @@ class VLLMRolloutEngine(RolloutEngine):
             seed=cfg.seed + rank,
             enforce_eager=device.type != "cuda",
             enable_prefix_caching=True,
+            use_tqdm_on_load=cfg.verbose,  # a progress bar for a one-shard load is noise
         )
         self.max_model_len = max_model_len
         self._closed = False

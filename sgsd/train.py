@@ -3,11 +3,14 @@
     torchrun --nproc_per_node=1 sgsd/train.py --max-steps 3 --output-dir runs/demo
     torchrun --nproc_per_node=8 sgsd/train.py --model Qwen/Qwen3-1.7B \\
         --dataset BytedTsinghua-SIA/DAPO-Math-17k --output-dir runs/qwen3-1.7b-sgsd
-    python sgsd/train.py --resume latest --output-dir runs/demo     # continue a run
+    sgsd-train --nproc-per-node 2 --max-steps 3 --output-dir runs/demo   # the same
+    python -m sgsd.train --resume --output-dir runs/demo   # continue the newest checkpoint
 
-:func:`main` reads top to bottom: :func:`setup` builds a :class:`Trainer` (model, data,
-skill bank, loss strategy, optimizer, resume, rollout engine), :func:`train_step` takes one
-optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
+:func:`sgsd.cli.main` validates the options and plans the run directory before anything
+heavy is imported, then calls :func:`run`, which reads top to bottom: :func:`setup` builds
+a :class:`Trainer` (model, data, skill bank, loss strategy, optimizer, resume, rollout
+engine), the run starts (the first write into its directory), :func:`train_step` takes
+each optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
 
 1. the policy samples G completions for each of this rank's problems (vLLM colocated in
    this process, or HF generate), after its current weights are pushed into vLLM;
@@ -21,13 +24,19 @@ optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
 6. clip the gradient norm, optimizer and scheduler step; every ``skill_update_every``
    steps, the online skill-bank update (:mod:`sgsd.skill_update`);
 7. metrics over all ranks, the console line;
-8. (in :func:`main`) maybe checkpoint, stop on a signal.
+8. (in :func:`run`) maybe checkpoint, stop on a signal.
 
 Steps 2-5 live in :mod:`sgsd.scoring`, the loss itself in :mod:`sgsd.losses`, metrics in
 :mod:`sgsd.metrics`. Everything configurable lives in :class:`sgsd.config.TrainConfig`.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # python sgsd/train.py, python -m sgsd.train, torchrun --module
+    # Validate the options before the imports below (torch alone takes seconds).
+    from sgsd.cli import main as _cli_main
+
+    raise SystemExit(_cli_main())
 
 import logging
 import math
@@ -39,20 +48,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sgsd import prompts
-from sgsd.checkpoint import (
-    GracefulStop,
-    TrainerState,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from sgsd.config import TrainConfig, load_config, usage
+from sgsd import console, prompts
+from sgsd.checkpoint import GracefulStop, TrainerState, load_checkpoint, save_checkpoint
+from sgsd.config import TrainConfig
 from sgsd.distributed import Dist, seed_everything, setup_distributed
 from sgsd.losses import LossStrategy, build_loss
-from sgsd.metrics import MetricsLogger, MetricSums, format_line, reduce_sums
+from sgsd.metrics import MetricsLogger, format_line, reduce_sums, step_record
 from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
+from sgsd.rundir import RunPlan, start_run
 from sgsd.scoring import Rollout, forward_backward, make_rollouts
 from sgsd.skill_update import OnlineBankUpdater
 
@@ -65,6 +69,7 @@ __all__ = [
     "finish",
     "forward_backward",
     "main",
+    "run",
     "setup",
     "setup_distributed",
     "train_step",
@@ -126,11 +131,12 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: RolloutEngine
-    metrics_log: MetricsLogger
     state: TrainerState
     last_saved: int  # step of the newest checkpoint this run wrote or resumed from; -1: none
     bank_updater: OnlineBankUpdater  # online skill-bank update (rank 0 updates, all receive)
+    last_exported: bool = False  # whether that checkpoint holds the merged model/ export
     bar: object = None  # tqdm bar on rank 0, when enabled and stderr is a terminal
+    metrics_log: MetricsLogger | None = None  # built once the run has started (see run)
     out_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -172,19 +178,11 @@ def load_problem_set(cfg: TrainConfig, tokenizer, strategy: LossStrategy):
     return problems, prompt_ids
 
 
-def setup(cfg: TrainConfig, env: Dist) -> Trainer:
-    """Build the run; all ranks call it. The order matters where noted."""
+def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
+    """Build the run; all ranks call it. It writes nothing into the run directory (a
+    failed setup leaves it as it was). The order matters where noted."""
     from sgsd.skills import SkillBank
 
-    if cfg.problems_per_step % env.world_size:
-        raise ValueError(
-            f"problems_per_step={cfg.problems_per_step} must be divisible by the "
-            f"number of ranks ({env.world_size})"
-        )
-    out_dir = Path(cfg.output_dir)
-    if env.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.yaml")
     seed_everything(cfg.seed)
 
     # 1. model, data, skills, loss (rank 0 builds/fetches the weights once, then all load)
@@ -225,8 +223,8 @@ def setup(cfg: TrainConfig, env: Dist) -> Trainer:
     scheduler = build_scheduler(cfg, optimizer)
 
     # 3. resume: weights, optimizer, scheduler, RNG, data position, skill bank
-    state = TrainerState(world_size=env.world_size)
-    ckpt = find_checkpoint(cfg.resume, out_dir)
+    state = TrainerState(world_size=env.world_size, run_id=plan.run_id)
+    ckpt = plan.checkpoint
     if ckpt is not None:
         state, bank_state = load_checkpoint(
             ckpt,
@@ -236,14 +234,9 @@ def setup(cfg: TrainConfig, env: Dist) -> Trainer:
             rank=env.rank,
             world_size=env.world_size,
         )
+        state.run_id = plan.run_id
         bank = SkillBank.from_state_dict(bank_state)
-        log.info("resumed from %s at step %d", ckpt, state.step)
-    elif env.main and find_checkpoint("latest", out_dir) is not None:
-        log.warning(
-            "%s already holds checkpoints; this fresh run will overwrite and prune "
-            "them (use --resume latest to continue instead)",
-            out_dir,
-        )
+        log.info("resuming run %s from %s at step %d", plan.run_id, ckpt, state.step)
 
     # 4. rollout engine (weights are pushed before every generation, so also after resume)
     threads = torch.get_num_threads()
@@ -269,7 +262,7 @@ def setup(cfg: TrainConfig, env: Dist) -> Trainer:
             "different number of (collective) forwards on each rank"
         )
 
-    # 5. logging
+    # 5. progress bar (metrics files are opened in run(), once the run has started)
     bar = None
     if env.main and cfg.progress_bar and sys.stderr.isatty():
         from tqdm import tqdm
@@ -290,10 +283,9 @@ def setup(cfg: TrainConfig, env: Dist) -> Trainer:
         optimizer=optimizer,
         scheduler=scheduler,
         engine=engine,
-        metrics_log=MetricsLogger(cfg, env.main, state.step),
         state=state,
         last_saved=state.step if ckpt is not None else -1,
-        bank_updater=OnlineBankUpdater(cfg, out_dir, rank=env.rank),
+        bank_updater=OnlineBankUpdater(cfg, cfg.output_dir, rank=env.rank),
         bar=bar,
     )
 
@@ -346,36 +338,32 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
         step, rollouts, t.bank, t.engine, t.tokenizer, env.device
     )
 
-    # 7. metrics over all ranks (sums, divided once), console line
+    # 7. metrics over all ranks (sums, divided once), console line, samples
     local = {
         "loss": loss * len(rollouts),
         "reward": sum(r.reward for r in rollouts),
+        "correct": sum(r.reward > 0 for r in rollouts),
         "tokens": sum(len(r.completion_ids) for r in rollouts),
         **loss_sums.sums,
     }
     sums = reduce_sums(local, env.device)
-    step_time = time.perf_counter() - t0
-    record = {
-        "step": step,
-        "loss": sums["loss"] / sums["rollouts"],
-        "reward": sums["reward"] / sums["rollouts"],
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "tokens_per_s": sums["tokens"] / step_time,
-        "step_time_s": step_time,
-        "gen_time_s": t_gen,
-        "train_time_s": t_train,
-        "completion_tokens": int(sums["tokens"]),
-        "mean_completion_len": sums["tokens"] / sums["rollouts"],
-        **MetricSums(sums).means(),
-        "teachers_per_rollout": sums["teachers"] / sums["rollouts"],
-        **bank_metrics,
-    }
+    record = step_record(
+        step,
+        t.state.run_id,
+        sums,
+        grad_norm=grad_norm,
+        lr=lr,
+        step_time=time.perf_counter() - t0,
+        rollout_time=t_gen,
+        update_time=t_train,
+    )
+    record.update(bank_metrics)
     t.metrics_log.step(record)
+    sample = ""
+    if env.main and step % cfg.sample_every == 0:
+        sample = "\n" + t.metrics_log.samples(step, rollouts, t.tokenizer)
     if env.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-        line = format_line(record)
-        if step % cfg.sample_every == 0 or step == 1:
-            line += "\n" + t.metrics_log.samples(step, rollouts, t.tokenizer)
+        line = format_line(record) + sample
         if t.bar:
             t.bar.write(line)
         else:
@@ -385,8 +373,9 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
     return record, rollouts
 
 
-def save(t: Trainer) -> None:
-    """Checkpoint the current step (all ranks call it)."""
+def save(t: Trainer, *, export_model: bool) -> None:
+    """Checkpoint the current step (all ranks call it); ``export_model`` also writes the
+    standalone merged ``model/`` (the run's last checkpoint has one)."""
     save_checkpoint(
         t.out_dir,
         policy=t.policy,
@@ -397,37 +386,40 @@ def save(t: Trainer) -> None:
         config=t.cfg.to_dict(),
         rank=t.env.rank,
         keep=t.cfg.keep_checkpoints,
-        export_full=t.policy.is_peft or t.state.step >= t.cfg.max_steps,
+        tokenizer=t.tokenizer,
+        export_model=export_model,
     )
-    t.last_saved = t.state.step
+    t.last_saved, t.last_exported = t.state.step, export_model
 
 
 def finish(t: Trainer) -> None:
     """Release what setup acquired, on success or failure."""
     if t.bar:
         t.bar.close()
-    t.metrics_log.close()
+    if t.metrics_log is not None:
+        t.metrics_log.close()
     t.engine.close()  # vLLM's shutdown may also destroy the default process group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        return 0
-    cfg = load_config(argv)
+# ----------------------------------------------------------------------------- run
+def run(cfg: TrainConfig, plan: RunPlan) -> int:
+    """Train with validated options (:func:`sgsd.cli.main` validates and calls this)."""
     env = setup_distributed()
-    logging.basicConfig(
-        level=logging.INFO if env.main else logging.WARNING,
-        format=f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    t = setup(cfg, env)
+    console.configure_logging(env.rank, cfg.verbose)
+    t = setup(cfg, env, plan)
     stop = GracefulStop()
     try:
+        # The run has started: the first write into its directory, then the metrics files.
+        if env.main:
+            removed = start_run(plan, cfg)
+            if removed:
+                log.warning("removed from %s: %s", plan.out_dir, ", ".join(removed))
+        if dist.is_initialized():
+            dist.barrier()
+        t.metrics_log = MetricsLogger(cfg, env.main, t.state.step)
+        log.info("run %s: steps %d..%d", t.state.run_id, t.state.step + 1, cfg.max_steps)
         while t.state.step < cfg.max_steps:
             _record, rollouts = train_step(t)
             step = t.state.step
@@ -436,12 +428,12 @@ def main(argv: list[str] | None = None) -> int:
 
             # 8. checkpoint, stop on a signal (every rank agrees on the step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save(t)
+                save(t, export_model=step >= cfg.max_steps)
             if stop.should_stop(env.device if env.device.type == "cuda" else None):
                 log.warning("stopping at step %d on signal", step)
                 break
-        if t.last_saved != t.state.step:
-            save(t)
+        if t.last_saved != t.state.step or not t.last_exported:  # last one: with model/
+            save(t, export_model=True)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     finally:
@@ -451,5 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """The command line (:func:`sgsd.cli.main`): validate, then :func:`run`."""
+    from sgsd.cli import main as cli_main
+
+    return cli_main(argv)

@@ -10,12 +10,16 @@ from sgsd.metrics import MetricSums
 
 def test_teacher_and_rollout_weighted_means():
     sums = MetricSums()
-    sums.add({"helpful_frac": 1.0, "mask_keep_frac": 0.5, "loss": 9.0}, rollouts=2, teachers=6)
+    sums.add(
+        {"helpful_frac": 1.0, "mask_keep_frac": 0.5, "loss": 9.0, "teacher_rows": 6.0},
+        rollouts=2,
+        teachers=6,
+    )
     sums.add({"helpful_frac": 0.0, "mask_keep_frac": 1.0, "loss": 9.0}, rollouts=6, teachers=2)
     means = sums.means()
     assert means["helpful_frac"] == pytest.approx(6 / 8)  # by teachers: (1*6 + 0*2) / 8
     assert means["mask_keep_frac"] == pytest.approx((0.5 * 2 + 1.0 * 6) / 8)  # by rollouts
-    assert "loss" not in means and "num_teachers" not in means
+    assert "loss" not in means and "teacher_rows" not in means
     assert sums.teachers == 8 and sums.sums["rollouts"] == 8
 
 

@@ -86,12 +86,12 @@ def test_hook_with_the_tiny_model(tmp_path, hf_engine, args, fires):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("skill-update-every", "-1", "skill_update_every >= 0"),
-        ("skill-update-threshold", "1.5", "0 <= skill_update_threshold <= 1"),
-        ("skill-update-max-new", "-1", "skill_update_max_new >= 0"),
-        ("skill-online-capacity", "-2", "skill_online_capacity >= 0"),
-        ("skill-update-max-tokens", "0", "skill_update_max_tokens >= 1"),
-        ("teacher-style", "fancy", "teacher_style must be published|compact"),
+        ("skill-update-every", "-1", "--skill-update-every must be >= 0, got -1"),
+        ("skill-update-threshold", "1.5", r"--skill-update-threshold must be in \[0, 1\]"),
+        ("skill-update-max-new", "-1", "--skill-update-max-new must be >= 0"),
+        ("skill-online-capacity", "-2", "--skill-online-capacity must be >= 0"),
+        ("skill-update-max-tokens", "0", "--skill-update-max-tokens must be >= 1"),
+        ("teacher-style", "fancy", r"--teacher-style must be one of published\|compact"),
     ],
 )
 def test_config_fields(key, value, message):
