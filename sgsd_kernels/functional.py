@@ -15,7 +15,7 @@ from sgsd_kernels.ops.gated_kd import gated_kd_op
 from sgsd_kernels.ops.linear_logprobs import linear_logprobs_op, linear_logprobs_streams_op
 from sgsd_kernels.ops.logprobs_from_logits import logprobs_from_logits_op
 from sgsd_kernels.output import GatedKDOutput
-from sgsd_kernels.runtime import resolve_backend
+from sgsd_kernels.runtime import BACKENDS, resolve_backend
 
 __all__ = [
     "linear_logprobs",
@@ -99,7 +99,7 @@ def linear_logprobs(
         bias: optional [V] (differentiable).
         return_entropy: also return the (differentiable) entropy of the softmax; 0 at
             ignored positions.
-        backend: "auto" | "triton" | "torch" | "reference".
+        backend: "auto" | "triton" | "torch" | "native" | "reference".
         check_finite: raise ``ValueError`` on NaN/inf in ``hidden``/``weight``/``bias``
             (otherwise NaN propagates to the output; it is never hidden).
 
@@ -484,10 +484,8 @@ class GatedKDLoss(torch.nn.Module):
         self.gate_tau, self.clip_delta, self.confidence_threshold = _check_gate_hypers(
             gate_tau, clip_delta, confidence_threshold
         )
-        if backend not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(
-                f"backend must be one of ('auto', 'triton', 'torch', 'reference'), got {backend!r}"
-            )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
 
     def _hypers(self) -> dict:

@@ -124,6 +124,11 @@ def _register_ops(path: Path) -> None:
         torch.ops.load_library(str(path))
 
 
+def loaded() -> bool:
+    """True once the extension is loaded in this process."""
+    return _loaded
+
+
 def is_built() -> bool:
     """True when the extension is loaded or already compiled in the cache (no build)."""
     return _loaded or _library_path().exists()

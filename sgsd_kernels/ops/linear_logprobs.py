@@ -1,7 +1,8 @@
 """Log-probs (and entropy) of targets from hidden states and the LM-head weight, without
 materialising N×V logits: the ``sgsd::linear_logprobs`` custom op, its backward op and
 autograd formula. Dispatches to the blockwise torch kernels (``ops/blockwise.py``) or the
-fused Triton kernels (``ops/triton_linear_logprobs.py``).
+fused Triton kernels (``ops/triton_linear_logprobs.py``) or the native C++ CPU kernels
+(``ops/native_backend/linear_logprobs.py``).
 
 Registered with ``torch.library.custom_op`` so that ``torch.compile`` treats it as one
 opaque node with a fake (shape-only) implementation instead of tracing into the loops.
@@ -13,6 +14,7 @@ import torch
 
 from sgsd_kernels import validation as check
 from sgsd_kernels.ops import blockwise
+from sgsd_kernels.ops.native_backend import linear_logprobs as native_ll
 
 
 def _forward(
@@ -22,6 +24,10 @@ def _forward(
         from sgsd_kernels.ops import triton_linear_logprobs
 
         return triton_linear_logprobs.forward(
+            hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype
+        )
+    if backend == "native":
+        return native_ll.forward(
             hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype
         )
     return blockwise.forward(
@@ -107,7 +113,8 @@ def linear_logprobs_backward_op(
             need_weight_grad,
         )
     else:
-        gh, gw, gb = blockwise.backward(
+        impl = native_ll if backend == "native" else blockwise
+        gh, gw, gb = impl.backward(
             grad_logprobs,
             grad_entropy,
             hidden,
@@ -214,7 +221,8 @@ def linear_logprobs_streams_op(
     output has a gradient (teachers are constants in SGSD).
 
     Triton: one launch over N + M rows, so each token block streams W once for all
-    K+1 streams. Torch: two blockwise passes (the CPU GEMMs gain nothing from a joint pass).
+    K+1 streams. Native: one pass over N + M rows (each W block converted and cached once).
+    Torch: two blockwise passes (the CPU GEMMs gain nothing from a joint pass).
     """
     check.targets_in_range("targets", student_targets, weight.shape[0], ignore_index)
     dtype = _out_dtype(student_hidden)
@@ -234,6 +242,19 @@ def linear_logprobs_streams_op(
             dtype,
         )
         return lp[:N].clone(), lp[N:].clone(), lse[:N].clone()
+    if backend == "native":
+        lp, u_lp, lse = native_ll.forward_streams(
+            student_hidden,
+            teacher_hidden,
+            weight,
+            bias,
+            student_targets,
+            teacher_targets,
+            temperature,
+            ignore_index,
+            dtype,
+        )
+        return lp.clone(), u_lp.clone(), lse.clone()
     s_lp, _, s_lse = blockwise.forward(
         student_hidden, weight, bias, student_targets, temperature, ignore_index, False, dtype
     )
