@@ -288,3 +288,26 @@ def test_peak_memory_has_no_n_by_v_term():
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     assert big - small < logits_bytes(N_BIG - N_SMALL) / 8, f"{mib(small)} -> {mib(big)}"
     assert big < logits_bytes(N_BIG) / 2, f"native peak {mib(big)}"
+
+
+def test_wheel_carries_the_cpp_sources(tmp_path):
+    """An installed wheel must be able to build the extension: the sources are package
+    data. Built from a copy of the tree so that the checkout is not touched."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(root / name, src / name)
+    for pkg in ("sgsd_kernels", "sgsd"):
+        shutil.copytree(root / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*cmd, "-w", str(tmp_path), str(src)], check=True, timeout=600)
+    (wheel,) = tmp_path.glob("sgsd_kernels-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for source in native.SOURCES:
+        assert f"sgsd_kernels/csrc/{source}" in names, sorted(names)
+    assert "sgsd_kernels/native.py" in names
