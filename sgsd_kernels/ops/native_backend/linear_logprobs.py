@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from sgsd_kernels import native
+
+def _ops():
+    # Imported here, not at module level: `python -m sgsd_kernels.native` must not find the
+    # module already imported by the package (runpy warns about that).
+    from sgsd_kernels import native
+
+    return native.ops()
 
 
 def forward(
@@ -23,7 +29,7 @@ def forward(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs [N], entropy [N] or [0], lse [N]); 0 log-prob/entropy at ignored rows."""
-    lp, ent, lse = native.ops().linear_logprobs_forward(
+    lp, ent, lse = _ops().linear_logprobs_forward(
         hidden, weight, bias, targets, 1.0 / temperature, ignore_index, with_entropy
     )
     return lp.to(dtype), ent.to(dtype), lse.to(dtype)
@@ -44,7 +50,7 @@ def backward(
     need_weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dh [N,H] in hidden's dtype, dW [V,H] in weight's dtype or None, db or None)."""
-    gh, gw, gb = native.ops().linear_logprobs_backward(
+    gh, gw, gb = _ops().linear_logprobs_backward(
         grad_logprobs,
         grad_entropy,
         hidden,
