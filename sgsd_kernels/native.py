@@ -34,6 +34,7 @@ import torch
 NAME = "sgsd_native"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("linear_logprobs.cpp",)
+HEADERS = ("tiles.h",)  # part of the cache key
 CFLAGS = (
     "-O3",
     "-march=native",
@@ -81,7 +82,7 @@ def cache_root() -> Path:
 def build_dir() -> Path:
     """Where the extension for this machine, torch, compiler and source version lives."""
     h = hashlib.sha256()
-    for src in _sources():
+    for src in _sources() + [CSRC / name for name in HEADERS]:
         h.update(src.name.encode())
         h.update(src.read_bytes() if src.exists() else b"<missing>")
     for part in (torch.__version__, _compiler(), " ".join(CFLAGS), _cpu_flags(), sys.platform):
@@ -95,7 +96,7 @@ def _library_path() -> Path:
 
 def _missing_requirement() -> str | None:
     """What is missing to build, in words, or None."""
-    missing = [str(s) for s in _sources() if not s.exists()]
+    missing = [str(s) for s in _sources() + [CSRC / n for n in HEADERS] if not s.exists()]
     if missing:
         return f"the C++ sources are missing from the installed package: {', '.join(missing)}"
     cxx = _compiler()

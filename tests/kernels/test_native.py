@@ -308,6 +308,6 @@ def test_wheel_carries_the_cpp_sources(tmp_path):
     subprocess.run([*cmd, "-w", str(tmp_path), str(src)], check=True, timeout=600)
     (wheel,) = tmp_path.glob("sgsd_kernels-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in native.SOURCES:
+    for source in native.SOURCES + native.HEADERS:
         assert f"sgsd_kernels/csrc/{source}" in names, sorted(names)
     assert "sgsd_kernels/native.py" in names
