@@ -81,13 +81,19 @@ def cache_root() -> Path:
 
 def build_dir() -> Path:
     """Where the extension for this machine, torch, compiler and source version lives."""
+    return cache_root() / f"native-{_key()}"
+
+
+@functools.cache
+def _key() -> str:
+    # Cached: "auto" asks for it on every CPU call until the extension is loaded.
     h = hashlib.sha256()
     for src in _sources() + [CSRC / name for name in HEADERS]:
         h.update(src.name.encode())
         h.update(src.read_bytes() if src.exists() else b"<missing>")
     for part in (torch.__version__, _compiler(), " ".join(CFLAGS), _cpu_flags(), sys.platform):
         h.update(part.encode())
-    return cache_root() / f"native-{h.hexdigest()[:16]}"
+    return h.hexdigest()[:16]
 
 
 def _library_path() -> Path:
@@ -197,13 +203,6 @@ def ops():
     """``torch.ops.sgsd_native`` after building/loading the extension."""
     build()
     return torch.ops.sgsd_native
-
-
-def _reset_for_tests() -> None:
-    """Forget a recorded build failure (tests point the build at broken toolchains)."""
-    global _error
-    _error = None
-    ops.cache_clear()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu":
             from sgsd_kernels import native
 
-            if native.loaded() or native.load_if_built():
+            # Under torch.compile only the loaded flag is read (finding a built library
+            # means file I/O, which Dynamo cannot trace); the first eager call loads it.
+            if native.loaded() or (not torch.compiler.is_compiling() and native.load_if_built()):
                 return "native"
         return "torch"
     if backend == "native":

@@ -181,12 +181,13 @@ def test_sgsd_loss_stream_matches_torch_backend(dtype):
         torch.testing.assert_close(a.float(), c.float(), **tol)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["native", "auto"])
+def test_torch_compile_fullgraph(backend):
     h, w, b, t = _case(33, 24, 500, torch.float32, True)
 
     def f(h, w, b):
         lp, ent = sk.linear_logprobs(
-            h, w, t, bias=b, temperature=0.8, return_entropy=True, backend="native"
+            h, w, t, bias=b, temperature=0.8, return_entropy=True, backend=backend
         )
         return (lp * 2 + ent).sum()
 
