@@ -1,9 +1,13 @@
 """Build hook for sgsd-kernels.
 
-Metadata lives in pyproject.toml. This file exists for the optional native CPU
-extension in `csrc/` (DESIGN §5, "native" backend), which will be added here as an
-optional `Extension` whose build failure never breaks the install: the package falls
-back to the `torch` backend when the extension is absent. Nothing is compiled yet.
+Metadata lives in pyproject.toml. Nothing is compiled at install time: the native CPU
+kernels (docs/design.md §5, the "native" backend) ship as C++ sources inside the package
+(``sgsd_kernels/csrc/``, declared as package data) and are compiled on first use, or by
+``python -m sgsd_kernels.native build``, with ``torch.utils.cpp_extension`` and ninja
+into a per-user cache (``$SGSD_CACHE`` or ``~/.cache/sgsd_kernels``). So installing needs
+neither a compiler nor a torch inside pip's isolated build environment; without a
+compiler the package runs on the ``torch`` backend and ``backend="native"`` says what is
+missing.
 """
 
 from setuptools import setup

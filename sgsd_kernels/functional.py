@@ -72,7 +72,8 @@ def linear_logprobs(
         bias: optional [V] (differentiable).
         return_entropy: also return the (differentiable) entropy of the softmax; 0 at
             ignored positions.
-        backend: one of ``sgsd_kernels.BACKENDS`` ("auto" picks triton on CUDA, else torch).
+        backend: one of ``sgsd_kernels.runtime.BACKENDS`` ("auto": triton on CUDA; on CPU
+            native when it is built, else torch).
         check_finite: raise ``ValueError`` on NaN/inf in ``hidden``/``weight``/``bias``
             (otherwise NaN propagates to the output; it is never hidden).
 

@@ -1,8 +1,9 @@
 """Log-probs (and entropy) of targets from hidden states and the LM-head weight, without
 materialising N×V logits: the ``sgsd::linear_logprobs`` custom op, its backward op and
 autograd formula. Dispatches to the blockwise torch kernels
-(``ops/torch_backend/linear_logprobs.py``) or the fused Triton kernels
-(``ops/triton_backend/linear_logprobs.py``).
+(``ops/torch_backend/linear_logprobs.py``), the fused Triton kernels
+(``ops/triton_backend/linear_logprobs.py``) or the native C++ CPU kernels
+(``ops/native_backend/linear_logprobs.py``).
 
 Registered with ``torch.library.custom_op`` so that ``torch.compile`` treats it as one
 opaque node with a fake (shape-only) implementation instead of tracing into the loops.
@@ -164,7 +165,7 @@ def linear_logprobs_streams_op(
     output has a gradient (teachers are constants in SGSD).
 
     Triton: one launch over N + M rows, so each token block streams W once for all
-    K+1 streams. Torch: two blockwise passes.
+    K+1 streams; native: one pass over W for all rows; torch: two blockwise passes.
     """
     check.targets_in_range("targets", student_targets, weight.shape[0], ignore_index)
     N = student_hidden.shape[0]

@@ -1,0 +1,187 @@
+// Shared pieces of the native CPU kernels (linear_logprobs.cpp): the vectorisable exp,
+// the one-BLAS-thread guard, the tile plan, W-block conversion and the row epilogue
+// helpers. See linear_logprobs.cpp for the kernel design.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace sgsd_native {
+
+using at::Tensor;
+
+// exp(x) for float, vectorisable: Cephes-style range reduction x = n·ln2 + r, degree-6
+// polynomial on r, 2^n built in the exponent bits. Relative error ~2 ulp on
+// [-87.3, 88]; exactly 0 below -87.3 (all our arguments are z − max ≤ 0 or log p ≤ ~0).
+// NaN in → NaN out (the polynomial carries it).
+inline float exp_approx(float x) {
+  const bool underflow = x < -87.3f;
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.0f ? 88.0f : x;
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  return underflow ? 0.0f : y * pow2;
+}
+
+inline float exp_acc(float x) { return exp_approx(x); }
+inline double exp_acc(double x) { return std::exp(x); }
+
+// torch calls mkl_set_dynamic(false) (it keeps one OpenMP team alive across MKL and
+// non-MKL regions), so an MKL GEMM issued from inside our parallel region would try to
+// use every thread again: on the 2-core dev box that made each 256×256×256 tile ~20×
+// slower (1.8 → 41 ms). Each task therefore pins MKL to one thread for its own calls with
+// MKL_Set_Num_Threads_Local (thread-local; 0 restores the global setting). The symbol is
+// looked up at run time so that a torch built without MKL still loads this library; the
+// lower-case mkl_set_num_threads_local exported by libtorch_cpu is the Fortran entry
+// (argument by pointer) and must not be called with an int.
+class OneBlasThread {
+ public:
+  OneBlasThread() {
+    if (set_local_ != nullptr) previous_ = set_local_(1);
+  }
+  ~OneBlasThread() {
+    if (set_local_ != nullptr) set_local_(previous_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);
+  static SetLocal lookup() {
+    void* sym = dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local");
+    if (sym == nullptr) {
+      void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+      if (torch_cpu != nullptr) sym = dlsym(torch_cpu, "MKL_Set_Num_Threads_Local");
+    }
+    return reinterpret_cast<SetLocal>(sym);
+  }
+  static inline const SetLocal set_local_ = lookup();
+  int previous_ = 0;
+};
+
+struct Plan {
+  int64_t rows;    // rows per tile
+  int64_t vblock;  // vocabulary entries per tile
+  int64_t nvb;     // number of vocabulary blocks
+  int64_t tasks;   // parallel tasks (each owns a contiguous range of vocabulary blocks)
+};
+
+// Tile sizes from the single-thread tile-GEMM sweep on the dev box (fp32, MKL):
+// H=256: 256×256 tiles ~103 GFLOP/s for all three GEMMs (64-row tiles ~97);
+// H=1024: 256×128 ~100 GFLOP/s with the W block (128 KiB·H/256) still in the 1 MiB L2.
+inline Plan make_plan(int64_t N, int64_t V, int64_t H) {
+  Plan p;
+  p.vblock = std::min<int64_t>(V, H <= 512 ? 256 : 128);
+  p.rows = std::max<int64_t>(1, std::min<int64_t>(N, 256));
+  p.nvb = (V + p.vblock - 1) / p.vblock;
+  p.tasks = std::max<int64_t>(1, std::min<int64_t>(p.nvb, at::get_num_threads()));
+  return p;
+}
+
+inline int64_t block_begin(const Plan& p, int64_t task) { return task * p.nvb / p.tasks; }
+
+inline at::ScalarType compute_dtype(const Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_inputs(const Tensor& hidden, const Tensor& weight,
+                         const std::optional<Tensor>& bias, const Tensor& targets) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
+              "sgsd native kernels run on CPU tensors only");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "sgsd native: hidden must be [N, H] and weight [V, H], got ", hidden.sizes(),
+              " and ", weight.sizes());
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(),
+              "sgsd native: hidden and weight dtypes differ");
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()),
+              "sgsd native: hidden must be floating point");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0),
+              "sgsd native: targets must be [N]");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
+              "sgsd native: bias must be [V]");
+  TORCH_CHECK(weight.size(0) > 0 && weight.size(1) > 0, "sgsd native: V and H must be >= 1");
+}
+
+// W[v0:v0+nv] in the compute dtype: a view when W (made contiguous by the caller) already
+// is in that dtype, otherwise converted into the task's buffer by a plain loop. (at::copy_
+// from inside the parallel region took ~23 ms per 256×256 bf16 block on the loaded dev
+// box, 10× the block's GEMM; this loop is a few µs.)
+template <typename src_t>
+inline void convert(const src_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename acc_t>
+inline Tensor weight_block(const Tensor& weight, Tensor& buf, int64_t v0, int64_t nv) {
+  if (weight.scalar_type() == c10::CppTypeToScalarType<acc_t>::value)
+    return weight.narrow(0, v0, nv);
+  const int64_t H = weight.size(1);
+  Tensor w = buf.narrow(0, 0, nv);
+  float* dst = w.data_ptr<float>();
+  if (weight.scalar_type() == at::kBFloat16) {
+    convert(weight.const_data_ptr<c10::BFloat16>() + v0 * H, dst, nv * H);
+  } else if (weight.scalar_type() == at::kHalf) {
+    convert(weight.const_data_ptr<c10::Half>() + v0 * H, dst, nv * H);
+  } else {
+    TORCH_CHECK(false, "sgsd native: unsupported weight dtype ", weight.scalar_type());
+  }
+  return w;
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t* z, int64_t n, const acc_t* b, acc_t inv_t) {
+  if (b != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] = (z[j] + b[j]) * inv_t;
+  } else if (inv_t != acc_t(1)) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] *= inv_t;
+  }
+}
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* z, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
+  return m;
+}
+
+// Merge a partial (m2, s2, a2) into (m, s, a): s = Σexp(z − m), a = Σexp(z − m)·(z − m).
+template <typename acc_t>
+inline void merge(acc_t& m, acc_t& s, acc_t& a, acc_t m2, acc_t s2, acc_t a2) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (m2 == ninf) return;  // empty partial (or an all −inf block: contributes 0)
+  if (m == ninf) {
+    m = m2, s = s2, a = a2;
+    return;
+  }
+  const acc_t nm = std::max(m, m2);  // NaN in m2 is carried by s2/a2
+  const acc_t d1 = m - nm, d2 = m2 - nm;
+  const acc_t c1 = exp_acc(d1), c2 = exp_acc(d2);
+  a = c1 * (a + d1 * s) + c2 * (a2 + d2 * s2);
+  s = c1 * s + c2 * s2;
+  m = nm;
+}
+
+}  // namespace sgsd_native

@@ -1,0 +1,87 @@
+"""Native CPU linear log-prob kernels behind the same signatures as the torch backend's
+(``ops/torch_backend/linear_logprobs.py``), plus the student + K-teacher stream.
+
+The C++ side (``sgsd_kernels/csrc/linear_logprobs.cpp``) computes in fp32 for fp32/bf16/
+fp16 inputs and in fp64 for fp64 (``ops.common.compute_dtype``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sgsd_kernels.ops.common import compute_dtype
+
+
+def _ops():
+    # Imported here, not at module level: `python -m sgsd_kernels.native` must not find the
+    # module already imported by the package (runpy warns about that).
+    from sgsd_kernels import native
+
+    return native.ops()
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(logprobs [N], entropy [N] or None, lse [N]); 0 log-prob/entropy at ignored rows."""
+    lp, ent, lse = _ops().linear_logprobs_forward(
+        hidden, weight, bias, targets, 1.0 / temperature, ignore_index, with_entropy
+    )
+    dtype = compute_dtype(hidden)
+    return lp.to(dtype), ent.to(dtype) if with_entropy else None, lse.to(dtype)
+
+
+def backward(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    need_weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dh [N,H] in hidden's dtype, dW [V,H] in weight's dtype or None, db or None)."""
+    gh, gw, gb = _ops().linear_logprobs_backward(
+        grad_logprobs,
+        grad_entropy,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        1.0 / temperature,
+        ignore_index,
+        need_weight_grad,
+    )
+    gw = gw if need_weight_grad else None
+    gb = gb if need_weight_grad and bias is not None else None
+    return gh, gw, gb
+
+
+def forward_streams(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    student_targets: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student [N,H] and teacher [M,H] rows as ONE pass over W (each W block is converted
+    and kept in cache once for all N + M rows) -> (logprobs [N + M], lse [N + M])."""
+    rows = torch.cat([student_hidden, teacher_hidden.to(student_hidden.dtype)])
+    tgts = torch.cat([student_targets, teacher_targets])
+    lp, _, lse = forward(rows, weight, bias, tgts, temperature, ignore_index, False)
+    return lp, lse
