@@ -50,15 +50,18 @@ def test_static_unavailable_none_where_it_runs(name):
     assert providers.static_unavailable(name, "logprobs", False) is None
 
 
-def test_native_slot_reports_a_missing_backend():
-    from sgsd_kernels.runtime import BACKENDS
+def test_native_provider_builds_or_says_what_is_missing(monkeypatch):
+    from sgsd_kernels import native
 
-    if "native" in BACKENDS:
-        fn = providers.build_provider("native", "logprobs", "cpu")
-        assert callable(fn)
-    else:
-        with pytest.raises(providers.NotAvailable, match="no native backend"):
-            providers.build_provider("native", "logprobs", "cpu")
+    fn = providers.build_provider("native", "logprobs", "cpu")
+    assert callable(fn)
+
+    def no_compiler(verbose=False):
+        raise native.NativeUnavailable("no C++ compiler found (set CXX)")
+
+    monkeypatch.setattr(native, "build", no_compiler)
+    with pytest.raises(providers.NotAvailable, match="no C\\+\\+ compiler"):
+        providers.build_provider("native", "logprobs", "cpu")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
