@@ -85,6 +85,18 @@ class TrainConfig:
     distribution; independent of the sampling temperature)."""
     kernel_backend: str = "auto"
     """sgsd_kernels backend: auto, triton, torch, reference."""
+    local_support_top_k: int | None = None
+    """SGSD "Top-k local support" (docs/design.md §3.2; paper ablation: 100): the gate uses
+    the KL on the teacher's top-k tokens ∪ {y_t}. None: the full-vocabulary gap."""
+    divergence_beta: float = 0.0
+    """OPSD (``--loss opsd``): β of the divergence (0 = forward KL, published default)."""
+    divergence_temperature: float = 1.1
+    """OPSD: softmax temperature of student and teacher in the divergence (published 1.1)."""
+    divergence_clip: float | None = 0.05
+    """OPSD: per-vocabulary-element clip of the divergence terms (published 0.05)."""
+    student_skills: bool = False
+    """"+Skill" baselines (OPSD+Skill): the top-K retrieved skills (K = num_teachers) go
+    into the student prompt."""
 
     # ---- rollouts ----------------------------------------------------------------------
     rollout_backend: str = "auto"
@@ -177,7 +189,19 @@ class TrainConfig:
             f"got {self.attn_implementation!r}",
         )
         need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit >= 1")
-        need(self.loss in ("sgsd",), f"loss must be one of ('sgsd',), got {self.loss!r}")
+        need(self.loss in ("sgsd", "opsd"), f"loss must be sgsd|opsd, got {self.loss!r}")
+        need(
+            self.local_support_top_k is None or self.local_support_top_k >= 1,
+            "local_support_top_k >= 1 (or None)",
+        )
+        need(0.0 <= self.divergence_beta <= 1.0, "0 <= divergence_beta <= 1")
+        need(
+            math.isfinite(self.divergence_temperature) and self.divergence_temperature > 0,
+            "divergence_temperature must be finite and > 0",
+        )
+        need(
+            self.divergence_clip is None or self.divergence_clip > 0, "divergence_clip > 0 or None"
+        )
         need(self.num_teachers >= 1, "num_teachers (K) >= 1")
         for name in ("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr"):
             v = getattr(self, name)

@@ -51,6 +51,7 @@ from sgsd.config import TrainConfig, load_config, usage
 from sgsd.losses import LossStrategy, ScoredBatch, build_loss
 from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
+from sgsd.teacher_hidden import teacher_hidden_states
 
 log = logging.getLogger("sgsd.train")
 
@@ -190,7 +191,11 @@ def make_rollouts(
             teachers[id(problem)] = [
                 (
                     prompts.render_prompt_ids(
-                        tokenizer, messages, enable_thinking=cfg.enable_thinking
+                        tokenizer,
+                        messages,
+                        enable_thinking=getattr(
+                            strategy, "teacher_enable_thinking", cfg.enable_thinking
+                        ),
                     ),
                     w,
                 )
@@ -290,15 +295,22 @@ def rollout_loss(
         mask[b, : len(r.token_mask)] = torch.tensor(r.token_mask, dtype=torch.bool)
         for k, (_, w) in enumerate(r.teachers[:K]):
             weights[b, k] = w
+    needs_hidden = getattr(strategy, "needs_teacher_hidden", False)
     batch = ScoredBatch(
         targets=targets,
         token_mask=mask & valid,
         rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
         teacher_weights=weights,
-        teacher_logprobs=teacher_logprobs(
-            policy, rollouts, K, targets.shape[1], cfg, pad_id, device
-        ),
+        teacher_logprobs=None
+        if needs_hidden
+        else teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id, device),
+        valid=valid,
     )
+    if needs_hidden:  # OPSD / local support: the loss streams the teachers' full distributions
+        batch.teacher_hidden = teacher_hidden_states(
+            policy, rollouts, K, targets.shape[1], cfg.teacher_micro_batch_size, pad_id,
+            device, lambda: strategy.teacher_context(policy),
+        )  # fmt: skip
     hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
     weight, bias = policy.lm_head()
     return strategy.loss(hidden, weight, bias, batch)

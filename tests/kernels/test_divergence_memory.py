@@ -62,6 +62,7 @@ def _peak(workload, backend, n):
     return json.loads(out.stdout.strip().splitlines()[-1])["delta"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workload", ["divergence", "local_support"])
 def test_torch_path_allocates_nothing_proportional_to_n_times_v(workload):
     one_nv = N_BIG * V * 4  # one fp32 N×V tensor
