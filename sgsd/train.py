@@ -458,10 +458,15 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def format_line(r: dict) -> str:
+    gate = ""  # SGSD polarity fractions; losses without a gate (OPSD) have none
+    if "helpful_frac" in r:
+        gate = (
+            f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
+            f"{r['neutral_frac']:.2f} | "
+        )
     return (
         f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward']:+.3f} | "
-        f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
-        f"{r['neutral_frac']:.2f} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
+        f"{gate}gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
         f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
         f"(gen {r['gen_time_s']:.2f}s, train {r['train_time_s']:.2f}s)"
     )

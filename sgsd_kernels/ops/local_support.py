@@ -5,9 +5,8 @@ hidden states, W and b) and the support size; the gated epilogue on these small 
 tensors runs as plain PyTorch in :func:`sgsd_kernels.reference.local_support_gated_rows`.
 
 Rows with ``valid`` False (masked positions, absent teachers) are dropped before the
-kernels run and give 0. Dispatches to ``ops/torch_backend/local_support.py``; the Triton
-backend shares it (the student side is a (k + 1)-column gather-GEMM, the teacher side a
-top-k pass over V).
+kernels run and give 0. Every backend runs ``ops/torch_backend/local_support.py`` (the
+student side is a (k + 1)-column gather-GEMM, the teacher side a top-k pass over V).
 """
 
 from __future__ import annotations
@@ -18,10 +17,9 @@ from sgsd_kernels.ops.torch_backend import local_support as torch_kernels
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from sgsd_kernels.ops.triton_backend import local_support as triton_kernels
-
-        return triton_kernels
+    """Every backend runs the torch kernels: on CUDA they are a top-k pass of cuBLAS GEMMs
+    (bounded workspace) and one (k + 1)-column gather-GEMM, already far below the cost of
+    the full student pass they replace."""
     return torch_kernels
 
 

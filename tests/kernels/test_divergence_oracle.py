@@ -43,10 +43,13 @@ def _ids(c):
 
 @pytest.fixture
 def small_div_workspace(monkeypatch):
-    """Several row chunks and vocabulary blocks (two-pass forward, running top-k)."""
+    """Several row chunks and vocabulary blocks (two-pass forward, running top-k), and
+    several backward chunks on the Triton path."""
     from sgsd_kernels.ops.torch_backend import linear_divergence
+    from sgsd_kernels.ops.triton_backend import linear_divergence as triton_kernels
 
     monkeypatch.setattr(linear_divergence, "WORKSPACE_ELEMENTS", 4096)
+    monkeypatch.setattr(triton_kernels, "WORKSPACE_ELEMENTS", 20 * 1007)  # 20-row chunks
 
 
 def make_case(N, H, V, dtype, sep, with_bias, with_mask, seed=0):
