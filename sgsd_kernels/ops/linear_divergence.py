@@ -101,14 +101,14 @@ def linear_divergence_backward_op(
     """-> (grad student_hidden [N, H], grad weight [V, H] (or [0]), grad bias [V] (or [0]))
     in the inputs' dtypes."""
     dtype = _out_dtype(student_hidden)
-    gh = torch.zeros_like(student_hidden)
-    gw = torch.zeros_like(weight) if need_weight_grad else weight.new_empty(0)
-    gb = torch.zeros_like(bias) if need_weight_grad and bias is not None else weight.new_empty(0)
     idx = _rows(mask)
     hs, ht, g, st = student_hidden, teacher_hidden, grad, stats
     if idx is not None:
         if idx.numel() == 0:
-            return gh, gw, gb
+            gw = torch.zeros_like(weight) if need_weight_grad else weight.new_empty(0)
+            use_b = need_weight_grad and bias is not None
+            gb = torch.zeros_like(bias) if use_b else weight.new_empty(0)
+            return torch.zeros_like(student_hidden), gw, gb
         hs, ht = hs.index_select(0, idx), ht.index_select(0, idx)
         g, st = g.index_select(0, idx), st.index_select(1, idx)
     dh, dw, db = _kernels(backend).backward(
@@ -116,13 +116,12 @@ def linear_divergence_backward_op(
         temperature, clip, top_k, dtype, need_weight_grad,
     )  # fmt: skip
     if idx is None:
-        gh = dh.to(gh.dtype)
+        gh = dh.to(student_hidden.dtype)
     else:
+        gh = torch.zeros_like(student_hidden)
         gh[idx] = dh.to(gh.dtype)
-    if need_weight_grad:
-        gw = dw.to(weight.dtype)
-        if bias is not None:
-            gb = db.to(bias.dtype)
+    gw = dw.to(weight.dtype) if need_weight_grad else weight.new_empty(0)
+    gb = db.to(bias.dtype) if need_weight_grad and bias is not None else weight.new_empty(0)
     return gh, gw, gb
 
 

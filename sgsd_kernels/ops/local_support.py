@@ -101,11 +101,12 @@ def local_support_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad student_hidden, grad weight (or [0]), grad bias (or [0])), input dtypes."""
     dtype = _out_dtype(student_hidden)
-    gw = torch.zeros_like(weight) if need_weight_grad else weight.new_empty(0)
-    gb = torch.zeros_like(bias) if need_weight_grad and bias is not None else weight.new_empty(0)
     in_support = torch.isfinite(t_local)
     rows = in_support.any(-1).nonzero().squeeze(1)
     if rows.numel() == 0:
+        gw = torch.zeros_like(weight) if need_weight_grad else weight.new_empty(0)
+        use_b = need_weight_grad and bias is not None
+        gb = torch.zeros_like(bias) if use_b else weight.new_empty(0)
         return torch.zeros_like(student_hidden), gw, gb
     dh, dw, db = _kernels(backend).backward(
         grad_kl.index_select(0, rows),
@@ -120,10 +121,8 @@ def local_support_backward_op(
         dtype,
         need_weight_grad,
     )
-    if need_weight_grad:
-        gw = dw.to(weight.dtype)
-        if bias is not None:
-            gb = db.to(bias.dtype)
+    gw = dw.to(weight.dtype) if need_weight_grad else weight.new_empty(0)
+    gb = db.to(bias.dtype) if need_weight_grad and bias is not None else weight.new_empty(0)
     return dh.to(student_hidden.dtype), gw, gb
 
 
