@@ -89,8 +89,8 @@ class OPSDLoss(LossStrategy):
         present = (batch.teacher_weights[:, 0] > 0).sum()
         metrics = {
             "loss": float(loss.detach()),
-            "divergence": float(loss.detach()),
-            "num_teachers": float(present),
+            "divergence_mean": float(loss.detach()),  # per valid completion token
+            "teacher_rows": float(present),
         }
         return LossResult(loss, metrics, d.detach())
 

@@ -10,12 +10,13 @@ A step produces rollouts (student prompt + sampled completion + verifier reward)
 2. how the loss is computed from the student's last hidden states at the completion
    positions, the LM head, and the :class:`ScoredBatch` (``loss``).
 
-SGSD (DESIGN §3) is implemented here. The baselines plug into the same two methods:
-GRPO needs no teachers (``teachers`` returns ``[]``) and a loss on student log-probs with
-group-normalised advantages; OPSD's teacher context is the reference solution and its loss
-is the full-vocabulary divergence, which needs teacher *hidden states* rather than
-log-probs of the sampled tokens. Those land with their own issue; ``build_loss`` names
-the ones that exist.
+SGSD (docs/design.md §3) is the strategy implemented here; ``LOSSES`` names the ones that
+exist and ``build_loss`` picks one by ``TrainConfig.loss``. Other methods fit the same two
+methods: GRPO needs no teachers (``teachers`` returns ``[]``) and a loss on student
+log-probs with group-normalised advantages; OPSD's teacher context is the reference
+solution and its loss is the full-vocabulary divergence, which needs teacher *hidden
+states* rather than log-probs of the sampled tokens (the trainer's teacher scoring would
+grow that option).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def teacher_hidden_states(
     each of its teacher contexts (zeros for missing teachers and padding; their weight or
     mask is 0). ``context()`` wraps every teacher forward, e.g. disabling LoRA for a
     fixed base-weights teacher. Hidden states keep the model's dtype."""
-    from sgsd.train import gather_positions, sequences_batch
+    from sgsd.scoring import gather_positions, sequences_batch  # (scoring imports this module)
 
     jobs = [
         (b, k, ids)
