@@ -282,7 +282,7 @@ def linear_gated_kd_loss(
     stream of (K+1)·B·T rows through the forward kernel, and only the student rows
     enter the backward.
 
-    ``local_support_top_k=k`` (needs ``teacher_hidden``) runs DESIGN §3.2 instead: per
+    ``local_support_top_k=k`` (needs ``teacher_hidden``) runs docs/design.md §3.2 instead: per
     (b, k, t) both distributions are renormalised on the teacher's top-k ∪ {y_t}; Δ̃ drives
     S, σ, ρ and the gate is applied to the local KL (see :func:`_local_support_loss`).
     """
@@ -412,7 +412,7 @@ def _local_support_loss(
     student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden, bias,
     hypers, backend,
 ):  # fmt: skip
-    """DESIGN §3.2 on validated inputs: the ``sgsd::local_support`` op gives Δ̃, KL̃ and the
+    """docs/design.md §3.2 on validated inputs: the ``sgsd::local_support`` op gives Δ̃, KL̃ and the
     support size per (b, k, t) (only for masked-in positions), then the
     gated epilogue runs on those [B, K, T] tensors in plain PyTorch."""
     temperature, tau, delta, eps, ignore_index, top_k = hypers
@@ -515,7 +515,7 @@ class GatedKDLoss(torch.nn.Module):
         )
 
 
-# --- DESIGN §3.1: full-vocabulary divergence ---------------------------------------------
+# --- docs/design.md §3.1: full-vocabulary divergence -------------------------------------
 
 
 def _check_head(name, weight, V, H, dtype):
@@ -610,7 +610,7 @@ def linear_divergence(
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-token divergence D between the teacher's and the student's next-token
-    distributions over the whole vocabulary (DESIGN §3.1), without materialising logits.
+    distributions over the whole vocabulary (docs/design.md §3.1), without materialising logits.
 
     Equivalent to (the published OPSD ``generalized_jsd_loss`` per token)::
 

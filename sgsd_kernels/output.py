@@ -32,7 +32,7 @@ class GatedKDOutput:
     _kept_tokens: torch.Tensor | None = field(default=None, repr=False)
     _total_tokens: int = field(default=0, repr=False)
     _clipped: torch.Tensor | None = field(default=None, repr=False)
-    # Only with local_support_top_k (DESIGN §3.2): local KL and support size per (b, k, t).
+    # Only with local_support_top_k (docs/design.md §3.2): local KL and support size per (b, k, t).
     _local_divergence: torch.Tensor | None = field(default=None, repr=False)
     _local_size: torch.Tensor | None = field(default=None, repr=False)
     _token_mask: torch.Tensor | None = field(default=None, repr=False)
@@ -84,7 +84,7 @@ class GatedKDOutput:
         return out
 
     def _local_metrics(self) -> dict[str, float]:
-        """With local support (DESIGN §3.2): local_support_divergence and
+        """With local support (docs/design.md §3.2): local_support_divergence and
         local_support_size, the mean local KL and support size over masked-in tokens of
         present teachers (|Δ̃| drives clipped_frac in that mode)."""
         B, K, T = self._local_divergence.shape

@@ -191,11 +191,11 @@ def linear_gated_kd_ref(
     return out
 
 
-# --- DESIGN §3.1: full-vocabulary divergence (OPSD) ---------------------------------------
+# --- docs/design.md §3.1: full-vocabulary divergence (OPSD) ------------------------------
 
 
 def divergence_terms(student_logp, teacher_logp, beta):
-    """Per-element d_v of DESIGN §3.1 from log-probabilities over the last dimension.
+    """Per-element d_v of docs/design.md §3.1 from log-probabilities over the last dimension.
 
     β = 0 is the forward KL p_T(log p_T − log p_S), β = 1 the reverse KL
     p_S(log p_S − log p_T) and 0 < β < 1 the generalised JSD through the mixture
@@ -227,7 +227,7 @@ def linear_divergence_ref(
     teacher_top_k: int | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """D[...] of DESIGN §3.1 the way the published OPSD loss computes it: full student and
+    """D[...] of docs/design.md §3.1 the way the published OPSD loss computes it: full student and
     teacher logits [..., V] are materialised, divided by the temperature, optionally cut to
     the teacher's top-k columns (both renormalised there), turned into per-element
     divergences, clipped element-wise from above and summed over the vocabulary.
@@ -265,11 +265,11 @@ def linear_divergence_ref(
     return divergence
 
 
-# --- DESIGN §3.2: top-k local support ----------------------------------------------------
+# --- docs/design.md §3.2: top-k local support -------------------------------------------
 
 
 def local_support_terms_ref(student_logits, teacher_logits, targets, top_k):
-    """Renormalise both distributions on the teacher's top-k ∪ {y_t} (DESIGN §3.2).
+    """Renormalise both distributions on the teacher's top-k ∪ {y_t} (docs/design.md §3.2).
 
     ``student_logits``/``teacher_logits`` [..., V] (already divided by the temperature),
     ``targets`` [...] valid token ids. Returns (student local log-prob of y_t, teacher local
@@ -308,7 +308,7 @@ def local_support_gated_rows(
     clip_delta=3.0,
     confidence_threshold=0.05,
 ):
-    """DESIGN §3.2 on [B, K, T] terms: Δ̃ (constant) drives S, σ and ρ; the gate is applied
+    """docs/design.md §3.2 on [B, K, T] terms: Δ̃ (constant) drives S, σ and ρ; the gate is applied
     to the local KL, which carries the gradient. Same return dict as :func:`gated_kd_ref`."""
     dtype = local_kl.dtype
     m = token_mask.to(torch.bool).unsqueeze(1)
@@ -354,7 +354,7 @@ def linear_local_support_kd_ref(
     confidence_threshold: float = 0.05,
     ignore_index: int = -100,
 ) -> dict[str, torch.Tensor]:
-    """The "Top-k local support" SGSD loss (DESIGN §3.2) the way the published code runs
+    """The "Top-k local support" SGSD loss (docs/design.md §3.2) the way the published code runs
     it: one row per (rollout, teacher), full student and teacher logits [B, K, T, V]
     materialised, then :func:`local_support_terms_ref`. ``token_mask`` must already exclude
     ignored targets. Adds ``local_divergence`` and ``local_size`` [B, K, T] to the dict."""

@@ -1,4 +1,4 @@
-"""The ``sgsd::linear_divergence`` custom op (DESIGN §3.1): per-row divergence between
+"""The ``sgsd::linear_divergence`` custom op (docs/design.md §3.1): per-row divergence between
 the student's and the teacher's full-vocabulary distributions, straight from hidden
 states, with its backward op and autograd formula. Dispatches to the blockwise torch
 kernels (``ops/torch_backend/linear_divergence.py``) or the fused Triton kernels

@@ -1,4 +1,4 @@
-"""The ``sgsd::local_support`` custom op (DESIGN §3.2): per (rollout, teacher, position)
+"""The ``sgsd::local_support`` custom op (docs/design.md §3.2): per (rollout, teacher, position)
 row, the student's and teacher's distributions renormalised on the teacher's top-k ∪ {y_t},
 from hidden states. Returns Δ̃ (constant), the local KL (differentiable w.r.t. the student
 hidden states, W and b) and the support size; the gated epilogue on these small [B, K, T]

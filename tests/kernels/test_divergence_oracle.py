@@ -1,4 +1,4 @@
-"""``linear_divergence`` (DESIGN §3.1) on every backend against the float64 oracle, values
+"""``linear_divergence`` (docs/design.md §3.1) on every backend against the float64 oracle, values
 and gradients, under the §8 tolerance rule; and the reference against an independent
 per-element formulation of §3.1 and the published loss reduction.
 
@@ -147,7 +147,7 @@ def test_linear_divergence_matches_oracle(backend, dtype, shape, config, small_d
 
 
 def _per_element_oracle(zs, zt, beta, clip, top_k):
-    """DESIGN §3.1 written out with probabilities (no kl_div, no logsumexp of a stack)."""
+    """docs/design.md §3.1 written out with probabilities (no kl_div, no logsumexp of a stack)."""
     if top_k is not None:
         top = zt.topk(top_k, dim=-1).indices
         zs, zt = zs.gather(-1, top), zt.gather(-1, top)

@@ -1,5 +1,5 @@
 """The ``linear_divergence`` Triton kernels compile for sm_80 and sm_90 without a GPU
-(Triton's bundled ptxas, DESIGN §8) at the launch configuration the dispatcher picks on a
+(Triton's bundled ptxas, docs/design.md §8) at the launch configuration the dispatcher picks on a
 GPU, fit shared memory, and fp32 inputs run full-precision dots (no TF32 in the PTX).
 
 Compilation runs in a subprocess without ``TRITON_INTERPRET`` (the kernel conftest turns

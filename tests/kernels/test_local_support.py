@@ -1,4 +1,4 @@
-"""``linear_gated_kd_loss(..., local_support_top_k=k)`` (DESIGN §3.2) on every backend
+"""``linear_gated_kd_loss(..., local_support_top_k=k)`` (docs/design.md §3.2) on every backend
 against the float64 oracle (loss, support, polarity, row loss, metrics and gradients), and
 the reference against an independent per-token formulation written with Python sets."""
 
@@ -110,7 +110,7 @@ def test_local_support_matches_oracle(backend, dtype, shape, k, one_thread):
 
 
 def _loop_oracle(hs, w, th, targets, mask, rewards, tw, k, temperature, tau, delta, eps):
-    """DESIGN §3.2 token by token, with the support as a Python set."""
+    """docs/design.md §3.2 token by token, with the support as a Python set."""
     B, K, T = th.shape[:3]
     loss = 0.0
     support = torch.zeros(B, K, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Blockwise PyTorch kernels for the full-vocabulary divergence of DESIGN §3.1 (the
+"""Blockwise PyTorch kernels for the full-vocabulary divergence of docs/design.md §3.1 (the
 ``torch`` backend of ``linear_divergence``).
 
 Never allocates N×V: rows are processed in chunks and the vocabulary in blocks, and all
@@ -25,7 +25,7 @@ import torch
 
 # 2**21 fp32 elements = 8 MiB per scratch buffer (four of them, reused), i.e.
 # 64 rows at V = 32768. Sized for ~10x less peak memory than the materialising path at the
-# DESIGN §6 CPU shape (N=1024, V=32768, H=256) while keeping each logits GEMM 64+ rows tall.
+# docs/design.md §6 CPU shape (N=1024, V=32768, H=256) while keeping each logits GEMM 64+ rows tall.
 WORKSPACE_ELEMENTS = 1 << 21
 _MIN_ROWS = 16
 

@@ -1,4 +1,4 @@
-"""Blockwise PyTorch kernels for the top-k local support terms of DESIGN §3.2 (the
+"""Blockwise PyTorch kernels for the top-k local support terms of docs/design.md §3.2 (the
 ``torch`` backend of ``linear_gated_kd_loss(..., local_support_top_k=k)``).
 
 Per (rollout, teacher, position) row the support is the teacher's top-k tokens ∪ {y_t}.

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the full-vocabulary divergence of DESIGN §3.1 (the ``triton``
+"""Fused Triton kernels for the full-vocabulary divergence of docs/design.md §3.1 (the ``triton``
 backend of ``linear_divergence``).
 
 Forward (``_fwd_kernel``): one program per block of BLOCK_N rows streams both logit tiles
