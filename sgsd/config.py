@@ -126,6 +126,18 @@ class TrainConfig:
     kernel_backend: str = "auto"
     """sgsd_kernels backend (``sgsd_kernels.runtime.BACKENDS``): auto (triton on CUDA, else
     torch), triton, torch, reference."""
+    local_support_top_k: int | None = None
+    """SGSD "Top-k local support" (docs/design.md §3.2; paper ablation: 100): the gate uses
+    the KL on the teacher's top-k tokens ∪ {y_t}. None: the full-vocabulary gap."""
+    divergence_beta: float = 0.0
+    """OPSD (``--loss opsd``): β of the divergence (0 = forward KL, published default)."""
+    divergence_temperature: float = 1.1
+    """OPSD: softmax temperature of student and teacher in the divergence (published 1.1)."""
+    divergence_clip: float | None = 0.05
+    """OPSD: per-vocabulary-element clip of the divergence terms (published 0.05)."""
+    student_skills: bool = False
+    """"+Skill" baselines (OPSD+Skill): the top-K retrieved skills (K = num_teachers) go
+    into the student prompt."""
 
     # ---- rollouts ----------------------------------------------------------------------
     rollout_backend: str = "auto"
@@ -235,7 +247,19 @@ class TrainConfig:
             0.0 <= self.skill_update_threshold <= 1.0, "skill_update_threshold", "must be in [0, 1]"
         )
         at_least(1, "skill_update_max_tokens")
-        one_of("loss", ("sgsd",))
+        one_of("loss", ("sgsd", "opsd"))
+        need(
+            self.local_support_top_k is None or self.local_support_top_k >= 1,
+            "local_support_top_k",
+            "must be >= 1 (or none)",
+        )
+        need(0.0 <= self.divergence_beta <= 1.0, "divergence_beta", "must be in [0, 1]")
+        positive("divergence_temperature")
+        need(
+            self.divergence_clip is None or self.divergence_clip > 0,
+            "divergence_clip",
+            "must be > 0 (or none)",
+        )
         at_least(1, "num_teachers")
         positive("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr")
         need(

@@ -42,6 +42,11 @@ class ScoredBatch:
     rewards: torch.Tensor  # [B] float, +1 / -1
     teacher_weights: torch.Tensor  # [B, K] >= 0, 0 for missing teachers
     teacher_logprobs: torch.Tensor | None  # [B, K, T] constants (None if no teachers)
+    # For strategies with ``needs_teacher_hidden`` (sgsd.divergence_losses): [B, K, T, H]
+    # teacher hidden states instead of log-probs, and the completion-token mask without
+    # the format-token filter.
+    teacher_hidden: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # [B, T] bool
 
 
 @dataclass
@@ -124,4 +129,8 @@ LOSSES = {"sgsd": SGSDLoss}
 
 
 def build_loss(cfg: TrainConfig) -> LossStrategy:
+    if cfg.loss == "opsd" or cfg.local_support_top_k is not None:
+        from sgsd import divergence_losses
+
+        return divergence_losses.build(cfg)
     return LOSSES[cfg.loss](cfg)

@@ -21,6 +21,7 @@ from sgsd.config import TrainConfig
 from sgsd.losses import LossStrategy, ScoredBatch
 from sgsd.metrics import MetricSums
 from sgsd.model import Policy, is_fsdp
+from sgsd.teacher_hidden import teacher_hidden_states
 
 __all__ = [
     "Rollout",
@@ -99,7 +100,11 @@ def make_rollouts(
             teachers[id(problem)] = [
                 (
                     prompts.render_prompt_ids(
-                        tokenizer, messages, enable_thinking=cfg.teacher_thinking()
+                        tokenizer,
+                        messages,
+                        enable_thinking=getattr(
+                            strategy, "teacher_enable_thinking", cfg.teacher_thinking()
+                        ),
                     ),
                     w,
                 )
@@ -199,15 +204,22 @@ def rollout_loss(
         mask[b, : len(r.token_mask)] = torch.tensor(r.token_mask, dtype=torch.bool)
         for k, (_, w) in enumerate(r.teachers[:K]):
             weights[b, k] = w
+    needs_hidden = getattr(strategy, "needs_teacher_hidden", False)
     batch = ScoredBatch(
         targets=targets,
         token_mask=mask & valid,
         rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
         teacher_weights=weights,
-        teacher_logprobs=teacher_logprobs(
-            policy, rollouts, K, targets.shape[1], cfg, pad_id, device
-        ),
+        teacher_logprobs=None
+        if needs_hidden
+        else teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id, device),
+        valid=valid,
     )
+    if needs_hidden:  # OPSD / local support: the loss streams the teachers' full distributions
+        batch.teacher_hidden = teacher_hidden_states(
+            policy, rollouts, K, targets.shape[1], cfg.teacher_micro_batch_size, pad_id,
+            device, lambda: strategy.teacher_context(policy),
+        )  # fmt: skip
     hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
     weight, bias = policy.lm_head()
     present = int((weights > 0).sum())

@@ -11,6 +11,7 @@ See docs/design.md §4 for the API and ``sgsd_kernels.reference`` for the eager 
 from sgsd_kernels.functional import (
     GatedKDLoss,
     gated_kd_loss,
+    linear_divergence,
     linear_gated_kd_loss,
     linear_logprobs,
     logprobs_from_logits,
@@ -26,6 +27,7 @@ __all__ = [
     "GatedKDOutput",
     "deterministic",
     "gated_kd_loss",
+    "linear_divergence",
     "linear_gated_kd_loss",
     "linear_logprobs",
     "logprobs_from_logits",

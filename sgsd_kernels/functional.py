@@ -13,7 +13,9 @@ from sgsd_kernels import reference as ref
 from sgsd_kernels import validation as check
 from sgsd_kernels.ops.common import compute_dtype
 from sgsd_kernels.ops.gated_kd import gated_kd_op
+from sgsd_kernels.ops.linear_divergence import linear_divergence_op
 from sgsd_kernels.ops.linear_logprobs import linear_logprobs_op, linear_logprobs_streams_op
+from sgsd_kernels.ops.local_support import local_support_op
 from sgsd_kernels.ops.logprobs_from_logits import logprobs_from_logits_op
 from sgsd_kernels.output import GatedKDOutput
 from sgsd_kernels.runtime import check_backend, resolve_backend
@@ -24,6 +26,7 @@ __all__ = [
     "gated_kd_loss",
     "linear_gated_kd_loss",
     "GatedKDLoss",
+    "linear_divergence",
 ]
 
 
@@ -259,6 +262,7 @@ def linear_gated_kd_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     check_finite: bool = False,
+    local_support_top_k: int | None = None,
 ) -> GatedKDOutput:
     """The SGSD loss straight from hidden states: never materialises K×T×V logits.
 
@@ -278,11 +282,25 @@ def linear_gated_kd_loss(
     The student and the K teachers share ``weight``: on the Triton path they run as one
     stream of (K+1)·B·T rows through the forward kernel, and only the student rows
     enter the backward.
+
+    ``local_support_top_k=k`` (needs ``teacher_hidden``) runs docs/design.md §3.2 instead: per
+    (b, k, t) both distributions are renormalised on the teacher's top-k ∪ {y_t}; Δ̃ drives
+    S, σ, ρ and the gate is applied to the local KL (see :func:`_local_support_loss`).
     """
     if (teacher_hidden is None) == (teacher_logprobs is None):
         raise ValueError(
             "pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]"
         )
+    if local_support_top_k is not None:
+        local_support_top_k = check.integer("local_support_top_k", local_support_top_k)
+        if local_support_top_k < 1:
+            raise ValueError(f"local_support_top_k must be >= 1, got {local_support_top_k}")
+        if teacher_hidden is None:
+            raise ValueError(
+                "local_support_top_k needs teacher_hidden [B, K, T, H]: the local support is "
+                "the teacher's top-k tokens, which teacher_logprobs (sampled tokens only) "
+                "do not carry"
+            )
     check.tensor("student_hidden", student_hidden, kind="float")
     check.tensor("targets", targets, kind="int")
     if student_hidden.dim() != 3:
@@ -326,6 +344,17 @@ def linear_gated_kd_loss(
     backend = resolve_backend(backend, student_hidden.device)
     check.mask_values(token_mask)
     mask = token_mask.to(torch.bool) & (targets != ignore_index)
+    if local_support_top_k is not None:
+        hypers = (temperature, tau, delta, eps, ignore_index, local_support_top_k)
+        parts = _local_support_loss(
+            student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden,
+            bias, hypers, backend,
+        )  # fmt: skip
+        result = _wrap(parts, teacher_weights.detach(), mask, B * T)
+        result._local_divergence = parts["local_divergence"]
+        result._local_size = parts["local_size"]
+        result._token_mask = mask
+        return result
 
     if backend == "reference":
         check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
@@ -378,6 +407,54 @@ def linear_gated_kd_loss(
     result.student_logprobs = s.detach()
     result.teacher_logprobs = u.detach()
     return result
+
+
+def _local_support_loss(
+    student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden, bias,
+    hypers, backend,
+):  # fmt: skip
+    """docs/design.md §3.2 on validated inputs: the ``sgsd::local_support`` op gives Δ̃, KL̃ and the
+    support size per (b, k, t) (only for masked-in positions), then the
+    gated epilogue runs on those [B, K, T] tensors in plain PyTorch."""
+    temperature, tau, delta, eps, ignore_index, top_k = hypers
+    check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
+    if check.value_checks_enabled():
+        check.teacher_weights_valid(teacher_weights)
+    if backend == "reference":
+        return ref.linear_local_support_kd_ref(
+            student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden,
+            top_k, bias, temperature, tau, delta, eps, ignore_index,
+        )  # fmt: skip
+    B, T, H = student_hidden.shape
+    K = teacher_weights.shape[1]
+    device = student_hidden.device
+    safe = torch.where(targets != ignore_index, targets, torch.zeros_like(targets)).long()
+    student_row = (torch.arange(B, device=device)[:, None, None] * T).expand(B, K, T)
+    student_row = (student_row + torch.arange(T, device=device)).reshape(-1).contiguous()
+    # Support S is reported for absent teachers too (as in §3), so only the token mask
+    # decides which rows run.
+    valid = mask.unsqueeze(1).expand(B, K, T)
+    local_delta, local_kl, size, *_ = local_support_op(
+        student_hidden.reshape(B * T, H).contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        teacher_hidden.detach().reshape(B * K * T, H).contiguous(),
+        student_row,
+        safe.unsqueeze(1).expand(B, K, T).reshape(-1).contiguous(),
+        valid.reshape(-1).contiguous(),
+        top_k,
+        temperature,
+        backend,
+    )
+    local_kl = local_kl.view(B, K, T)
+    dtype = local_kl.dtype
+    parts = ref.local_support_gated_rows(
+        local_delta.view(B, K, T), local_kl, mask, rewards.to(dtype),
+        teacher_weights.detach().to(dtype), tau, delta, eps,
+    )  # fmt: skip
+    parts["local_divergence"] = local_kl.detach()
+    parts["local_size"] = size.view(B, K, T)
+    return parts
 
 
 class GatedKDLoss(torch.nn.Module):
@@ -437,3 +514,181 @@ class GatedKDLoss(torch.nn.Module):
             f"gate_tau={self.gate_tau}, clip_delta={self.clip_delta}, "
             f"confidence_threshold={self.confidence_threshold}, backend={self.backend!r}"
         )
+
+
+# --- docs/design.md §3.1: full-vocabulary divergence -------------------------------------
+
+
+def _check_head(name, weight, V, H, dtype):
+    check.tensor(name, weight, kind="float")
+    check.shape(name, weight, (V, H), f"[V, H] = [{V}, {H}]")
+    if weight.dtype != dtype:
+        raise TypeError(f"{name} dtype {weight.dtype} must match student_hidden dtype {dtype}")
+
+
+def _check_bias(name, bias, V, dtype):
+    if bias is None:
+        return
+    check.tensor(name, bias, kind="float")
+    check.shape(name, bias, (V,), f"[V] = [{V}]")
+    if bias.dtype != dtype:
+        raise TypeError(f"{name} dtype {bias.dtype} must match student_hidden dtype {dtype}")
+
+
+def _check_divergence_inputs(
+    student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask
+):
+    check.tensor("student_hidden", student_hidden, kind="float")
+    check.tensor("weight", weight, kind="float")
+    check.tensor("teacher_hidden", teacher_hidden, kind="float")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
+    V, H = weight.shape
+    dtype = student_hidden.dtype
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != H:
+        raise ValueError(
+            f"student_hidden must have shape [..., H] with H = weight.shape[1] = {H}, "
+            f"got {tuple(student_hidden.shape)}"
+        )
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(
+            f"teacher_hidden must have the shape of student_hidden "
+            f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}"
+        )
+    _check_head("weight", weight, V, H, dtype)
+    if teacher_hidden.dtype != dtype:
+        raise TypeError(
+            f"teacher_hidden dtype {teacher_hidden.dtype} must match student_hidden dtype {dtype}"
+        )
+    if teacher_weight is not None:
+        _check_head("teacher_weight", teacher_weight, V, H, dtype)
+    _check_bias("bias", bias, V, dtype)
+    _check_bias("teacher_bias", teacher_bias, V, dtype)
+    if mask is not None:
+        check.tensor("mask", mask, kind="mask")
+        lead = tuple(student_hidden.shape[:-1])
+        check.shape("mask", mask, lead, f"student_hidden.shape[:-1] = {list(lead)}")
+    check.same_device(
+        student_hidden=student_hidden,
+        weight=weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        bias=bias,
+        teacher_bias=teacher_bias,
+        mask=mask,
+    )
+    return V
+
+
+def _check_divergence_hypers(beta, temperature, elementwise_clip, teacher_top_k, V):
+    beta = check.hyper("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    temperature = check.hyper("temperature", temperature, positive=True)
+    if elementwise_clip is not None:
+        elementwise_clip = check.hyper("elementwise_clip", elementwise_clip, positive=True)
+    if teacher_top_k is not None:
+        teacher_top_k = check.integer("teacher_top_k", teacher_top_k)
+        if not 1 <= teacher_top_k <= V:
+            raise ValueError(f"teacher_top_k must be in [1, V] = [1, {V}], got {teacher_top_k}")
+    return beta, temperature, elementwise_clip, teacher_top_k
+
+
+def linear_divergence(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    *,
+    teacher_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    elementwise_clip: float | None = None,
+    teacher_top_k: int | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Per-token divergence D between the teacher's and the student's next-token
+    distributions over the whole vocabulary (docs/design.md §3.1), without materialising logits.
+
+    Equivalent to (the published OPSD ``generalized_jsd_loss`` per token)::
+
+        zs = (student_hidden @ weight.T + bias).float() / temperature
+        zt = (teacher_hidden @ teacher_weight.T + teacher_bias).float() / temperature
+        if teacher_top_k: top = zt.topk(teacher_top_k).indices; zs, zt = zs[top], zt[top]
+        a, c = zs.log_softmax(-1), zt.log_softmax(-1)
+        d = β=0: c.exp() * (c - a)         β=1: a.exp() * (a - c)
+            else: with log M = log(β c.exp() + (1 - β) a.exp()):
+                  β c.exp() (c - log M) + (1 - β) a.exp() (a - log M)
+        D = d.clamp(max=elementwise_clip).sum(-1);   D[~mask] = 0
+
+    Args:
+        student_hidden: [..., H] (differentiable); teacher_hidden: [..., H] (constant).
+        weight: [V, H] (differentiable). teacher_weight: [V, H] constant teacher head; None
+            uses ``weight`` (still constant on the teacher side).
+        bias / teacher_bias: optional [V]; with ``teacher_weight`` None the teacher uses
+            ``bias`` unless ``teacher_bias`` is given.
+        beta: in [0, 1]; 0 = forward KL (OPSD), 1 = reverse KL.
+        elementwise_clip: c > 0 caps every vocabulary element's term before the sum.
+        teacher_top_k: 1 ≤ k ≤ V restricts to the teacher's top-k tokens, both
+            distributions renormalised there.
+        mask: [...] bool; False gives 0 and no gradient.
+        backend: "auto" | "triton" | "torch" | "reference".
+
+    Returns:
+        D [...] float32 (float64 for float64 inputs). Gradients reach ``student_hidden``,
+        ``weight`` and ``bias`` through the student side only.
+    """
+    V = _check_divergence_inputs(
+        student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask
+    )
+    beta, temperature, clip, top_k = _check_divergence_hypers(
+        beta, temperature, elementwise_clip, teacher_top_k, V
+    )
+    check.finite_inputs(
+        check_finite,
+        student_hidden=student_hidden,
+        weight=weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        bias=bias,
+        teacher_bias=teacher_bias,
+    )
+    backend = resolve_backend(backend, student_hidden.device)
+    if mask is not None and mask.dtype != torch.bool and check.value_checks_enabled():
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask must hold only 0/1 (or be a bool tensor)")
+    if backend == "reference":
+        return ref.linear_divergence_ref(
+            student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias,
+            beta, temperature, clip, top_k, mask,
+        )  # fmt: skip
+    lead, H = student_hidden.shape[:-1], weight.shape[1]
+    if teacher_weight is None:
+        teacher_weight = weight
+        if teacher_bias is None:
+            teacher_bias = bias
+    if top_k == V:
+        top_k = None  # renormalising on the whole vocabulary changes nothing
+    flat_mask = (
+        torch.ones(lead.numel(), dtype=torch.bool, device=student_hidden.device)
+        if mask is None
+        else mask.reshape(-1).to(torch.bool).contiguous()
+    )
+    d, _ = linear_divergence_op(
+        student_hidden.reshape(-1, H).contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        teacher_hidden.detach().reshape(-1, H).contiguous(),
+        teacher_weight.detach().contiguous(),
+        None if teacher_bias is None else teacher_bias.detach().contiguous(),
+        flat_mask,
+        beta,
+        temperature,
+        clip,
+        top_k,
+        backend,
+    )
+    return d.view(lead)

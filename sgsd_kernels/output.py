@@ -32,6 +32,10 @@ class GatedKDOutput:
     _kept_tokens: torch.Tensor | None = field(default=None, repr=False)
     _total_tokens: int = field(default=0, repr=False)
     _clipped: torch.Tensor | None = field(default=None, repr=False)
+    # Only with local_support_top_k (docs/design.md §3.2): local KL and support size per (b, k, t).
+    _local_divergence: torch.Tensor | None = field(default=None, repr=False)
+    _local_size: torch.Tensor | None = field(default=None, repr=False)
+    _token_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def metrics(self) -> dict[str, float]:
         """Floats for logging (one device sync).
@@ -74,4 +78,20 @@ class GatedKDOutput:
             "mean_support",
             "teacher_rows",
         )
-        return dict(zip(names, stats))
+        out = dict(zip(names, stats))
+        if self._local_divergence is not None:
+            out.update(self._local_metrics())
+        return out
+
+    def _local_metrics(self) -> dict[str, float]:
+        """With local support (docs/design.md §3.2): local_support_divergence and
+        local_support_size, the mean local KL and support size over masked-in tokens of
+        present teachers (|Δ̃| drives clipped_frac in that mode)."""
+        B, K, T = self._local_divergence.shape
+        pairs = self._present.unsqueeze(-1) & self._token_mask.unsqueeze(1)
+        count = pairs.sum().clamp_min(1).to(torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=pairs.device)
+        div = torch.where(pairs, self._local_divergence.to(torch.float64), zero).sum() / count
+        size = torch.where(pairs, self._local_size.to(torch.float64), zero).sum() / count
+        div, size = torch.stack([div, size]).tolist()
+        return {"local_support_divergence": div, "local_support_size": size}

@@ -24,6 +24,10 @@ __all__ = [
     "linear_logprobs_ref",
     "gated_kd_ref",
     "linear_gated_kd_ref",
+    "linear_divergence_ref",
+    "local_support_terms_ref",
+    "local_support_gated_rows",
+    "linear_local_support_kd_ref",
 ]
 
 
@@ -184,4 +188,200 @@ def linear_gated_kd_ref(
     )
     out["student_logprobs"] = s_rows[:, 0].detach()
     out["teacher_logprobs"] = u.detach()
+    return out
+
+
+# --- docs/design.md §3.1: full-vocabulary divergence (OPSD) ------------------------------
+
+
+def divergence_terms(student_logp, teacher_logp, beta):
+    """Per-element d_v of docs/design.md §3.1 from log-probabilities over the last dimension.
+
+    β = 0 is the forward KL p_T(log p_T − log p_S), β = 1 the reverse KL
+    p_S(log p_S − log p_T) and 0 < β < 1 the generalised JSD through the mixture
+    M = β p_T + (1 − β) p_S (``F.kl_div(input, target, log_target=True)`` computes
+    p_target · (log p_target − input)).
+    """
+    if beta == 0.0:
+        return F.kl_div(student_logp, teacher_logp, reduction="none", log_target=True)
+    if beta == 1.0:
+        return F.kl_div(teacher_logp, student_logp, reduction="none", log_target=True)
+    mixture = torch.logsumexp(
+        torch.stack([teacher_logp + math.log(beta), student_logp + math.log1p(-beta)]), dim=0
+    )
+    to_teacher = F.kl_div(mixture, teacher_logp, reduction="none", log_target=True)
+    to_student = F.kl_div(mixture, student_logp, reduction="none", log_target=True)
+    return beta * to_teacher + (1.0 - beta) * to_student
+
+
+def linear_divergence_ref(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    elementwise_clip: float | None = None,
+    teacher_top_k: int | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """D[...] of docs/design.md §3.1 the way the published OPSD loss computes it: full student and
+    teacher logits [..., V] are materialised, divided by the temperature, optionally cut to
+    the teacher's top-k columns (both renormalised there), turned into per-element
+    divergences, clipped element-wise from above and summed over the vocabulary.
+
+    The teacher head is (``teacher_weight``, ``teacher_bias``); with ``teacher_weight``
+    None it is the student head (``weight`` and, unless ``teacher_bias`` is given,
+    ``bias``). The teacher side is a constant. ``mask`` False gives 0 and no gradient.
+    """
+    dtype = compute_dtype(student_hidden, weight, teacher_hidden, teacher_weight)
+    t_weight = weight if teacher_weight is None else teacher_weight
+    if teacher_bias is None and teacher_weight is None:
+        teacher_bias = bias
+    student_logits = student_hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        student_logits = student_logits + bias.to(dtype)
+    with torch.no_grad():
+        teacher_logits = teacher_hidden.detach().to(dtype) @ t_weight.detach().to(dtype).T
+        if teacher_bias is not None:
+            teacher_logits = teacher_logits + teacher_bias.detach().to(dtype)
+    student_logits = student_logits / temperature
+    teacher_logits = teacher_logits / temperature
+    if teacher_top_k is not None:
+        top = torch.topk(teacher_logits, k=teacher_top_k, dim=-1).indices
+        student_logits = student_logits.gather(-1, top)
+        teacher_logits = teacher_logits.gather(-1, top)
+    per_element = divergence_terms(
+        torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1), beta
+    )
+    if elementwise_clip is not None:
+        per_element = per_element.clamp(max=elementwise_clip)
+    divergence = per_element.sum(-1)
+    if mask is not None:
+        zero = torch.zeros((), dtype=dtype, device=divergence.device)
+        divergence = torch.where(mask.to(torch.bool), divergence, zero)
+    return divergence
+
+
+# --- docs/design.md §3.2: top-k local support -------------------------------------------
+
+
+def local_support_terms_ref(student_logits, teacher_logits, targets, top_k):
+    """Renormalise both distributions on the teacher's top-k ∪ {y_t} (docs/design.md §3.2).
+
+    ``student_logits``/``teacher_logits`` [..., V] (already divided by the temperature),
+    ``targets`` [...] valid token ids. Returns (student local log-prob of y_t, teacher local
+    log-prob of y_t, local KL Σ p̃_T (log p̃_T − log p̃_S) with the teacher constant, support
+    size k or k + 1). The support is k teacher columns plus y_t, whose extra slot is
+    switched off when y_t is already among the k.
+    """
+    k = min(int(top_k), teacher_logits.shape[-1])
+    top = torch.topk(teacher_logits, k=k, dim=-1).indices
+    sampled = targets.unsqueeze(-1)
+    extra_slot = ~(top == sampled).any(-1, keepdim=True)
+    columns = torch.cat([top, sampled], dim=-1)
+    in_support = torch.cat([torch.ones_like(top, dtype=torch.bool), extra_slot], dim=-1)
+    s_local = torch.log_softmax(
+        student_logits.gather(-1, columns).masked_fill(~in_support, float("-inf")), dim=-1
+    )
+    t_local = torch.log_softmax(
+        teacher_logits.detach().gather(-1, columns).masked_fill(~in_support, float("-inf")),
+        dim=-1,
+    )
+    is_sampled = in_support & (columns == sampled)
+    zero = torch.zeros((), dtype=s_local.dtype, device=s_local.device)
+    s_y = torch.where(is_sampled, s_local, zero).sum(-1)
+    t_y = torch.where(is_sampled, t_local, zero).sum(-1)
+    local_kl = torch.where(in_support, t_local.exp() * (t_local - s_local), zero).sum(-1)
+    return s_y, t_y, local_kl, in_support.sum(-1).to(s_local.dtype)
+
+
+def local_support_gated_rows(
+    local_delta,
+    local_kl,
+    token_mask,
+    rewards,
+    teacher_weights,
+    gate_tau=1.0,
+    clip_delta=3.0,
+    confidence_threshold=0.05,
+):
+    """docs/design.md §3.2 on [B, K, T] terms: Δ̃ (constant) drives S, σ and ρ; the gate is applied
+    to the local KL, which carries the gradient. Same return dict as :func:`gated_kd_ref`."""
+    dtype = local_kl.dtype
+    m = token_mask.to(torch.bool).unsqueeze(1)
+    w = teacher_weights.detach().to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=local_kl.device)
+    n = token_mask.to(dtype).sum(-1).clamp_min(1.0).unsqueeze(1)
+    with torch.no_grad():
+        delta = torch.where(m, local_delta.detach().to(dtype), zero)
+        support = delta.clamp(-clip_delta, clip_delta).sum(-1) / n
+        sigma = torch.where(
+            support.abs() > confidence_threshold, torch.sign(support), torch.zeros_like(support)
+        )
+        outcome = torch.where(rewards > 0, 1.0, -1.0).to(dtype).unsqueeze(1)
+        polarity = outcome * sigma
+        present = (w > 0).unsqueeze(-1)
+        clipped = ((delta.abs() > clip_delta) & m & present).sum().to(dtype)
+    per_token = torch.where(m, gate(torch.where(m, local_kl, zero), gate_tau), zero)
+    row_loss = per_token.sum(-1) / n
+    term = torch.where(w > 0, w * polarity * row_loss, zero)
+    loss = term.sum() / max(local_kl.shape[0], 1)
+    return {
+        "loss": loss,
+        "support": support,
+        "polarity": polarity,
+        "row_loss": row_loss.detach(),
+        "clipped": clipped,
+    }
+
+
+def linear_local_support_kd_ref(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    local_support_top_k: int,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    gate_tau: float = 1.0,
+    clip_delta: float = 3.0,
+    confidence_threshold: float = 0.05,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """The "Top-k local support" SGSD loss (docs/design.md §3.2) the way the published code runs
+    it: one row per (rollout, teacher), full student and teacher logits [B, K, T, V]
+    materialised, then :func:`local_support_terms_ref`. ``token_mask`` must already exclude
+    ignored targets. Adds ``local_divergence`` and ``local_size`` [B, K, T] to the dict."""
+    B, T, H = student_hidden.shape
+    K = teacher_weights.shape[1]
+    dtype = compute_dtype(student_hidden, weight, teacher_hidden, bias)
+    safe = torch.where(targets != ignore_index, targets, torch.zeros_like(targets)).long()
+    row_targets = safe.unsqueeze(1).expand(B, K, T)
+    student_logits = student_hidden.to(dtype).unsqueeze(1).expand(B, K, T, H) @ weight.to(dtype).T
+    with torch.no_grad():
+        teacher_logits = teacher_hidden.detach().to(dtype) @ weight.detach().to(dtype).T
+    if bias is not None:
+        student_logits = student_logits + bias.to(dtype)
+        teacher_logits = teacher_logits + bias.detach().to(dtype)
+    s_y, t_y, local_kl, size = local_support_terms_ref(
+        student_logits / temperature, teacher_logits / temperature, row_targets, local_support_top_k
+    )
+    out = local_support_gated_rows(
+        (t_y - s_y).detach(),
+        local_kl,
+        token_mask,
+        rewards,
+        teacher_weights,
+        gate_tau,
+        clip_delta,
+        confidence_threshold,
+    )
+    out["local_divergence"] = local_kl.detach()
+    out["local_size"] = size
     return out

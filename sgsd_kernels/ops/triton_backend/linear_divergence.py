@@ -1,0 +1,249 @@
+"""Fused Triton kernels for the full-vocabulary divergence of docs/design.md §3.1 (the ``triton``
+backend of ``linear_divergence``).
+
+Forward (``_fwd_kernel``): one program per block of BLOCK_N rows streams both logit tiles
+z_S = h_S·Wᵀ and z_T = h_T·W_Tᵀ over the vocabulary (fp32 accumulation, loop over H in
+BLOCK_H steps). Pass 1 keeps an online logsumexp for both; pass 2 recomputes the tiles and
+accumulates D = Σ_v min(c, d_v) and Σ_v e_v (e = ∂d/∂log p_S, see the torch backend's
+docstring for the formulas). Nothing of size N×V is allocated.
+
+Backward: ``_grad_kernel`` recomputes both tiles for a bounded chunk of rows and writes the
+student logit gradient g·(e − p_S·Σe)/T into a [chunk, V] workspace; two GEMMs give dh and
+dW (deterministic, no atomics). The chunk holds at most ``WORKSPACE_ELEMENTS`` fp32.
+
+``teacher_top_k`` runs the blockwise torch kernels (a running top-k per row inside the
+Triton tiles is not written); their memory is bounded in the same way.
+
+fp32 inputs use full-precision dots (``input_precision="ieee"``) unless the user enabled
+TF32 (``torch.backends.cuda.matmul.allow_tf32``), as PyTorch's own matmul does.
+Triton-interpreter note (Triton 3.9, ``TRITON_INTERPRET=1``): ``tl.dot`` on bf16 operands
+returns garbage, so operands are upcast to fp32 under the constexpr ``UPCAST``, set only
+when interpreting bf16 inputs; on a GPU the dot runs on bf16 tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
+from sgsd_kernels.runtime import interpreting
+
+# [chunk, V] fp32 gradient workspace of the backward: 2**26 elements = 256 MiB.
+WORKSPACE_ELEMENTS = 1 << 26
+
+
+def _config() -> dict:
+    if interpreting():  # numpy per program: few, large tiles; tl.dot needs dims >= 16
+        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
+    # Not tuned on a GPU yet (none was available): 64x64 output tiles for two live
+    # accumulators (student and teacher) per program.
+    return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=4, num_stages=2)
+
+
+def _constexprs(dtype: torch.dtype, beta: float, clip) -> dict:
+    mode = 0 if beta == 0.0 else (1 if beta == 1.0 else 2)
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return dict(
+        BETA_MODE=mode,
+        HAS_CLIP=clip is not None,
+        UPCAST=interpreting() and dtype == torch.bfloat16,
+        PRECISION="tf32" if tf32 else "ieee",
+    )
+
+
+@triton.jit
+def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t,
+          HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+          ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+          BLOCK_H: tl.constexpr):  # fmt: skip
+    """(x·Wᵀ + b)/T on one [BLOCK_N, BLOCK_V] tile (64-bit offsets); −inf past V."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
+    for h0 in range(0, H, BLOCK_H):
+        hk = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hk < H
+        x = tl.load(X + rows[:, None] * stride_x + hk[None, :],
+                    mask=row_ok[:, None] & h_ok[None, :], other=0.0)  # fmt: skip
+        w = tl.load(W + cols[:, None] * stride_w + hk[None, :],
+                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)  # fmt: skip
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    acc = acc * inv_t
+    return tl.where(col_ok[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _elements(zs, zt, lse_s, lse_t, col_ok, beta, log_beta, log_1m_beta, clip,
+              BETA_MODE: tl.constexpr, HAS_CLIP: tl.constexpr):  # fmt: skip
+    """(d, e = ∂d/∂a, p_S) per element; 0 past V."""
+    a = zs - lse_s[:, None]
+    c = zt - lse_t[:, None]
+    p_s = tl.exp(a)
+    if BETA_MODE == 0:
+        p_t = tl.exp(c)
+        d = p_t * (c - a)
+        e = -p_t
+    elif BETA_MODE == 1:
+        d = p_s * (a - c)
+        e = p_s * (a - c + 1.0)
+    else:
+        x1 = a + log_1m_beta
+        x2 = c + log_beta
+        top = tl.maximum(x1, x2)
+        log_m = top + tl.log(tl.exp(x1 - top) + tl.exp(x2 - top))
+        e = (1.0 - beta) * p_s * (a - log_m)
+        d = beta * tl.exp(c) * (c - log_m) + e
+    if HAS_CLIP:
+        e = tl.where(d > clip, 0.0, e)
+        d = tl.minimum(d, clip)
+    keep = col_ok[None, :]
+    return tl.where(keep, d, 0.0), tl.where(keep, e, 0.0), tl.where(keep, p_s, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, stride_w,
+                stride_wt, inv_t, beta, log_beta, log_1m_beta, clip,
+                HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr,
+                HAS_CLIP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr):  # fmt: skip
+    """Out [4, N]: D, Σe, lse_S, lse_T."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    m_s = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
+    m_t = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
+    l_s = tl.zeros((BLOCK_N,), dtype=ACC)
+    l_t = tl.zeros((BLOCK_N,), dtype=ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols·stride_w can pass 2**31
+        col_ok = cols < V
+        zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
+                   HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
+                   HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        new_s = tl.maximum(m_s, tl.max(zs, 1))
+        new_t = tl.maximum(m_t, tl.max(zt, 1))
+        l_s = l_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(zs - new_s[:, None]), 1)
+        l_t = l_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(zt - new_t[:, None]), 1)
+        m_s = new_s
+        m_t = new_t
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
+    acc_e = tl.zeros((BLOCK_N,), dtype=ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < V
+        zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
+                   HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
+                   HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        d, e, _ = _elements(zs, zt, lse_s, lse_t, col_ok, beta, log_beta, log_1m_beta, clip,
+                            BETA_MODE, HAS_CLIP)  # fmt: skip
+        acc_d += tl.sum(d, 1)
+        acc_e += tl.sum(e, 1)
+    tl.store(Out + rows, acc_d, mask=row_ok)
+    tl.store(Out + N + rows, acc_e, mask=row_ok)
+    tl.store(Out + 2 * N + rows, lse_s, mask=row_ok)
+    tl.store(Out + 3 * N + rows, lse_t, mask=row_ok)
+
+
+@triton.jit
+def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H, stride_xs,
+                 stride_xt, stride_w, stride_wt, inv_t, beta, log_beta, log_1m_beta, clip,
+                 HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr,
+                 HAS_CLIP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr):  # fmt: skip
+    """G[i, v] = grad·(e − p_S·Σe)/T for rows r0 + i, i < R (G is [R, V], row-major)."""
+    local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = r0 + local
+    row_ok = local < R
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    sum_e = tl.load(Stats + N + rows, mask=row_ok, other=0.0)
+    lse_s = tl.load(Stats + 2 * N + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(Stats + 3 * N + rows, mask=row_ok, other=0.0)
+    g = tl.load(Grad + rows, mask=row_ok, other=0.0).to(ACC) * inv_t
+    zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
+               HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
+               HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    _, e, p_s = _elements(zs, zt, lse_s, lse_t, col_ok, beta, log_beta, log_1m_beta, clip,
+                          BETA_MODE, HAS_CLIP)  # fmt: skip
+    gz = (e - p_s * sum_e[:, None]) * g[:, None]
+    tl.store(G + local[:, None] * V + cols[None, :], gz, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _scalars(beta, temperature, clip):
+    log_beta = math.log(beta) if beta > 0 else 0.0
+    log_1m_beta = math.log1p(-beta) if beta < 1 else 0.0
+    return 1.0 / temperature, beta, log_beta, log_1m_beta, 0.0 if clip is None else clip
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
+    """Same contract as the torch backend's ``forward``: (D, Σe, lse_S, lse_T) [N]."""
+    if top_k is not None:
+        return torch_kernels.forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype)
+    N, V, H = hs.shape[0], w.shape[0], w.shape[1]
+    out = torch.empty(4, N, dtype=dtype, device=hs.device)
+    cfg = _config()
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    _fwd_kernel[grid](
+        hs, ht, w, tw, b if b is not None else w, tb if tb is not None else w, out, N, V, H,
+        hs.stride(0), ht.stride(0), w.stride(0), tw.stride(0), *_scalars(beta, temperature, clip),
+        HAS_BIAS=b is not None, HAS_TBIAS=tb is not None, ACC=_acc(dtype),
+        **_constexprs(hs.dtype, beta, clip), **cfg,
+    )  # fmt: skip
+    return out[0], out[1], out[2], out[3]
+
+
+def backward(grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k,
+             dtype, need_weight_grad, workspace=None):  # fmt: skip
+    """Same contract as the torch backend's ``backward``: (gh, gw | None, gb | None)."""
+    if top_k is not None:
+        return torch_kernels.backward(
+            grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k,
+            dtype, need_weight_grad,
+        )  # fmt: skip
+    N, V, H = hs.shape[0], w.shape[0], w.shape[1]
+    stats = torch.stack([torch.zeros_like(sum_e), sum_e, lse_s, lse_t]).contiguous()
+    grad = grad.contiguous()
+    w_c = w.to(dtype)  # GEMM operand in the compute dtype (a copy only for bf16/fp16)
+    gh = torch.empty(N, H, dtype=dtype, device=hs.device)
+    gw = torch.zeros(V, H, dtype=dtype, device=w.device) if need_weight_grad else None
+    gb = (
+        torch.zeros(V, dtype=dtype, device=w.device) if need_weight_grad and b is not None else None
+    )
+    cfg = _config()
+    rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // V))
+    G = torch.empty(rows * V, dtype=dtype, device=hs.device)
+    scalars = _scalars(beta, temperature, clip)
+    consts = _constexprs(hs.dtype, beta, clip)
+    for r0 in range(0, N, rows):
+        R = min(rows, N - r0)
+        g_blk = G[: R * V].view(R, V)
+        grid = (triton.cdiv(R, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+        _grad_kernel[grid](
+            hs, ht, w, tw, b if b is not None else w, tb if tb is not None else w, stats,
+            g_blk, grad, r0, R, N, V, H, hs.stride(0), ht.stride(0), w.stride(0),
+            tw.stride(0), *scalars, HAS_BIAS=b is not None, HAS_TBIAS=tb is not None,
+            ACC=_acc(dtype), **consts, **cfg,
+        )  # fmt: skip
+        torch.mm(g_blk, w_c, out=gh[r0 : r0 + R])
+        if gw is not None:
+            gw.addmm_(g_blk.T, hs[r0 : r0 + R].to(dtype))
+        if gb is not None:
+            gb += g_blk.sum(0)
+    return gh, gw, gb
