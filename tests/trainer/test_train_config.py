@@ -98,7 +98,7 @@ def test_save_round_trips(tmp_path):
         (["--max-steps"], "--max-steps expects a value"),
         (["--tensorboard", "maybe"], "--tensorboard expects true or false, got 'maybe'"),
         (["--parallelism", "fsdp"], "--parallelism must be one of ddp|fsdp2, got 'fsdp'"),
-        (["--kernel-backend", "native"], "--kernel-backend must be one of auto|triton|torch"),
+        (["--kernel-backend", "cuda"], "--kernel-backend must be one of auto|triton|torch"),
         (["positional"], "unexpected argument 'positional'"),
         (["--config", "/nonexistent/c.yaml"], "--config /nonexistent/c.yaml: no such file"),
     ],
