@@ -16,8 +16,11 @@ Backward, two strategies:
     dh += G·W and dW += Gᵀ·h with fp32 atomics (Cut-Cross-Entropy style): no workspace.
   * chunked (deterministic mode): a kernel writes G for a bounded chunk of rows into a
     [chunk, V] workspace, then two GEMMs give dh and dW — bit-reproducible.
-The default was chosen by design, not measured: this session had no GPU. The numbers
-that should decide it are produced by ``benchmarks/bench_gated_kd.py`` on CUDA.
+The default is a design choice, not yet a measurement: ``benchmarks/gpu_check.sh`` times
+both on a GPU.
+
+Tile sizes per architecture and the dots' ``input_precision`` (the constexpr ``PRECISION``:
+"ieee" for fp32 unless the user enabled TF32 in PyTorch) come from ``triton_configs``.
 
 Triton-interpreter note (Triton 3.9, ``TRITON_INTERPRET=1``): ``tl.dot`` on bf16 operands
 returns garbage, so the kernels upcast operands to fp32 before ``tl.dot`` under the

@@ -118,12 +118,13 @@ def autotune():
     tc._tuned.clear()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize(
+    "dtype,deterministic", [(torch.float32, False), (torch.float16, True)], ids=str
+)
 def test_autotune_picks_from_the_space_and_matches_torch(autotune, dtype, deterministic):
     import sgsd_kernels as sk
 
-    N, V, H = 19, 203, 40  # odd shapes: partial tiles everywhere
+    N, V, H = 19, 77, 24  # odd shapes: partial tiles everywhere
     h = (torch.randn(N, H, device=DEVICE) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(V, H, device=DEVICE) * 0.2).to(dtype).requires_grad_()
     t = torch.randint(0, V, (N,), device=DEVICE)
