@@ -8,9 +8,9 @@
 # oracle) with a per-test timeout; the benchmark at the qwen3-1.7b preset (log-probs and
 # the SGSD loss) with triton, torch, reference, cce, liger and torch-compile; the
 # deterministic and the atomic backward, timed; a one-screen summary. Planned for one H100
-# in under 7 minutes: each step has a hard time limit (below), so a slow step is cut, not
-# the run. Whatever is not installed is skipped with the reason. Without a GPU it says so
-# and exits 0 at once. Python: $PYTHON, else `python`.
+# in under 7 minutes: each step has a hard time limit (120 + 2x100 + 75 s, plus start-up),
+# so a slow step is cut, not the run. Whatever is not installed is skipped with the
+# reason. Without a GPU it says so and exits 0 at once. Python: $PYTHON, else `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -44,16 +44,16 @@ EOF
 git rev-parse HEAD >>"$OUT/versions.txt" 2>/dev/null
 note "GPU: $GPU_NAME; $(head -n1 "$OUT/versions.txt"); commit $(git rev-parse --short HEAD 2>/dev/null)"
 
-# 2. CUDA kernel tests against the float64 oracle (step limit 150 s; 60 s per test).
+# 2. CUDA kernel tests against the float64 oracle (step limit 120 s; 60 s per test).
 TESTS="tests/kernels/test_oracle.py tests/kernels/test_determinism.py"
 if has pytest_timeout; then
-    timeout 150 "$PY" -m pytest $TESTS -q -k triton -p no:cacheprovider --timeout=60 \
+    timeout 120 "$PY" -m pytest $TESTS -q -k triton -p no:cacheprovider --timeout=60 \
         --junitxml="$OUT/kernel-tests.xml" >"$OUT/kernel-tests.txt" 2>&1
     rc=$?
 else
     rc=0
     for t in $TESTS; do  # no pytest-timeout: the per-file limit stands in for the per-test one
-        timeout 75 "$PY" -m pytest "$t" -q -k triton -p no:cacheprovider \
+        timeout 60 "$PY" -m pytest "$t" -q -k triton -p no:cacheprovider \
             >>"$OUT/kernel-tests.txt" 2>&1 || rc=$?
     done
 fi
@@ -66,14 +66,14 @@ for pkg in cut_cross_entropy:cce liger_kernel:liger; do
         note "benchmark: ${pkg##*:} skipped (${pkg%%:*} not installed)"; fi
 done
 for wl in logprobs-fwdbwd sgsd; do
-    timeout 110 "$PY" benchmarks/bench_gated_kd.py --preset qwen3-1.7b --providers "$PROVIDERS" \
+    timeout 100 "$PY" benchmarks/bench_gated_kd.py --preset qwen3-1.7b --providers "$PROVIDERS" \
         --workloads "$wl" --worker-timeout 40 --out "$OUT/bench-$wl" >"$OUT/bench-$wl.txt" 2>&1
-    note "benchmark $wl: rc $? (124 = cut at 110 s; rows so far in $OUT/bench-$wl.txt)"
+    note "benchmark $wl: rc $? (124 = cut at 100 s; rows so far in $OUT/bench-$wl.txt)"
 done
 
 # 4. Deterministic (chunked, GEMMs) vs atomic (fused) backward, and the resources of the
 #    kernels as the GPU's driver loaded them (compare with benchmarks/results/triton-aot/).
-timeout 90 "$PY" - "$OUT" >"$OUT/backward-modes.txt" 2>&1 <<'EOF'
+timeout 75 "$PY" - "$OUT" >"$OUT/backward-modes.txt" 2>&1 <<'EOF'
 import csv, sys
 import torch, sgsd_kernels as sk
 from sgsd_kernels.ops import triton_configs
