@@ -92,6 +92,7 @@ class Recorder:
         self.launched: set = set()
         self.context = dict(arch="", dtype="", default=True)
         self._seen: set = set()
+        self._usage: dict = {}  # compiled kernel -> (registers, spill bytes, compile s)
 
     def install(self):
         import triton
@@ -138,7 +139,9 @@ class Recorder:
                         old["default"] = True
             return
         self._seen.add(key)
-        regs, spills = _ptxas_usage(log, fn.__name__)
+        if kernel not in self._usage:  # else: the same binary, launched for another dtype
+            self._usage[kernel] = (*_ptxas_usage(log, fn.__name__), round(seconds, 2))
+        regs, spills, compile_s = self._usage[kernel]
         ptx = kernel.asm["ptx"]
         row.update(
             default=bool(ctx["default"]),
@@ -147,7 +150,7 @@ class Recorder:
             shared_bytes=int(kernel.metadata.shared),
             mma=_mma(ptx),
             operand_precision=_precision(kernel.asm["ttir"], ctx["dtype"]),
-            compile_s=round(seconds, 2),
+            compile_s=compile_s,
         )
         self.rows.append(row)
         self.ptx["__".join(str(v) for v in key)] = ptx
@@ -172,7 +175,7 @@ def _config_name(kwargs) -> str:
 
 def _ptxas_usage(log: str, name: str) -> tuple[int, int]:
     """(registers, spill-store bytes) from ptxas -v output (Triton prints it when
-    ``knobs.nvidia.dump_ptxas_log`` is set and the compile is not a disk-cache hit)."""
+    ``knobs.nvidia.dump_ptxas_log`` is set and ptxas runs)."""
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     if not regs or not spills:
