@@ -76,7 +76,10 @@ done
 timeout 75 "$PY" - "$OUT" >"$OUT/backward-modes.txt" 2>&1 <<'EOF'
 import csv, sys
 import torch, sgsd_kernels as sk
-from sgsd_kernels.ops import triton_configs
+try:
+    from sgsd_kernels.ops.triton_backend import triton_configs
+except ImportError:
+    from sgsd_kernels.ops import triton_configs
 
 out = sys.argv[1]
 N, V, H = 8192, 151936, 2048
