@@ -387,13 +387,21 @@ def write_reports(recorder: Recorder, out: Path, dump_ptx: bool, archs: list[int
         f"{len(rows)} compiles, {sum(r['compile_s'] for r in rows):.0f} s in all.",
         "",
     ]
-    problems = [
-        f"- {r['kernel']} {r['arch']} {r['dtype']} {r['variant']} {r['config']}: "
-        + ("shared memory over the limit" if r["shared_bytes"] > _limit(r) else "spills")
+
+    def name(r):
+        return f"- {r['kernel']} {r['arch']} {r['dtype']} {r['variant']} {r['config']}: "
+
+    problems = [name(r) + f"{r['shared_bytes']:,} B shared" for r in rows if _over(r)]
+    problems += [name(r) + f"{r['spill_bytes']} B spilled" for r in rows if _spills(r, True)]
+    problems += [
+        name(r) + f"operand precision {r['operand_precision']}"
         for r in rows
-        if r["shared_bytes"] > _limit(r) or (r["spill_bytes"] and r["default"])
+        if r["dtype"] == "fp32" and r["operand_precision"] not in ("ieee", "no-dot")
     ]
-    lines += ["## Problems", "", *(problems or ["None: every default fits and does not spill."])]
+    lines += ["## Problems (over shared memory; default configs that spill; fp32 not ieee)", ""]
+    lines += problems or ["None."]
+    space = [name(r) + f"{r['spill_bytes']} B spilled" for r in rows if _spills(r, False)]
+    lines += ["", "## Autotune candidates (not defaults) that spill", "", *(space or ["None."])]
     lines += ["", "## Default configs (largest variant per kernel, arch, dtype)", ""]
     lines += _table(_headline(rows), COLUMNS)
     lines += ["", "## All compiles", ""]
@@ -405,10 +413,28 @@ def write_reports(recorder: Recorder, out: Path, dump_ptx: bool, archs: list[int
             (out / "ptx" / f"{name}.ptx").write_text(ptx)
 
 
-def _limit(row) -> int:
+def _over(row) -> bool:
     from sgsd_kernels.ops import triton_configs
 
-    return triton_configs.shared_limit(int(row["arch"].removeprefix("sm_")))
+    return row["shared_bytes"] > triton_configs.shared_limit(int(row["arch"].removeprefix("sm_")))
+
+
+def _spills(row, default: bool) -> bool:
+    return row["spill_bytes"] > 0 and row["default"] == default
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row.update(
+            default=row["default"] == "True",
+            registers=int(row["registers"]),
+            spill_bytes=int(row["spill_bytes"]),
+            shared_bytes=int(row["shared_bytes"]),
+            compile_s=float(row["compile_s"]),
+        )
+    return rows
 
 
 def _headline(rows):
@@ -438,6 +464,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dump-ptx", action="store_true", help="also write DIR/ptx/*.ptx")
     parser.add_argument("--quick", action="store_true", help="default configs, largest variant")
     parser.add_argument("--jobs", type=int, default=1, help="architectures compiled in parallel")
+    parser.add_argument("--from-csv", help="only rewrite the reports from this triton-aot.csv")
     args = parser.parse_args(argv)
     archs = []
     for item in args.arch.split(","):
@@ -445,6 +472,11 @@ def main(argv=None) -> int:
         if not match:
             parser.error(f"--arch: expected names like sm_80,sm_90, got {item!r}")
         archs.append(int(match.group(1)))
+    if args.from_csv:
+        recorder = Recorder()
+        recorder.rows = read_csv(Path(args.from_csv))
+        write_reports(recorder, Path(args.out), False, archs)
+        return 0
     if args.jobs < 1:
         parser.error(f"--jobs: expected a positive count, got {args.jobs}")
     if args.jobs > 1 and len(archs) > 1:
@@ -478,16 +510,7 @@ def _parallel(args, archs) -> int:
         if not (parts[cc] / "triton-aot.csv").exists():
             print(f"FAILED: sm_{cc}: the compile process wrote no report", file=sys.stderr)
             continue
-        with open(parts[cc] / "triton-aot.csv") as f:
-            for row in csv.DictReader(f):
-                row.update(
-                    default=row["default"] == "True",
-                    registers=int(row["registers"]),
-                    spill_bytes=int(row["spill_bytes"]),
-                    shared_bytes=int(row["shared_bytes"]),
-                    compile_s=float(row["compile_s"]),
-                )
-                recorder.rows.append(row)
+        recorder.rows += read_csv(parts[cc] / "triton-aot.csv")
         if args.dump_ptx:
             for ptx in (parts[cc] / "ptx").glob("*.ptx"):
                 recorder.ptx[ptx.stem] = ptx.read_text()
