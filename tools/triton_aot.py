@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib
 import io
 import os
@@ -37,21 +36,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # kernels must be real JITFunctions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, made explicit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from triton_aot_report import COLUMNS, read_csv, write_reports  # noqa: E402  (tools/)
 
-COLUMNS = [
-    "kernel",
-    "arch",
-    "dtype",
-    "variant",
-    "config",
-    "default",
-    "registers",
-    "spill_bytes",
-    "shared_bytes",
-    "mma",
-    "operand_precision",
-    "compile_s",
-]
 SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, RTX 3090, RTX 4090, H100 SXM
 DTYPES = ("fp16", "bf16", "fp32", "tf32", "fp64")
 
@@ -364,99 +350,6 @@ def compile_all(archs: list[int], quick: bool) -> Recorder:
     return recorder
 
 
-def write_reports(recorder: Recorder, out: Path, dump_ptx: bool, archs: list[int]) -> None:
-    from sgsd_kernels.ops import triton_configs
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(recorder.rows, key=lambda r: tuple(str(r[c]) for c in COLUMNS[:5]))
-    with open(out / "triton-aot.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [
-        "# Triton AOT compile report",
-        "",
-        "`python tools/triton_aot.py --arch "
-        + ",".join(f"sm_{cc}" for cc in archs)
-        + "` (Triton's bundled ptxas, no GPU). "
-        "dtype `tf32` = fp32 inputs with TF32 enabled by the user in PyTorch. "
-        "Shared-memory limits per block: "
-        + ", ".join(f"sm_{cc} {triton_configs.shared_limit(cc):,} B" for cc in archs)
-        + ".",
-        "",
-        f"{len(rows)} compiles, {sum(r['compile_s'] for r in rows):.0f} s in all.",
-        "",
-    ]
-
-    def name(r):
-        return f"- {r['kernel']} {r['arch']} {r['dtype']} {r['variant']} {r['config']}: "
-
-    problems = [name(r) + f"{r['shared_bytes']:,} B shared" for r in rows if _over(r)]
-    problems += [name(r) + f"{r['spill_bytes']} B spilled" for r in rows if _spills(r, True)]
-    problems += [
-        name(r) + f"operand precision {r['operand_precision']}"
-        for r in rows
-        if r["dtype"] == "fp32" and r["operand_precision"] not in ("ieee", "no-dot")
-    ]
-    lines += ["## Problems (over shared memory; default configs that spill; fp32 not ieee)", ""]
-    lines += problems or ["None."]
-    space = [name(r) + f"{r['spill_bytes']} B spilled" for r in rows if _spills(r, False)]
-    lines += ["", "## Autotune candidates (not defaults) that spill", "", *(space or ["None."])]
-    lines += ["", "## Default configs (largest variant per kernel, arch, dtype)", ""]
-    lines += _table(_headline(rows), COLUMNS)
-    lines += ["", "## All compiles", ""]
-    lines += _table(rows, COLUMNS)
-    (out / "triton-aot.md").write_text("\n".join(lines) + "\n")
-    if dump_ptx:
-        (out / "ptx").mkdir(exist_ok=True)
-        for name, ptx in recorder.ptx.items():
-            (out / "ptx" / f"{name}.ptx").write_text(ptx)
-
-
-def _over(row) -> bool:
-    from sgsd_kernels.ops import triton_configs
-
-    return row["shared_bytes"] > triton_configs.shared_limit(int(row["arch"].removeprefix("sm_")))
-
-
-def _spills(row, default: bool) -> bool:
-    return row["spill_bytes"] > 0 and row["default"] == default
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        row.update(
-            default=row["default"] == "True",
-            registers=int(row["registers"]),
-            spill_bytes=int(row["spill_bytes"]),
-            shared_bytes=int(row["shared_bytes"]),
-            compile_s=float(row["compile_s"]),
-        )
-    return rows
-
-
-def _headline(rows):
-    best = {}
-    for r in rows:
-        if not r["default"]:
-            continue
-        key = (r["kernel"], r["arch"], r["dtype"])
-        if key not in best or (r["shared_bytes"], r["registers"]) > (
-            best[key]["shared_bytes"],
-            best[key]["registers"],
-        ):
-            best[key] = r
-    return [best[k] for k in sorted(best)]
-
-
-def _table(rows, columns):
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma list, e.g. sm_80,sm_90")
@@ -475,14 +368,14 @@ def main(argv=None) -> int:
     if args.from_csv:
         recorder = Recorder()
         recorder.rows = read_csv(Path(args.from_csv))
-        write_reports(recorder, Path(args.out), False, archs)
+        write_reports(recorder.rows, {}, Path(args.out), False, archs)
         return 0
     if args.jobs < 1:
         parser.error(f"--jobs: expected a positive count, got {args.jobs}")
     if args.jobs > 1 and len(archs) > 1:
         return _parallel(args, archs)
     recorder = compile_all(archs, args.quick)
-    write_reports(recorder, Path(args.out), args.dump_ptx, archs)
+    write_reports(recorder.rows, recorder.ptx, Path(args.out), args.dump_ptx, archs)
     print(f"{len(recorder.rows)} kernels compiled -> {args.out}/triton-aot.{{csv,md}}")
     for msg in recorder.failures:
         print("FAILED:", msg, file=sys.stderr)
@@ -514,7 +407,7 @@ def _parallel(args, archs) -> int:
         if args.dump_ptx:
             for ptx in (parts[cc] / "ptx").glob("*.ptx"):
                 recorder.ptx[ptx.stem] = ptx.read_text()
-    write_reports(recorder, out, args.dump_ptx, archs)
+    write_reports(recorder.rows, recorder.ptx, out, args.dump_ptx, archs)
     for cc in archs:
         for path in sorted(parts[cc].rglob("*"), reverse=True) if parts[cc].exists() else []:
             path.rmdir() if path.is_dir() else path.unlink()
