@@ -36,7 +36,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # kernels must be real JITFunctions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, made explicit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from triton_aot_report import COLUMNS, read_csv, write_reports  # noqa: E402  (tools/)
+from triton_aot_report import COLUMNS, configs, read_csv, write_reports  # noqa: E402  (tools/)
 
 SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, RTX 3090, RTX 4090, H100 SXM
 DTYPES = ("fp16", "bf16", "fp32", "tf32", "fp64")
@@ -307,7 +307,7 @@ def compile_all(archs: list[int], quick: bool) -> Recorder:
     import torch
     from triton.runtime import driver
 
-    from sgsd_kernels.ops import triton_configs
+    triton_configs = configs()
 
     recorder = Recorder()
     recorder.install()
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/triton-aot"))
     parser.add_argument("--dump-ptx", action="store_true", help="also write DIR/ptx/*.ptx")
     parser.add_argument("--quick", action="store_true", help="default configs, largest variant")
-    parser.add_argument("--jobs", type=int, default=1, help="architectures compiled in parallel")
+    parser.add_argument("--jobs", type=int, default=2, help="architectures compiled in parallel")
     parser.add_argument("--from-csv", help="only rewrite the reports from this triton-aot.csv")
     args = parser.parse_args(argv)
     archs = []

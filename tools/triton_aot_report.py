@@ -5,6 +5,7 @@ compile) and the PTX files."""
 from __future__ import annotations
 
 import csv
+import importlib
 from pathlib import Path
 
 COLUMNS = [
@@ -25,7 +26,7 @@ COLUMNS = [
 
 def write_reports(rows: list[dict], ptx: dict, out: Path, dump_ptx: bool, archs: list[int]) -> None:
     """DIR/triton-aot.csv, DIR/triton-aot.md and, with ``dump_ptx``, DIR/ptx/*.ptx."""
-    from sgsd_kernels.ops import triton_configs
+    triton_configs = configs()
 
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: tuple(str(r[c]) for c in COLUMNS[:5]))
@@ -74,7 +75,7 @@ def write_reports(rows: list[dict], ptx: dict, out: Path, dump_ptx: bool, archs:
 
 
 def _over(row) -> bool:
-    from sgsd_kernels.ops import triton_configs
+    triton_configs = configs()
 
     return row["shared_bytes"] > triton_configs.shared_limit(int(row["arch"].removeprefix("sm_")))
 
@@ -115,3 +116,16 @@ def _table(rows, columns):
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     return out
+
+
+def configs():
+    """sgsd_kernels' ``triton_configs`` module, in ops/ or in ops/triton_backend/."""
+    for name in (
+        "sgsd_kernels.ops.triton_backend.triton_configs",
+        "sgsd_kernels.ops.triton_configs",
+    ):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    raise ModuleNotFoundError("sgsd_kernels has no triton_configs module")

@@ -1,7 +1,7 @@
-"""Launch-configuration policy of the Triton backend (``sgsd_kernels/ops/triton_configs.py``):
-the fp32 dot precision follows PyTorch's TF32 switch, the tile tables fit each
-architecture on paper, and the opt-in autotune (run here in the
-Triton interpreter against the torch backend)."""
+"""Launch-configuration policy of the Triton backend (``triton_configs``): the fp32 dot
+precision follows PyTorch's TF32 switch, the tile tables fit each architecture on paper,
+and the opt-in autotune works (run here in the Triton interpreter, against the torch
+backend)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from .conftest import DEVICE, max_err
 
 triton = pytest.importorskip("triton")
 
-from sgsd_kernels.ops import triton_configs as tc  # noqa: E402
+try:  # the module's home: ops/triton_backend/, or ops/
+    from sgsd_kernels.ops.triton_backend import triton_configs as tc
+except ImportError:
+    from sgsd_kernels.ops import triton_configs as tc
 
 
 @pytest.fixture
