@@ -76,7 +76,7 @@ _table("sm90", "grad_logits", "16", _c(64, 128, 64, 8, 3), _c(128, 64, 64, 4, 3)
 _table("sm90", "fwd", "fp32", _c(64, 128, 32, 8, 3))
 _table("sm90", "bwd_fused", "fp32", _c(64, 64, 16, 4, 2), _c(32, 64, 32, 4, 2))
 _table("sm90", "grad_logits", "fp32", _c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3))
-# tf32 (user opt-in): wgmma tf32, 32-deep K steps (a 32-bit 64x32 operand row is 128 B).
+# tf32 (user opt-in): wgmma tf32 at the fp32 tile shapes with 32-deep K steps; none spills.
 _table("sm90", "fwd", "tf32", _c(64, 128, 32, 8, 3))
 _table("sm90", "bwd_fused", "tf32", _c(64, 128, 32, 8, 2))
 _table("sm90", "grad_logits", "tf32", _c(64, 128, 32, 8, 3))
@@ -87,8 +87,9 @@ _table("sm90", "bwd_fused", "fp64", _c(32, 64, 16, 4, 2))
 _table("sm90", "grad_logits", "fp64", _c(32, 32, 16, 4, 2))
 
 # --- sm_80 (A100; 163 KB shared per block) -------------------------------------------------
-# mma.sync instead of wgmma: the accumulator lives in registers of all 8 warps, and the
-# sm_90 tiles at 3 stages leave the fused backward at 255 registers; 2 stages fit.
+# mma.sync instead of wgmma, accumulators in registers. At the edge but not spilling: the
+# 16-bit fused backward at 64x128x64, 8 warps, 2 stages (254 registers) and the fp32
+# forward at 64x128x32, 8 warps, 2 stages (255).
 _table("sm80", "fwd", "16", _c(64, 128, 64, 8, 3), _c(64, 64, 64, 4, 3))
 # 64x64x64 at 4 warps spilled 16 B in the fused backward: no second candidate yet.
 _table("sm80", "bwd_fused", "16", _c(64, 128, 64, 8, 2))
@@ -104,7 +105,8 @@ _table("sm80", "fwd", "fp64", _c(32, 64, 16, 4, 2))
 _table("sm80", "bwd_fused", "fp64", _c(32, 64, 16, 4, 2))
 _table("sm80", "grad_logits", "fp64", _c(32, 64, 16, 4, 2))
 
-# --- sm_86 / sm_89 / sm_120 (99 KB shared): the sm_80 tiles at 2 stages -------------------
+# --- sm_86 / sm_89 / sm_120 (99 KB shared): the sm_80 tiles at <= 2 stages. Not in the
+# committed report; `tools/triton_aot.py --arch sm_86` compiles them. ----------------------
 for (_fam, _kind, _ops), _cfg in list(DEFAULTS.items()):
     if _fam == "sm80":
         _table("sm86", _kind, _ops, dict(_cfg, num_stages=min(2, _cfg["num_stages"])))
