@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # kernels must be real JITFunctions
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, made explicit
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from triton_aot_report import COLUMNS, configs, read_csv, write_reports  # noqa: E402  (tools/)
 
 SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, RTX 3090, RTX 4090, H100 SXM
