@@ -174,9 +174,17 @@ def config(kind: str, dtype: torch.dtype) -> dict:
     return candidates(kind, dtype)[0]
 
 
+_sm_counts: dict[tuple[int, int], int] = {}
+
+
 def sm_count() -> int:
-    dev = driver.active.get_current_device()
-    return int(driver.active.utils.get_device_properties(dev)["multiprocessor_count"])
+    """SMs of the current device, from Triton's driver (cached per driver and device)."""
+    active = driver.active
+    key = (id(active), active.get_current_device())
+    if key not in _sm_counts:
+        props = active.utils.get_device_properties(key[1])
+        _sm_counts[key] = int(props["multiprocessor_count"])
+    return _sm_counts[key]
 
 
 def num_splits(n_rows: int, vocab: int, block_n: int, block_v: int) -> int:
