@@ -99,7 +99,9 @@ def _bwd_kernel(GradLoss, S, U, M, Wt, Polarity, Nrow, Out, B, K, T, tau, BLOCK_
 
 
 def _block_t(T: int) -> int:
-    return min(256 if interpreting() else 1024, triton.next_power_of_2(max(T, 1)))
+    # At least 128 (one element per thread at the default 4 warps): a 16-wide fp64 block
+    # spilled 4 B on sm_90 (benchmarks/results/triton-aot/), 128 to 1024 do not.
+    return min(256 if interpreting() else 1024, triton.next_power_of_2(max(T, 128)))
 
 
 def forward(s, u, mask, rewards, weights, tau, delta, eps):

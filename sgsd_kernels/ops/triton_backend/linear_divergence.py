@@ -30,28 +30,35 @@ import triton
 import triton.language as tl
 
 from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
+from sgsd_kernels.ops.triton_backend import triton_configs
 from sgsd_kernels.runtime import interpreting
 
 # [chunk, V] fp32 gradient workspace of the backward: 2**26 elements = 256 MiB.
 WORKSPACE_ELEMENTS = 1 << 26
 
 
-def _config() -> dict:
+def _config(dtype: torch.dtype) -> dict:
     if interpreting():  # numpy per program: few, large tiles; tl.dot needs dims >= 16
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
-    # Not tuned on a GPU yet (none was available): 64x64 output tiles for two live
-    # accumulators (student and teacher) per program.
+    # Two live accumulators (student and teacher) per program, so the tiles are half the
+    # log-prob kernels'. Chosen by the register budget of tools/triton_aot.py, not timed on
+    # a GPU: at 64x64x64 with 4 warps the fp32 forward spilled 708 B and the fp64 one
+    # 1124 B on sm_90 (fp32 at 64x64x32 with 8 warps still 32 B); 32-row tiles do not.
+    if dtype == torch.float64:
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
     return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=4, num_stages=2)
 
 
 def _constexprs(dtype: torch.dtype, beta: float, clip) -> dict:
     mode = 0 if beta == 0.0 else (1 if beta == 1.0 else 2)
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return dict(
         BETA_MODE=mode,
         HAS_CLIP=clip is not None,
         UPCAST=interpreting() and dtype == torch.bfloat16,
-        PRECISION="tf32" if tf32 else "ieee",
+        # fp32 dots in full precision unless TF32 is enabled in PyTorch (docs/design.md §8)
+        PRECISION=triton_configs.input_precision(dtype),
     )
 
 
@@ -188,7 +195,8 @@ def _scalars(beta, temperature, clip):
     return 1.0 / temperature, beta, log_beta, log_1m_beta, 0.0 if clip is None else clip
 
 
-def _acc(dtype):
+def _acc(dtype: torch.dtype):
+    """``ACC`` for a compute dtype (float64 or float32), like ``tl_compute_dtype``."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -198,7 +206,7 @@ def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspa
         return torch_kernels.forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype)
     N, V, H = hs.shape[0], w.shape[0], w.shape[1]
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
-    cfg = _config()
+    cfg = _config(hs.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     _fwd_kernel[grid](
         hs, ht, w, tw, b if b is not None else w, tb if tb is not None else w, out, N, V, H,
@@ -226,7 +234,7 @@ def backward(grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature,
     gb = (
         torch.zeros(V, dtype=dtype, device=w.device) if need_weight_grad and b is not None else None
     )
-    cfg = _config()
+    cfg = _config(hs.dtype)
     rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // V))
     G = torch.empty(rows * V, dtype=dtype, device=hs.device)
     scalars = _scalars(beta, temperature, clip)

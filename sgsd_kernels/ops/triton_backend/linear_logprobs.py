@@ -21,8 +21,10 @@ Backward, two strategies:
   * chunked (deterministic mode): a kernel writes G for a bounded chunk of rows into a
     [chunk, V] workspace, then two GEMMs give dh and dW — bit-reproducible.
 The fused path is the default because it needs no workspace and makes one pass; it has
-not been timed against the chunked path on a GPU, and ``benchmarks/bench_gated_kd.py`` on
-CUDA gives the numbers that would decide between them.
+not been timed against the chunked path on a GPU: ``benchmarks/gpu_check.sh`` times both.
+
+Tile sizes per architecture and the dots' ``input_precision`` (the constexpr ``PRECISION``:
+"ieee" for fp32 unless the user enabled TF32 in PyTorch) come from ``triton_configs``.
 
 Triton-interpreter note (Triton 3.9, ``TRITON_INTERPRET=1``): ``tl.dot`` on bf16 operands
 returns garbage, so the kernels upcast operands to fp32 before ``tl.dot`` under the
@@ -37,17 +39,8 @@ import triton
 import triton.language as tl
 
 from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
-from sgsd_kernels.ops.triton_backend import tl_compute_dtype
+from sgsd_kernels.ops.triton_backend import tl_compute_dtype, triton_configs
 from sgsd_kernels.runtime import interpreting, is_deterministic
-
-
-def _config() -> dict:
-    if interpreting():
-        # The interpreter runs each program in numpy: fewer, larger tiles are faster, and
-        # tl.dot needs every dimension >= 16.
-        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
-    # Hopper-sized tiles (64×128 output, 64-deep K steps); a fixed choice, not autotuned.
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -92,6 +85,7 @@ def _logits_tile(
     TWO_STREAMS: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -111,7 +105,7 @@ def _logits_tile(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     return acc * inv_t
@@ -142,6 +136,7 @@ def _fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -179,6 +174,7 @@ def _fwd_kernel(
             TWO_STREAMS,
             UPCAST,
             ACC,
+            PRECISION,
             BLOCK_N,
             BLOCK_V,
             BLOCK_H,
@@ -205,12 +201,7 @@ def _fwd_kernel(
 
 
 def _num_splits(n_rows: int, vocab: int, block_n: int, block_v: int, device) -> int:
-    v_blocks = triton.cdiv(vocab, block_v)
-    if interpreting():
-        return min(2, v_blocks)  # exercise the split combine in tests, keep it cheap
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(n_rows, block_n)
-    return max(1, min(v_blocks, triton.cdiv(4 * sms, row_blocks)))
+    return triton_configs.num_splits(n_rows, vocab, block_n, block_v)
 
 
 def _combine(part_m, part_s, part_a, part_t, with_entropy):
@@ -236,42 +227,49 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     n1 = x1.shape[0]
     n = n1 + (0 if x2 is None else x2.shape[0])
     V, H = weight.shape
-    cfg = _config()
-    splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
-    cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
-    splits = triton.cdiv(V, cols_per_split)
     f32 = dict(dtype=compute_dtype(x1), device=x1.device)
-    part_m = torch.empty(splits, n, **f32)
-    part_s = torch.empty(splits, n, **f32)
-    part_t = torch.empty(splits, n, **f32)
-    part_a = torch.empty(splits, n, **f32) if with_entropy else part_s
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
-    _fwd_kernel[grid](
-        x1,
-        x1 if x2 is None else x2,
-        n1,
-        n,
-        weight,
-        weight if bias is None else bias,
-        targets,
-        part_m,
-        part_s,
-        part_a,
-        part_t,
-        V,
-        H,
-        x1.stride(0),
-        x1.stride(0) if x2 is None else x2.stride(0),
-        weight.stride(0),
-        1.0 / temperature,
-        cols_per_split,
-        HAS_BIAS=bias is not None,
-        TWO_STREAMS=x2 is not None,
-        WITH_ENTROPY=with_entropy,
-        UPCAST=_upcast(x1.dtype),
-        ACC=tl_compute_dtype(x1),
-        **cfg,
-    )
+
+    def run(cfg):
+        splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
+        cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+        splits = triton.cdiv(V, cols_per_split)
+        part_m = torch.empty(splits, n, **f32)
+        part_s = torch.empty(splits, n, **f32)
+        part_t = torch.empty(splits, n, **f32)
+        part_a = torch.empty(splits, n, **f32) if with_entropy else part_s
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
+        _fwd_kernel[grid](
+            x1,
+            x1 if x2 is None else x2,
+            n1,
+            n,
+            weight,
+            weight if bias is None else bias,
+            targets,
+            part_m,
+            part_s,
+            part_a,
+            part_t,
+            V,
+            H,
+            x1.stride(0),
+            x1.stride(0) if x2 is None else x2.stride(0),
+            weight.stride(0),
+            1.0 / temperature,
+            cols_per_split,
+            HAS_BIAS=bias is not None,
+            TWO_STREAMS=x2 is not None,
+            WITH_ENTROPY=with_entropy,
+            UPCAST=_upcast(x1.dtype),
+            ACC=tl_compute_dtype(x1),
+            PRECISION=triton_configs.input_precision(x1.dtype),
+            **cfg,
+        )
+        return part_m, part_s, part_a, part_t
+
+    key = (bias is not None, x2 is not None, with_entropy, V, H)
+    cfg = triton_configs.choose("fwd", x1.dtype, n, key, run)
+    part_m, part_s, part_a, part_t = run(cfg)
     return _combine(part_m, part_s, part_a, part_t, with_entropy)
 
 
@@ -322,6 +320,7 @@ def _grad_tile(
     WITH_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -352,6 +351,7 @@ def _grad_tile(
         False,
         UPCAST,
         ACC,
+        PRECISION,
         BLOCK_N,
         BLOCK_V,
         BLOCK_H,
@@ -394,6 +394,7 @@ def _bwd_fused_kernel(
     NEED_W: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -417,6 +418,7 @@ def _bwd_fused_kernel(
         WITH_ENTROPY,
         UPCAST,
         ACC,
+        PRECISION,
         BLOCK_N,
         BLOCK_V,
         BLOCK_H,
@@ -436,7 +438,7 @@ def _bwd_fused_kernel(
         )
         if UPCAST:
             w = w.to(tl.float32)
-        dx = tl.dot(grad_lp, w)
+        dx = tl.dot(grad_lp, w, input_precision=PRECISION)
         tl.atomic_add(
             DX + rows[:, None] * H + hk[None, :], dx, mask=row_ok[:, None] & h_ok[None, :]
         )
@@ -448,7 +450,7 @@ def _bwd_fused_kernel(
             )
             if UPCAST:
                 x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(grad_lp), x)
+            dw = tl.dot(tl.trans(grad_lp), x, input_precision=PRECISION)
             tl.atomic_add(
                 DW + cols[:, None] * H + hk[None, :], dw, mask=col_ok[:, None] & h_ok[None, :]
             )
@@ -475,6 +477,7 @@ def _grad_logits_kernel(
     WITH_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -499,6 +502,7 @@ def _grad_logits_kernel(
         WITH_ENTROPY,
         UPCAST,
         ACC,
+        PRECISION,
         BLOCK_N,
         BLOCK_V,
         BLOCK_H,
@@ -538,52 +542,62 @@ def backward(
     ge = ge if with_entropy else g
     ent = entropy.to(acc) if with_entropy else g
     lse32 = lse.to(acc)
-    cfg = _config()
     upcast = _upcast(hidden.dtype)
-    consts = dict(UPCAST=upcast, ACC=tl_compute_dtype(hidden), **cfg)
+    consts = dict(
+        UPCAST=upcast,
+        ACC=tl_compute_dtype(hidden),
+        PRECISION=triton_configs.input_precision(hidden.dtype),
+    )
     has_bias = bias is not None
     f32 = dict(dtype=acc, device=hidden.device)
+    key = (has_bias, with_entropy, need_weight_grad, V, H)
     if not is_deterministic():
-        dx = torch.zeros(N, H, **f32)
-        dw = torch.zeros(V, H, **f32) if need_weight_grad else dx
-        db = torch.zeros(V, **f32) if need_weight_grad and has_bias else dx
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
-        _bwd_fused_kernel[grid](
-            hidden,
-            weight,
-            bias if has_bias else weight,
-            safe_t,
-            lse32,
-            g,
-            ge,
-            ent,
-            dx,
-            dw,
-            db,
-            N,
-            V,
-            H,
-            hidden.stride(0),
-            weight.stride(0),
-            inv_t,
-            HAS_BIAS=has_bias,
-            WITH_ENTROPY=with_entropy,
-            NEED_W=need_weight_grad,
-            **consts,
-        )
+
+        def run_fused(cfg):
+            dx = torch.zeros(N, H, **f32)
+            dw = torch.zeros(V, H, **f32) if need_weight_grad else dx
+            db = torch.zeros(V, **f32) if need_weight_grad and has_bias else dx
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+            _bwd_fused_kernel[grid](
+                hidden,
+                weight,
+                bias if has_bias else weight,
+                safe_t,
+                lse32,
+                g,
+                ge,
+                ent,
+                dx,
+                dw,
+                db,
+                N,
+                V,
+                H,
+                hidden.stride(0),
+                weight.stride(0),
+                inv_t,
+                HAS_BIAS=has_bias,
+                WITH_ENTROPY=with_entropy,
+                NEED_W=need_weight_grad,
+                **consts,
+                **cfg,
+            )
+            return dx, dw, db
+
+        dx, dw, db = run_fused(triton_configs.choose("bwd_fused", hidden.dtype, N, key, run_fused))
     else:
         dx = torch.empty(N, H, **f32)
         dw = torch.zeros(V, H, **f32) if need_weight_grad else None
         db = torch.zeros(V, **f32) if need_weight_grad and has_bias else None
         chunk = max(1, min(N, _CHUNK_ELEMENTS // V))
-        # fp32 workspace keeps the GEMM inputs exact; on GPU the GEMMs run in TF32-off fp32.
+        # fp32 workspace keeps the GEMM inputs exact; on GPU the GEMMs follow PyTorch's
+        # own fp32 matmul setting (full fp32 unless the user enabled TF32).
         work = torch.empty(chunk, V, **f32)
         w32 = weight.to(acc)
-        for r0 in range(0, N, chunk):
-            r1 = min(N, r0 + chunk)
-            rows = r1 - r0
+
+        def grad_logits(cfg, r0, r1):
             x = hidden[r0:r1]
-            grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+            grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
             _grad_logits_kernel[grid](
                 x,
                 weight,
@@ -594,7 +608,7 @@ def backward(
                 ge[r0:r1],
                 ent[r0:r1],
                 work,
-                rows,
+                r1 - r0,
                 V,
                 H,
                 x.stride(0),
@@ -603,7 +617,17 @@ def backward(
                 HAS_BIAS=has_bias,
                 WITH_ENTROPY=with_entropy,
                 **consts,
+                **cfg,
             )
+
+        cfg = triton_configs.choose(
+            "grad_logits", hidden.dtype, chunk, key, lambda c: grad_logits(c, 0, chunk)
+        )
+        for r0 in range(0, N, chunk):
+            r1 = min(N, r0 + chunk)
+            rows = r1 - r0
+            x = hidden[r0:r1]
+            grad_logits(cfg, r0, r1)
             grad_z = work[:rows]
             torch.mm(grad_z, w32, out=dx[r0:r1])
             if dw is not None:
