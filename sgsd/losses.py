@@ -10,12 +10,12 @@ A step produces rollouts (student prompt + sampled completion + verifier reward)
 2. how the loss is computed from the student's last hidden states at the completion
    positions, the LM head, and the :class:`ScoredBatch` (``loss``).
 
-SGSD (DESIGN §3) is implemented here. The baselines plug into the same two methods:
-GRPO needs no teachers (``teachers`` returns ``[]``) and a loss on student log-probs with
-group-normalised advantages; OPSD's teacher context is the reference solution and its loss
-is the full-vocabulary divergence, which needs teacher *hidden states* rather than
-log-probs of the sampled tokens. Those land with their own issue; ``build_loss`` names
-the ones that exist.
+SGSD (docs/design.md §3) is implemented here; GRPO (:mod:`sgsd.grpo`) plugs into the same
+methods: no teachers (``teachers`` returns ``[]``), advantages set in ``prepare`` and a
+loss on student log-probs over ``num_iterations`` passes. OPSD's teacher context is the
+reference solution and its loss is the full-vocabulary divergence, which needs teacher
+*hidden states* rather than log-probs of the sampled tokens; it lands with its own issue.
+``build_loss`` names the ones that exist.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class ScoredBatch:
     rewards: torch.Tensor  # [B] float, +1 / -1
     teacher_weights: torch.Tensor  # [B, K] >= 0, 0 for missing teachers
     teacher_logprobs: torch.Tensor | None  # [B, K, T] constants (None if no teachers)
+    advantages: torch.Tensor | None = None  # [B] (GRPO: group-normalised rewards)
+    old_logprobs: torch.Tensor | None = None  # [B, T] first-pass log-probs (GRPO passes > 1)
 
 
 @dataclass
@@ -55,6 +57,16 @@ class LossStrategy:
 
     name: str = "base"
     num_teachers: int = 0
+    num_iterations: int = 1
+    """Optimisation passes over each step's rollouts (GRPO: 2; SGSD: 1)."""
+
+    def token_mask(self, tokenizer, completion_ids) -> list[bool]:
+        """Which completion tokens count in the loss (default: docs/design.md §3's m)."""
+        return prompts.format_token_mask(tokenizer, completion_ids)
+
+    def prepare(self, rollouts) -> None:
+        """Per-step hook over all of this rank's rollouts before any loss (GRPO sets
+        ``advantage`` from each problem's group here)."""
 
     def student_messages(self, problem) -> list[dict]:
         """The chat messages the policy samples its rollout from."""
@@ -115,7 +127,13 @@ class SGSDLoss(LossStrategy):
         return LossResult(out.loss, out.metrics(), out)
 
 
-LOSSES = {"sgsd": SGSDLoss}
+def _grpo(cfg: TrainConfig) -> LossStrategy:
+    from sgsd.grpo import GRPOLoss  # sgsd.grpo imports this module
+
+    return GRPOLoss(cfg)
+
+
+LOSSES = {"sgsd": SGSDLoss, "grpo": _grpo}
 
 
 def build_loss(cfg: TrainConfig) -> LossStrategy:
