@@ -39,6 +39,7 @@ __all__ = [
     "TrainerState",
     "find_checkpoint",
     "load_checkpoint",
+    "load_extra",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -110,8 +111,15 @@ def save_checkpoint(
     rank: int,
     keep: int = 0,
     export_full: bool = True,
+    extra: dict | None = None,
+    protect: frozenset[int] = frozenset(),
 ) -> Path:
-    """Write a checkpoint for ``state.step`` atomically; all ranks must call it."""
+    """Write a checkpoint for ``state.step`` atomically; all ranks must call it.
+
+    ``extra``: ``{name: object}`` written by rank 0 as ``name.pt`` (tensors, numbers,
+    strings; read back with :func:`load_extra`), e.g. the EMA teacher's weights.
+    ``protect``: steps whose checkpoints pruning to ``keep`` never deletes (evaluated ones).
+    """
     from safetensors.torch import save_file
 
     from sgsd.model import trainable_names
@@ -138,6 +146,8 @@ def save_checkpoint(
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "skill_bank.json").write_text(json.dumps(bank.state_dict()))
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / f"{name}.pt")
         meta = {
             "step": state.step,
             "data_position": state.data_position,
@@ -152,7 +162,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _prune(root, keep)
+        _prune(root, keep, protect)
         log.info("saved checkpoint %s", final)
     _barrier()
     return final
@@ -184,11 +194,18 @@ def _list(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, protect: frozenset[int] = frozenset()) -> None:
     if keep <= 0:
         return
     for old in _list(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name[len(_PREFIX) :]) not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_extra(path: Path, name: str):
+    """The object saved as ``extra[name]`` in checkpoint ``path``, or None if absent."""
+    f = Path(path) / f"{name}.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
 def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
