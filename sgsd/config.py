@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_PROFILE", "TrainConfig", "load_config", "parse_overrides"]
+__all__ = ["GRPO_PROFILE", "TINY_PROFILE", "TrainConfig", "load_config", "parse_overrides"]
 
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,11 +67,33 @@ class TrainConfig:
     retrieval_mode: str = "bm25"
     """How teachers are retrieved from the bank (passed to SkillBank.teachers)."""
     enable_thinking: bool = False
-    """Render chat prompts with thinking enabled (Qwen3 chat template flag)."""
+    """Render the student's prompt with thinking enabled (Qwen3 chat template flag; the
+    published SGSD run samples the student in non-thinking mode)."""
+    teacher_thinking: bool = True
+    """Render the teachers' prompts with thinking enabled (published: on)."""
+    student_skills: bool = False
+    """"+Skill" variants: put the top ``student_skills_k`` skills and mistakes (BM25) in
+    the student's prompt too (rendered once at start-up from the initial bank)."""
+    student_skills_k: int = 3
+    """Skills and mistakes each in the +Skill student prompt (published GRPO+Skill: 3)."""
 
     # ---- loss (DESIGN §3) --------------------------------------------------------------
     loss: str = "sgsd"
-    """Loss strategy (sgsd.losses.LOSSES). ``sgsd`` now; GRPO/OPSD plug in at the same seam."""
+    """Loss strategy (sgsd.losses.LOSSES): ``sgsd`` or ``grpo`` (sgsd.grpo; unset fields then
+    take GRPO_PROFILE, the published GRPO settings)."""
+    grpo_clip_eps: float = 0.2
+    """GRPO's PPO clip epsilon (published: 0.2)."""
+    num_iterations: int = 1
+    """Optimiser passes over each step's rollouts, the first pass's log-probs as the old
+    ones (GRPO's num_iterations; published GRPO: 2). Each pass is an optimiser step; the
+    LR schedule advances once per trainer step."""
+    teacher: str = "live"
+    """Teacher weights (sgsd.teachers): ``live`` (current), ``frozen`` (initial; LoRA
+    adapter disabled), ``ema`` or ``periodic``."""
+    teacher_ema_decay: float = 0.999
+    """EMA decay for ``teacher=ema`` (published: 0.999)."""
+    teacher_refresh_every: int = 50
+    """Refresh interval in optimiser steps for ``teacher=periodic`` (published: 50)."""
     num_teachers: int = 8
     """K: skill-conditioned teachers per rollout (paper: 8)."""
     gate_tau: float = 1.0
@@ -91,8 +113,8 @@ class TrainConfig:
     """``auto`` (vLLM when importable, else HF generate), ``vllm``, ``hf``."""
     problems_per_step: int = 16
     """Problems per optimizer step, over all ranks (must divide by the world size)."""
-    rollouts_per_problem: int = 4
-    """G: sampled completions per problem."""
+    rollouts_per_problem: int = 1
+    """G: sampled completions per problem (published SGSD: 1; GRPO: 8)."""
     temperature: float = 1.1
     """Sampling temperature (paper: 1.1)."""
     top_p: float = 0.95
@@ -118,8 +140,9 @@ class TrainConfig:
     """AdamW betas."""
     warmup_steps: int = 0
     """Linear warm-up steps, then ``lr_schedule``."""
-    lr_schedule: str = "constant"
-    """``constant`` or ``cosine`` (to 0 at max_steps)."""
+    lr_schedule: str = "linear"
+    """``linear`` (to 0 at max_steps, the published schedule), ``cosine`` (to 0) or
+    ``constant``."""
     max_grad_norm: float = 0.1
     """Gradient-norm clip (paper: 0.1); 0 disables."""
     micro_batch_size: int = 4
@@ -138,12 +161,13 @@ class TrainConfig:
     """Where config.yaml, metrics.jsonl, samples.jsonl and checkpoints/ go."""
     checkpoint_every: int = 25
     """Save every N steps (and always at the end); 0 = only at the end (paper: 25)."""
-    keep_checkpoints: int = 3
-    """Keep the newest N checkpoints (0 = keep all)."""
+    keep_checkpoints: int = 0
+    """Keep the newest N checkpoints (0 = keep all, as published); checkpoints of
+    evaluated steps are always kept."""
     resume: str | None = None
     """``latest`` (newest checkpoint in output_dir, fresh start if none) or a checkpoint dir."""
-    seed: int = 0
-    """Seeds data order, sampling and initialisation."""
+    seed: int = 42
+    """Seeds data order, sampling and initialisation (published: 42)."""
     log_every: int = 1
     """Console/metrics line every N steps."""
     sample_every: int = 10
@@ -154,6 +178,23 @@ class TrainConfig:
     """Also log to TensorBoard (output_dir/tb)."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project."""
+
+    # ---- evaluation during training (sgsd.evaluate) --------------------------------------
+    eval_every: int = 0
+    """Evaluate every N steps and at the end with the rollout engine (0 = never; the paper:
+    25). Results go to eval.jsonl and TensorBoard/W&B; evaluated checkpoints are kept."""
+    eval_datasets: str = "aime24,aime25,hmmt25"
+    """Comma list of evaluation sets (as ``python -m sgsd.evaluate --datasets``)."""
+    eval_n: int = 12
+    """Samples per evaluation problem (avg@n; published: 12)."""
+    eval_limit: int | None = None
+    """Evaluate only the first N problems of each set (None: all)."""
+    eval_max_tokens: int = 38912
+    """Completion cap during evaluation (published: 38912)."""
+    eval_temperature: float = 1.0
+    """Evaluation sampling temperature (published: 1.0; top-p 0.95, no top-k)."""
+    eval_thinking: bool = True
+    """Evaluate in thinking mode (published: on)."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -177,7 +218,22 @@ class TrainConfig:
             f"got {self.attn_implementation!r}",
         )
         need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit >= 1")
-        need(self.loss in ("sgsd",), f"loss must be one of ('sgsd',), got {self.loss!r}")
+        need(self.loss in ("sgsd", "grpo"), f"loss must be sgsd|grpo, got {self.loss!r}")
+        need(0 < self.grpo_clip_eps < 1, "0 < grpo_clip_eps < 1")
+        need(self.num_iterations >= 1, "num_iterations >= 1")
+        need(
+            self.teacher in ("live", "frozen", "ema", "periodic"),
+            f"teacher must be live|frozen|ema|periodic, got {self.teacher!r}",
+        )
+        need(0 < self.teacher_ema_decay < 1, "0 < teacher_ema_decay < 1")
+        need(self.teacher_refresh_every >= 1, "teacher_refresh_every >= 1")
+        need(self.student_skills_k >= 1, "student_skills_k >= 1")
+        need(
+            self.eval_every >= 0 and self.eval_n >= 1 and self.eval_max_tokens >= 1,
+            "eval_every >= 0, eval_n >= 1 and eval_max_tokens >= 1",
+        )
+        need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit >= 1")
+        need(self.eval_temperature > 0, "eval_temperature > 0")
         need(self.num_teachers >= 1, "num_teachers (K) >= 1")
         for name in ("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr"):
             v = getattr(self, name)
@@ -217,7 +273,10 @@ class TrainConfig:
             "adam_betas must be two numbers in [0, 1)",
         )
         need(self.warmup_steps >= 0, "warmup_steps >= 0")
-        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant|cosine")
+        need(
+            self.lr_schedule in ("linear", "constant", "cosine"),
+            "lr_schedule must be linear|constant|cosine",
+        )
         need(self.max_grad_norm >= 0, "max_grad_norm >= 0 (0 disables clipping)")
         need(
             self.micro_batch_size >= 1 and self.teacher_micro_batch_size >= 1,
@@ -264,6 +323,18 @@ TINY_PROFILE: dict[str, Any] = {
     "checkpoint_every": 5,
     "sample_every": 5,
     "output_dir": "runs/demo",
+    "eval_datasets": "demo",
+    "eval_n": 2,
+    "eval_max_tokens": 64,
+    "teacher_thinking": False,
+}
+
+#: The published GRPO settings, applied when ``loss == "grpo"`` to the fields the user did
+#: not set (after TINY_PROFILE): G = 8 rollouts at temperature 1.2, two optimiser passes.
+GRPO_PROFILE: dict[str, Any] = {
+    "rollouts_per_problem": 8,
+    "temperature": 1.2,
+    "num_iterations": 2,
 }
 
 
@@ -417,8 +488,11 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
             f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(types))})"
         )
     parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
+    user_set = set(parsed)
     if parsed.get("model", "tiny") == "tiny":
         parsed = {**{k: v for k, v in TINY_PROFILE.items() if k not in parsed}, **parsed}
+    if parsed.get("loss") == "grpo":
+        parsed.update({k: v for k, v in GRPO_PROFILE.items() if k not in user_set})
     return TrainConfig(**parsed)
 
 

@@ -69,8 +69,11 @@ class GRPOOutput:
     ratio_mean: float  # masked mean of the ratio
 
     def metrics(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "clip_frac": self.clip_frac,
-                "ratio_mean": self.ratio_mean}  # fmt: skip
+        return {
+            "loss": float(self.loss.detach()),
+            "clip_frac": self.clip_frac,
+            "ratio_mean": self.ratio_mean,
+        }
 
 
 def grpo_loss(
@@ -112,9 +115,15 @@ def grpo_loss(
     ignore = -100
     tgt = torch.where(mask, targets, torch.full_like(targets, ignore))
     out = sk.linear_logprobs(
-        hidden, weight, tgt, bias=bias, temperature=temperature, ignore_index=ignore,
-        return_entropy=return_entropy, backend=backend,
-    )  # fmt: skip
+        hidden,
+        weight,
+        tgt,
+        bias=bias,
+        temperature=temperature,
+        ignore_index=ignore,
+        return_entropy=return_entropy,
+        backend=backend,
+    )
     lp, ent = out if return_entropy else (out, None)
     old = lp.detach()
     if old_logprobs is not None:  # masked-out slots keep ratio 1 whatever the caller put there
@@ -168,10 +177,17 @@ class GRPOLoss(LossStrategy):
 
     def loss(self, student_hidden, weight, bias, batch: ScoredBatch) -> LossResult:
         out = grpo_loss(
-            student_hidden, weight, batch.targets, batch.token_mask, batch.advantages,
-            batch.old_logprobs, bias=bias, clip_eps=self.clip_eps,
-            temperature=self.temperature, backend=self.backend,
-        )  # fmt: skip
+            student_hidden,
+            weight,
+            batch.targets,
+            batch.token_mask,
+            batch.advantages,
+            batch.old_logprobs,
+            bias=bias,
+            clip_eps=self.clip_eps,
+            temperature=self.temperature,
+            backend=self.backend,
+        )
         return LossResult(out.loss, out.metrics(), out)
 
 

@@ -24,6 +24,7 @@ Everything configurable lives in :class:`sgsd.config.TrainConfig`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,12 +46,15 @@ from sgsd.checkpoint import (
     TrainerState,
     find_checkpoint,
     load_checkpoint,
+    load_extra,
     save_checkpoint,
 )
 from sgsd.config import TrainConfig, load_config, usage
 from sgsd.losses import LossStrategy, ScoredBatch, build_loss
 from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
+from sgsd.teachers import TeacherWeights
+from sgsd.train_eval import TrainingEval
 
 log = logging.getLogger("sgsd.train")
 
@@ -115,9 +119,11 @@ def build_scheduler(cfg: TrainConfig, optimizer):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
         if cfg.lr_schedule == "cosine":
-            span = max(1, cfg.max_steps - cfg.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        if cfg.lr_schedule == "linear":  # step 0 at the full rate, 0 after max_steps
+            return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -135,6 +141,8 @@ class Rollout:
     reward: float  # +1 / -1
     predicted: str | None
     teachers: list[tuple[list[int], float]]  # (teacher prompt ids, weight), at most K
+    advantage: float = 0.0  # set by strategy.prepare (GRPO)
+    old_logprobs: list[float] | None = None  # first-pass log-probs (num_iterations > 1)
 
 
 def sequences_batch(
@@ -190,7 +198,7 @@ def make_rollouts(
             teachers[id(problem)] = [
                 (
                     prompts.render_prompt_ids(
-                        tokenizer, messages, enable_thinking=cfg.enable_thinking
+                        tokenizer, messages, enable_thinking=cfg.teacher_thinking
                     ),
                     w,
                 )
@@ -201,12 +209,13 @@ def make_rollouts(
                 problem=problem,
                 prompt_ids=prompt_ids,
                 completion_ids=completion_ids,
-                token_mask=prompts.format_token_mask(tokenizer, completion_ids),
+                token_mask=strategy.token_mask(tokenizer, completion_ids),
                 reward=float(result.reward),
                 predicted=result.predicted,
                 teachers=teachers[id(problem)],
             )
         )
+    strategy.prepare(rollouts)
     return rollouts
 
 
@@ -290,14 +299,22 @@ def rollout_loss(
         mask[b, : len(r.token_mask)] = torch.tensor(r.token_mask, dtype=torch.bool)
         for k, (_, w) in enumerate(r.teachers[:K]):
             weights[b, k] = w
+    old = None
+    if rollouts[0].old_logprobs is not None:
+        old = torch.zeros(targets.shape, dtype=fdtype, device=device)
+        for b, r in enumerate(rollouts):
+            old[b, : len(r.old_logprobs)] = torch.tensor(r.old_logprobs, dtype=fdtype)
+    tw = getattr(strategy, "teacher_weights", None)
+    with tw.active(policy) if tw is not None else contextlib.nullcontext():
+        t_lp = teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id, device)
     batch = ScoredBatch(
         targets=targets,
         token_mask=mask & valid,
         rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
         teacher_weights=weights,
-        teacher_logprobs=teacher_logprobs(
-            policy, rollouts, K, targets.shape[1], cfg, pad_id, device
-        ),
+        teacher_logprobs=t_lp,
+        advantages=torch.tensor([r.advantage for r in rollouts], dtype=fdtype, device=device),
+        old_logprobs=old,
     )
     hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
     weight, bias = policy.lm_head()
@@ -335,14 +352,18 @@ def forward_backward(
             result = rollout_loss(model, policy, strategy, chunk, cfg, pad_id, device)
             (result.loss * (len(chunk) / total)).backward()
         loss_sum += float(result.loss.detach()) * len(chunk)
-        n_teachers = result.metrics.get("num_teachers", 0.0)
+        if strategy.num_iterations > 1 and chunk[0].old_logprobs is None:  # first pass
+            lp = result.output.logprobs
+            for b, r in enumerate(chunk):
+                r.old_logprobs = lp[b, : len(r.completion_ids)].tolist()
+        n_teachers = result.metrics.get("num_teachers")
         for key, value in result.metrics.items():
             if key in ("loss", "num_teachers"):
                 continue
-            w = len(chunk) if key == "mask_keep_frac" else n_teachers
+            w = len(chunk) if key == "mask_keep_frac" or n_teachers is None else n_teachers
             sums[key] = sums.get(key, 0.0) + value * w
             weights[key] = weights.get(key, 0.0) + w
-        sums["num_teachers"] = sums.get("num_teachers", 0.0) + n_teachers
+        sums["num_teachers"] = sums.get("num_teachers", 0.0) + (n_teachers or 0.0)
     metrics = {k: sums[k] / weights[k] if weights.get(k) else 0.0 for k in weights}
     metrics["num_teachers"] = sums.get("num_teachers", 0.0)
     return loss_sum / total, metrics
@@ -446,13 +467,28 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def format_line(r: dict) -> str:
+    if "helpful_frac" in r:
+        method = (
+            f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
+            f"{r['neutral_frac']:.2f}"
+        )
+    else:  # GRPO
+        method = f"clip {r.get('clip_frac', 0.0):.3f} ratio {r.get('ratio_mean', 1.0):.3f}"
     return (
         f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward']:+.3f} | "
-        f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
-        f"{r['neutral_frac']:.2f} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
+        f"{method} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
         f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
         f"(gen {r['gen_time_s']:.2f}s, train {r['train_time_s']:.2f}s)"
     )
+
+
+def _reduce_extreme(value: float, which: str, device: torch.device) -> float:
+    """``min`` or ``max`` of ``value`` over ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if which == "min" else dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -491,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- model, data, skills, loss -----------------------------------------------------
     from sgsd.data import load_problems
+    from sgsd.evaluate import problem_messages
     from sgsd.skills import SkillBank
 
     if env.main:  # build/fetch the weights once before every rank loads them
@@ -500,15 +537,17 @@ def main(argv: list[str] | None = None) -> int:
     policy, tokenizer, source = load_policy(cfg, env.device)
     pad_id = tokenizer.pad_token_id
     strategy = build_loss(cfg)
+    bank = SkillBank.load(cfg.skill_bank) if cfg.skill_bank else SkillBank.default()
     problems, prompt_ids = [], []
     loaded = load_problems(
         cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field, limit=cfg.dataset_limit
     )
     n_loaded = len(loaded)
     for p in loaded:
-        ids = prompts.render_prompt_ids(
-            tokenizer, strategy.student_messages(p), enable_thinking=cfg.enable_thinking
-        )
+        messages = strategy.student_messages(p)
+        if cfg.student_skills:  # "+Skill": skills and mistakes before the problem
+            messages = problem_messages(p, bank, cfg.student_skills_k)
+        ids = prompts.render_prompt_ids(tokenizer, messages, enable_thinking=cfg.enable_thinking)
         if len(ids) <= cfg.max_prompt_tokens:
             problems.append(p)
             prompt_ids.append(ids)
@@ -523,7 +562,6 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(
             f"no problem in {cfg.dataset!r} fits max_prompt_tokens={cfg.max_prompt_tokens}"
         )
-    bank = SkillBank.load(cfg.skill_bank) if cfg.skill_bank else SkillBank.default()
     sampler = ProblemSampler(len(problems), cfg.seed)
     log.info(
         "%d problems, skill bank %s, loss %s, K=%d, %d rank(s)",
@@ -547,6 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
     )
     scheduler = build_scheduler(cfg, optimizer)
+    # Before resuming: `frozen` keeps the initial weights; ema/periodic state is loaded below.
+    teacher = None
+    if strategy.num_teachers:
+        teacher = TeacherWeights(
+            cfg.teacher, policy, ema_decay=cfg.teacher_ema_decay, every=cfg.teacher_refresh_every
+        )
+    strategy.teacher_weights = teacher
 
     # ---- resume --------------------------------------------------------------------------
     state = TrainerState(world_size=env.world_size)
@@ -561,6 +606,11 @@ def main(argv: list[str] | None = None) -> int:
             world_size=env.world_size,
         )
         bank = SkillBank.from_state_dict(bank_state)
+        if teacher is not None and teacher.mode in ("ema", "periodic"):
+            saved = load_extra(ckpt, "teacher")
+            if saved is None:
+                raise ValueError(f"checkpoint {ckpt} holds no teacher={teacher.mode} state")
+            teacher.load_state_dict(saved)
         log.info("resumed from %s at step %d", ckpt, state.step)
     elif env.main and find_checkpoint("latest", out_dir) is not None:
         log.warning(
@@ -570,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # ---- rollout engine (weights are pushed before every generation, so also after resume)
+    evaluator = TrainingEval(
+        cfg, tokenizer, out_dir, rank=env.rank, world_size=env.world_size, resume_step=state.step
+    )
     threads = torch.get_num_threads()
     engine: RolloutEngine = build_rollout_engine(
         cfg,
@@ -578,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         source,
         env.device,
         rank=env.rank,
-        max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_tokens,
+        max_model_len=max(
+            max(map(len, prompt_ids)) + cfg.max_completion_tokens, evaluator.max_model_len()
+        ),
     )
     if torch.get_num_threads() != threads:  # vLLM may lower it for serving
         torch.set_num_threads(threads)
@@ -599,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="sgsd", dynamic_ncols=True)
     last_saved = state.step if ckpt is not None else -1
 
+    keep_teacher = teacher if teacher is not None and teacher.mode in ("ema", "periodic") else None
+
     def checkpoint() -> None:
         nonlocal last_saved
         save_checkpoint(
@@ -612,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             rank=env.rank,
             keep=cfg.keep_checkpoints,
             export_full=policy.is_peft or state.step >= cfg.max_steps,
+            extra=None if keep_teacher is None else {"teacher": keep_teacher.state_dict()},
+            protect=evaluator.protected,
         )
         last_saved = state.step
 
@@ -632,23 +691,30 @@ def main(argv: list[str] | None = None) -> int:
             # 2-3. verify, retrieve teachers
             rollouts = make_rollouts(cfg, batch, completions, tokenizer, bank, strategy)
 
-            # 4-5. teacher scoring + one student forward/backward per rollout
+            # 4-6. teacher scoring + one student forward/backward per rollout; clip, step.
+            # num_iterations passes (GRPO): the first pass's log-probs are the old ones;
+            # the logged loss and metrics are the first pass's.
             t_train = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss, loss_metrics = forward_backward(
-                model, policy, strategy, rollouts, cfg, pad_id, env.device
-            )
-
-            # 6. clip, step
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # same on every rank
-                raise FloatingPointError(
-                    f"step {step}: non-finite loss ({loss}) or gradient "
-                    f"norm ({grad_norm}); the weights were not updated"
+            for it in range(strategy.num_iterations):
+                optimizer.zero_grad(set_to_none=True)
+                it_loss, it_metrics = forward_backward(
+                    model, policy, strategy, rollouts, cfg, pad_id, env.device
                 )
-            optimizer.step()
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                it_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if not (math.isfinite(it_loss) and math.isfinite(it_norm)):  # same on all ranks
+                    raise FloatingPointError(
+                        f"step {step}: non-finite loss ({it_loss}) or gradient "
+                        f"norm ({it_norm}); the weights were not updated"
+                    )
+                optimizer.step()
+                if teacher is not None:
+                    teacher.after_optimizer_step(
+                        policy, (step - 1) * strategy.num_iterations + it + 1
+                    )
+                if it == 0:
+                    loss, loss_metrics, grad_norm = it_loss, it_metrics, it_norm
             t_train = time.perf_counter() - t_train
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -657,16 +723,25 @@ def main(argv: list[str] | None = None) -> int:
 
             # 7. metrics over all ranks
             n_teach = loss_metrics.pop("num_teachers")
+            lengths = [len(r.completion_ids) for r in rollouts]
+            eos = tokenizer.eos_token_id
+            truncated = sum(
+                len(r.completion_ids) >= cfg.max_completion_tokens
+                and (not r.completion_ids or r.completion_ids[-1] != eos)
+                for r in rollouts
+            )
             sums = {
                 "loss": loss * len(rollouts),
                 "reward": sum(r.reward for r in rollouts),
                 "rollouts": len(rollouts),
                 "num_teachers": n_teach,
-                "tokens": sum(len(r.completion_ids) for r in rollouts),
+                "tokens": sum(lengths),
+                "truncated": truncated,
             }
+            per_rollout = {"mask_keep_frac"} if strategy.num_teachers else set(loss_metrics)
             sums.update(
                 {
-                    f"w_{k}": v * (len(rollouts) if k == "mask_keep_frac" else n_teach)
+                    f"w_{k}": v * (len(rollouts) if k in per_rollout else n_teach)
                     for k, v in loss_metrics.items()
                 }
             )
@@ -685,8 +760,11 @@ def main(argv: list[str] | None = None) -> int:
                 "completion_tokens": int(sums["tokens"]),
                 "mean_completion_len": sums["tokens"] / sums["rollouts"],
             }
+            record["completion_len_min"] = _reduce_extreme(min(lengths), "min", env.device)
+            record["completion_len_max"] = _reduce_extreme(max(lengths), "max", env.device)
+            record["truncated_frac"] = sums["truncated"] / sums["rollouts"]
             for k in loss_metrics:
-                w = sums["rollouts"] if k == "mask_keep_frac" else sums["num_teachers"]
+                w = sums["rollouts"] if k in per_rollout else sums["num_teachers"]
                 record[k] = sums[f"w_{k}"] / w if w else 0.0
             record["teachers_per_rollout"] = sums["num_teachers"] / sums["rollouts"]
             metrics_log.step(record)
@@ -704,8 +782,21 @@ def main(argv: list[str] | None = None) -> int:
             # Online skill-bank update (DESIGN §2) lands here in its own issue: it will read
             # this step's `rollouts` and mutate `bank`, whose state every checkpoint saves.
 
-            # 8. checkpoint
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            # 8. evaluate (the engine gets the updated weights first), checkpoint
+            if evaluator.due(step):
+                with gathered(policy):
+                    engine.sync_weights(policy)
+                result = evaluator.run(step, engine, metrics_log)
+                if result is not None:
+                    log.info(
+                        "eval step %d: mean avg@%d %.4f (best %.4f at step %d)",
+                        step,
+                        cfg.eval_n,
+                        result["mean_avg"],
+                        result["best_mean_avg"],
+                        result["best_step"],
+                    )
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or evaluator.due(step):
                 checkpoint()
             if stop.should_stop(env.device if env.device.type == "cuda" else None):
                 log.warning("stopping at step %d on signal", step)

@@ -23,11 +23,25 @@ def tiny_eval(tmp_path_factory, shared_data_dir):
     out = tmp_path_factory.mktemp("eval")
     rc = evaluate.main(
         [
-            "--model", "tiny", "--datasets", "aime24,demo", "--n", "3", "--limit", "5",
-            "--data-dir", str(shared_data_dir), "--output", str(out), "--backend", "hf",
-            "--max-tokens", "48", "--no-progress",
+            "--model",
+            "tiny",
+            "--datasets",
+            "aime24,demo",
+            "--n",
+            "3",
+            "--limit",
+            "5",
+            "--data-dir",
+            str(shared_data_dir),
+            "--output",
+            str(out),
+            "--backend",
+            "hf",
+            "--max-tokens",
+            "48",
+            "--no-progress",
         ]
-    )  # fmt: skip
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     return out, rows, json.loads((out / "summary.json").read_text())

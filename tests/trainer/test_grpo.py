@@ -68,8 +68,9 @@ def test_loss_and_grads_match_float64_eager(backend, dtype, group_size, second_p
     g64 = grads(loss64, o)
     # ours in `dtype`
     x = [leaf(t, dtype) for t in (hidden, weight, bias)]
-    out = grpo_loss(x[0], x[1], targets, mask, adv, old, bias=x[2], temperature=0.9,
-                    backend=backend)  # fmt: skip
+    out = grpo_loss(
+        x[0], x[1], targets, mask, adv, old, bias=x[2], temperature=0.9, backend=backend
+    )
     g = grads(out.loss, x)
     if dtype == torch.float64:
         torch.testing.assert_close(out.loss, loss64, rtol=1e-10, atol=1e-12)

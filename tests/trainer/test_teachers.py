@@ -15,8 +15,9 @@ pytest.importorskip("peft")
 def _policy(finetune: str):
     from sgsd.model import load_policy
 
-    cfg = TrainConfig(model="tiny", finetune=finetune, lora_r=4, lora_alpha=8,
-                      gradient_checkpointing=False)  # fmt: skip
+    cfg = TrainConfig(
+        model="tiny", finetune=finetune, lora_r=4, lora_alpha=8, gradient_checkpointing=False
+    )
     policy, _, _ = load_policy(cfg, torch.device("cpu"))
     return policy
 
