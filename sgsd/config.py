@@ -105,6 +105,9 @@ class TrainConfig:
     logprob_temperature: float = 1.0
     """Temperature of the student/teacher log-probs in the loss (1 = the model's own
     distribution; independent of the sampling temperature)."""
+    log_entropy: bool = True
+    """Log the student's and teachers' mean token entropy (one extra no-grad LM-head pass
+    for the student; the teachers' comes with their log-probs)."""
     kernel_backend: str = "auto"
     """sgsd_kernels backend: auto, triton, torch, reference."""
 

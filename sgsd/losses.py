@@ -28,7 +28,18 @@ import sgsd_kernels as sk
 from sgsd import prompts
 from sgsd.config import TrainConfig
 
-__all__ = ["LossResult", "LossStrategy", "SGSDLoss", "ScoredBatch", "build_loss"]
+__all__ = [
+    "PER_ROLLOUT_METRICS",
+    "LossResult",
+    "LossStrategy",
+    "SGSDLoss",
+    "ScoredBatch",
+    "build_loss",
+]
+
+
+#: Metrics averaged over rollouts; every other SGSD metric is averaged over present teachers.
+PER_ROLLOUT_METRICS = frozenset({"mask_keep_frac", "student_entropy"})
 
 
 @dataclass
@@ -43,6 +54,8 @@ class ScoredBatch:
     teacher_logprobs: torch.Tensor | None  # [B, K, T] constants (None if no teachers)
     advantages: torch.Tensor | None = None  # [B] (GRPO: group-normalised rewards)
     old_logprobs: torch.Tensor | None = None  # [B, T] first-pass log-probs (GRPO passes > 1)
+    teacher_entropy: torch.Tensor | None = None  # [B, K, T] teachers' token entropies
+    log_entropy: bool = False  # also measure the student's token entropy (no grad)
 
 
 @dataclass
@@ -124,7 +137,42 @@ class SGSDLoss(LossStrategy):
             confidence_threshold=self.confidence_threshold,
             backend=self.backend,
         )
-        return LossResult(out.loss, out.metrics(), out)
+        metrics = out.metrics()
+        metrics.update(self._extra_metrics(out, student_hidden, weight, bias, batch))
+        return LossResult(out.loss, metrics, out)
+
+    @torch.no_grad()
+    def _extra_metrics(self, out, student_hidden, weight, bias, batch: ScoredBatch) -> dict:
+        """The published run's extra logs: the raw (unclipped) support score and the
+        fraction of teachers with |S| <= epsilon (means over present teachers), and the
+        masked mean token entropy of the student (per rollout) and of the teachers."""
+        present = batch.teacher_weights > 0
+        n_present = present.sum().clamp(min=1)
+        m = batch.token_mask.to(out.student_logprobs.dtype)
+        n = m.sum(dim=1).clamp(min=1)
+        gap = out.teacher_logprobs - out.student_logprobs.unsqueeze(1)
+        raw = (gap * m.unsqueeze(1)).sum(-1) / n.unsqueeze(1)
+        below = (out.support.abs() <= self.confidence_threshold) & present
+        stats = {
+            "raw_support": float(torch.where(present, raw, 0.0).sum() / n_present),
+            "below_threshold_frac": float(below.sum() / n_present),
+        }
+        if batch.teacher_entropy is not None:
+            per = (batch.teacher_entropy * m.unsqueeze(1)).sum(-1) / n.unsqueeze(1)
+            stats["teacher_entropy"] = float(torch.where(present, per, 0.0).sum() / n_present)
+        if batch.log_entropy:
+            tgt = torch.where(batch.token_mask, batch.targets, -100)
+            _, ent = sk.linear_logprobs(
+                student_hidden.detach(),
+                weight.detach(),
+                tgt,
+                bias=None if bias is None else bias.detach(),
+                temperature=self.temperature,
+                return_entropy=True,
+                backend=self.backend,
+            )
+            stats["student_entropy"] = float(((ent * m).sum(1) / n).mean())
+        return stats
 
 
 def _grpo(cfg: TrainConfig) -> LossStrategy:

@@ -50,7 +50,7 @@ from sgsd.checkpoint import (
     save_checkpoint,
 )
 from sgsd.config import TrainConfig, load_config, usage
-from sgsd.losses import LossStrategy, ScoredBatch, build_loss
+from sgsd.losses import PER_ROLLOUT_METRICS, LossStrategy, ScoredBatch, build_loss
 from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
 from sgsd.teachers import TeacherWeights
@@ -237,9 +237,11 @@ def teacher_logprobs(
     device: torch.device,
 ) -> torch.Tensor:
     """``[B, K, T]`` log-probs of each rollout's completion under each teacher context,
-    from the live model (no grad). Missing teachers stay 0 (their weight is 0)."""
+    from the model (no grad), and the matching token entropies (``cfg.log_entropy``;
+    else None). Missing teachers stay 0 (their weight is 0)."""
     dtype = _float_dtype(policy)
     out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=dtype, device=device)
+    ent = torch.zeros_like(out) if cfg.log_entropy else None
     jobs = [
         (b, k, ids)
         for b, r in enumerate(rollouts)
@@ -260,18 +262,22 @@ def teacher_logprobs(
             targets,
             bias=bias,
             temperature=cfg.logprob_temperature,
+            return_entropy=cfg.log_entropy,
             backend=cfg.kernel_backend,
         )
+        lp, h = lp if cfg.log_entropy else (lp, None)
         for row, (b, k, _) in enumerate(chunk):
             n = len(rollouts[b].completion_ids)
             out[b, k, :n] = lp[row, :n].to(dtype)
+            if h is not None:
+                ent[b, k, :n] = h[row, :n].to(dtype)
     if is_fsdp(policy):  # every forward is a collective: match the busiest rank's count
         count = torch.tensor([len(chunks)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
         for _ in range(int(count.item()) - len(chunks)):
             policy(dummy, torch.ones_like(dummy))
-    return out
+    return out, ent
 
 
 def rollout_loss(
@@ -306,7 +312,7 @@ def rollout_loss(
             old[b, : len(r.old_logprobs)] = torch.tensor(r.old_logprobs, dtype=fdtype)
     tw = getattr(strategy, "teacher_weights", None)
     with tw.active(policy) if tw is not None else contextlib.nullcontext():
-        t_lp = teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id, device)
+        t_lp, t_ent = teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id, device)
     batch = ScoredBatch(
         targets=targets,
         token_mask=mask & valid,
@@ -315,6 +321,8 @@ def rollout_loss(
         teacher_logprobs=t_lp,
         advantages=torch.tensor([r.advantage for r in rollouts], dtype=fdtype, device=device),
         old_logprobs=old,
+        teacher_entropy=t_ent,
+        log_entropy=cfg.log_entropy,
     )
     hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
     weight, bias = policy.lm_head()
@@ -360,7 +368,7 @@ def forward_backward(
         for key, value in result.metrics.items():
             if key in ("loss", "num_teachers"):
                 continue
-            w = len(chunk) if key == "mask_keep_frac" or n_teachers is None else n_teachers
+            w = len(chunk) if key in PER_ROLLOUT_METRICS or n_teachers is None else n_teachers
             sums[key] = sums.get(key, 0.0) + value * w
             weights[key] = weights.get(key, 0.0) + w
         sums["num_teachers"] = sums.get("num_teachers", 0.0) + (n_teachers or 0.0)
@@ -738,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": sum(lengths),
                 "truncated": truncated,
             }
-            per_rollout = {"mask_keep_frac"} if strategy.num_teachers else set(loss_metrics)
+            per_rollout = PER_ROLLOUT_METRICS if strategy.num_teachers else set(loss_metrics)
             sums.update(
                 {
                     f"w_{k}": v * (len(rollouts) if k in per_rollout else n_teach)
