@@ -57,7 +57,8 @@ class TrainConfig:
     """``demo`` (bundled), a JSONL/JSON path, or a HF dataset id
     (``BytedTsinghua-SIA/DAPO-Math-17k`` is the paper's); see sgsd.data.load_problems."""
     dataset_split: str | None = None
-    """Dataset split (None: the loader's default)."""
+    """Dataset split (None: the loader's default; for ``demo``: ``train``, so that the
+    held-out ``test`` split that sgsd.evaluate scores is never trained on)."""
     answer_field: str | None = None
     """Field holding the final answer (None: the loader detects it)."""
     dataset_limit: int | None = None
@@ -205,6 +206,8 @@ class TrainConfig:
                 raise ValueError(f"invalid config: {msg}")
 
         need(bool(self.model), "model must be a model id, a path or 'tiny'")
+        if self.dataset == "demo" and self.dataset_split is None:
+            self.dataset_split = "train"
         need(
             self.finetune in ("lora", "full"), f"finetune must be lora|full, got {self.finetune!r}"
         )
@@ -313,7 +316,7 @@ TINY_PROFILE: dict[str, Any] = {
     "problems_per_step": 4,
     "rollouts_per_problem": 2,
     "num_teachers": 4,
-    "max_completion_tokens": 32,
+    "max_completion_tokens": 64,
     "max_prompt_tokens": 1024,
     "micro_batch_size": 8,
     "teacher_micro_batch_size": 16,

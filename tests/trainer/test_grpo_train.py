@@ -12,14 +12,15 @@ from test_train_run import checkpoints, metrics, run_train, trainable
 
 pytestmark = pytest.mark.slow
 
-# Small and fast: 2 problems x G rollouts of <= 16 tokens per step, HF generate.
+# Small and fast: 2 problems x G rollouts of <= 64 tokens per step, HF generate. A
+# constant LR: the default linear decay depends on max_steps, which the resume tests vary.
 FAST = [
     "--rollout-backend",
     "hf",
     "--problems-per-step",
     "2",
     "--max-completion-tokens",
-    "16",
+    "64",
     "--num-teachers",
     "2",
     "--micro-batch-size",
@@ -28,6 +29,8 @@ FAST = [
     "false",
     "--checkpoint-every",
     "1",
+    "--lr-schedule",
+    "constant",
 ]
 
 
@@ -51,6 +54,9 @@ def test_grpo_torchrun_two_ranks_then_exact_resume(tmp_path):
     for key in ("loss", "reward", "clip_frac", "grad_norm", "completion_tokens"):
         assert m_full[-1][key] == m_part[-1][key], key
     assert all("helpful_frac" not in r and "ratio_mean" in r for r in m_full)
+    # not vacuous: the warm-started model is often right on the (memorised) train split,
+    # so groups have mixed rewards, non-zero advantages and gradients
+    assert any(-1 < r["reward"] < 1 and r["grad_norm"] > 0 for r in m_full)
     _same_weights(full / "checkpoints" / "step_000003", part / "checkpoints" / "step_000003")
 
 
@@ -59,7 +65,7 @@ def test_teacher_modes_take_a_torchrun_step(tmp_path, teacher):
     out = tmp_path / teacher
     run_train([*FAST, "--teacher", teacher, "--max-steps", "2", "--output-dir", str(out)], nproc=1)
     m = metrics(out)
-    assert [r["step"] for r in m] == [1, 2] and all(r["num_teachers"] > 0 for r in m)
+    assert [r["step"] for r in m] == [1, 2] and all(r["teachers_per_rollout"] > 0 for r in m)
     assert not (out / "checkpoints" / "step_000002" / "teacher.pt").exists()
 
 
@@ -68,8 +74,9 @@ def test_kept_teacher_state_resumes_exactly(tmp_path, teacher):
     args = [*FAST, "--teacher", teacher, "--teacher-refresh-every", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_train([*args, "--max-steps", "3", "--output-dir", str(full)], nproc=1)
-    run_train([*args, "--max-steps", "2", "--output-dir", str(part)])
-    run_train([*args, "--max-steps", "3", "--output-dir", str(part), "--resume", "latest"])
+    # all under torchrun (it sets OMP_NUM_THREADS=1: CPU float sums depend on thread count)
+    run_train([*args, "--max-steps", "2", "--output-dir", str(part)], nproc=1)
+    run_train([*args, "--max-steps", "3", "--output-dir", str(part), "--resume", "latest"], nproc=1)
     a = torch.load(full / "checkpoints" / "step_000003" / "teacher.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "step_000003" / "teacher.pt", weights_only=True)
     assert a["mode"] == teacher and a["refreshed_at"] == b["refreshed_at"]
