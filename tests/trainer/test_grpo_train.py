@@ -42,7 +42,7 @@ def _same_weights(a, b):
 
 
 def test_grpo_torchrun_two_ranks_then_exact_resume(tmp_path):
-    args = [*FAST, "--loss", "grpo", "--rollouts-per-problem", "4", "--student-skills"]
+    args = [*FAST, "--loss", "grpo", "--rollouts-per-problem", "4"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_train([*args, "--max-steps", "3", "--output-dir", str(full)], nproc=2)
     run_train([*args, "--max-steps", "2", "--output-dir", str(part)], nproc=2)
@@ -58,6 +58,15 @@ def test_grpo_torchrun_two_ranks_then_exact_resume(tmp_path):
     # so groups have mixed rewards, non-zero advantages and gradients
     assert any(-1 < r["reward"] < 1 and r["grad_norm"] > 0 for r in m_full)
     _same_weights(full / "checkpoints" / "step_000003", part / "checkpoints" / "step_000003")
+
+
+def test_grpo_plus_skill_takes_a_torchrun_step(tmp_path):
+    out = tmp_path / "grpo-skill"
+    args = [*FAST, "--loss", "grpo", "--rollouts-per-problem", "2", "--student-skills"]
+    run_train([*args, "--max-steps", "1", "--output-dir", str(out)], nproc=1)
+    cfg = json.loads((out / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
+    assert cfg["config"]["student_skills"] is True and cfg["config"]["student_skills_k"] == 3
+    assert [r["step"] for r in metrics(out)] == [1]
 
 
 @pytest.mark.parametrize("teacher", ["live", "frozen"])
