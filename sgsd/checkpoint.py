@@ -3,11 +3,14 @@
 A checkpoint is a directory ``OUTPUT/checkpoints/step_000025/``::
 
     trainable.safetensors   every trainable parameter (LoRA adapter or full model): resume
-    model/                  save_pretrained export (the adapter; the full model for full FT)
+    adapter/                the PEFT LoRA adapter (save_pretrained; LoRA runs only)
+    model/                  standalone merged model + tokenizer (LoRA merged into the base
+                            weights): AutoModelForCausalLM / vLLM load it with nothing else.
+                            Written into the run's last checkpoint (a model-sized copy)
     optimizer.pt            full optimizer state   scheduler.pt   LR-scheduler state
     rng/rank{r}.pt          python / numpy / torch (+ CUDA) RNG states of every rank
     skill_bank.json         SkillBank.state_dict()
-    trainer_state.json      step, data position, world size, config
+    trainer_state.json      run id, step, data position, world size, config
 
 It is written into ``.tmp-step_000025`` and renamed into place, so a crash mid-write never
 leaves a directory that looks complete. Model and optimizer states are gathered as *full*
@@ -32,12 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sgsd.rundir import checkpoints
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "GracefulStop",
     "TrainerState",
-    "find_checkpoint",
     "load_checkpoint",
     "load_extra",
     "rng_state",
@@ -53,6 +57,7 @@ class TrainerState:
     step: int = 0  # optimizer steps completed
     data_position: int = 0  # problems consumed (all ranks)
     world_size: int = 1
+    run_id: str = ""  # the run this state belongs to (sgsd.rundir)
 
 
 def rng_state() -> dict:
@@ -110,12 +115,13 @@ def save_checkpoint(
     config: dict,
     rank: int,
     keep: int = 0,
-    export_full: bool = True,
+    tokenizer=None,
+    export_model: bool = True,
     extra: dict | None = None,
     protect: frozenset[int] = frozenset(),
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically; all ranks must call it.
-
+    ``export_model``: also write the standalone merged ``model/`` (with ``tokenizer``).
     ``extra``: ``{name: object}`` written by rank 0 as ``name.pt`` (tensors, numbers,
     strings; read back with :func:`load_extra`), e.g. the EMA teacher's weights.
     ``protect``: steps whose checkpoints pruning to ``keep`` never deletes (evaluated ones).
@@ -134,14 +140,16 @@ def save_checkpoint(
     _barrier()
     torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
     model_sd, optim_sd = _full_state(policy, optimizer)
+    if export_model:
+        _export_merged(policy, tokenizer, tmp / "model", rank)
     if rank == 0:
         trainable = {n: model_sd[n].contiguous() for n in trainable_names(policy)}
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        if policy.is_peft or export_full:
+        if policy.is_peft:
             # policy.model's own keys: drop the Policy wrapper's "model." prefix
             inner = {k.removeprefix("model."): v for k, v in model_sd.items()}
             policy.model.save_pretrained(
-                str(tmp / "model"), state_dict=inner, safe_serialization=True
+                str(tmp / "adapter"), state_dict=inner, safe_serialization=True
             )
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -152,6 +160,7 @@ def save_checkpoint(
             "step": state.step,
             "data_position": state.data_position,
             "world_size": state.world_size,
+            "run_id": state.run_id,
             "config": config,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
@@ -168,6 +177,27 @@ def save_checkpoint(
     return final
 
 
+def _export_merged(policy, tokenizer, path: Path, rank: int) -> None:
+    """The model with its LoRA deltas merged in, under the base model's names, saved with
+    ``save_pretrained`` (config, generation config, safetensors) and the tokenizer. A
+    collective under FSDP2 (the weights are gathered); only rank 0 copies and writes."""
+    from sgsd.model import gathered, merged_weights
+    from sgsd_kernels import hf
+
+    base = hf.unwrap_causal_lm(policy.model)
+    with gathered(policy):
+        merged = (
+            {k: v.detach().to("cpu", copy=True).contiguous() for k, v in merged_weights(policy)}
+            if rank == 0
+            else None
+        )
+    if rank != 0:
+        return
+    base.save_pretrained(str(path), state_dict=merged, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -181,23 +211,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _complete(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file()
-
-
-def _list(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and _complete(p)
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
-
-
 def _prune(root: Path, keep: int, protect: frozenset[int] = frozenset()) -> None:
     if keep <= 0:
         return
-    for old in _list(root)[:-keep]:
+    for old in checkpoints(root.parent)[:-keep]:
         if int(old.name[len(_PREFIX) :]) not in protect:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -206,22 +223,6 @@ def load_extra(path: Path, name: str):
     """The object saved as ``extra[name]`` in checkpoint ``path``, or None if absent."""
     f = Path(path) / f"{name}.pt"
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
-
-
-def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``"latest"`` -> newest complete checkpoint under output_dir (None if there is none);
-    a path -> that checkpoint (error if it is not one)."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = _list(_checkpoint_root(output_dir))
-        return found[-1] if found else None
-    path = Path(resume)
-    if not _complete(path):
-        raise FileNotFoundError(
-            f"--resume {resume}: not a checkpoint directory (no trainer_state.json)"
-        )
-    return path
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, world_size: int):
@@ -261,7 +262,10 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, worl
     set_rng_state(torch.load(path / "rng" / f"rank{rank}.pt", weights_only=False))
     bank_state = json.loads((path / "skill_bank.json").read_text())
     state = TrainerState(
-        step=meta["step"], data_position=meta["data_position"], world_size=world_size
+        step=meta["step"],
+        data_position=meta["data_position"],
+        world_size=world_size,
+        run_id=meta.get("run_id", ""),
     )
     return state, bank_state
 

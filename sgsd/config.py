@@ -1,5 +1,9 @@
 """Training configuration: one dataclass, documented and validated.
 
+Over 450 lines on purpose: it is the one declaration of every option, each with the
+documentation that ``--help`` prints, next to the parsing and the validation that name
+those options in their messages.
+
 Precedence (lowest to highest): the field defaults below (the paper's hyper-parameters) ->
 the tiny-model profile (only when ``model == "tiny"``, only for fields the user did not
 set) -> ``--config FILE`` (YAML or JSON) -> ``--key value`` command-line overrides.
@@ -15,6 +19,7 @@ false``, ``--lora-target-modules q_proj,v_proj``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -22,7 +27,30 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GRPO_PROFILE", "TINY_PROFILE", "TrainConfig", "load_config", "parse_overrides"]
+__all__ = [
+    "GRPO_PROFILE",
+    "TINY_PROFILE",
+    "ConfigError",
+    "TrainConfig",
+    "flag",
+    "load_config",
+    "parse_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A bad option: the message is one line that names the flag (``--max-steps must be
+    >= 1, got -3``); ``field`` is the TrainConfig field, when there is one."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def flag(name: str) -> str:
+    """``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
 
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,7 +78,8 @@ class TrainConfig:
     """``auto`` (flash_attention_2 when installed on CUDA, else sdpa), ``sdpa``, ``eager``,
     ``flash_attention_2``."""
     gradient_checkpointing: bool = True
-    """Recompute activations in backward (saves memory on long rollouts)."""
+    """Recompute activations in backward (saves memory on long rollouts). On by default;
+    the tiny profile turns it off (its activations are small)."""
 
     # ---- data and skills ---------------------------------------------------------------
     dataset: str = "demo"
@@ -110,7 +139,8 @@ class TrainConfig:
     """Log the student's and teachers' mean token entropy (one extra no-grad LM-head pass
     for the student; the teachers' comes with their log-probs)."""
     kernel_backend: str = "auto"
-    """sgsd_kernels backend: auto, triton, torch, reference."""
+    """sgsd_kernels backend (``sgsd_kernels.runtime.BACKENDS``): auto (triton on CUDA, else
+    torch), triton, torch, reference."""
 
     # ---- rollouts ----------------------------------------------------------------------
     rollout_backend: str = "auto"
@@ -169,19 +199,26 @@ class TrainConfig:
     """Keep the newest N checkpoints (0 = keep all, as published); checkpoints of
     evaluated steps are always kept."""
     resume: str | None = None
-    """``latest`` (newest checkpoint in output_dir, fresh start if none) or a checkpoint dir."""
+    """Continue a run: ``latest`` (the newest checkpoint in output_dir; a fresh start if
+    there is none) or a checkpoint directory. A bare ``--resume`` means ``latest``."""
+    overwrite: bool = False
+    """Start fresh in an output_dir that holds another run: its checkpoints, metrics,
+    samples, banks and evals are deleted before step 1. Without it such a start refuses."""
     seed: int = 42
     """Seeds data order, sampling and initialisation (published: 42)."""
     log_every: int = 1
     """Console/metrics line every N steps."""
     sample_every: int = 10
-    """Print one sampled generation and append samples to samples.jsonl every N steps."""
+    """At steps N, 2N, ...: append rank 0's rollouts to samples.jsonl and print one of
+    them under that step's console line."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0 (off when stderr is not a terminal)."""
     tensorboard: bool = False
     """Also log to TensorBoard (output_dir/tb)."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project."""
+    verbose: bool = False
+    """Show third-party log lines and warnings that are filtered as known noise."""
 
     # ---- evaluation during training (sgsd.evaluate) --------------------------------------
     eval_every: int = 0
@@ -201,112 +238,119 @@ class TrainConfig:
     """Evaluate in thinking mode (published: on)."""
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
+        def need(cond: bool, name: str, rule: str) -> None:
             if not cond:
-                raise ValueError(f"invalid config: {msg}")
+                raise ConfigError(f"{flag(name)} {rule}, got {getattr(self, name)!r}", field=name)
 
-        need(bool(self.model), "model must be a model id, a path or 'tiny'")
+        def one_of(name: str, options: tuple[str, ...]) -> None:
+            need(getattr(self, name) in options, name, f"must be one of {'|'.join(options)}")
+
+        def positive(*names: str) -> None:
+            for name in names:
+                v = getattr(self, name)
+                need(math.isfinite(v) and v > 0, name, "must be finite and > 0")
+
+        def at_least(lo: int, *names: str) -> None:
+            for name in names:
+                need(getattr(self, name) >= lo, name, f"must be >= {lo}")
+
+        need(bool(self.model), "model", "must be a model id, a path or 'tiny'")
         if self.dataset == "demo" and self.dataset_split is None:
             self.dataset_split = "train"
-        need(
-            self.finetune in ("lora", "full"), f"finetune must be lora|full, got {self.finetune!r}"
-        )
-        need(self.lora_r >= 1 and self.lora_alpha > 0, "lora_r >= 1 and lora_alpha > 0")
-        need(0.0 <= self.lora_dropout < 1.0, "0 <= lora_dropout < 1")
-        need(len(self.lora_target_modules) > 0, "lora_target_modules must not be empty")
-        need(
-            self.dtype in ("auto", "bfloat16", "float16", "float32"),
-            f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}",
-        )
-        need(
-            self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
-            f"attn_implementation must be auto|sdpa|eager|flash_attention_2, "
-            f"got {self.attn_implementation!r}",
-        )
-        need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit >= 1")
-        need(self.loss in ("sgsd", "grpo"), f"loss must be sgsd|grpo, got {self.loss!r}")
-        need(0 < self.grpo_clip_eps < 1, "0 < grpo_clip_eps < 1")
-        need(self.num_iterations >= 1, "num_iterations >= 1")
-        need(
-            self.teacher in ("live", "frozen", "ema", "periodic"),
-            f"teacher must be live|frozen|ema|periodic, got {self.teacher!r}",
-        )
-        need(0 < self.teacher_ema_decay < 1, "0 < teacher_ema_decay < 1")
-        need(self.teacher_refresh_every >= 1, "teacher_refresh_every >= 1")
-        need(self.student_skills_k >= 1, "student_skills_k >= 1")
-        need(
-            self.eval_every >= 0 and self.eval_n >= 1 and self.eval_max_tokens >= 1,
-            "eval_every >= 0, eval_n >= 1 and eval_max_tokens >= 1",
-        )
-        need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit >= 1")
-        need(self.eval_temperature > 0, "eval_temperature > 0")
-        need(self.num_teachers >= 1, "num_teachers (K) >= 1")
-        for name in ("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr"):
-            v = getattr(self, name)
-            need(math.isfinite(v) and v > 0, f"{name} must be finite and > 0, got {v}")
+        one_of("finetune", ("lora", "full"))
+        at_least(1, "lora_r")
+        positive("lora_alpha")
+        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        need(len(self.lora_target_modules) > 0, "lora_target_modules", "must not be empty")
+        one_of("dtype", ("auto", "bfloat16", "float16", "float32"))
+        one_of("attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
+        need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit", "must be >= 1")
+        one_of("loss", ("sgsd", "grpo"))
+        need(0 < self.grpo_clip_eps < 1, "grpo_clip_eps", "must be in (0, 1)")
+        at_least(1, "num_iterations", "teacher_refresh_every", "student_skills_k")
+        one_of("teacher", ("live", "frozen", "ema", "periodic"))
+        need(0 < self.teacher_ema_decay < 1, "teacher_ema_decay", "must be in (0, 1)")
+        at_least(0, "eval_every")
+        at_least(1, "eval_n", "eval_max_tokens")
+        need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1")
+        positive("eval_temperature")
+        at_least(1, "num_teachers")
+        positive("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr")
         need(
             math.isfinite(self.confidence_threshold) and self.confidence_threshold >= 0,
-            "confidence_threshold (epsilon) must be finite and >= 0",
+            "confidence_threshold",
+            "must be finite and >= 0",
         )
-        need(
-            self.kernel_backend in ("auto", "triton", "torch", "reference", "native"),
-            "kernel_backend must be auto|triton|torch|reference|native, "
-            f"got {self.kernel_backend!r}",
-        )
-        need(
-            self.rollout_backend in ("auto", "vllm", "hf"),
-            f"rollout_backend must be auto|vllm|hf, got {self.rollout_backend!r}",
-        )
-        need(
-            self.problems_per_step >= 1 and self.rollouts_per_problem >= 1,
-            "problems_per_step >= 1 and rollouts_per_problem >= 1",
-        )
-        need(0.0 < self.top_p <= 1.0, "0 < top_p <= 1")
-        need(self.top_k >= 0, "top_k >= 0 (0 disables)")
-        need(
-            self.max_completion_tokens >= 1 and self.max_prompt_tokens >= 1,
-            "max_completion_tokens >= 1 and max_prompt_tokens >= 1",
-        )
+        one_of("kernel_backend", kernel_backends())
+        one_of("rollout_backend", ("auto", "vllm", "hf"))
+        at_least(1, "problems_per_step", "rollouts_per_problem")
+        need(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        at_least(0, "top_k")
+        at_least(1, "max_completion_tokens", "max_prompt_tokens")
         need(
             self.vllm_gpu_memory_utilization is None
             or 0.0 < self.vllm_gpu_memory_utilization < 1.0,
-            "0 < vllm_gpu_memory_utilization < 1",
+            "vllm_gpu_memory_utilization",
+            "must be in (0, 1)",
         )
-        need(self.max_steps >= 1, "max_steps >= 1")
-        need(self.weight_decay >= 0, "weight_decay >= 0")
+        at_least(1, "max_steps")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(
             len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-            "adam_betas must be two numbers in [0, 1)",
+            "adam_betas",
+            "must be two numbers in [0, 1)",
         )
-        need(self.warmup_steps >= 0, "warmup_steps >= 0")
-        need(
-            self.lr_schedule in ("linear", "constant", "cosine"),
-            "lr_schedule must be linear|constant|cosine",
-        )
-        need(self.max_grad_norm >= 0, "max_grad_norm >= 0 (0 disables clipping)")
-        need(
-            self.micro_batch_size >= 1 and self.teacher_micro_batch_size >= 1,
-            "micro_batch_size >= 1 and teacher_micro_batch_size >= 1",
-        )
-        need(
-            self.parallelism in ("ddp", "fsdp2"),
-            f"parallelism must be ddp|fsdp2, got {self.parallelism!r}",
-        )
-        need(
-            self.checkpoint_every >= 0 and self.keep_checkpoints >= 0,
-            "checkpoint_every >= 0 and keep_checkpoints >= 0",
-        )
-        need(self.log_every >= 1 and self.sample_every >= 1, "log_every >= 1 and sample_every >= 1")
+        at_least(0, "warmup_steps")
+        one_of("lr_schedule", ("linear", "constant", "cosine"))
+        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        at_least(1, "micro_batch_size", "teacher_micro_batch_size")
+        one_of("parallelism", ("ddp", "fsdp2"))
+        at_least(0, "checkpoint_every", "keep_checkpoints")
+        need(bool(self.output_dir), "output_dir", "must not be empty")
+        need(self.resume is None or bool(self.resume), "resume", "must be 'latest' or a path")
+        at_least(1, "log_every", "sample_every")
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        """Write the config to ``path`` atomically (a temporary file renamed into place)."""
+        import os
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = _dump(self.to_dict(), yaml_format=path.suffix in (".yaml", ".yml"))
-        path.write_text(text)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+@functools.cache
+def kernel_backends() -> tuple[str, ...]:
+    """``sgsd_kernels.runtime.BACKENDS``, the one list of kernel backends.
+
+    Read from the runtime's source when ``sgsd_kernels`` is not imported yet: importing it
+    imports torch (4.7-5.6 s on the loaded 2-core dev box), and the trainer validates its
+    options in well under 2 s before anything heavy loads.
+    """
+    import sys
+
+    if "sgsd_kernels.runtime" in sys.modules:
+        return tuple(sys.modules["sgsd_kernels.runtime"].BACKENDS)
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("sgsd_kernels")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("sgsd_kernels is not installed (pip install sgsd-kernels)")
+    source = Path(next(iter(spec.submodule_search_locations))) / "runtime.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "BACKENDS" for t in node.targets
+        ):
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError(f"no BACKENDS tuple in {source}")
 
 
 #: Overrides applied when ``model == "tiny"`` (the embedded default, CPU, offline), for the
@@ -349,10 +393,17 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(TrainConfig)}
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _parse_value(name: str, raw: Any, tp: Any) -> Any:
     """Coerce ``raw`` (a CLI string or a file value) to the field type ``tp``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{flag(name)} expects {expected}, got {raw!r}", field=name)
+
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
             return None
@@ -363,7 +414,7 @@ def _parse_value(name: str, raw: Any, tp: Any) -> Any:
         if isinstance(raw, str):
             raw = [p.strip() for p in raw.split(",") if p.strip()]
         if not isinstance(raw, (list, tuple)):
-            raise ValueError(f"config field {name!r} expects a list, got {raw!r}")
+            raise bad("a comma-separated list")
         return [_parse_value(name, r, elem) for r in raw]
     if tp is bool:
         if isinstance(raw, bool):
@@ -373,12 +424,12 @@ def _parse_value(name: str, raw: Any, tp: Any) -> Any:
             return True
         if s in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"config field {name!r} expects a boolean, got {raw!r}")
+        raise bad(_TYPE_WORDS[bool])
     if tp in (int, float):
         if isinstance(raw, bool):
-            raise ValueError(f"config field {name!r} expects {tp.__name__}, got {raw!r}")
+            raise bad(_TYPE_WORDS[tp])
         try:
-            value = tp(raw) if tp is float or isinstance(raw, int) else int(str(raw), 0)
+            return tp(raw) if tp is float or isinstance(raw, int) else int(str(raw), 0)
         except (TypeError, ValueError):
             try:  # "1e3" for an int field
                 f = float(raw)
@@ -386,50 +437,82 @@ def _parse_value(name: str, raw: Any, tp: Any) -> Any:
                     return int(f)
             except (TypeError, ValueError):
                 pass
-            raise ValueError(f"config field {name!r} expects {tp.__name__}, got {raw!r}") from None
-        return value
+            raise bad(_TYPE_WORDS[tp]) from None
     if tp is str:
         return str(raw)
     raise TypeError(f"unsupported config type {tp} for {name!r}")
 
 
-def parse_overrides(argv: list[str]) -> dict[str, str | None]:
-    """``["--max-steps", "3", "--flag=x"]`` -> ``{"max_steps": "3", "flag": "x"}``.
-    ``--config`` is returned under the key ``config``."""
-    out: dict[str, str | None] = {}
+def _bare_values(types: dict[str, Any]) -> dict[str, str]:
+    """Flags that may stand alone, and the value they then mean. Every other flag needs a
+    value: ``--output-dir --max-steps 3`` is an error, not ``output_dir = "true"``."""
+    bare = {name: "true" for name, tp in types.items() if tp is bool}
+    bare["resume"] = "latest"
+    return bare
+
+
+def _unknown(key: str, known: list[str], spelled: str, in_file: bool = False) -> ConfigError:
+    """``unknown option --max-stpes (did you mean --max-steps?)``."""
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0] if in_file else flag(close[0])}?)" if close else ""
+    return ConfigError(f"unknown option {spelled}{hint}")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, tuple[str, str]]:
+    """``["--max-steps", "3", "--flag=x"]`` -> ``{"max_steps": ("3", "--max-steps"), ...}``:
+    each field's raw value and the flag as the user typed it. ``--config`` is returned
+    under the key ``config``. Only boolean flags and ``--resume`` may stand alone."""
+    types = _field_types()
+    bare = _bare_values(types)
+    known = [*types, "config"]
+    out: dict[str, tuple[str, str]] = {}
     i = 0
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("--") or tok == "--":
-            raise ValueError(f"unexpected argument {tok!r}: use --key value")
-        key = tok[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
+            raise ConfigError(f"unexpected argument {tok!r}: options are --key value")
+        typed, eq, value = tok.partition("=")
+        key = typed[2:].replace("-", "_")
+        if key not in known:
+            raise _unknown(key, known, typed)
+        if eq:
             i += 1
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]
             i += 2
-        else:
-            value = "true"  # bare flag: --tensorboard
+        elif key in bare:
+            value = bare[key]
             i += 1
-        out[key.replace("-", "_")] = value
+        else:
+            raise ConfigError(f"{typed} expects a value", field=key)
+        out[key] = (value, typed)
     return out
 
 
 def _load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: report, no traceback
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:]}: {detail}") from None
     if not isinstance(data, dict):
-        raise ValueError(  # noqa: TRY004 - bad file content, not a caller type error
-            f"config file {path} must hold a mapping, got {type(data).__name__}"
-        )
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise ConfigError(f"--config {path} must hold a mapping, got {type(data).__name__}")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    for key in data:
+        if key not in _field_types():
+            raise _unknown(key, list(_field_types()), f"{key} in {path}", in_file=True)
+    return data
 
 
 def field_docs() -> dict[str, str]:
@@ -459,18 +542,27 @@ def usage() -> str:
 
     docs = field_docs()
     lines = [
-        "usage: torchrun --nproc_per_node=N sgsd/train.py [--config FILE] [--key value ...]",
+        "usage: sgsd-train [--nproc-per-node N] [--config FILE] [--key value ...]",
+        "       torchrun --nproc_per_node=N --module sgsd.train [--key value ...]",
+        "       python -m sgsd.train [--key value ...]",
         "",
-        (
+        *textwrap.wrap(
             "Paper defaults; --model tiny (the default) also applies TINY_PROFILE to the "
-            "fields you do not set."
+            "fields you do not set. Boolean flags and --resume may stand alone; every "
+            "other flag takes a value.",
+            88,
         ),
         "",
     ]
+    types = _field_types()
     for f in fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tiny = f"  [tiny: {TINY_PROFILE[f.name]!r}]" if f.name in TINY_PROFILE else ""
-        lines.append(f"  --{f.name.replace('_', '-')} (default {default!r}){tiny}")
+        metavar = "" if types[f.name] is bool else " VALUE"
+        shown = f"default {default!r}"
+        if f.name == "resume":
+            metavar, shown = " [latest|PATH]", "default: a fresh start"
+        lines.append(f"  {flag(f.name)}{metavar} ({shown}){tiny}")
         lines += textwrap.wrap(
             docs.get(f.name, ""), 88, initial_indent="      ", subsequent_indent="      "
         )
@@ -478,28 +570,36 @@ def usage() -> str:
 
 
 def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
-    """Build a :class:`TrainConfig` from ``--config FILE`` + ``--key value`` (+ kwargs)."""
+    """Build a :class:`TrainConfig` from ``--config FILE`` + ``--key value`` (+ kwargs).
+
+    Raises :class:`ConfigError` whose message names the flag as the user typed it."""
     cli = parse_overrides(list(argv or []))
+    typed = {key: spelled for key, (_, spelled) in cli.items()}
     values: dict[str, Any] = {}
-    config_file = cli.pop("config", None)
+    config_file = cli.pop("config", (None, ""))[0]
     if config_file:
         values.update(_load_file(config_file))
-    values.update(cli)
+        typed.update({k: f"{k} (in {config_file})" for k in values if k not in typed})
+    values.update({key: value for key, (value, _) in cli.items()})
     values.update(overrides)
 
     types = _field_types()
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(
-            f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(types))})"
-        )
-    parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
-    user_set = set(parsed)
-    if parsed.get("model", "tiny") == "tiny":
-        parsed = {**{k: v for k, v in TINY_PROFILE.items() if k not in parsed}, **parsed}
-    if parsed.get("loss") == "grpo":
-        parsed.update({k: v for k, v in GRPO_PROFILE.items() if k not in user_set})
-    return TrainConfig(**parsed)
+        raise _unknown(unknown[0], list(types), unknown[0])
+    try:
+        parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
+        user_set = set(parsed)
+        if parsed.get("model", "tiny") == "tiny":
+            parsed = {**{k: v for k, v in TINY_PROFILE.items() if k not in parsed}, **parsed}
+        if parsed.get("loss") == "grpo":
+            parsed.update({k: v for k, v in GRPO_PROFILE.items() if k not in user_set})
+        return TrainConfig(**parsed)
+    except ConfigError as e:
+        if e.field in typed and not str(e).startswith(typed[e.field]):
+            message = typed[e.field] + str(e)[len(flag(e.field)) :]
+            raise ConfigError(message, field=e.field) from None
+        raise
 
 
 def _dump(data: dict[str, Any], *, yaml_format: bool) -> str:

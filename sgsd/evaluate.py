@@ -5,9 +5,10 @@
     python -m sgsd.evaluate --model tiny --datasets demo --n 4 --output runs/eval-tiny
     python -m sgsd.evaluate --model runs/demo/checkpoints/step_000010 --datasets demo ...
 
-``--model`` is ``tiny`` (the offline tiny Qwen3), a hub id, a ``save_pretrained``
-directory, a LoRA adapter directory (merged into its base model first) or a trainer
-checkpoint directory (its ``model/`` export is used).
+``--model`` is ``tiny`` (the offline tiny Qwen3, warm-started), a hub id, a
+``save_pretrained`` directory, a LoRA adapter directory (merged into its base model
+first) or a trainer checkpoint directory (its merged ``model/`` export, else its
+``adapter/``).
 
 ``--datasets`` is a comma list of ``demo`` (the held-out ``test`` split of the bundled
 demo set, disjoint from what the trainer trains on), ``aime24``, ``aime25``, ``hmmt25``,
@@ -223,8 +224,9 @@ def evaluate_problems(
 
 
 # --------------------------------------------------------------------------- the model
-def resolve_model(model: str) -> str:
-    """A directory or hub id that transformers and vLLM load (see the module docstring)."""
+def resolve_model(model: str, scratch: Path | None = None) -> str:
+    """A directory or hub id that transformers and vLLM load (see the module docstring).
+    A LoRA adapter is merged into ``scratch`` (default: ``<adapter>-merged`` beside it)."""
     from sgsd.config import TrainConfig
     from sgsd.model import model_source
 
@@ -233,11 +235,14 @@ def resolve_model(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "trainer_state.json").is_file():  # a trainer checkpoint
-            path = path / "model"
-            if not path.is_dir():
-                raise EvalError(f"checkpoint {model} has no model/ export")
+            if (path / "model" / "config.json").is_file():  # the merged export
+                path = path / "model"
+            elif (path / "adapter" / "adapter_config.json").is_file():
+                path = path / "adapter"
+            else:
+                raise EvalError(f"checkpoint {model} has neither a model/ nor an adapter/")
         if (path / "adapter_config.json").is_file():
-            return _merge_adapter(path)
+            return _merge_adapter(path, scratch or path.parent / f"{path.name}-merged")
         if not (path / "config.json").is_file():
             raise EvalError(f"could not load model {model!r}: {path} has no config.json")
         return str(path)
@@ -246,14 +251,11 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def _merge_adapter(path: Path) -> str:
-    """Merge a LoRA adapter into its base model once; return the merged directory."""
+def _merge_adapter(path: Path, merged: Path) -> str:
+    """Merge a LoRA adapter into its base model, into ``merged``; return that directory."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    merged = path.parent / f"{path.name}-merged"
-    if (merged / "config.json").is_file():
-        return str(merged)
     model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload()
     model.save_pretrained(str(merged))
     base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -387,7 +389,7 @@ def run(args: argparse.Namespace) -> dict:
         except (OSError, ValueError) as e:
             raise EvalError(f"--skills {args.skills}: {e}") from None
     try:
-        source = resolve_model(args.model)
+        source = resolve_model(args.model, Path(args.output) / "merged-model")
         tokenizer = load_tokenizer(source)
         longest = max(
             len(

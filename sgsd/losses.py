@@ -10,12 +10,13 @@ A step produces rollouts (student prompt + sampled completion + verifier reward)
 2. how the loss is computed from the student's last hidden states at the completion
    positions, the LM head, and the :class:`ScoredBatch` (``loss``).
 
-SGSD (docs/design.md §3) is implemented here; GRPO (:mod:`sgsd.grpo`) plugs into the same
-methods: no teachers (``teachers`` returns ``[]``), advantages set in ``prepare`` and a
-loss on student log-probs over ``num_iterations`` passes. OPSD's teacher context is the
-reference solution and its loss is the full-vocabulary divergence, which needs teacher
-*hidden states* rather than log-probs of the sampled tokens; it lands with its own issue.
-``build_loss`` names the ones that exist.
+SGSD (docs/design.md §3) is the strategy implemented here; ``LOSSES`` names the ones that
+exist and ``build_loss`` picks one by ``TrainConfig.loss``. GRPO (:mod:`sgsd.grpo`) plugs
+into the same methods: no teachers (``teachers`` returns ``[]``), advantages set in
+``prepare`` and a loss on student log-probs over ``num_iterations`` passes. OPSD's teacher
+context is the reference solution and its loss is the full-vocabulary divergence, which
+needs teacher *hidden states* rather than log-probs of the sampled tokens (the trainer's
+teacher scoring would grow that option).
 """
 
 from __future__ import annotations
@@ -29,17 +30,12 @@ from sgsd import prompts
 from sgsd.config import TrainConfig
 
 __all__ = [
-    "PER_ROLLOUT_METRICS",
     "LossResult",
     "LossStrategy",
     "SGSDLoss",
     "ScoredBatch",
     "build_loss",
 ]
-
-
-#: Metrics averaged over rollouts; every other SGSD metric is averaged over present teachers.
-PER_ROLLOUT_METRICS = frozenset({"mask_keep_frac", "student_entropy"})
 
 
 @dataclass

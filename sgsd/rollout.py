@@ -176,6 +176,7 @@ class VLLMRolloutEngine(RolloutEngine):
             seed=cfg.seed + rank,
             enforce_eager=device.type != "cuda",
             enable_prefix_caching=True,
+            use_tqdm_on_load=cfg.verbose,  # a progress bar for a one-shard load is noise
         )
         self._closed = False
 

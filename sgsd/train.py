@@ -1,11 +1,16 @@
-"""SGSD training loop (DESIGN §2-§3), end to end.
+"""SGSD training loop (docs/design.md §2-§3), end to end.
 
     torchrun --nproc_per_node=1 sgsd/train.py --max-steps 3 --output-dir runs/demo
     torchrun --nproc_per_node=8 sgsd/train.py --model Qwen/Qwen3-1.7B \\
         --dataset BytedTsinghua-SIA/DAPO-Math-17k --output-dir runs/qwen3-1.7b-sgsd
-    python sgsd/train.py --resume latest --output-dir runs/demo     # continue a run
+    sgsd-train --nproc-per-node 2 --max-steps 3 --output-dir runs/demo   # the same
+    python -m sgsd.train --resume --output-dir runs/demo   # continue the newest checkpoint
 
-One optimizer step:
+:func:`sgsd.cli.main` validates the options and plans the run directory before anything
+heavy is imported, then calls :func:`run`, which reads top to bottom: :func:`setup` builds
+a :class:`Trainer` (model, data, skill bank, loss strategy, optimizer, resume, rollout
+engine), the run starts (the first write into its directory), :func:`train_step` takes
+each optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
 
 1. the policy samples G completions for each of this rank's problems (vLLM colocated in
    this process, or HF generate), after its current weights are pushed into vLLM;
@@ -14,83 +19,69 @@ One optimizer step:
 4. the live model (current weights, no grad) scores the *same* completion tokens under
    each teacher context: last hidden states -> ``sgsd_kernels.linear_logprobs`` (the
    ``[T, V]`` logits are never materialised), in bounded micro-batches;
-5. ONE student forward with grad per rollout -> ``sgsd_kernels.linear_gated_kd_loss`` ->
-   backward (gradient accumulation over micro-batches);
+5. ONE student forward with grad per rollout -> the loss strategy (SGSD:
+   ``sgsd_kernels.linear_gated_kd_loss``) -> backward, accumulated over micro-batches;
 6. clip the gradient norm, optimizer and scheduler step;
-7. log, maybe checkpoint.
+7. metrics over all ranks, the console line;
+8. (in :func:`run`) maybe checkpoint, stop on a signal.
 
-Everything configurable lives in :class:`sgsd.config.TrainConfig`.
+Steps 2-5 live in :mod:`sgsd.scoring`, the loss itself in :mod:`sgsd.losses`, metrics in
+:mod:`sgsd.metrics`. Everything configurable lives in :class:`sgsd.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+if __name__ == "__main__":  # python sgsd/train.py, python -m sgsd.train, torchrun --module
+    # Validate the options before the imports below (torch alone takes seconds).
+    from sgsd.cli import main as _cli_main
+
+    raise SystemExit(_cli_main())
+
 import logging
 import math
-import os
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-import sgsd_kernels as sk
-from sgsd import prompts
+from sgsd import console, prompts
 from sgsd.checkpoint import (
     GracefulStop,
     TrainerState,
-    find_checkpoint,
     load_checkpoint,
     load_extra,
     save_checkpoint,
 )
-from sgsd.config import TrainConfig, load_config, usage
-from sgsd.losses import PER_ROLLOUT_METRICS, LossStrategy, ScoredBatch, build_loss
+from sgsd.config import TrainConfig
+from sgsd.distributed import Dist, seed_everything, setup_distributed
+from sgsd.losses import LossStrategy, build_loss
+from sgsd.metrics import MetricsLogger, format_line, reduce_sums, step_record
 from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
 from sgsd.rollout import RolloutEngine, build_rollout_engine
+from sgsd.rundir import RunPlan, start_run
+from sgsd.scoring import Rollout, forward_backward, make_rollouts
 from sgsd.teachers import TeacherWeights
 from sgsd.train_eval import TrainingEval
 
+__all__ = [
+    "Dist",
+    "ProblemSampler",
+    "Rollout",
+    "Trainer",
+    "build_scheduler",
+    "finish",
+    "forward_backward",
+    "main",
+    "run",
+    "setup",
+    "setup_distributed",
+    "train_step",
+]
+
 log = logging.getLogger("sgsd.train")
-
-
-# ----------------------------------------------------------------------------- setup
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """torch.distributed from torchrun's environment (single process without it)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, local_rank, device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class ProblemSampler:
@@ -129,448 +120,92 @@ def build_scheduler(cfg: TrainConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ----------------------------------------------------------------------------- rollouts
 @dataclass
-class Rollout:
-    """One sampled completion and everything the loss needs about it."""
+class Trainer:
+    """Everything :func:`setup` builds; :func:`train_step` reads it and advances ``state``.
+    A feature that needs more per-run objects adds a field here and builds it in setup."""
 
-    problem: object  # sgsd.data.Problem
-    prompt_ids: list[int]  # student prompt
-    completion_ids: list[int]
-    token_mask: list[bool]  # DESIGN §3 m: False for chat/think markers and whitespace
-    reward: float  # +1 / -1
-    predicted: str | None
-    teachers: list[tuple[list[int], float]]  # (teacher prompt ids, weight), at most K
-    advantage: float = 0.0  # set by strategy.prepare (GRPO)
-    old_logprobs: list[float] | None = None  # first-pass log-probs (num_iterations > 1)
+    cfg: TrainConfig
+    env: Dist
+    policy: Policy  # the trained model (also what teachers run on)
+    model: torch.nn.Module  # what the student forward runs through: DDP wrapper or policy
+    tokenizer: object
+    strategy: LossStrategy
+    problems: list  # sgsd.data.Problem, those whose student prompt fits
+    prompt_ids: list[list[int]]  # each problem's rendered student prompt
+    sampler: ProblemSampler
+    bank: object  # sgsd.skills.SkillBank
+    params: list[torch.nn.Parameter]  # trainable parameters (clipped, optimised)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: RolloutEngine
+    state: TrainerState
+    last_saved: int  # step of the newest checkpoint this run wrote or resumed from; -1: none
+    last_exported: bool = False  # whether that checkpoint holds the merged model/ export
+    bar: object = None  # tqdm bar on rank 0, when enabled and stderr is a terminal
+    metrics_log: MetricsLogger | None = None  # built once the run has started (see run)
+    teacher: TeacherWeights | None = None  # which weights the teachers score with
+    evaluator: TrainingEval | None = None  # evaluation during training (eval_every)
+    out_dir: Path = field(init=False)
 
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.cfg.output_dir)
 
-def sequences_batch(
-    prefixes: list[list[int]], completions: list[list[int]], pad_id: int, device: torch.device
-):
-    """Right-padded ``prefix + completion`` batch and, for each completion token t, the
-    position whose hidden state predicts it (``len(prefix) - 1 + t``).
-
-    Returns ``input_ids [N, L]``, ``attention_mask [N, L]``, ``positions [N, T]``,
-    ``targets [N, T]`` (0 where padded) and ``valid [N, T]`` (bool), T = longest completion.
-    """
-    n = len(prefixes)
-    width = max(len(p) + len(c) for p, c in zip(prefixes, completions))
-    t_max = max(1, max(len(c) for c in completions))
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
-    pos = torch.zeros((n, t_max), dtype=torch.long)
-    targets = torch.zeros((n, t_max), dtype=torch.long)
-    valid = torch.zeros((n, t_max), dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prefixes, completions)):
-        seq, start = prompts.concat_prompt_and_completion(p, c)
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attn[i, : len(seq)] = 1
-        pos[i] = start - 1  # padded slots point at a real position; masked out below
-        pos[i, : len(c)] = torch.arange(start - 1, start - 1 + len(c))
-        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        valid[i, : len(c)] = True
-    return ids.to(device), attn.to(device), pos.to(device), targets.to(device), valid.to(device)
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
 
-def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``hidden [N, L, H]`` at ``positions [N, T]`` -> ``[N, T, H]``."""
-    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-
-
-def make_rollouts(
-    cfg: TrainConfig, batch_problems, completions, tokenizer, bank, strategy: LossStrategy
-) -> list[Rollout]:
-    """Verify every completion (math-verify) and attach its problem's teacher contexts."""
-    from sgsd.verify import verify_batch
-
-    flat = [
-        (problem, prompt_ids, list(c))
-        for problem, prompt_ids, group in zip(*batch_problems, completions)
-        for c in group
-    ]
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, _, c in flat]
-    results = verify_batch(texts, [problem.answer for problem, _, _ in flat])
-    teachers: dict[int, list[tuple[list[int], float]]] = {}
-    rollouts = []
-    for (problem, prompt_ids, completion_ids), result in zip(flat, results):
-        if id(problem) not in teachers:  # retrieve once per problem, shared by its G rollouts
-            teachers[id(problem)] = [
-                (
-                    prompts.render_prompt_ids(
-                        tokenizer, messages, enable_thinking=cfg.teacher_thinking
-                    ),
-                    w,
-                )
-                for messages, w in strategy.teachers(problem, bank)
-            ]
-        rollouts.append(
-            Rollout(
-                problem=problem,
-                prompt_ids=prompt_ids,
-                completion_ids=completion_ids,
-                token_mask=strategy.token_mask(tokenizer, completion_ids),
-                reward=float(result.reward),
-                predicted=result.predicted,
-                teachers=teachers[id(problem)],
-            )
-        )
-    strategy.prepare(rollouts)
-    return rollouts
-
-
-# ----------------------------------------------------------------------------- the loss
-def _float_dtype(policy: Policy) -> torch.dtype:
-    """float64 for a float64 model (the tests' oracle setting), else float32."""
-    dtype = next(policy.parameters()).dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@torch.no_grad()
-def teacher_logprobs(
-    policy: Policy,
-    rollouts: list[Rollout],
-    num_teachers: int,
-    t_max: int,
-    cfg: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """``[B, K, T]`` log-probs of each rollout's completion under each teacher context,
-    from the model (no grad), and the matching token entropies (``cfg.log_entropy``;
-    else None). Missing teachers stay 0 (their weight is 0)."""
-    dtype = _float_dtype(policy)
-    out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=dtype, device=device)
-    ent = torch.zeros_like(out) if cfg.log_entropy else None
-    jobs = [
-        (b, k, ids)
-        for b, r in enumerate(rollouts)
-        for k, (ids, _) in enumerate(r.teachers[:num_teachers])
-    ]
-    size = cfg.teacher_micro_batch_size
-    chunks = [jobs[lo : lo + size] for lo in range(0, len(jobs), size)]
-    for chunk in chunks:
-        completions = [rollouts[b].completion_ids for b, _, _ in chunk]
-        ids, attn, pos, targets, _ = sequences_batch(
-            [j[2] for j in chunk], completions, pad_id, device
-        )
-        hidden = gather_positions(policy(ids, attn), pos)
-        weight, bias = policy.lm_head()  # after the forward: FSDP2 has gathered the head
-        lp = sk.linear_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            temperature=cfg.logprob_temperature,
-            return_entropy=cfg.log_entropy,
-            backend=cfg.kernel_backend,
-        )
-        lp, h = lp if cfg.log_entropy else (lp, None)
-        for row, (b, k, _) in enumerate(chunk):
-            n = len(rollouts[b].completion_ids)
-            out[b, k, :n] = lp[row, :n].to(dtype)
-            if h is not None:
-                ent[b, k, :n] = h[row, :n].to(dtype)
-    if is_fsdp(policy):  # every forward is a collective: match the busiest rank's count
-        count = torch.tensor([len(chunks)], device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
-        for _ in range(int(count.item()) - len(chunks)):
-            policy(dummy, torch.ones_like(dummy))
-    return out, ent
-
-
-def rollout_loss(
-    model,
-    policy: Policy,
-    strategy: LossStrategy,
-    rollouts: list[Rollout],
-    cfg: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-):
-    """The strategy's loss on one micro-batch (mean over its rollouts, differentiable).
-
-    ``model`` is what the student forward runs through (the DDP wrapper under DDP, else
-    ``policy``); teachers always run on ``policy`` itself.
-    """
-    K = strategy.num_teachers
-    fdtype = _float_dtype(policy)
-    ids, attn, pos, targets, valid = sequences_batch(
-        [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id, device
-    )
-    mask = torch.zeros_like(valid)
-    weights = torch.zeros((len(rollouts), K), dtype=fdtype, device=device)
-    for b, r in enumerate(rollouts):
-        mask[b, : len(r.token_mask)] = torch.tensor(r.token_mask, dtype=torch.bool)
-        for k, (_, w) in enumerate(r.teachers[:K]):
-            weights[b, k] = w
-    old = None
-    if rollouts[0].old_logprobs is not None:
-        old = torch.zeros(targets.shape, dtype=fdtype, device=device)
-        for b, r in enumerate(rollouts):
-            old[b, : len(r.old_logprobs)] = torch.tensor(r.old_logprobs, dtype=fdtype)
-    tw = getattr(strategy, "teacher_weights", None)
-    with tw.active(policy) if tw is not None else contextlib.nullcontext():
-        t_lp, t_ent = teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id, device)
-    batch = ScoredBatch(
-        targets=targets,
-        token_mask=mask & valid,
-        rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
-        teacher_weights=weights,
-        teacher_logprobs=t_lp,
-        advantages=torch.tensor([r.advantage for r in rollouts], dtype=fdtype, device=device),
-        old_logprobs=old,
-        teacher_entropy=t_ent,
-        log_entropy=cfg.log_entropy,
-    )
-    hidden = gather_positions(model(ids, attn), pos)  # ONE student forward, with grad
-    weight, bias = policy.lm_head()
-    return strategy.loss(hidden, weight, bias, batch)
-
-
-def forward_backward(
-    model,
-    policy: Policy,
-    strategy: LossStrategy,
-    rollouts: list[Rollout],
-    cfg: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-):
-    """Accumulate d(loss)/d(params) over micro-batches, loss = mean over ``rollouts``.
-
-    Returns ``(loss, metrics)`` where metrics are micro-batch metrics averaged with the
-    number of present teachers (fractions) or rollouts (mask_keep_frac) as weights.
-    """
-    total = len(rollouts)
-    loss_sum = 0.0
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    mbs = range(0, total, cfg.micro_batch_size)
-    for i, lo in enumerate(mbs):
-        chunk = rollouts[lo : lo + cfg.micro_batch_size]
-        last = i == len(mbs) - 1  # reduce gradients across ranks only after the last one
-        sync = _nullcontext()
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
-            sync = model.no_sync()
-        elif is_fsdp(model):
-            model.set_requires_gradient_sync(last)
-        with sync:
-            result = rollout_loss(model, policy, strategy, chunk, cfg, pad_id, device)
-            (result.loss * (len(chunk) / total)).backward()
-        loss_sum += float(result.loss.detach()) * len(chunk)
-        if strategy.num_iterations > 1 and chunk[0].old_logprobs is None:  # first pass
-            lp = result.output.logprobs
-            for b, r in enumerate(chunk):
-                r.old_logprobs = lp[b, : len(r.completion_ids)].tolist()
-        n_teachers = result.metrics.get("num_teachers")
-        for key, value in result.metrics.items():
-            if key in ("loss", "num_teachers"):
-                continue
-            w = len(chunk) if key in PER_ROLLOUT_METRICS or n_teachers is None else n_teachers
-            sums[key] = sums.get(key, 0.0) + value * w
-            weights[key] = weights.get(key, 0.0) + w
-        sums["num_teachers"] = sums.get("num_teachers", 0.0) + (n_teachers or 0.0)
-    metrics = {k: sums[k] / weights[k] if weights.get(k) else 0.0 for k in weights}
-    metrics["num_teachers"] = sums.get("num_teachers", 0.0)
-    return loss_sum / total, metrics
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-# ----------------------------------------------------------------------------- logging
-class MetricsLogger:
-    """Console line per step, metrics.jsonl, samples.jsonl, optional TensorBoard / W&B.
-    Only rank 0 writes."""
-
-    def __init__(self, cfg: TrainConfig, enabled: bool, resume_step: int):
-        self.enabled = enabled
-        self.out = Path(cfg.output_dir)
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            _truncate_after(self.out / name, resume_step)
-        if cfg.tensorboard:
-            SummaryWriter = _optional("torch.utils.tensorboard", "tensorboard").SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tb"))
-        if cfg.wandb_project:
-            wandb = _optional("wandb", "wandb")
-            self.wandb = wandb.init(
-                project=cfg.wandb_project, config=cfg.to_dict(), dir=str(self.out), resume="allow"
-            )
-
-    def step(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.tb is not None:
-            for k, v in numeric.items():
-                self.tb.add_scalar(k, v, record["step"])
-        if self.wandb is not None:
-            self.wandb.log(numeric, step=record["step"])
-
-    def samples(self, step: int, rollouts: list[Rollout], tokenizer) -> str:
-        """Append this rank's rollouts to samples.jsonl; return one for the console."""
-        if not self.enabled:
-            return ""
-        with open(self.out / "samples.jsonl", "a") as f:
-            f.writelines(
-                json.dumps(
-                    {
-                        "step": step,
-                        "problem_id": r.problem.id,
-                        "answer": r.problem.answer,
-                        "predicted": r.predicted,
-                        "reward": r.reward,
-                        "completion": tokenizer.decode(r.completion_ids, skip_special_tokens=False),
-                    }
-                )
-                + "\n"
-                for r in rollouts
-            )
-        r = rollouts[0]
-        text = tokenizer.decode(r.completion_ids, skip_special_tokens=True).strip()
-        return (
-            f"  sample [{r.problem.id}] reward={r.reward:+.0f} answer={r.problem.answer!r} "
-            f"predicted={r.predicted!r}\n  | " + text[:300].replace("\n", "\n  | ")
-        )
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _optional(module: str, package: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"this logging option needs `pip install {package}`") from e
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop records of steps > ``step`` (a resumed run rewrites them)."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def format_line(r: dict) -> str:
-    if "helpful_frac" in r:
-        method = (
-            f"help/harm/neut {r['helpful_frac']:.2f}/{r['harmful_frac']:.2f}/"
-            f"{r['neutral_frac']:.2f}"
-        )
-    else:  # GRPO
-        method = f"clip {r.get('clip_frac', 0.0):.3f} ratio {r.get('ratio_mean', 1.0):.3f}"
-    return (
-        f"step {r['step']:>5} | loss {r['loss']:+.5f} | reward {r['reward']:+.3f} | "
-        f"{method} | gnorm {r['grad_norm']:.3g} | lr {r['lr']:.2e} | "
-        f"{r['tokens_per_s']:.0f} tok/s | {r['step_time_s']:.2f}s "
-        f"(gen {r['gen_time_s']:.2f}s, train {r['train_time_s']:.2f}s)"
-    )
-
-
-def _reduce_extreme(value: float, which: str, device: torch.device) -> float:
-    """``min`` or ``max`` of ``value`` over ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if which == "min" else dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Sum each value over ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
-# ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        return 0
-    cfg = load_config(argv)
-    env = setup_distributed()
-    logging.basicConfig(
-        level=logging.INFO if env.main else logging.WARNING,
-        format=f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    if cfg.problems_per_step % env.world_size:
-        raise ValueError(
-            f"problems_per_step={cfg.problems_per_step} must be divisible by the "
-            f"number of ranks ({env.world_size})"
-        )
-    out_dir = Path(cfg.output_dir)
-    if env.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.yaml")
-    seed_everything(cfg.seed)
-
-    # ---- model, data, skills, loss -----------------------------------------------------
+# ----------------------------------------------------------------------------- setup
+def load_problem_set(cfg: TrainConfig, tokenizer, strategy: LossStrategy, bank=None):
+    """The problems whose rendered student prompt fits ``max_prompt_tokens``, and those
+    prompts' token ids (``student_skills``: skills and mistakes from ``bank`` before the
+    problem, the "+Skill" baselines)."""
     from sgsd.data import load_problems
     from sgsd.evaluate import problem_messages
-    from sgsd.skills import SkillBank
 
-    if env.main:  # build/fetch the weights once before every rank loads them
-        model_source(cfg)
-    if dist.is_initialized():
-        dist.barrier()
-    policy, tokenizer, source = load_policy(cfg, env.device)
-    pad_id = tokenizer.pad_token_id
-    strategy = build_loss(cfg)
-    bank = SkillBank.load(cfg.skill_bank) if cfg.skill_bank else SkillBank.default()
-    problems, prompt_ids = [], []
     loaded = load_problems(
         cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field, limit=cfg.dataset_limit
     )
-    n_loaded = len(loaded)
+    problems, prompt_ids = [], []
     for p in loaded:
         messages = strategy.student_messages(p)
-        if cfg.student_skills:  # "+Skill": skills and mistakes before the problem
+        if cfg.student_skills:
             messages = problem_messages(p, bank, cfg.student_skills_k)
         ids = prompts.render_prompt_ids(tokenizer, messages, enable_thinking=cfg.enable_thinking)
         if len(ids) <= cfg.max_prompt_tokens:
             problems.append(p)
             prompt_ids.append(ids)
-    if skipped := n_loaded - len(problems):
+    if skipped := len(loaded) - len(problems):
         log.warning(
             "skipped %d of %d problems: student prompt longer than max_prompt_tokens=%d",
             skipped,
-            n_loaded,
+            len(loaded),
             cfg.max_prompt_tokens,
         )
     if not problems:
         raise ValueError(
             f"no problem in {cfg.dataset!r} fits max_prompt_tokens={cfg.max_prompt_tokens}"
         )
-    sampler = ProblemSampler(len(problems), cfg.seed)
+    return problems, prompt_ids
+
+
+def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
+    """Build the run; all ranks call it. It writes nothing into the run directory (a
+    failed setup leaves it as it was). The order matters where noted."""
+    from sgsd.skills import SkillBank
+
+    seed_everything(cfg.seed)
+
+    # 1. model, data, skills, loss (rank 0 builds/fetches the weights once, then all load)
+    if env.main:
+        model_source(cfg)
+    if dist.is_initialized():
+        dist.barrier()
+    policy, tokenizer, source = load_policy(cfg, env.device)
+    strategy = build_loss(cfg)
+    bank = SkillBank.load(cfg.skill_bank) if cfg.skill_bank else SkillBank.default()
+    problems, prompt_ids = load_problem_set(cfg, tokenizer, strategy, bank)
     log.info(
         "%d problems, skill bank %s, loss %s, K=%d, %d rank(s)",
         len(problems),
@@ -580,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         env.world_size,
     )
 
-    # ---- distributed wrapper, optimizer (after sharding: FSDP2 replaces the parameters) ---
+    # 2. distributed wrapper, then the optimizer (FSDP2 replaces the parameters)
     model = policy
     if env.world_size > 1 and cfg.parallelism == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(
@@ -601,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     strategy.teacher_weights = teacher
 
-    # ---- resume --------------------------------------------------------------------------
-    state = TrainerState(world_size=env.world_size)
-    ckpt = find_checkpoint(cfg.resume, out_dir)
+    # 3. resume: weights, optimizer, scheduler, RNG, data position, skill bank
+    state = TrainerState(world_size=env.world_size, run_id=plan.run_id)
+    ckpt = plan.checkpoint
     if ckpt is not None:
         state, bank_state = load_checkpoint(
             ckpt,
@@ -613,26 +248,27 @@ def main(argv: list[str] | None = None) -> int:
             rank=env.rank,
             world_size=env.world_size,
         )
+        state.run_id = plan.run_id
         bank = SkillBank.from_state_dict(bank_state)
         if teacher is not None and teacher.mode in ("ema", "periodic"):
             saved = load_extra(ckpt, "teacher")
             if saved is None:
                 raise ValueError(f"checkpoint {ckpt} holds no teacher={teacher.mode} state")
             teacher.load_state_dict(saved)
-        log.info("resumed from %s at step %d", ckpt, state.step)
-    elif env.main and find_checkpoint("latest", out_dir) is not None:
-        log.warning(
-            "%s already holds checkpoints; this fresh run will overwrite and prune "
-            "them (use --resume latest to continue instead)",
-            out_dir,
-        )
+        log.info("resuming run %s from %s at step %d", plan.run_id, ckpt, state.step)
 
-    # ---- rollout engine (weights are pushed before every generation, so also after resume)
+    # 4. rollout engine (weights are pushed before every generation, so also after resume);
+    # its context also fits the evaluation prompts and completions
     evaluator = TrainingEval(
-        cfg, tokenizer, out_dir, rank=env.rank, world_size=env.world_size, resume_step=state.step
+        cfg,
+        tokenizer,
+        Path(cfg.output_dir),
+        rank=env.rank,
+        world_size=env.world_size,
+        resume_step=state.step,
     )
     threads = torch.get_num_threads()
-    engine: RolloutEngine = build_rollout_engine(
+    engine = build_rollout_engine(
         cfg,
         policy,
         tokenizer,
@@ -647,183 +283,248 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     log.info("rollouts: %s", engine.name)
     if is_fsdp(policy) and engine.name != "vllm":
+        engine.close()
         raise ValueError(
             "parallelism='fsdp2' needs vLLM rollouts: HF generate would run a "
             "different number of (collective) forwards on each rank"
         )
 
-    metrics_log = MetricsLogger(cfg, env.main, state.step)
-    stop = GracefulStop()
-    per_rank = cfg.problems_per_step // env.world_size
+    # 5. progress bar (metrics files are opened in run(), once the run has started)
     bar = None
     if env.main and cfg.progress_bar and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="sgsd", dynamic_ncols=True)
-    last_saved = state.step if ckpt is not None else -1
+    return Trainer(
+        cfg=cfg,
+        env=env,
+        policy=policy,
+        model=model,
+        tokenizer=tokenizer,
+        strategy=strategy,
+        problems=problems,
+        prompt_ids=prompt_ids,
+        sampler=ProblemSampler(len(problems), cfg.seed),
+        bank=bank,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        engine=engine,
+        state=state,
+        last_saved=state.step if ckpt is not None else -1,
+        bar=bar,
+        teacher=teacher,
+        evaluator=evaluator,
+    )
 
-    keep_teacher = teacher if teacher is not None and teacher.mode in ("ema", "periodic") else None
 
-    def checkpoint() -> None:
-        nonlocal last_saved
-        save_checkpoint(
-            out_dir,
-            policy=policy,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            bank=bank,
-            state=state,
-            config=cfg.to_dict(),
-            rank=env.rank,
-            keep=cfg.keep_checkpoints,
-            export_full=policy.is_peft or state.step >= cfg.max_steps,
-            extra=None if keep_teacher is None else {"teacher": keep_teacher.state_dict()},
-            protect=evaluator.protected,
+# ----------------------------------------------------------------------------- one step
+def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
+    """One optimizer step (steps 1-7 of the module docstring); all ranks call it.
+    Returns the step's metrics record and this rank's rollouts."""
+    cfg, env = t.cfg, t.env
+    step = t.state.step + 1
+    t0 = time.perf_counter()
+
+    # 1. rollouts: G samples per problem, one batched call, from the live weights
+    per_rank = cfg.problems_per_step // env.world_size
+    global_ids = t.sampler.take(t.state.data_position, cfg.problems_per_step)
+    mine = global_ids[env.rank * per_rank : (env.rank + 1) * per_rank]
+    batch = ([t.problems[i] for i in mine], [t.prompt_ids[i] for i in mine])
+    with gathered(t.policy):  # full weights under FSDP2 (a no-op otherwise)
+        t.engine.sync_weights(t.policy)
+    completions = t.engine.generate(batch[1], cfg.rollouts_per_problem, step=step)
+    t_gen = time.perf_counter() - t0
+
+    # 2-3. verify, retrieve teachers
+    rollouts = make_rollouts(cfg, batch, completions, t.tokenizer, t.bank, t.strategy)
+
+    # 4-6. teacher scoring + one student forward/backward per rollout; clip, step.
+    # num_iterations passes (GRPO): the first pass's log-probs are the old ones; the
+    # logged loss and metrics are the first pass's. The teacher update follows each step.
+    t_train = time.perf_counter()
+    for it in range(t.strategy.num_iterations):
+        t.optimizer.zero_grad(set_to_none=True)
+        it_loss, it_sums = forward_backward(
+            t.model, t.policy, t.strategy, rollouts, cfg, t.pad_id, env.device
         )
-        last_saved = state.step
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(t.params, max_norm)
+        it_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (math.isfinite(it_loss) and math.isfinite(it_norm)):  # same on every rank
+            raise FloatingPointError(
+                f"step {step}: non-finite loss ({it_loss}) or gradient "
+                f"norm ({it_norm}); the weights were not updated"
+            )
+        t.optimizer.step()
+        if t.teacher is not None:
+            t.teacher.after_optimizer_step(
+                t.policy, (step - 1) * t.strategy.num_iterations + it + 1
+            )
+        if it == 0:
+            loss, loss_sums, grad_norm = it_loss, it_sums, it_norm
+    t_train = time.perf_counter() - t_train
+    lr = t.scheduler.get_last_lr()[0]
+    t.scheduler.step()
+    t.state.step = step
+    t.state.data_position += cfg.problems_per_step
 
+    # 7. metrics over all ranks (sums, divided once), console line, samples
+    local = {
+        "loss": loss * len(rollouts),
+        "reward": sum(r.reward for r in rollouts),
+        "correct": sum(r.reward > 0 for r in rollouts),
+        "tokens": sum(len(r.completion_ids) for r in rollouts),
+        "truncated": sum(_truncated(r, cfg, t.tokenizer) for r in rollouts),
+        **loss_sums.sums,
+    }
+    sums = reduce_sums(local, env.device)
+    record = step_record(
+        step,
+        t.state.run_id,
+        sums,
+        grad_norm=grad_norm,
+        lr=lr,
+        step_time=time.perf_counter() - t0,
+        rollout_time=t_gen,
+        update_time=t_train,
+    )
+    lengths = [len(r.completion_ids) for r in rollouts]
+    record["completion_tokens_min"] = _over_ranks(min(lengths), dist.ReduceOp.MIN, env.device)
+    record["completion_tokens_max"] = _over_ranks(max(lengths), dist.ReduceOp.MAX, env.device)
+    record["truncated_frac"] = sums["truncated"] / sums["rollouts"]
+    t.metrics_log.step(record)
+    sample = ""
+    if env.main and step % cfg.sample_every == 0:
+        sample = "\n" + t.metrics_log.samples(step, rollouts, t.tokenizer)
+    if env.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        line = format_line(record) + sample
+        if t.bar:
+            t.bar.write(line)
+        else:
+            print(line, flush=True)
+    if t.bar:
+        t.bar.update(1)
+    return record, rollouts
+
+
+def _truncated(r: Rollout, cfg: TrainConfig, tokenizer) -> bool:
+    """The completion hit ``max_completion_tokens`` without ending in EOS."""
+    ids = r.completion_ids
+    return len(ids) >= cfg.max_completion_tokens and (not ids or ids[-1] != tokenizer.eos_token_id)
+
+
+def _over_ranks(value: float, op, device: torch.device) -> float:
+    """``value`` reduced over ranks with ``op`` (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    x = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(x, op=op)
+    return float(x.item())
+
+
+def evaluate_now(t: Trainer) -> None:
+    """Evaluation during training (:mod:`sgsd.train_eval`); all ranks call it. The engine
+    gets the weights of this step first."""
+    with gathered(t.policy):
+        t.engine.sync_weights(t.policy)
+    result = t.evaluator.run(t.state.step, t.engine, t.metrics_log)
+    if result is not None:
+        log.info(
+            "eval step %d: mean avg@%d %.4f (best %.4f at step %d)",
+            t.state.step,
+            t.cfg.eval_n,
+            result["mean_avg"],
+            result["best_mean_avg"],
+            result["best_step"],
+        )
+
+
+def _kept_teacher(t: Trainer) -> TeacherWeights | None:
+    """The teacher whose state a checkpoint must hold (ema, periodic)."""
+    return t.teacher if t.teacher is not None and t.teacher.mode in ("ema", "periodic") else None
+
+
+def save(t: Trainer, *, export_model: bool) -> None:
+    """Checkpoint the current step (all ranks call it); ``export_model`` also writes the
+    standalone merged ``model/`` (the run's last checkpoint has one)."""
+    save_checkpoint(
+        t.out_dir,
+        policy=t.policy,
+        optimizer=t.optimizer,
+        scheduler=t.scheduler,
+        bank=t.bank,
+        state=t.state,
+        config=t.cfg.to_dict(),
+        rank=t.env.rank,
+        keep=t.cfg.keep_checkpoints,
+        tokenizer=t.tokenizer,
+        export_model=export_model,
+        extra=None if _kept_teacher(t) is None else {"teacher": t.teacher.state_dict()},
+        protect=t.evaluator.protected if t.evaluator is not None else frozenset(),
+    )
+    t.last_saved, t.last_exported = t.state.step, export_model
+
+
+def finish(t: Trainer) -> None:
+    """Release what setup acquired, on success or failure."""
+    if t.bar:
+        t.bar.close()
+    if t.metrics_log is not None:
+        t.metrics_log.close()
+    t.engine.close()  # vLLM's shutdown may also destroy the default process group
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- run
+def run(cfg: TrainConfig, plan: RunPlan) -> int:
+    """Train with validated options (:func:`sgsd.cli.main` validates and calls this)."""
+    env = setup_distributed()
+    console.configure_logging(env.rank, cfg.verbose)
+    t = setup(cfg, env, plan)
+    stop = GracefulStop()
     try:
-        while state.step < cfg.max_steps:
-            step = state.step + 1
-            t0 = time.perf_counter()
+        # The run has started: the first write into its directory, then the metrics files.
+        if env.main:
+            removed = start_run(plan, cfg)
+            if removed:
+                log.warning("removed from %s: %s", plan.out_dir, ", ".join(removed))
+        if dist.is_initialized():
+            dist.barrier()
+        t.metrics_log = MetricsLogger(cfg, env.main, t.state.step)
+        t.evaluator.start()
+        log.info("run %s: steps %d..%d", t.state.run_id, t.state.step + 1, cfg.max_steps)
+        while t.state.step < cfg.max_steps:
+            _record, rollouts = train_step(t)
+            step = t.state.step
 
-            # 1. rollouts: G samples per problem, one batched call, from the live weights
-            global_ids = sampler.take(state.data_position, cfg.problems_per_step)
-            mine = global_ids[env.rank * per_rank : (env.rank + 1) * per_rank]
-            batch = ([problems[i] for i in mine], [prompt_ids[i] for i in mine])
-            with gathered(policy):  # full weights under FSDP2 (a no-op otherwise)
-                engine.sync_weights(policy)
-            completions = engine.generate(batch[1], cfg.rollouts_per_problem, step=step)
-            t_gen = time.perf_counter() - t0
+            # Online skill-bank update (docs/design.md §2) goes here: it reads this step's
+            # `rollouts` and mutates `t.bank`, whose state every checkpoint saves.
+            del rollouts
 
-            # 2-3. verify, retrieve teachers
-            rollouts = make_rollouts(cfg, batch, completions, tokenizer, bank, strategy)
-
-            # 4-6. teacher scoring + one student forward/backward per rollout; clip, step.
-            # num_iterations passes (GRPO): the first pass's log-probs are the old ones;
-            # the logged loss and metrics are the first pass's.
-            t_train = time.perf_counter()
-            for it in range(strategy.num_iterations):
-                optimizer.zero_grad(set_to_none=True)
-                it_loss, it_metrics = forward_backward(
-                    model, policy, strategy, rollouts, cfg, pad_id, env.device
-                )
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                it_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                if not (math.isfinite(it_loss) and math.isfinite(it_norm)):  # same on all ranks
-                    raise FloatingPointError(
-                        f"step {step}: non-finite loss ({it_loss}) or gradient "
-                        f"norm ({it_norm}); the weights were not updated"
-                    )
-                optimizer.step()
-                if teacher is not None:
-                    teacher.after_optimizer_step(
-                        policy, (step - 1) * strategy.num_iterations + it + 1
-                    )
-                if it == 0:
-                    loss, loss_metrics, grad_norm = it_loss, it_metrics, it_norm
-            t_train = time.perf_counter() - t_train
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            state.step = step
-            state.data_position += cfg.problems_per_step
-
-            # 7. metrics over all ranks
-            n_teach = loss_metrics.pop("num_teachers")
-            lengths = [len(r.completion_ids) for r in rollouts]
-            eos = tokenizer.eos_token_id
-            truncated = sum(
-                len(r.completion_ids) >= cfg.max_completion_tokens
-                and (not r.completion_ids or r.completion_ids[-1] != eos)
-                for r in rollouts
-            )
-            sums = {
-                "loss": loss * len(rollouts),
-                "reward": sum(r.reward for r in rollouts),
-                "rollouts": len(rollouts),
-                "num_teachers": n_teach,
-                "tokens": sum(lengths),
-                "truncated": truncated,
-            }
-            per_rollout = PER_ROLLOUT_METRICS if strategy.num_teachers else set(loss_metrics)
-            sums.update(
-                {
-                    f"w_{k}": v * (len(rollouts) if k in per_rollout else n_teach)
-                    for k, v in loss_metrics.items()
-                }
-            )
-            sums = reduce_sums(sums, env.device)
-            step_time = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "loss": sums["loss"] / sums["rollouts"],
-                "reward": sums["reward"] / sums["rollouts"],
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "tokens_per_s": sums["tokens"] / step_time,
-                "step_time_s": step_time,
-                "gen_time_s": t_gen,
-                "train_time_s": t_train,
-                "completion_tokens": int(sums["tokens"]),
-                "mean_completion_len": sums["tokens"] / sums["rollouts"],
-            }
-            record["completion_len_min"] = _reduce_extreme(min(lengths), "min", env.device)
-            record["completion_len_max"] = _reduce_extreme(max(lengths), "max", env.device)
-            record["truncated_frac"] = sums["truncated"] / sums["rollouts"]
-            for k in loss_metrics:
-                w = sums["rollouts"] if k in per_rollout else sums["num_teachers"]
-                record[k] = sums[f"w_{k}"] / w if w else 0.0
-            record["teachers_per_rollout"] = sums["num_teachers"] / sums["rollouts"]
-            metrics_log.step(record)
-            if env.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                line = format_line(record)
-                if step % cfg.sample_every == 0 or step == 1:
-                    line += "\n" + metrics_log.samples(step, rollouts, tokenizer)
-                if bar:
-                    bar.write(line)
-                else:
-                    print(line, flush=True)
-            if bar:
-                bar.update(1)
-
-            # Online skill-bank update (DESIGN §2) lands here in its own issue: it will read
-            # this step's `rollouts` and mutate `bank`, whose state every checkpoint saves.
-
-            # 8. evaluate (the engine gets the updated weights first), checkpoint
-            if evaluator.due(step):
-                with gathered(policy):
-                    engine.sync_weights(policy)
-                result = evaluator.run(step, engine, metrics_log)
-                if result is not None:
-                    log.info(
-                        "eval step %d: mean avg@%d %.4f (best %.4f at step %d)",
-                        step,
-                        cfg.eval_n,
-                        result["mean_avg"],
-                        result["best_mean_avg"],
-                        result["best_step"],
-                    )
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or evaluator.due(step):
-                checkpoint()
+            # 8. evaluate; checkpoint (always at evaluated steps); stop on a signal
+            evaluated = t.evaluator.due(step)
+            if evaluated:
+                evaluate_now(t)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or evaluated:
+                save(t, export_model=step >= cfg.max_steps)
             if stop.should_stop(env.device if env.device.type == "cuda" else None):
                 log.warning("stopping at step %d on signal", step)
                 break
-        if last_saved != state.step:
-            checkpoint()
+        if t.last_saved != t.state.step or not t.last_exported:  # last one: with model/
+            save(t, export_model=True)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     finally:
         stop.restore()
-        if bar:
-            bar.close()
-        metrics_log.close()
-        engine.close()  # NB: vLLM's shutdown may also destroy the default process group
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    log.info("done: step %d, output in %s", state.step, out_dir)
+        finish(t)
+    log.info("done: step %d, output in %s", t.state.step, t.out_dir)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """The command line (:func:`sgsd.cli.main`): validate, then :func:`run`."""
+    from sgsd.cli import main as cli_main
+
+    return cli_main(argv)

@@ -53,12 +53,15 @@ class TrainingEval:
         self.names = list(full)
         self.sets = {k: v[rank::world_size] for k, v in full.items()}
         self.sampling = SamplingConfig(cfg.eval_temperature, 0.95, 0, cfg.eval_max_tokens)
-        if self.path.is_file():
+        if self.path.is_file():  # read only: setup writes nothing (see start)
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= resume_step:
                     self.records.append(json.loads(line))
-        if rank == 0:  # a resumed run rewrites what came after its checkpoint
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        """Once the run has started (rank 0): rewrite eval.jsonl without the records after
+        the resumed step (a resumed run evaluates those steps again)."""
+        if self.enabled and self.rank == 0 and (self.records or self.path.exists()):
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def max_model_len(self) -> int:

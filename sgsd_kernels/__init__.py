@@ -5,7 +5,7 @@
                                   teacher_weights, teacher_hidden=teacher_hidden)
     out.loss.backward()
 
-See DESIGN §4 for the API and ``sgsd_kernels.reference`` for the eager equivalents.
+See docs/design.md §4 for the API and ``sgsd_kernels.reference`` for the eager equivalents.
 """
 
 from sgsd_kernels.functional import (

@@ -1,4 +1,4 @@
-"""Public functions (DESIGN §4): argument validation, flattening, backend dispatch.
+"""Public functions (docs/design.md §4): argument validation, flattening, backend dispatch.
 
 Each function's docstring shows the eager PyTorch expression it equals. The heavy work
 lives in ``sgsd_kernels.ops`` (custom ops with autograd); ``backend="reference"`` runs the
@@ -11,11 +11,12 @@ import torch
 
 from sgsd_kernels import reference as ref
 from sgsd_kernels import validation as check
+from sgsd_kernels.ops.common import compute_dtype
 from sgsd_kernels.ops.gated_kd import gated_kd_op
 from sgsd_kernels.ops.linear_logprobs import linear_logprobs_op, linear_logprobs_streams_op
 from sgsd_kernels.ops.logprobs_from_logits import logprobs_from_logits_op
 from sgsd_kernels.output import GatedKDOutput
-from sgsd_kernels.runtime import resolve_backend
+from sgsd_kernels.runtime import check_backend, resolve_backend
 
 __all__ = [
     "linear_logprobs",
@@ -26,49 +27,21 @@ __all__ = [
 ]
 
 
-def _check_finite(check_finite: bool, **tensors: torch.Tensor | None) -> None:
-    if not check.flag("check_finite", check_finite) or not check.value_checks_enabled():
-        return
-    for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> contiguous [N, D], the layout the custom ops take."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _check_linear_inputs(
-    hidden, weight, targets, bias, temperature, ignore_index, hidden_name="hidden"
-):
-    check.tensor(hidden_name, hidden, kind="float")
-    check.tensor("weight", weight, kind="float")
-    check.tensor("targets", targets, kind="int")
-    if bias is not None:
-        check.tensor("bias", bias, kind="float")
-    check.same_device(**{hidden_name: hidden, "weight": weight, "targets": targets, "bias": bias})
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
-    V, H = weight.shape
-    if hidden.dim() < 1 or hidden.shape[-1] != H:
-        raise ValueError(
-            f"{hidden_name} must have shape [..., H] with H = weight.shape[1] = {H}, "
-            f"got {tuple(hidden.shape)}"
-        )
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"targets must have shape {hidden_name}.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(targets.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"weight dtype {weight.dtype} must match {hidden_name} dtype {hidden.dtype}"
-        )
-    if bias is not None:
-        check.shape("bias", bias, (V,), f"[V] = [{V}]")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
-    temperature = check.hyper("temperature", temperature, positive=True)
-    ignore_index = check.integer("ignore_index", ignore_index)
-    # The target range is checked where the values are read: in the reference below, and
-    # inside the custom ops (so that it also holds under torch.compile).
-    return temperature, ignore_index
+def _flat_targets(targets: torch.Tensor) -> torch.Tensor:
+    """[...] integer ids -> contiguous int64 [N]."""
+    return targets.reshape(-1).long().contiguous()
+
+
+def _unflatten(lp, ent, lead, return_entropy):
+    """[N] op results back to the caller's leading shape."""
+    if return_entropy:
+        return lp.view(lead), ent.view(lead)
+    return lp.view(lead)
 
 
 def linear_logprobs(
@@ -99,18 +72,18 @@ def linear_logprobs(
         bias: optional [V] (differentiable).
         return_entropy: also return the (differentiable) entropy of the softmax; 0 at
             ignored positions.
-        backend: "auto" | "triton" | "torch" | "reference".
+        backend: one of ``sgsd_kernels.BACKENDS`` ("auto" picks triton on CUDA, else torch).
         check_finite: raise ``ValueError`` on NaN/inf in ``hidden``/``weight``/``bias``
             (otherwise NaN propagates to the output; it is never hidden).
 
     Returns:
         float32 [...] log-probs (float64 for float64 inputs), or (logprobs, entropy).
     """
-    temperature, ignore_index = _check_linear_inputs(
+    temperature, ignore_index = check.linear_inputs(
         hidden, weight, targets, bias, temperature, ignore_index
     )
     check.flag("return_entropy", return_entropy)
-    _check_finite(check_finite, hidden=hidden, weight=weight, bias=bias)
+    check.finite_inputs(check_finite, hidden=hidden, weight=weight, bias=bias)
     backend = resolve_backend(backend, hidden.device)
     lead = hidden.shape[:-1]
     if backend == "reference":
@@ -118,21 +91,12 @@ def linear_logprobs(
         return ref.linear_logprobs_ref(
             hidden, weight, targets, bias, temperature, ignore_index, return_entropy
         )
-    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    t1 = targets.reshape(-1).long().contiguous()
+    h2, t1 = _rows(hidden), _flat_targets(targets)
+    b = None if bias is None else bias.contiguous()
     lp, ent, _ = linear_logprobs_op(
-        h2,
-        weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        t1,
-        temperature,
-        ignore_index,
-        return_entropy,
-        backend,
+        h2, weight.contiguous(), b, t1, temperature, ignore_index, return_entropy, backend
     )
-    if return_entropy:
-        return lp.view(lead), ent.view(lead)
-    return lp.view(lead)
+    return _unflatten(lp, ent, lead, return_entropy)
 
 
 def logprobs_from_logits(
@@ -164,7 +128,7 @@ def logprobs_from_logits(
     temperature = check.hyper("temperature", temperature, positive=True)
     ignore_index = check.integer("ignore_index", ignore_index)
     check.flag("return_entropy", return_entropy)
-    _check_finite(check_finite, logits=logits)
+    check.finite_inputs(check_finite, logits=logits)
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         check.targets_in_range("targets", targets, logits.shape[-1], ignore_index)
@@ -172,54 +136,9 @@ def logprobs_from_logits(
             logits, targets, temperature, ignore_index, return_entropy
         )
     lead = logits.shape[:-1]
-    z = logits.reshape(-1, logits.shape[-1]).contiguous()
-    lp, ent, _ = logprobs_from_logits_op(
-        z,
-        targets.reshape(-1).long().contiguous(),
-        temperature,
-        ignore_index,
-        return_entropy,
-        backend,
-    )
-    if return_entropy:
-        return lp.view(lead), ent.view(lead)
-    return lp.view(lead)
-
-
-def _check_gate_hypers(gate_tau, clip_delta, confidence_threshold):
-    return (
-        check.hyper("gate_tau", gate_tau, positive=True),
-        check.hyper("clip_delta", clip_delta, positive=True),
-        check.hyper("confidence_threshold", confidence_threshold, nonnegative=True),
-    )
-
-
-def _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights):
-    """Types and shapes of the [B,T] / [B] / [B,K] inputs; returns (B, T, K). Values are
-    checked by :func:`_check_gate_values` once devices are known to agree."""
-    check.tensor("token_mask", token_mask, kind="mask")
-    check.tensor("rewards", rewards, kind="real")
-    check.tensor("teacher_weights", teacher_weights, kind="float")
-    B, T = student_logprobs.shape[0], student_logprobs.shape[1]
-    check.shape("token_mask", token_mask, (B, T), f"[B, T] = [{B}, {T}]")
-    check.shape("rewards", rewards, (B,), f"[B] = [{B}]")
-    if teacher_weights.dim() != 2 or teacher_weights.shape[0] != B:
-        raise ValueError(
-            f"teacher_weights must have shape [B, K] = [{B}, K], got {tuple(teacher_weights.shape)}"
-        )
-    K = teacher_weights.shape[1]
-    if K == 0:
-        raise ValueError("teacher_weights has K = 0 teachers; K must be >= 1")
-    return B, T, K
-
-
-def _check_gate_values(token_mask, backend):
-    """Eager-only value check of the mask; teacher weights are checked where they are
-    read (in the reference, and inside the custom op, so also under torch.compile)."""
-    if not check.value_checks_enabled():
-        return
-    if token_mask.dtype != torch.bool and bool(((token_mask != 0) & (token_mask != 1)).any()):
-        raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
+    z, t1 = _rows(logits), _flat_targets(targets)
+    lp, ent, _ = logprobs_from_logits_op(z, t1, temperature, ignore_index, return_entropy, backend)
+    return _unflatten(lp, ent, lead, return_entropy)
 
 
 def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: int):
@@ -239,7 +158,7 @@ def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: 
 
 def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens):
     """Run the loss on validated [B,T]/[B,K,T] tensors and wrap a GatedKDOutput."""
-    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(s)
     s = s.to(dtype)
     u = u.detach().to(dtype)
     w = weights.detach().to(dtype)
@@ -280,7 +199,7 @@ def gated_kd_loss(
     confidence_threshold: float = 0.05,
     backend: str = "auto",
 ) -> GatedKDOutput:
-    """The SGSD gated self-distillation loss (DESIGN §3) from per-token log-probs.
+    """The SGSD gated self-distillation loss (docs/design.md §3) from per-token log-probs.
 
     Equivalent to (s [B,T], u [B,K,T], m [B,T], r [B], w [B,K])::
 
@@ -299,18 +218,14 @@ def gated_kd_loss(
         raise ValueError(
             f"student_logprobs must have shape [B, T], got {tuple(student_logprobs.shape)}"
         )
-    B, T, K = _check_gate_inputs(student_logprobs, token_mask, rewards, teacher_weights)
-    check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
-    check.same_device(
-        student_logprobs=student_logprobs,
-        teacher_logprobs=teacher_logprobs,
-        token_mask=token_mask,
-        rewards=rewards,
-        teacher_weights=teacher_weights,
+    B, T, K = check.gate_inputs(
+        "student_logprobs", student_logprobs, token_mask, rewards, teacher_weights
     )
-    tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
+    check.same_device(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
+    tau, delta, eps = check.gate_hypers(gate_tau, clip_delta, confidence_threshold)
     backend = resolve_backend(backend, student_logprobs.device)
-    _check_gate_values(token_mask, backend)
+    check.mask_values(token_mask)
     return _gated(
         student_logprobs,
         teacher_logprobs,
@@ -375,10 +290,12 @@ def linear_gated_kd_loss(
         )
     B, T, H = student_hidden.shape
     check.shape("targets", targets, (B, T), f"[B, T] = [{B}, {T}]")
-    temperature, ignore_index = _check_linear_inputs(
+    temperature, ignore_index = check.linear_inputs(
         student_hidden, weight, targets, bias, temperature, ignore_index, "student_hidden"
     )
-    _, _, K = _check_gate_inputs(student_hidden, token_mask, rewards, teacher_weights)
+    _, _, K = check.gate_inputs(
+        "student_hidden", student_hidden, token_mask, rewards, teacher_weights
+    )
     if teacher_hidden is not None:
         check.tensor("teacher_hidden", teacher_hidden, kind="float")
         check.shape(
@@ -394,14 +311,11 @@ def linear_gated_kd_loss(
         check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
     check.same_device(
         student_hidden=student_hidden,
-        token_mask=token_mask,
-        rewards=rewards,
-        teacher_weights=teacher_weights,
         teacher_hidden=teacher_hidden,
         teacher_logprobs=teacher_logprobs,
     )
-    tau, delta, eps = _check_gate_hypers(gate_tau, clip_delta, confidence_threshold)
-    _check_finite(
+    tau, delta, eps = check.gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    check.finite_inputs(
         check_finite,
         student_hidden=student_hidden,
         weight=weight,
@@ -409,7 +323,7 @@ def linear_gated_kd_loss(
         teacher_hidden=teacher_hidden,
     )
     backend = resolve_backend(backend, student_hidden.device)
-    _check_gate_values(token_mask, backend)
+    check.mask_values(token_mask)
     mask = token_mask.to(torch.bool) & (targets != ignore_index)
 
     if backend == "reference":
@@ -433,10 +347,10 @@ def linear_gated_kd_loss(
         )
         return _wrap(parts, teacher_weights.detach(), mask, B * T)
 
-    flat_t = targets.reshape(-1).long().contiguous()
+    flat_t = _flat_targets(targets)
     b_arg = None if bias is None else bias.contiguous()
     w_arg = weight.contiguous()
-    s_hidden = student_hidden.reshape(B * T, H).contiguous()
+    s_hidden = _rows(student_hidden)
     if teacher_hidden is not None:
         # One stream of (K+1)·B·T rows over W; teacher rows get no gradient.
         t_hidden = teacher_hidden.detach().reshape(B * K * T, H).contiguous()
@@ -481,14 +395,10 @@ class GatedKDLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.gate_tau, self.clip_delta, self.confidence_threshold = _check_gate_hypers(
+        self.gate_tau, self.clip_delta, self.confidence_threshold = check.gate_hypers(
             gate_tau, clip_delta, confidence_threshold
         )
-        if backend not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(
-                f"backend must be one of ('auto', 'triton', 'torch', 'reference'), got {backend!r}"
-            )
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def _hypers(self) -> dict:
         return dict(

@@ -40,15 +40,18 @@ class GatedKDOutput:
         +1 / -1 / 0. clipped_frac: fraction of (masked-in token, present teacher) gaps with
         |Δ| > δ. mask_keep_frac: fraction of the B×T positions kept by the mask.
         mean_support: mean S over present teachers.
+        teacher_rows: how many (rollout, teacher) rows are present (w > 0), summed over
+        the batch: B = 2 rollouts with K = 8 present teachers each give 16.0. It is the
+        denominator of the three fractions, so callers can re-weight them across batches;
+        teacher_rows / B is the mean number of present teachers per rollout.
         """
         present = self._present
         pol = self.polarity.detach()
         sup = self.support.detach()
         n_present = present.sum()
         denom = n_present.clamp_min(1).to(torch.float64)
-        kept = self._kept_tokens.to(torch.float64)
-        per_row_tokens = kept  # [B]
-        pair_tokens = (present.to(torch.float64) * per_row_tokens.unsqueeze(1)).sum()
+        kept = self._kept_tokens.to(torch.float64)  # [B]
+        pair_tokens = (present.to(torch.float64) * kept.unsqueeze(1)).sum()
         stats = torch.stack(
             [
                 self.loss.detach().to(torch.float64),
@@ -69,6 +72,6 @@ class GatedKDOutput:
             "clipped_frac",
             "mask_keep_frac",
             "mean_support",
-            "num_teachers",
+            "teacher_rows",
         )
         return dict(zip(names, stats))

@@ -1,6 +1,6 @@
 """Eager, materialising reference implementations of every public op.
 
-Written to read like DESIGN §3: every intermediate (full logits, full log-softmax, the
+Written to read like docs/design.md §3: every intermediate (full logits, full log-softmax, the
 per-token gaps) is a plain tensor. This is the baseline in benchmarks and, run in
 float64, the oracle in tests. Math is done in float32 (float64 when the inputs are
 float64); the memory cost is O(N·V) (O(K·N·V) for the gated loss from hidden states),
@@ -17,21 +17,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sgsd_kernels.ops.common import compute_dtype
+
 __all__ = [
-    "compute_dtype",
     "logprobs_from_logits_ref",
     "linear_logprobs_ref",
     "gated_kd_ref",
     "linear_gated_kd_ref",
 ]
-
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any floating input is float64 (oracle runs), otherwise float32."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
 
 
 def logprobs_from_logits_ref(
@@ -93,37 +86,20 @@ def gated_kd_ref(
     clip_delta: float = 3.0,
     confidence_threshold: float = 0.05,
 ) -> dict[str, torch.Tensor]:
-    """The SGSD gated loss, DESIGN §3, line by line.
+    """The SGSD gated loss, docs/design.md §3, line by line.
+
+    ``student_logprobs`` is s[b, t] [B, T], or one row per (rollout, teacher) [B, K, T]
+    the way the published code replicates the student (same values for every k; the
+    gradient then sums over the K copies).
 
     Returns a dict with ``loss`` (differentiable w.r.t. ``student_logprobs`` only),
     ``support``, ``polarity``, ``row_loss`` ([B, K]) and ``clipped`` (count of masked-in
     tokens of present teachers whose gap was clipped, a float scalar).
     """
     K = teacher_logprobs.shape[1]
-    s_rows = student_logprobs.unsqueeze(1).expand(-1, K, -1)
-    return _gated_rows(
-        s_rows,
-        teacher_logprobs,
-        token_mask,
-        rewards,
-        teacher_weights,
-        gate_tau,
-        clip_delta,
-        confidence_threshold,
-    )
-
-
-def _gated_rows(
-    s_rows,
-    teacher_logprobs,
-    token_mask,
-    rewards,
-    teacher_weights,
-    gate_tau,
-    clip_delta,
-    confidence_threshold,
-):
-    """§3 with the student log-probs given per (rollout, teacher) row: s_rows [B, K, T]."""
+    s_rows = student_logprobs
+    if s_rows.dim() == 2:
+        s_rows = s_rows.unsqueeze(1).expand(-1, K, -1)  # [B, K, T]
     dtype = compute_dtype(s_rows, teacher_logprobs)
     s = s_rows.to(dtype)  # [B, K, T]
     u = teacher_logprobs.detach().to(dtype)  # [B, K, T]  (teachers are constants)
@@ -202,15 +178,9 @@ def linear_gated_kd_ref(
             )
     else:
         u = teacher_logprobs.detach().to(s_rows.dtype)
-    out = _gated_rows(
-        s_rows,
-        u,
-        token_mask & valid,
-        rewards,
-        teacher_weights,
-        gate_tau,
-        clip_delta,
-        confidence_threshold,
+    mask = token_mask & valid
+    out = gated_kd_ref(
+        s_rows, u, mask, rewards, teacher_weights, gate_tau, clip_delta, confidence_threshold
     )
     out["student_logprobs"] = s_rows[:, 0].detach()
     out["teacher_logprobs"] = u.detach()

@@ -8,6 +8,9 @@ import os
 
 import torch
 
+# The one list of backend names: "auto" picks one of the others; "reference" is the eager,
+# materialising code in ``sgsd_kernels.reference``; "torch" and "triton" are the packages
+# ``sgsd_kernels/ops/<name>_backend/``.
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 _deterministic = False
@@ -53,15 +56,20 @@ def deterministic(enabled: bool = True):
         _deterministic = previous
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` itself if it is one of :data:`BACKENDS`, else a ValueError naming them."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map the user's ``backend`` to a concrete one for tensors on ``device``.
 
-    "auto": triton for CUDA tensors (when Triton imports), otherwise the blockwise
-    torch path. "triton" on CPU tensors is allowed only under ``TRITON_INTERPRET=1``
-    (that is how the kernels are tested without a GPU).
+    "auto": triton for CUDA tensors (when Triton imports), otherwise torch. "triton" on
+    CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter).
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"

@@ -101,3 +101,93 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+# --- Checks of whole argument groups, shared by the public functions ------------------
+
+
+def finite_inputs(check_finite: bool, **tensors: torch.Tensor | None) -> None:
+    """With ``check_finite=True`` (eager only), a ValueError names the first tensor that
+    holds NaN or inf."""
+    if not flag("check_finite", check_finite) or not value_checks_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, hidden_name="hidden"):
+    """Types, shapes, devices and dtypes of a hidden-states → log-probs call; returns the
+    checked (temperature, ignore_index)."""
+    tensor(hidden_name, hidden, kind="float")
+    tensor("weight", weight, kind="float")
+    tensor("targets", targets, kind="int")
+    if bias is not None:
+        tensor("bias", bias, kind="float")
+    same_device(**{hidden_name: hidden, "weight": weight, "targets": targets, "bias": bias})
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != H:
+        raise ValueError(
+            f"{hidden_name} must have shape [..., H] with H = weight.shape[1] = {H}, "
+            f"got {tuple(hidden.shape)}"
+        )
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape {hidden_name}.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} must match {hidden_name} dtype {hidden.dtype}"
+        )
+    if bias is not None:
+        shape("bias", bias, (V,), f"[V] = [{V}]")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
+    temperature = hyper("temperature", temperature, positive=True)
+    ignore_index = integer("ignore_index", ignore_index)
+    # The target range is checked where the values are read: before the reference runs,
+    # and inside the custom ops (so that it also holds under torch.compile).
+    return temperature, ignore_index
+
+
+def gate_hypers(gate_tau, clip_delta, confidence_threshold):
+    """The gated loss's (τ > 0, δ > 0, ε >= 0) as floats."""
+    return (
+        hyper("gate_tau", gate_tau, positive=True),
+        hyper("clip_delta", clip_delta, positive=True),
+        hyper("confidence_threshold", confidence_threshold, nonnegative=True),
+    )
+
+
+def gate_inputs(student_name, student, token_mask, rewards, teacher_weights):
+    """Types, shapes and devices of the [B,T] / [B] / [B,K] gate inputs, against the
+    student tensor ``student`` ([B, T, ...]) named ``student_name``; returns (B, T, K).
+    Mask values are checked by :func:`mask_values`."""
+    tensor("token_mask", token_mask, kind="mask")
+    tensor("rewards", rewards, kind="real")
+    tensor("teacher_weights", teacher_weights, kind="float")
+    B, T = student.shape[0], student.shape[1]
+    shape("token_mask", token_mask, (B, T), f"[B, T] = [{B}, {T}]")
+    shape("rewards", rewards, (B,), f"[B] = [{B}]")
+    if teacher_weights.dim() != 2 or teacher_weights.shape[0] != B:
+        raise ValueError(
+            f"teacher_weights must have shape [B, K] = [{B}, K], got {tuple(teacher_weights.shape)}"
+        )
+    K = teacher_weights.shape[1]
+    if K == 0:
+        raise ValueError("teacher_weights has K = 0 teachers; K must be >= 1")
+    devices = {"token_mask": token_mask, "rewards": rewards, "teacher_weights": teacher_weights}
+    same_device(**{student_name: student}, **devices)
+    return B, T, K
+
+
+def mask_values(token_mask):
+    """Eager-only value check of the mask; teacher weights are checked where they are
+    read (in the reference, and inside the custom op, so also under torch.compile)."""
+    if not value_checks_enabled():
+        return
+    if token_mask.dtype != torch.bool and bool(((token_mask != 0) & (token_mask != 1)).any()):
+        raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")

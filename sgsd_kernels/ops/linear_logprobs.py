@@ -1,7 +1,8 @@
 """Log-probs (and entropy) of targets from hidden states and the LM-head weight, without
 materialising N×V logits: the ``sgsd::linear_logprobs`` custom op, its backward op and
-autograd formula. Dispatches to the blockwise torch kernels (``ops/blockwise.py``) or the
-fused Triton kernels (``ops/triton_linear_logprobs.py``).
+autograd formula. Dispatches to the blockwise torch kernels
+(``ops/torch_backend/linear_logprobs.py``) or the fused Triton kernels
+(``ops/triton_backend/linear_logprobs.py``).
 
 Registered with ``torch.library.custom_op`` so that ``torch.compile`` treats it as one
 opaque node with a fake (shape-only) implementation instead of tracing into the loops.
@@ -12,25 +13,9 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels import validation as check
-from sgsd_kernels.ops import blockwise
+from sgsd_kernels.ops import common
 
-
-def _forward(
-    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend, dtype
-):
-    if backend == "triton":
-        from sgsd_kernels.ops import triton_linear_logprobs
-
-        return triton_linear_logprobs.forward(
-            hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype
-        )
-    return blockwise.forward(
-        hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype
-    )
-
-
-def _out_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+_OP = "linear_logprobs"
 
 
 @torch.library.custom_op("sgsd::linear_logprobs", mutates_args=())
@@ -47,28 +32,16 @@ def linear_logprobs_op(
     """hidden [N,H], weight [V,H], bias [V] | None, targets [N] int64 ->
     (logprobs [N], entropy [N] (or [0] without entropy), lse [N]) in fp32 (fp64 for fp64)."""
     check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
-    return _forward(
-        hidden,
-        weight,
-        bias,
-        targets,
-        temperature,
-        ignore_index,
-        with_entropy,
-        backend,
-        _out_dtype(hidden),
+    kernels = common.backend_module(backend, _OP)
+    lp, ent, lse = kernels.forward(
+        hidden, weight, bias, targets, temperature, ignore_index, with_entropy
     )
+    return lp, common.empty_if_none(ent, lp), lse
 
 
 @linear_logprobs_op.register_fake
 def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend):
-    N = hidden.shape[0]
-    dt = _out_dtype(hidden)
-    return (
-        hidden.new_empty(N, dtype=dt),
-        hidden.new_empty(N if with_entropy else 0, dtype=dt),
-        hidden.new_empty(N, dtype=dt),
-    )
+    return common.fake_logprob_outputs(hidden, with_entropy)
 
 
 @torch.library.custom_op("sgsd::linear_logprobs_backward", mutates_args=())
@@ -88,44 +61,21 @@ def linear_logprobs_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_hidden [N,H], grad_weight [V,H] (or [0] when not needed),
     grad_bias [V] (or [0] when bias is None or not needed))."""
-    dtype = _out_dtype(hidden)
-    if backend == "triton":
-        from sgsd_kernels.ops import triton_linear_logprobs
-
-        gh, gw, gb = triton_linear_logprobs.backward(
-            grad_logprobs,
-            grad_entropy,
-            hidden,
-            weight,
-            bias,
-            targets,
-            lse,
-            entropy,
-            temperature,
-            ignore_index,
-            dtype,
-            need_weight_grad,
-        )
-    else:
-        gh, gw, gb = blockwise.backward(
-            grad_logprobs,
-            grad_entropy,
-            hidden,
-            weight,
-            bias,
-            targets,
-            lse,
-            entropy,
-            temperature,
-            ignore_index,
-            dtype,
-            need_weight_grad,
-        )
-    if gw is None:
-        gw = weight.new_empty(0)
-    if gb is None:
-        gb = weight.new_empty(0)
-    return gh, gw, gb
+    kernels = common.backend_module(backend, _OP)
+    gh, gw, gb = kernels.backward(
+        grad_logprobs,
+        grad_entropy,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        temperature,
+        ignore_index,
+        need_weight_grad,
+    )
+    return gh, common.empty_if_none(gw, weight), common.empty_if_none(gb, weight)
 
 
 @linear_logprobs_backward_op.register_fake
@@ -214,33 +164,22 @@ def linear_logprobs_streams_op(
     output has a gradient (teachers are constants in SGSD).
 
     Triton: one launch over N + M rows, so each token block streams W once for all
-    K+1 streams. Torch: two blockwise passes (the CPU GEMMs gain nothing from a joint pass).
+    K+1 streams. Torch: two blockwise passes.
     """
     check.targets_in_range("targets", student_targets, weight.shape[0], ignore_index)
-    dtype = _out_dtype(student_hidden)
     N = student_hidden.shape[0]
-    if backend == "triton":
-        from sgsd_kernels.ops import triton_linear_logprobs
-
-        lp, lse = triton_linear_logprobs.forward_streams(
-            student_hidden,
-            teacher_hidden,
-            weight,
-            bias,
-            student_targets,
-            teacher_targets,
-            temperature,
-            ignore_index,
-            dtype,
-        )
-        return lp[:N].clone(), lp[N:].clone(), lse[:N].clone()
-    s_lp, _, s_lse = blockwise.forward(
-        student_hidden, weight, bias, student_targets, temperature, ignore_index, False, dtype
+    kernels = common.backend_module(backend, _OP)
+    lp, lse = kernels.forward_streams(
+        student_hidden,
+        teacher_hidden,
+        weight,
+        bias,
+        student_targets,
+        teacher_targets,
+        temperature,
+        ignore_index,
     )
-    u_lp, _, _ = blockwise.forward(
-        teacher_hidden, weight, bias, teacher_targets, temperature, ignore_index, False, dtype
-    )
-    return s_lp, u_lp, s_lse
+    return lp[:N].clone(), lp[N:].clone(), lse[:N].clone()
 
 
 @linear_logprobs_streams_op.register_fake
@@ -255,7 +194,7 @@ def _(
     ignore_index,
     backend,
 ):
-    dt = _out_dtype(student_hidden)
+    dt = common.compute_dtype(student_hidden)
     N, M = student_hidden.shape[0], teacher_hidden.shape[0]
     return (
         student_hidden.new_empty(N, dtype=dt),

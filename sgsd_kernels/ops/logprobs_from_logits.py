@@ -1,7 +1,8 @@
 """Log-probs (and entropy) of targets from an existing logits tensor, streaming over the
 vocabulary: no log_softmax copy of the logits is made. The ``sgsd::logprobs_from_logits``
-custom op and its autograd formula; torch (``ops/blockwise.py``) or Triton
-(``ops/triton_logprobs_from_logits.py``) kernels.
+custom op and its autograd formula; torch (``ops/torch_backend/logprobs_from_logits.py``) or
+Triton
+(``ops/triton_backend/logprobs_from_logits.py``) kernels.
 """
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels import validation as check
-from sgsd_kernels.ops import blockwise
+from sgsd_kernels.ops import common
 
-
-def _out_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+_OP = "logprobs_from_logits"
 
 
 @torch.library.custom_op("sgsd::logprobs_from_logits", mutates_args=())
@@ -27,25 +26,14 @@ def logprobs_from_logits_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N,V], targets [N] int64 -> (logprobs [N], entropy [N] or [0], lse [N])."""
     check.targets_in_range("targets", targets, logits.shape[1], ignore_index)
-    dtype = _out_dtype(logits)
-    if backend == "triton":
-        from sgsd_kernels.ops import triton_logprobs_from_logits
-
-        return triton_logprobs_from_logits.forward(
-            logits, targets, temperature, ignore_index, with_entropy, dtype
-        )
-    return blockwise.logits_forward(logits, targets, temperature, ignore_index, with_entropy, dtype)
+    kernels = common.backend_module(backend, _OP)
+    lp, ent, lse = kernels.forward(logits, targets, temperature, ignore_index, with_entropy)
+    return lp, common.empty_if_none(ent, lp), lse
 
 
 @logprobs_from_logits_op.register_fake
 def _(logits, targets, temperature, ignore_index, with_entropy, backend):
-    N = logits.shape[0]
-    dt = _out_dtype(logits)
-    return (
-        logits.new_empty(N, dtype=dt),
-        logits.new_empty(N if with_entropy else 0, dtype=dt),
-        logits.new_empty(N, dtype=dt),
-    )
+    return common.fake_logprob_outputs(logits, with_entropy)
 
 
 @torch.library.custom_op("sgsd::logprobs_from_logits_backward", mutates_args=())
@@ -60,31 +48,9 @@ def logprobs_from_logits_backward_op(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    dtype = _out_dtype(logits)
-    if backend == "triton":
-        from sgsd_kernels.ops import triton_logprobs_from_logits
-
-        return triton_logprobs_from_logits.backward(
-            grad_logprobs,
-            grad_entropy,
-            logits,
-            targets,
-            lse,
-            entropy,
-            temperature,
-            ignore_index,
-            dtype,
-        )
-    return blockwise.logits_backward(
-        grad_logprobs,
-        grad_entropy,
-        logits,
-        targets,
-        lse,
-        entropy,
-        temperature,
-        ignore_index,
-        dtype,
+    kernels = common.backend_module(backend, _OP)
+    return kernels.backward(
+        grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index
     )
 
 

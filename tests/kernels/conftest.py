@@ -17,8 +17,13 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sgsd_kernels as sk  # noqa: E402  (after TRITON_INTERPRET is set)
+
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-BACKENDS = ["reference", "torch", "triton"]
+# Every concrete backend ("auto" only picks one of them), from the library's one list.
+BACKENDS = [b for b in sk.BACKENDS if b != "auto"]
+# The backends cheap enough on CPU for many generated cases (not the Triton interpreter).
+EAGER_BACKENDS = tuple(b for b in BACKENDS if b != "triton")
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -41,9 +46,9 @@ def one_thread():
 def small_workspace(monkeypatch):
     """Shrink the torch backend's workspace so small shapes still take several row chunks
     and vocabulary blocks (the online-softmax merge paths)."""
-    from sgsd_kernels.ops import blockwise
+    from sgsd_kernels.ops import torch_backend
 
-    monkeypatch.setattr(blockwise, "WORKSPACE_ELEMENTS", 4096)
+    monkeypatch.setattr(torch_backend, "WORKSPACE_ELEMENTS", 4096)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,7 +56,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_close_to_oracle(name, got, eager, oracle, *, rel_atol):
-    """DESIGN §8: |op − oracle| ≤ 2·|eager − oracle| + atol, where ``eager`` is plain
+    """docs/design.md §8: |op − oracle| ≤ 2·|eager − oracle| + atol, where ``eager`` is plain
     PyTorch in the same low precision and atol = rel_atol · max|oracle|."""
     atol = rel_atol * max(oracle.double().abs().max().item(), 1.0) if oracle.numel() else 0.0
     err = max_err(got, oracle)

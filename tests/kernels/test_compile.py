@@ -1,4 +1,4 @@
-"""``torch.compile`` must not break the public ops (DESIGN §5): a compiled function that
+"""``torch.compile`` must not break the public ops (docs/design.md §5): a compiled function that
 calls them gives the eager values and gradients, under the "eager", "aot_eager" and (when
 a C++ compiler is present) "inductor" backends, with ``fullgraph=True`` as well as with
 graph breaks allowed. The custom ops themselves pass ``torch.library.opcheck``.
@@ -256,7 +256,7 @@ def test_compiled_matches_eager(name, backend):
 @pytest.mark.parametrize("name", OPS)
 def test_compiled_fullgraph_matches_eager(name, backend):
     """No graph break: validation must not need a device sync on data under compile
-    (DESIGN §5: torch.compile must not break)."""
+    (docs/design.md §5: torch.compile must not break)."""
     check_compiled(name, backend, fullgraph=True)
 
 
@@ -356,7 +356,7 @@ def _bad_value_cases():
 def test_compiled_bad_values_are_never_silent(fn, args, position):
     """Under compile the value-reading checks may be skipped (no device sync / data-dependent
     branch in the graph), but bad values must still never give a finite-looking answer:
-    the call raises, or the affected output is NaN (DESIGN §4)."""
+    the call raises, or the affected output is NaN (docs/design.md §4)."""
     compiled = torch.compile(fn, backend="eager", fullgraph=True)
     try:
         out = compiled(*args)

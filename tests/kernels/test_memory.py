@@ -1,4 +1,4 @@
-"""Peak memory of the torch path, measured for real (DESIGN §8).
+"""Peak memory of the torch path, measured for real (docs/design.md §8).
 
 Each measurement runs in a fresh subprocess: after the inputs are built, the peak
 resident set (ru_maxrss, a kernel high-water mark) is compared with the resident set

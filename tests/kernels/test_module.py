@@ -7,6 +7,8 @@ import torch
 
 import sgsd_kernels as sk
 
+from .conftest import EAGER_BACKENDS
+
 
 def _inputs(B=3, K=4, T=11, H=16, V=97):
     torch.manual_seed(0)
@@ -21,7 +23,7 @@ def _inputs(B=3, K=4, T=11, H=16, V=97):
     return sh, th, w, tg, mask, r, tw
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 def test_module_matches_functions(backend):
     sh, th, w, tg, mask, r, tw = _inputs()
     loss_fn = sk.GatedKDLoss(
@@ -64,7 +66,7 @@ def test_metrics_are_consistent_with_outputs():
     out = sk.linear_gated_kd_loss(sh, w, tg, mask, r, tw, teacher_hidden=th, backend="torch")
     m = out.metrics()
     present = tw > 0
-    assert m["num_teachers"] == present.sum().item()
+    assert m["teacher_rows"] == present.sum().item()
     assert m["helpful_frac"] + m["harmful_frac"] + m["neutral_frac"] == pytest.approx(1.0)
     assert m["helpful_frac"] == pytest.approx(
         ((out.polarity > 0) & present).sum().item() / present.sum().item()
@@ -74,3 +76,19 @@ def test_metrics_are_consistent_with_outputs():
     assert m["loss"] == pytest.approx(out.loss.item())
     assert m["mean_support"] == pytest.approx(out.support[present].mean().item(), rel=1e-5)
     assert all(isinstance(v, float) for v in m.values())
+
+
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_teacher_rows_counts_present_rollout_teacher_pairs(backend, dtype):
+    """teacher_rows sums present (w > 0) teachers over the batch, not per rollout."""
+    B, K, T = 2, 8, 5
+    s = torch.randn(B, T).to(dtype)
+    u = torch.randn(B, K, T).to(dtype)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    r = torch.tensor([1.0, -1.0])
+    w = torch.ones(B, K, dtype=dtype)
+    assert sk.gated_kd_loss(s, u, mask, r, w, backend=backend).metrics()["teacher_rows"] == 16.0
+    w[0, :3] = 0.0
+    w[1, 7] = 0.0
+    assert sk.gated_kd_loss(s, u, mask, r, w, backend=backend).metrics()["teacher_rows"] == 12.0

@@ -1,4 +1,4 @@
-"""Every backend against the float64 oracle (values and gradients), DESIGN §8.
+"""Every backend against the float64 oracle (values and gradients), docs/design.md §8.
 
 Inputs are drawn in float64, rounded to the dtype under test, and the oracle is the
 reference run in float64 on those *rounded* inputs, so only the computation error is

@@ -1,4 +1,4 @@
-"""Bad input to every public function (DESIGN §4): the exception type AND a message that
+"""Bad input to every public function (docs/design.md §4): the exception type AND a message that
 names the argument and what was expected; non-finite inputs never give a finite-looking
 wrong answer; all-masked rows contribute exactly 0 (finite loss, finite gradients).
 
@@ -17,6 +17,8 @@ import torch
 
 import sgsd_kernels as sk
 
+from .conftest import EAGER_BACKENDS
+
 B, K, T, V, H = 2, 3, 5, 11, 7
 N = 4  # rows for the log-prob functions
 
@@ -29,7 +31,6 @@ ENTRY_POINTS = (
     "GatedKDLoss.from_hidden",
 )
 GATE_HYPERS = ("gate_tau", "clip_delta", "confidence_threshold")
-NUMERIC_BACKENDS = ("reference", "torch")
 
 _DROP = object()  # override value: leave the argument out of the call
 
@@ -777,7 +778,7 @@ def test_check_finite_raises(fn, name, index, value):
     call(fn, check_finite=True)
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize("return_entropy", [False, True])
 @pytest.mark.parametrize(
     "name, index, bad_rows",
@@ -798,7 +799,7 @@ def test_linear_logprobs_nan_propagates(backend, return_entropy, name, index, ba
         torch.testing.assert_close(o[good], c[good])
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 def test_linear_logprobs_inf_hidden_is_not_finite(backend):
     args = valid_args("linear_logprobs")
     args["hidden"] = _poison(args["hidden"], (2, 0), math.inf)
@@ -807,7 +808,7 @@ def test_linear_logprobs_inf_hidden_is_not_finite(backend):
     assert torch.isfinite(out[[0, 1, 3]]).all()
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize("return_entropy", [False, True])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_logprobs_from_logits_non_finite_propagates(backend, return_entropy, value):
@@ -820,7 +821,7 @@ def test_logprobs_from_logits_non_finite_propagates(backend, return_entropy, val
         torch.testing.assert_close(o[[0, 1, 3]], c[[0, 1, 3]])
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize(
     "name, index",
     [
@@ -835,7 +836,7 @@ def test_gated_kd_loss_nan_propagates(backend, name, index):
     assert torch.isnan(out.loss), out.loss
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize(
     "name, index",
     [
@@ -868,7 +869,7 @@ def _loss_and_grads(fn, backend, args, wrt):
     return out, {name: leaf.grad for name, leaf in leaves.items()}
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize("eps", [0.0, 0.05])
 def test_gated_kd_loss_all_masked_row(backend, eps):
     Bx = 3
@@ -902,7 +903,7 @@ def test_gated_kd_loss_all_masked_row(backend, eps):
     torch.testing.assert_close(out.loss * Bx, sub_out.loss * (Bx - 1))
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 def test_gated_kd_loss_everything_masked(backend):
     args = valid_args("gated_kd_loss")
     args["token_mask"] = torch.zeros(B, T, dtype=torch.bool)
@@ -912,7 +913,7 @@ def test_gated_kd_loss_everything_masked(backend):
     assert all(math.isfinite(v) for v in out.metrics().values())
 
 
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize("how", ["mask", "ignore_index", "teacher_logprobs"])
 def test_linear_gated_kd_loss_all_masked_row(backend, how):
     args = valid_args("linear_gated_kd_loss")

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from sgsd.config import TINY_PROFILE, TrainConfig, field_docs, load_config, usage
+from sgsd.config import TINY_PROFILE, ConfigError, TrainConfig, field_docs, load_config, usage
 
 
 def test_paper_defaults_when_a_real_model_is_named():
@@ -79,25 +79,56 @@ def test_save_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv,match",
+    "argv,message",
     [
-        (["--gate-tau", "0"], "gate_tau"),
-        (["--clip-delta", "-1"], "clip_delta"),
-        (["--confidence-threshold", "-0.1"], "confidence_threshold"),
-        (["--confidence-threshold", "nan"], "confidence_threshold"),
-        (["--num-teachers", "0"], "num_teachers"),
-        (["--finetune", "qlora"], "finetune"),
-        (["--rollout-backend", "sglang"], "rollout_backend"),
-        (["--top-p", "1.5"], "top_p"),
-        (["--max-steps", "zero"], "max_steps"),
-        (["--no-such-key", "1"], "unknown config key"),
-        (["--parallelism", "fsdp"], "parallelism must be ddp|fsdp2"),
-        (["positional"], "unexpected argument"),
+        (["--gate-tau", "0"], "--gate-tau must be finite and > 0, got 0.0"),
+        (["--clip-delta", "-1"], "--clip-delta must be finite and > 0, got -1.0"),
+        (["--confidence-threshold", "-0.1"], "--confidence-threshold must be finite and >= 0"),
+        (["--confidence-threshold", "nan"], "--confidence-threshold must be finite and >= 0"),
+        (["--num-teachers", "0"], "--num-teachers must be >= 1, got 0"),
+        (["--finetune", "qlora"], "--finetune must be one of lora|full, got 'qlora'"),
+        (["--rollout-backend", "sglang"], "--rollout-backend must be one of auto|vllm|hf"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--max-steps", "zero"], "--max-steps expects an integer, got 'zero'"),
+        (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
+        (["--max_steps=-3"], "--max_steps must be >= 1, got -3"),  # the flag as typed
+        (["--no-such-key", "1"], "unknown option --no-such-key"),
+        (["--max-stpes", "3"], "unknown option --max-stpes (did you mean --max-steps?)"),
+        (["--output-dir", "--max-steps", "3"], "--output-dir expects a value"),
+        (["--max-steps"], "--max-steps expects a value"),
+        (["--tensorboard", "maybe"], "--tensorboard expects true or false, got 'maybe'"),
+        (["--parallelism", "fsdp"], "--parallelism must be one of ddp|fsdp2, got 'fsdp'"),
+        (["--kernel-backend", "native"], "--kernel-backend must be one of auto|triton|torch"),
+        (["positional"], "unexpected argument 'positional'"),
+        (["--config", "/nonexistent/c.yaml"], "--config /nonexistent/c.yaml: no such file"),
     ],
 )
-def test_bad_values_are_rejected_by_name(argv, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_values_are_one_line_errors_naming_the_flag(argv, message):
+    with pytest.raises(ConfigError) as info:
         load_config(argv)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_config_file_errors_name_the_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"max_stepz": 3}))
+    with pytest.raises(ConfigError, match=r"unknown option max_stepz in .*c\.yaml \(did you"):
+        load_config(["--config", str(path)])
+    path.write_text(yaml.safe_dump({"max_steps": 0}))
+    with pytest.raises(ConfigError, match=r"^max_steps \(in .*c\.yaml\) must be >= 1, got 0"):
+        load_config(["--config", str(path)])
+    path.write_text("max_steps: [1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid yaml"):
+        load_config(["--config", str(path)])
+
+
+def test_only_booleans_and_resume_stand_alone():
+    cfg = load_config(["--resume", "--tensorboard", "--max-steps", "2"])
+    assert cfg.resume == "latest" and cfg.tensorboard is True and cfg.max_steps == 2
+    assert load_config(["--tensorboard=false"]).tensorboard is False
+    assert load_config(["--resume", "runs/x/checkpoints/step_000002"]).resume.endswith("02")
+    assert load_config(["--overwrite"]).overwrite is True
 
 
 def test_every_field_is_documented_and_listed_in_help():
@@ -109,3 +140,19 @@ def test_every_field_is_documented_and_listed_in_help():
     text = usage()
     assert all(f"--{n.replace('_', '-')} " in text for n in names)
     assert "[tiny: 32]" in text  # max_completion_tokens' tiny-profile value is shown
+
+
+def test_kernel_backend_choices_are_the_runtimes():
+    from sgsd_kernels.runtime import BACKENDS
+
+    for backend in BACKENDS:
+        assert load_config(["--kernel-backend", backend]).kernel_backend == backend
+
+
+def test_importing_sgsd_and_its_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sgsd, sgsd.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

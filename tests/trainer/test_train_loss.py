@@ -1,5 +1,5 @@
 """The trainer's step loss and gradients equal the one-row-per-(rollout, teacher) SGSD
-formulation (DESIGN §3), on the tiny model with real prompts, skill bank and mask.
+formulation (docs/design.md §3), on the tiny model with real prompts, skill bank and mask.
 
 The trainer runs ONE student forward per rollout, teacher log-probs from hidden states
 through ``sgsd_kernels``, micro-batched and gradient-accumulated. The oracle below is the
@@ -18,7 +18,7 @@ from sgsd import prompts
 from sgsd.config import load_config
 from sgsd.losses import build_loss
 from sgsd.model import load_policy
-from sgsd.train import Rollout, forward_backward
+from sgsd.scoring import Rollout, forward_backward
 
 
 @pytest.fixture(scope="module", params=["lora", "full"])
@@ -131,7 +131,7 @@ def test_trainer_loss_and_grads_equal_per_row_formulation(setup):
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
 
     policy.zero_grad(set_to_none=True)
-    loss, metrics = forward_backward(
+    loss, sums = forward_backward(
         policy, policy, strategy, rollouts, cfg, tokenizer.pad_token_id, torch.device("cpu")
     )
     ours = {n: p.grad.clone() for n, p in params.items()}
@@ -152,5 +152,5 @@ def test_trainer_loss_and_grads_equal_per_row_formulation(setup):
     for name in params:
         scale = float(ref[name].abs().max())
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
-    assert 0.0 <= metrics["helpful_frac"] <= 1.0
-    assert metrics["num_teachers"] == sum(len(r.teachers) for r in rollouts)
+    assert 0.0 <= sums.means()["helpful_frac"] <= 1.0
+    assert sums.teachers == sum(len(r.teachers) for r in rollouts)

