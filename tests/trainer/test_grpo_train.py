@@ -51,12 +51,12 @@ def test_grpo_torchrun_two_ranks_then_exact_resume(tmp_path):
     assert cfg["config"]["num_iterations"] == 2 and cfg["config"]["temperature"] == 1.2
     m_full, m_part = metrics(full), metrics(part)
     assert [r["step"] for r in m_part] == [1, 2, 3]
-    for key in ("loss", "reward", "clip_frac", "grad_norm", "completion_tokens"):
+    for key in ("loss", "reward_mean", "clip_frac", "grad_norm", "completion_tokens"):
         assert m_full[-1][key] == m_part[-1][key], key
     assert all("helpful_frac" not in r and "ratio_mean" in r for r in m_full)
     # not vacuous: the warm-started model is often right on the (memorised) train split,
     # so groups have mixed rewards, non-zero advantages and gradients
-    assert any(-1 < r["reward"] < 1 and r["grad_norm"] > 0 for r in m_full)
+    assert any(-1 < r["reward_mean"] < 1 and r["grad_norm"] > 0 for r in m_full)
     _same_weights(full / "checkpoints" / "step_000003", part / "checkpoints" / "step_000003")
 
 
