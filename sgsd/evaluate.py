@@ -30,6 +30,9 @@ status 2.
 
 :func:`evaluate_problems` is the engine-level entry point the trainer reuses for
 evaluation during training (same engine, sampling settings swapped in for the call).
+
+(A little over the usual file size: the CLI, model resolution and the engine-level entry
+point are one concern; the metrics live in :mod:`sgsd.eval_metrics`.)
 """
 
 from __future__ import annotations
