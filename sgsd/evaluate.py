@@ -329,7 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-tokens",
         type=int,
         default=None,
-        help=f"completion cap (default {PUBLISHED_MAX_TOKENS}; {TINY_MAX_TOKENS} for --model tiny)",
+        help=f"completion cap (default {PUBLISHED_MAX_TOKENS} within the model's context; "
+        f"{TINY_MAX_TOKENS} for --model tiny; pass it for tiny-model checkpoints too)",
     )
     ap.add_argument(
         "--thinking",
@@ -362,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise EvalError(f"--n must be >= 1, got {args.n}")
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
+    args.max_tokens_given = args.max_tokens is not None
     if args.max_tokens is None:
         args.max_tokens = TINY_MAX_TOKENS if args.model == "tiny" else PUBLISHED_MAX_TOKENS
     for name, ok in (
@@ -405,6 +407,12 @@ def run(args: argparse.Namespace) -> dict:
             for problems in sets.values()
             for p in problems
         )
+        if not args.max_tokens_given:  # the published cap, within the model's context
+            from transformers import AutoConfig
+
+            ctx = getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+            if ctx:
+                args.max_tokens = max(1, min(args.max_tokens, ctx - longest))
         engine = build_engine(args, source, tokenizer, longest + args.max_tokens)
     except EvalError:
         raise
@@ -430,7 +438,9 @@ def run(args: argparse.Namespace) -> dict:
         )
     finally:
         engine.close()
-    settings = {k: v for k, v in vars(args).items() if k != "dataset_names"}
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("dataset_names", "max_tokens_given")
+    }
     summary = {
         "model": args.model,
         "source": source,
