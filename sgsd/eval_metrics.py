@@ -8,8 +8,8 @@ Input is a list of sample rows, one per (problem, sample), each a mapping with a
 * **avg@n** -- mean over problems of (correct samples / n): the expected accuracy of one
   sample. Its 95% interval is ``avg ± 1.96 · sd / sqrt(P)``, sd = the sample standard
   deviation of the per-problem accuracies (ddof 1): the uncertainty from the finite
-  problem set *and* the finite n, treating problems as the independent units. ``None``
-  when P < 2 (no spread to estimate).
+  problem set *and* the finite n, treating problems as the independent units; clipped to
+  [0, 1]. ``None`` when P < 2 (no spread to estimate).
 * **pass@n** -- fraction of problems with at least one correct sample.
 * **maj@n** -- fraction of problems whose majority answer is correct. The majority answer
   is the most frequent ``predicted`` string (whitespace-stripped) among samples that have
@@ -93,7 +93,7 @@ def dataset_metrics(rows: Sequence[Mapping]) -> dict:
     if p >= 2:
         sd = math.sqrt(sum((a - avg) ** 2 for a in accs) / (p - 1))
         half = Z_95 * sd / math.sqrt(p)
-        ci = [avg - half, avg + half]
+        ci = [max(0.0, avg - half), min(1.0, avg + half)]
     formatted = sum(1 for r in rows if isinstance(r["predicted"], str) and r["predicted"].strip())
     return {
         "problems": p,

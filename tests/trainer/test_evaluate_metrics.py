@@ -40,7 +40,8 @@ def test_hand_counted_example():
     z = statistics.NormalDist().inv_cdf(0.975)
     assert m["problems"] == 3 and m["n"] == 3 and m["samples"] == 9
     assert m["avg"] == pytest.approx(avg)
-    assert m["avg_ci95"] == pytest.approx([avg - z * sd / 3**0.5, avg + z * sd / 3**0.5], rel=1e-9)
+    want = [max(0.0, avg - z * sd / 3**0.5), min(1.0, avg + z * sd / 3**0.5)]  # clipped
+    assert want[0] == 0.0 and m["avg_ci95"] == pytest.approx(want, rel=1e-9)
     assert m["pass"] == pytest.approx(2 / 3)
     assert m["maj"] == pytest.approx(1 / 3)
     assert m["format_rate"] == pytest.approx(6 / 9)
@@ -105,7 +106,7 @@ def test_maj_matches_counter_rule(groups):
             want += winner == "a"
     assert dataset_metrics(rows)["maj"] == pytest.approx(want / len(groups))
     lo, hi = dataset_metrics(rows)["avg_ci95"]
-    assert lo <= dataset_metrics(rows)["avg"] <= hi
+    assert 0.0 <= lo <= dataset_metrics(rows)["avg"] <= hi <= 1.0
 
 
 @pytest.mark.parametrize(
