@@ -43,6 +43,7 @@ __all__ = [
     "GracefulStop",
     "TrainerState",
     "load_checkpoint",
+    "load_extra",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -116,9 +117,15 @@ def save_checkpoint(
     keep: int = 0,
     tokenizer=None,
     export_model: bool = True,
+    extra: dict | None = None,
+    protect: frozenset[int] = frozenset(),
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically; all ranks must call it.
-    ``export_model``: also write the standalone merged ``model/`` (with ``tokenizer``)."""
+    ``export_model``: also write the standalone merged ``model/`` (with ``tokenizer``).
+    ``extra``: ``{name: object}`` written by rank 0 as ``name.pt`` (tensors, numbers,
+    strings; read back with :func:`load_extra`), e.g. the EMA teacher's weights.
+    ``protect``: steps whose checkpoints pruning to ``keep`` never deletes (evaluated ones).
+    """
     from safetensors.torch import save_file
 
     from sgsd.model import trainable_names
@@ -147,6 +154,8 @@ def save_checkpoint(
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "skill_bank.json").write_text(json.dumps(bank.state_dict()))
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / f"{name}.pt")
         meta = {
             "step": state.step,
             "data_position": state.data_position,
@@ -162,7 +171,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _prune(root, keep)
+        _prune(root, keep, protect)
         log.info("saved checkpoint %s", final)
     _barrier()
     return final
@@ -202,11 +211,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, protect: frozenset[int] = frozenset()) -> None:
     if keep <= 0:
         return
     for old in checkpoints(root.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name[len(_PREFIX) :]) not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_extra(path: Path, name: str):
+    """The object saved as ``extra[name]`` in checkpoint ``path``, or None if absent."""
+    f = Path(path) / f"{name}.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, world_size: int):

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_PROFILE", "ConfigError", "TrainConfig", "flag", "load_config", "parse_overrides"]
+__all__ = [
+    "GRPO_PROFILE",
+    "TINY_PROFILE",
+    "ConfigError",
+    "TrainConfig",
+    "flag",
+    "load_config",
+    "parse_overrides",
+]
 
 
 class ConfigError(ValueError):
@@ -78,7 +86,8 @@ class TrainConfig:
     """``demo`` (bundled), a JSONL/JSON path, or a HF dataset id
     (``BytedTsinghua-SIA/DAPO-Math-17k`` is the paper's); see sgsd.data.load_problems."""
     dataset_split: str | None = None
-    """Dataset split (None: the loader's default)."""
+    """Dataset split (None: the loader's default; for ``demo``: ``train``, so that the
+    held-out ``test`` split that sgsd.evaluate scores is never trained on)."""
     answer_field: str | None = None
     """Field holding the final answer (None: the loader detects it)."""
     dataset_limit: int | None = None
@@ -87,11 +96,6 @@ class TrainConfig:
     """Skill-bank JSON path (None: the bundled default bank)."""
     retrieval_mode: str = "bm25"
     """How teachers are retrieved from the bank (passed to SkillBank.teachers)."""
-    teacher_enable_thinking: bool | None = None
-    """Render teacher prompts in thinking mode (the published setup: teachers think, the
-    student does not). None: same as enable_thinking, so the teacher and student prompts
-    differ only by the guidance (Qwen3's non-thinking prompt ends with an empty think
-    block that a thinking-mode teacher prompt lacks)."""
     teacher_style: str = "published"
     """Teacher-context layout: ``published`` (the SGSD authors' Markdown prompt) or
     ``compact`` (sgsd.prompts.TEACHER_STYLES)."""
@@ -107,11 +111,33 @@ class TrainConfig:
     skill_update_max_tokens: int = 1024
     """Reply budget of each extraction / merge generation in an online update."""
     enable_thinking: bool = False
-    """Render chat prompts with thinking enabled (Qwen3 chat template flag)."""
+    """Render the student's prompt with thinking enabled (Qwen3 chat template flag; the
+    published SGSD run samples the student in non-thinking mode)."""
+    teacher_thinking: bool = True
+    """Render the teachers' prompts with thinking enabled (published: on)."""
+    student_skills: bool = False
+    """"+Skill" variants: put the top ``student_skills_k`` skills and mistakes (BM25) in
+    the student's prompt too (rendered once at start-up from the initial bank)."""
+    student_skills_k: int = 3
+    """Skills and mistakes each in the +Skill student prompt (published GRPO+Skill: 3)."""
 
-    # ---- loss (DESIGN §3) --------------------------------------------------------------
+    # ---- loss (docs/design.md §3) ----------------------------------------------------
     loss: str = "sgsd"
-    """Loss strategy (sgsd.losses.LOSSES). ``sgsd`` now; GRPO/OPSD plug in at the same seam."""
+    """Loss strategy (sgsd.losses.LOSSES): ``sgsd`` or ``grpo`` (sgsd.grpo; unset fields then
+    take GRPO_PROFILE, the published GRPO settings)."""
+    grpo_clip_eps: float = 0.2
+    """GRPO's PPO clip epsilon (published: 0.2)."""
+    num_iterations: int = 1
+    """Optimiser passes over each step's rollouts, the first pass's log-probs as the old
+    ones (GRPO's num_iterations; published GRPO: 2). Each pass is an optimiser step; the
+    LR schedule advances once per trainer step."""
+    teacher: str = "live"
+    """Teacher weights (sgsd.teachers): ``live`` (current), ``frozen`` (initial; LoRA
+    adapter disabled), ``ema`` or ``periodic``."""
+    teacher_ema_decay: float = 0.999
+    """EMA decay for ``teacher=ema`` (published: 0.999)."""
+    teacher_refresh_every: int = 50
+    """Refresh interval in optimiser steps for ``teacher=periodic`` (published: 50)."""
     num_teachers: int = 8
     """K: skill-conditioned teachers per rollout (paper: 8)."""
     gate_tau: float = 1.0
@@ -123,6 +149,9 @@ class TrainConfig:
     logprob_temperature: float = 1.0
     """Temperature of the student/teacher log-probs in the loss (1 = the model's own
     distribution; independent of the sampling temperature)."""
+    log_entropy: bool = True
+    """Log the student's and teachers' mean token entropy (one extra no-grad LM-head pass
+    for the student; the teachers' comes with their log-probs)."""
     kernel_backend: str = "auto"
     """sgsd_kernels backend (``sgsd_kernels.runtime.BACKENDS``): auto (triton on CUDA, else
     torch), triton, torch, reference."""
@@ -144,8 +173,8 @@ class TrainConfig:
     """``auto`` (vLLM when importable, else HF generate), ``vllm``, ``hf``."""
     problems_per_step: int = 16
     """Problems per optimizer step, over all ranks (must divide by the world size)."""
-    rollouts_per_problem: int = 4
-    """G: sampled completions per problem."""
+    rollouts_per_problem: int = 1
+    """G: sampled completions per problem (published SGSD: 1; GRPO: 8)."""
     temperature: float = 1.1
     """Sampling temperature (paper: 1.1)."""
     top_p: float = 0.95
@@ -171,8 +200,9 @@ class TrainConfig:
     """AdamW betas."""
     warmup_steps: int = 0
     """Linear warm-up steps, then ``lr_schedule``."""
-    lr_schedule: str = "constant"
-    """``constant`` or ``cosine`` (to 0 at max_steps)."""
+    lr_schedule: str = "linear"
+    """``linear`` (to 0 at max_steps, the published schedule), ``cosine`` (to 0) or
+    ``constant``."""
     max_grad_norm: float = 0.1
     """Gradient-norm clip (paper: 0.1); 0 disables."""
     micro_batch_size: int = 4
@@ -191,16 +221,17 @@ class TrainConfig:
     """Where config.yaml, metrics.jsonl, samples.jsonl and checkpoints/ go."""
     checkpoint_every: int = 25
     """Save every N steps (and always at the end); 0 = only at the end (paper: 25)."""
-    keep_checkpoints: int = 3
-    """Keep the newest N checkpoints (0 = keep all)."""
+    keep_checkpoints: int = 0
+    """Keep the newest N checkpoints (0 = keep all, as published); checkpoints of
+    evaluated steps are always kept."""
     resume: str | None = None
     """Continue a run: ``latest`` (the newest checkpoint in output_dir; a fresh start if
     there is none) or a checkpoint directory. A bare ``--resume`` means ``latest``."""
     overwrite: bool = False
     """Start fresh in an output_dir that holds another run: its checkpoints, metrics,
     samples, banks and evals are deleted before step 1. Without it such a start refuses."""
-    seed: int = 0
-    """Seeds data order, sampling and initialisation."""
+    seed: int = 42
+    """Seeds data order, sampling and initialisation (published: 42)."""
     log_every: int = 1
     """Console/metrics line every N steps."""
     sample_every: int = 10
@@ -214,6 +245,23 @@ class TrainConfig:
     """Also log to this Weights & Biases project."""
     verbose: bool = False
     """Show third-party log lines and warnings that are filtered as known noise."""
+
+    # ---- evaluation during training (sgsd.evaluate) --------------------------------------
+    eval_every: int = 0
+    """Evaluate every N steps and at the end with the rollout engine (0 = never; the paper:
+    25). Results go to eval.jsonl and TensorBoard/W&B; evaluated checkpoints are kept."""
+    eval_datasets: str = "aime24,aime25,hmmt25"
+    """Comma list of evaluation sets (as ``python -m sgsd.evaluate --datasets``)."""
+    eval_n: int = 12
+    """Samples per evaluation problem (avg@n; published: 12)."""
+    eval_limit: int | None = None
+    """Evaluate only the first N problems of each set (None: all)."""
+    eval_max_tokens: int = 38912
+    """Completion cap during evaluation (published: 38912)."""
+    eval_temperature: float = 1.0
+    """Evaluation sampling temperature (published: 1.0; top-p 0.95, no top-k)."""
+    eval_thinking: bool = True
+    """Evaluate in thinking mode (published: on)."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, rule: str) -> None:
@@ -233,6 +281,8 @@ class TrainConfig:
                 need(getattr(self, name) >= lo, name, f"must be >= {lo}")
 
         need(bool(self.model), "model", "must be a model id, a path or 'tiny'")
+        if self.dataset == "demo" and self.dataset_split is None:
+            self.dataset_split = "train"
         one_of("finetune", ("lora", "full"))
         at_least(1, "lora_r")
         positive("lora_alpha")
@@ -247,7 +297,7 @@ class TrainConfig:
             0.0 <= self.skill_update_threshold <= 1.0, "skill_update_threshold", "must be in [0, 1]"
         )
         at_least(1, "skill_update_max_tokens")
-        one_of("loss", ("sgsd", "opsd"))
+        one_of("loss", ("sgsd", "opsd", "grpo"))
         need(
             self.local_support_top_k is None or self.local_support_top_k >= 1,
             "local_support_top_k",
@@ -260,6 +310,14 @@ class TrainConfig:
             "divergence_clip",
             "must be > 0 (or none)",
         )
+        need(0 < self.grpo_clip_eps < 1, "grpo_clip_eps", "must be in (0, 1)")
+        at_least(1, "num_iterations", "teacher_refresh_every", "student_skills_k")
+        one_of("teacher", ("live", "frozen", "ema", "periodic"))
+        need(0 < self.teacher_ema_decay < 1, "teacher_ema_decay", "must be in (0, 1)")
+        at_least(0, "eval_every")
+        at_least(1, "eval_n", "eval_max_tokens")
+        need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1")
+        positive("eval_temperature")
         at_least(1, "num_teachers")
         positive("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr")
         need(
@@ -287,7 +345,7 @@ class TrainConfig:
             "must be two numbers in [0, 1)",
         )
         at_least(0, "warmup_steps")
-        one_of("lr_schedule", ("constant", "cosine"))
+        one_of("lr_schedule", ("linear", "constant", "cosine"))
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
         at_least(1, "micro_batch_size", "teacher_micro_batch_size")
         one_of("parallelism", ("ddp", "fsdp2"))
@@ -295,12 +353,6 @@ class TrainConfig:
         need(bool(self.output_dir), "output_dir", "must not be empty")
         need(self.resume is None or bool(self.resume), "resume", "must be 'latest' or a path")
         at_least(1, "log_every", "sample_every")
-
-    def teacher_thinking(self) -> bool:
-        """The thinking mode teacher prompts are rendered with."""
-        if self.teacher_enable_thinking is None:
-            return self.enable_thinking
-        return self.teacher_enable_thinking
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -352,7 +404,7 @@ TINY_PROFILE: dict[str, Any] = {
     "problems_per_step": 4,
     "rollouts_per_problem": 2,
     "num_teachers": 4,
-    "max_completion_tokens": 32,
+    "max_completion_tokens": 64,
     "max_prompt_tokens": 1024,
     "micro_batch_size": 8,
     "teacher_micro_batch_size": 16,
@@ -366,6 +418,18 @@ TINY_PROFILE: dict[str, Any] = {
     "checkpoint_every": 5,
     "sample_every": 5,
     "output_dir": "runs/demo",
+    "eval_datasets": "demo",
+    "eval_n": 2,
+    "eval_max_tokens": 64,
+    "teacher_thinking": False,
+}
+
+#: The published GRPO settings, applied when ``loss == "grpo"`` to the fields the user did
+#: not set (after TINY_PROFILE): G = 8 rollouts at temperature 1.2, two optimiser passes.
+GRPO_PROFILE: dict[str, Any] = {
+    "rollouts_per_problem": 8,
+    "temperature": 1.2,
+    "num_iterations": 2,
 }
 
 
@@ -570,8 +634,11 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
         raise _unknown(unknown[0], list(types), unknown[0])
     try:
         parsed = {k: _parse_value(k, v, types[k]) for k, v in values.items()}
+        user_set = set(parsed)
         if parsed.get("model", "tiny") == "tiny":
             parsed = {**{k: v for k, v in TINY_PROFILE.items() if k not in parsed}, **parsed}
+        if parsed.get("loss") == "grpo":
+            parsed.update({k: v for k, v in GRPO_PROFILE.items() if k not in user_set})
         return TrainConfig(**parsed)
     except ConfigError as e:
         if e.field in typed and not str(e).startswith(typed[e.field]):

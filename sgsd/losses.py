@@ -11,12 +11,12 @@ A step produces rollouts (student prompt + sampled completion + verifier reward)
    positions, the LM head, and the :class:`ScoredBatch` (``loss``).
 
 SGSD (docs/design.md §3) is the strategy implemented here; ``LOSSES`` names the ones that
-exist and ``build_loss`` picks one by ``TrainConfig.loss``. Other methods fit the same two
-methods: GRPO needs no teachers (``teachers`` returns ``[]``) and a loss on student
-log-probs with group-normalised advantages; OPSD's teacher context is the reference
-solution and its loss is the full-vocabulary divergence, which needs teacher *hidden
-states* rather than log-probs of the sampled tokens (the trainer's teacher scoring would
-grow that option).
+exist and ``build_loss`` picks one by ``TrainConfig.loss``. GRPO (:mod:`sgsd.grpo`) plugs
+into the same methods: no teachers (``teachers`` returns ``[]``), advantages set in
+``prepare`` and a loss on student log-probs over ``num_iterations`` passes. OPSD's teacher
+context is the reference solution and its loss is the full-vocabulary divergence, which
+needs teacher *hidden states* rather than log-probs of the sampled tokens (the trainer's
+teacher scoring would grow that option).
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ import sgsd_kernels as sk
 from sgsd import prompts
 from sgsd.config import TrainConfig
 
-__all__ = ["LossResult", "LossStrategy", "SGSDLoss", "ScoredBatch", "build_loss"]
+__all__ = [
+    "LossResult",
+    "LossStrategy",
+    "SGSDLoss",
+    "ScoredBatch",
+    "build_loss",
+]
 
 
 @dataclass
@@ -47,6 +53,10 @@ class ScoredBatch:
     # the format-token filter.
     teacher_hidden: torch.Tensor | None = None
     valid: torch.Tensor | None = None  # [B, T] bool
+    advantages: torch.Tensor | None = None  # [B] (GRPO: group-normalised rewards)
+    old_logprobs: torch.Tensor | None = None  # [B, T] first-pass log-probs (GRPO passes > 1)
+    teacher_entropy: torch.Tensor | None = None  # [B, K, T] teachers' token entropies
+    log_entropy: bool = False  # also measure the student's token entropy (no grad)
 
 
 @dataclass
@@ -61,6 +71,16 @@ class LossStrategy:
 
     name: str = "base"
     num_teachers: int = 0
+    num_iterations: int = 1
+    """Optimisation passes over each step's rollouts (GRPO: 2; SGSD: 1)."""
+
+    def token_mask(self, tokenizer, completion_ids) -> list[bool]:
+        """Which completion tokens count in the loss (default: docs/design.md §3's m)."""
+        return prompts.format_token_mask(tokenizer, completion_ids)
+
+    def prepare(self, rollouts) -> None:
+        """Per-step hook over all of this rank's rollouts before any loss (GRPO sets
+        ``advantage`` from each problem's group here)."""
 
     def student_messages(self, problem) -> list[dict]:
         """The chat messages the policy samples its rollout from."""
@@ -122,10 +142,51 @@ class SGSDLoss(LossStrategy):
             confidence_threshold=self.confidence_threshold,
             backend=self.backend,
         )
-        return LossResult(out.loss, out.metrics(), out)
+        metrics = out.metrics()
+        metrics.update(self._extra_metrics(out, student_hidden, weight, bias, batch))
+        return LossResult(out.loss, metrics, out)
+
+    @torch.no_grad()
+    def _extra_metrics(self, out, student_hidden, weight, bias, batch: ScoredBatch) -> dict:
+        """The published run's extra logs: the raw (unclipped) support score and the
+        fraction of teachers with |S| <= epsilon (means over present teachers), and the
+        masked mean token entropy of the student (per rollout) and of the teachers."""
+        present = batch.teacher_weights > 0
+        n_present = present.sum().clamp(min=1)
+        m = batch.token_mask.to(out.student_logprobs.dtype)
+        n = m.sum(dim=1).clamp(min=1)
+        gap = out.teacher_logprobs - out.student_logprobs.unsqueeze(1)
+        raw = (gap * m.unsqueeze(1)).sum(-1) / n.unsqueeze(1)
+        below = (out.support.abs() <= self.confidence_threshold) & present
+        stats = {
+            "raw_support": float(torch.where(present, raw, 0.0).sum() / n_present),
+            "below_threshold_frac": float(below.sum() / n_present),
+        }
+        if batch.teacher_entropy is not None:
+            per = (batch.teacher_entropy * m.unsqueeze(1)).sum(-1) / n.unsqueeze(1)
+            stats["teacher_entropy"] = float(torch.where(present, per, 0.0).sum() / n_present)
+        if batch.log_entropy:
+            tgt = torch.where(batch.token_mask, batch.targets, -100)
+            _, ent = sk.linear_logprobs(
+                student_hidden.detach(),
+                weight.detach(),
+                tgt,
+                bias=None if bias is None else bias.detach(),
+                temperature=self.temperature,
+                return_entropy=True,
+                backend=self.backend,
+            )
+            stats["student_entropy"] = float(((ent * m).sum(1) / n).mean())
+        return stats
 
 
-LOSSES = {"sgsd": SGSDLoss}
+def _grpo(cfg: TrainConfig) -> LossStrategy:
+    from sgsd.grpo import GRPOLoss  # sgsd.grpo imports this module
+
+    return GRPOLoss(cfg)
+
+
+LOSSES = {"sgsd": SGSDLoss, "grpo": _grpo}
 
 
 def build_loss(cfg: TrainConfig) -> LossStrategy:

@@ -21,9 +21,10 @@ __all__ = [
     "step_record",
 ]
 
-#: Loss metrics that are fractions of a rollout's positions; every other loss metric is
-#: an average over present teachers (weight > 0).
-PER_ROLLOUT = frozenset({"mask_keep_frac"})
+#: Loss metrics averaged over rollouts (fractions of a rollout's positions, the student's
+#: entropy, GRPO's ratio statistics); every other loss metric is an average over present
+#: teachers (weight > 0).
+PER_ROLLOUT = frozenset({"mask_keep_frac", "student_entropy", "clip_frac", "ratio_mean"})
 #: Loss-metric keys that are not averages (the loss is logged from its own sum).
 NOT_AVERAGED = frozenset({"loss", "teacher_rows"})
 

@@ -56,7 +56,8 @@ def model_source(cfg: TrainConfig) -> str:
         return cfg.model
     from sgsd.tiny_model import default_tiny_model_dir, save_tiny_model
 
-    return str(save_tiny_model(default_tiny_model_dir(), seed=0))
+    # The warm-started tiny model (right sometimes on the demo set; trained once, cached).
+    return str(save_tiny_model(default_tiny_model_dir(warm_start=True), seed=0, warm_start=True))
 
 
 class Policy(nn.Module):

@@ -44,6 +44,7 @@ RUN_FILES = (
     "samples.jsonl",
     "banks",
     "evals",
+    "eval.jsonl",
     "tb",
     "wandb",
     "config.yaml",

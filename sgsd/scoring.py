@@ -45,6 +45,8 @@ class Rollout:
     reward: float  # +1 / -1
     predicted: str | None
     teachers: list[tuple[list[int], float]]  # (teacher prompt ids, weight), at most K
+    advantage: float = 0.0  # set by strategy.prepare (GRPO)
+    old_logprobs: list[float] | None = None  # first-pass log-probs (num_iterations > 1)
 
 
 def sequences_batch(
@@ -103,7 +105,7 @@ def make_rollouts(
                         tokenizer,
                         messages,
                         enable_thinking=getattr(
-                            strategy, "teacher_enable_thinking", cfg.teacher_thinking()
+                            strategy, "teacher_enable_thinking", cfg.teacher_thinking
                         ),
                     ),
                     w,
@@ -115,12 +117,13 @@ def make_rollouts(
                 problem=problem,
                 prompt_ids=prompt_ids,
                 completion_ids=completion_ids,
-                token_mask=prompts.format_token_mask(tokenizer, completion_ids),
+                token_mask=strategy.token_mask(tokenizer, completion_ids),
                 reward=float(result.reward),
                 predicted=result.predicted,
                 teachers=teachers[id(problem)],
             )
         )
+    strategy.prepare(rollouts)
     return rollouts
 
 
@@ -139,11 +142,13 @@ def teacher_logprobs(
     cfg: TrainConfig,
     pad_id: int,
     device: torch.device,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B, K, T]`` log-probs of each rollout's completion under each teacher context,
-    from the live model (no grad). Missing teachers stay 0 (their weight is 0)."""
+    from the model (no grad), and the matching token entropies (``cfg.log_entropy``;
+    else None). Missing teachers stay 0 (their weight is 0)."""
     dtype = float_dtype(policy)
     out = torch.zeros((len(rollouts), num_teachers, t_max), dtype=dtype, device=device)
+    ent = torch.zeros_like(out) if cfg.log_entropy else None
     jobs = [
         (b, k, ids)
         for b, r in enumerate(rollouts)
@@ -164,18 +169,22 @@ def teacher_logprobs(
             targets,
             bias=bias,
             temperature=cfg.logprob_temperature,
+            return_entropy=cfg.log_entropy,
             backend=cfg.kernel_backend,
         )
+        lp, h = lp if cfg.log_entropy else (lp, None)
         for row, (b, k, _) in enumerate(chunk):
             n = len(rollouts[b].completion_ids)
             out[b, k, :n] = lp[row, :n].to(dtype)
+            if h is not None:
+                ent[b, k, :n] = h[row, :n].to(dtype)
     if is_fsdp(policy):  # every forward is a collective: match the busiest rank's count
         count = torch.tensor([len(chunks)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
         for _ in range(int(count.item()) - len(chunks)):
             policy(dummy, torch.ones_like(dummy))
-    return out
+    return out, ent
 
 
 def rollout_loss(
@@ -205,15 +214,29 @@ def rollout_loss(
         for k, (_, w) in enumerate(r.teachers[:K]):
             weights[b, k] = w
     needs_hidden = getattr(strategy, "needs_teacher_hidden", False)
+    old = None
+    if rollouts[0].old_logprobs is not None:
+        old = torch.zeros(targets.shape, dtype=fdtype, device=device)
+        for b, r in enumerate(rollouts):
+            old[b, : len(r.old_logprobs)] = torch.tensor(r.old_logprobs, dtype=fdtype)
+    t_lp = t_ent = None
+    if not needs_hidden:  # OPSD / local support stream the teachers' hidden states instead
+        tw = getattr(strategy, "teacher_weights", None)  # sgsd.teachers: which weights score
+        with tw.active(policy) if tw is not None else contextlib.nullcontext():
+            t_lp, t_ent = teacher_logprobs(
+                policy, rollouts, K, targets.shape[1], cfg, pad_id, device
+            )
     batch = ScoredBatch(
         targets=targets,
         token_mask=mask & valid,
         rewards=torch.tensor([r.reward for r in rollouts], dtype=fdtype, device=device),
         teacher_weights=weights,
-        teacher_logprobs=None
-        if needs_hidden
-        else teacher_logprobs(policy, rollouts, K, targets.shape[1], cfg, pad_id, device),
+        teacher_logprobs=t_lp,
         valid=valid,
+        advantages=torch.tensor([r.advantage for r in rollouts], dtype=fdtype, device=device),
+        old_logprobs=old,
+        teacher_entropy=t_ent,
+        log_entropy=cfg.log_entropy,
     )
     if needs_hidden:  # OPSD / local support: the loss streams the teachers' full distributions
         batch.teacher_hidden = teacher_hidden_states(
@@ -256,5 +279,9 @@ def forward_backward(
             result, present = rollout_loss(model, policy, strategy, chunk, cfg, pad_id, device)
             (result.loss * (len(chunk) / total)).backward()
         loss_sum += float(result.loss.detach()) * len(chunk)
+        if strategy.num_iterations > 1 and chunk[0].old_logprobs is None:  # first pass
+            lp = result.output.logprobs
+            for b, r in enumerate(chunk):
+                r.old_logprobs = lp[b, : len(r.completion_ids)].tolist()
         sums.add(result.metrics, rollouts=len(chunk), teachers=present)
     return loss_sum / total, sums

@@ -25,7 +25,15 @@ machines with the same library versions) produce bit-identical weights and token
 ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` and by ``vllm.LLM``;
 :func:`default_tiny_model_dir` is the cache location used by the trainer.
 
-CLI: ``python -m sgsd.tiny_model OUT_DIR [--seed N]`` (``OUT_DIR`` defaults to the cache).
+``warm_start=True`` (:func:`build_tiny_model`, :func:`save_tiny_model`) gives the model
+after a short supervised warm start on the demo set's train split
+(:mod:`sgsd.tiny_warm_start`), which is right sometimes; that is what ``--model tiny``
+means to the trainer and to ``sgsd.evaluate``. It is trained once and cached.
+
+CLI: ``python -m sgsd.tiny_model OUT_DIR [--seed N] [--warm-start]`` (``OUT_DIR`` defaults
+to the cache).
+
+(Slightly over the usual file size: tokenizer, template, model and cache belong together.)
 """
 
 from __future__ import annotations
@@ -202,11 +210,12 @@ def _corpus() -> tuple[str, ...]:
     return tuple(line for line in text.splitlines() if line.strip())
 
 
-def tiny_model_fingerprint(seed: int = 0) -> str:
+def tiny_model_fingerprint(seed: int = 0, *, warm_start: bool = False) -> str:
     """Hex digest identifying the files :func:`save_tiny_model` would write for ``seed``.
 
-    Covers the seed, architecture, template, tokenizer corpus and the versions of the
-    libraries whose behaviour determines the bytes (init and BPE training are only
+    Covers the seed, architecture, template, tokenizer corpus (which holds the demo set,
+    the warm start's data), the warm-start settings when ``warm_start`` and the versions
+    of the libraries whose behaviour determines the bytes (init and BPE training are only
     guaranteed reproducible within one version).
     """
     from importlib.metadata import version  # no heavy imports just to name a cache dir
@@ -222,6 +231,10 @@ def tiny_model_fingerprint(seed: int = 0) -> str:
         "regex": _SPLIT_REGEX,
         "versions": [version("torch"), version("transformers"), version("tokenizers")],
     }
+    if warm_start:
+        from sgsd.tiny_warm_start import WARM_START
+
+        payload["warm_start"] = WARM_START
     h.update(json.dumps(payload, sort_keys=True).encode())
     for line in _corpus():
         h.update(line.encode("utf-8"))
@@ -290,12 +303,25 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-def build_tiny_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def build_tiny_model(
+    seed: int = 0, *, warm_start: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Build ``(model, tokenizer)``: a random-init Qwen3 causal LM and its tokenizer.
 
     Deterministic in ``seed`` and does not disturb the caller's global RNG state. The
     model is float32 in eval mode; ``model.config.vocab_size == len(tokenizer)``.
+
+    ``warm_start=True``: the model after :func:`sgsd.tiny_warm_start.warm_start` (right
+    sometimes on the demo set), loaded from the on-disk cache
+    (:func:`default_tiny_model_dir`), which is filled on first use.
     """
+    if warm_start:
+        from transformers import AutoModelForCausalLM
+
+        path = save_tiny_model(default_tiny_model_dir(seed, warm_start=True), seed, warm_start=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        model.eval()
+        return model, build_tiny_tokenizer()
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -324,14 +350,14 @@ def build_tiny_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenize
     return model, tokenizer
 
 
-def default_tiny_model_dir(seed: int = 0) -> Path:
+def default_tiny_model_dir(seed: int = 0, *, warm_start: bool = False) -> Path:
     """Cache directory for the tiny model: ``$SGSD_CACHE`` (or ``$XDG_CACHE_HOME/sgsd``,
     or ``~/.cache/sgsd``) ``/tiny-qwen3-<fingerprint[:16]>``."""
     root = os.environ.get("SGSD_CACHE")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
         root = os.path.join(xdg, "sgsd")
-    return Path(root) / f"tiny-qwen3-{tiny_model_fingerprint(seed)[:16]}"
+    return Path(root) / f"tiny-qwen3-{tiny_model_fingerprint(seed, warm_start=warm_start)[:16]}"
 
 
 def _is_complete(path: Path, fingerprint: str) -> bool:
@@ -356,9 +382,12 @@ def _portable_tokenizer_config(path: Path) -> None:
     cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
-def save_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> Path:
+def save_tiny_model(
+    path: str | os.PathLike | None = None, seed: int = 0, *, warm_start: bool = False
+) -> Path:
     """Write the tiny model + tokenizer to ``path`` (default: :func:`default_tiny_model_dir`)
-    with ``save_pretrained`` and return the path.
+    with ``save_pretrained`` and return the path. ``warm_start``: the warm-started model
+    (:mod:`sgsd.tiny_warm_start`; trained once, then copied from the default cache dir).
 
     Idempotent and safe under concurrency (e.g. every torchrun rank calling it): if a
     complete copy with the same fingerprint is already there it is reused; otherwise the
@@ -366,8 +395,8 @@ def save_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> Pat
     never sees a half-written model. An existing directory that is not a tiny-model copy
     and not empty is never overwritten (``FileExistsError``).
     """
-    path = Path(path) if path is not None else default_tiny_model_dir(seed)
-    fingerprint = tiny_model_fingerprint(seed)
+    path = Path(path) if path is not None else default_tiny_model_dir(seed, warm_start=warm_start)
+    fingerprint = tiny_model_fingerprint(seed, warm_start=warm_start)
     if _is_complete(path, fingerprint):
         return path
     if path.exists() and not (path / _MARKER).is_file() and any(path.iterdir()):
@@ -376,7 +405,15 @@ def save_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> Pat
             "overwrite it"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build_tiny_model(seed)
+    cache = default_tiny_model_dir(seed, warm_start=True)
+    if warm_start and path != cache and _is_complete(cache, fingerprint):
+        model, tokenizer = build_tiny_model(seed, warm_start=True)  # from the cache
+    else:
+        model, tokenizer = build_tiny_model(seed)
+        if warm_start:
+            from sgsd.tiny_warm_start import warm_start as _warm_start
+
+            _warm_start(model, tokenizer, seed=seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         umask = os.umask(0)
@@ -386,7 +423,12 @@ def save_tiny_model(path: str | os.PathLike | None = None, seed: int = 0) -> Pat
         tokenizer.save_pretrained(tmp)
         _portable_tokenizer_config(tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        meta = {"fingerprint": fingerprint, "seed": int(seed), "files": files}
+        meta = {
+            "fingerprint": fingerprint,
+            "seed": int(seed),
+            "warm_start": bool(warm_start),
+            "files": files,
+        }
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():  # stale copy (other seed/version) or empty dir: replace it
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -417,8 +459,13 @@ def _main(argv: list[str] | None = None) -> int:
         help="output directory (default: the cache dir, see default_tiny_model_dir)",
     )
     ap.add_argument("--seed", type=int, default=0, help="init seed (default 0)")
+    ap.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="the supervised warm start on the demo train split (sgsd.tiny_warm_start)",
+    )
     args = ap.parse_args(argv)
-    out = save_tiny_model(args.out_dir, seed=args.seed)
+    out = save_tiny_model(args.out_dir, seed=args.seed, warm_start=args.warm_start)
     print(out)
     return 0
 

@@ -49,7 +49,13 @@ import torch
 import torch.distributed as dist
 
 from sgsd import console, prompts
-from sgsd.checkpoint import GracefulStop, TrainerState, load_checkpoint, save_checkpoint
+from sgsd.checkpoint import (
+    GracefulStop,
+    TrainerState,
+    load_checkpoint,
+    load_extra,
+    save_checkpoint,
+)
 from sgsd.config import TrainConfig
 from sgsd.distributed import Dist, seed_everything, setup_distributed
 from sgsd.losses import LossStrategy, build_loss
@@ -59,6 +65,8 @@ from sgsd.rollout import RolloutEngine, build_rollout_engine
 from sgsd.rundir import RunPlan, start_run
 from sgsd.scoring import Rollout, forward_backward, make_rollouts
 from sgsd.skill_update import OnlineBankUpdater
+from sgsd.teachers import TeacherWeights
+from sgsd.train_eval import TrainingEval
 
 __all__ = [
     "Dist",
@@ -104,9 +112,11 @@ def build_scheduler(cfg: TrainConfig, optimizer):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
         if cfg.lr_schedule == "cosine":
-            span = max(1, cfg.max_steps - cfg.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        if cfg.lr_schedule == "linear":  # step 0 at the full rate, 0 after max_steps
+            return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -137,6 +147,8 @@ class Trainer:
     last_exported: bool = False  # whether that checkpoint holds the merged model/ export
     bar: object = None  # tqdm bar on rank 0, when enabled and stderr is a terminal
     metrics_log: MetricsLogger | None = None  # built once the run has started (see run)
+    teacher: TeacherWeights | None = None  # which weights the teachers score with
+    evaluator: TrainingEval | None = None  # evaluation during training (eval_every)
     out_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -148,19 +160,22 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- setup
-def load_problem_set(cfg: TrainConfig, tokenizer, strategy: LossStrategy):
+def load_problem_set(cfg: TrainConfig, tokenizer, strategy: LossStrategy, bank=None):
     """The problems whose rendered student prompt fits ``max_prompt_tokens``, and those
-    prompts' token ids."""
+    prompts' token ids (``student_skills``: skills and mistakes from ``bank`` before the
+    problem, the "+Skill" baselines)."""
     from sgsd.data import load_problems
+    from sgsd.evaluate import problem_messages
 
     loaded = load_problems(
         cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field, limit=cfg.dataset_limit
     )
     problems, prompt_ids = [], []
     for p in loaded:
-        ids = prompts.render_prompt_ids(
-            tokenizer, strategy.student_messages(p), enable_thinking=cfg.enable_thinking
-        )
+        messages = strategy.student_messages(p)
+        if cfg.student_skills:
+            messages = problem_messages(p, bank, cfg.student_skills_k)
+        ids = prompts.render_prompt_ids(tokenizer, messages, enable_thinking=cfg.enable_thinking)
         if len(ids) <= cfg.max_prompt_tokens:
             problems.append(p)
             prompt_ids.append(ids)
@@ -192,13 +207,13 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
         dist.barrier()
     policy, tokenizer, source = load_policy(cfg, env.device)
     strategy = build_loss(cfg)
-    problems, prompt_ids = load_problem_set(cfg, tokenizer, strategy)
     capacity = cfg.skill_online_capacity
     bank = (
         SkillBank.load(cfg.skill_bank, online_capacity=capacity)
         if cfg.skill_bank
         else SkillBank.default(online_capacity=capacity)
     )
+    problems, prompt_ids = load_problem_set(cfg, tokenizer, strategy, bank)
     log.info(
         "%d problems, skill bank %s, loss %s, K=%d, %d rank(s)",
         len(problems),
@@ -221,6 +236,13 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
         params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
     )
     scheduler = build_scheduler(cfg, optimizer)
+    # Before resuming: `frozen` keeps the initial weights; ema/periodic state is loaded below.
+    teacher = None
+    if strategy.num_teachers:
+        teacher = TeacherWeights(
+            cfg.teacher, policy, ema_decay=cfg.teacher_ema_decay, every=cfg.teacher_refresh_every
+        )
+    strategy.teacher_weights = teacher
 
     # 3. resume: weights, optimizer, scheduler, RNG, data position, skill bank
     state = TrainerState(world_size=env.world_size, run_id=plan.run_id)
@@ -236,9 +258,23 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
         )
         state.run_id = plan.run_id
         bank = SkillBank.from_state_dict(bank_state)
+        if teacher is not None and teacher.mode in ("ema", "periodic"):
+            saved = load_extra(ckpt, "teacher")
+            if saved is None:
+                raise ValueError(f"checkpoint {ckpt} holds no teacher={teacher.mode} state")
+            teacher.load_state_dict(saved)
         log.info("resuming run %s from %s at step %d", plan.run_id, ckpt, state.step)
 
-    # 4. rollout engine (weights are pushed before every generation, so also after resume)
+    # 4. rollout engine (weights are pushed before every generation, so also after resume);
+    # its context also fits the evaluation prompts and completions
+    evaluator = TrainingEval(
+        cfg,
+        tokenizer,
+        Path(cfg.output_dir),
+        rank=env.rank,
+        world_size=env.world_size,
+        resume_step=state.step,
+    )
     threads = torch.get_num_threads()
     engine = build_rollout_engine(
         cfg,
@@ -250,6 +286,7 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
         max_model_len=max(
             max(map(len, prompt_ids)) + cfg.max_completion_tokens,
             OnlineBankUpdater.context_len(cfg),  # room for the skill-bank prompts
+            evaluator.max_model_len(),
         ),
     )
     if torch.get_num_threads() != threads:  # vLLM may lower it for serving
@@ -287,6 +324,8 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
         last_saved=state.step if ckpt is not None else -1,
         bank_updater=OnlineBankUpdater(cfg, cfg.output_dir, rank=env.rank),
         bar=bar,
+        teacher=teacher,
+        evaluator=evaluator,
     )
 
 
@@ -311,23 +350,30 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
     # 2-3. verify, retrieve teachers
     rollouts = make_rollouts(cfg, batch, completions, t.tokenizer, t.bank, t.strategy)
 
-    # 4-5. teacher scoring + one student forward/backward per rollout
+    # 4-6. teacher scoring + one student forward/backward per rollout; clip, step.
+    # num_iterations passes (GRPO): the first pass's log-probs are the old ones; the
+    # logged loss and metrics are the first pass's. The teacher update follows each step.
     t_train = time.perf_counter()
-    t.optimizer.zero_grad(set_to_none=True)
-    loss, loss_sums = forward_backward(
-        t.model, t.policy, t.strategy, rollouts, cfg, t.pad_id, env.device
-    )
-
-    # 6. clip, step
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(t.params, max_norm)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # same on every rank
-        raise FloatingPointError(
-            f"step {step}: non-finite loss ({loss}) or gradient "
-            f"norm ({grad_norm}); the weights were not updated"
+    for it in range(t.strategy.num_iterations):
+        t.optimizer.zero_grad(set_to_none=True)
+        it_loss, it_sums = forward_backward(
+            t.model, t.policy, t.strategy, rollouts, cfg, t.pad_id, env.device
         )
-    t.optimizer.step()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(t.params, max_norm)
+        it_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (math.isfinite(it_loss) and math.isfinite(it_norm)):  # same on every rank
+            raise FloatingPointError(
+                f"step {step}: non-finite loss ({it_loss}) or gradient "
+                f"norm ({it_norm}); the weights were not updated"
+            )
+        t.optimizer.step()
+        if t.teacher is not None:
+            t.teacher.after_optimizer_step(
+                t.policy, (step - 1) * t.strategy.num_iterations + it + 1
+            )
+        if it == 0:
+            loss, loss_sums, grad_norm = it_loss, it_sums, it_norm
     t_train = time.perf_counter() - t_train
     lr = t.scheduler.get_last_lr()[0]
     t.scheduler.step()
@@ -344,6 +390,7 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
         "reward": sum(r.reward for r in rollouts),
         "correct": sum(r.reward > 0 for r in rollouts),
         "tokens": sum(len(r.completion_ids) for r in rollouts),
+        "truncated": sum(_truncated(r, cfg, t.tokenizer) for r in rollouts),
         **loss_sums.sums,
     }
     sums = reduce_sums(local, env.device)
@@ -358,6 +405,10 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
         update_time=t_train,
     )
     record.update(bank_metrics)
+    lengths = [len(r.completion_ids) for r in rollouts]
+    record["completion_tokens_min"] = _over_ranks(min(lengths), dist.ReduceOp.MIN, env.device)
+    record["completion_tokens_max"] = _over_ranks(max(lengths), dist.ReduceOp.MAX, env.device)
+    record["truncated_frac"] = sums["truncated"] / sums["rollouts"]
     t.metrics_log.step(record)
     sample = ""
     if env.main and step % cfg.sample_every == 0:
@@ -371,6 +422,43 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
     if t.bar:
         t.bar.update(1)
     return record, rollouts
+
+
+def _truncated(r: Rollout, cfg: TrainConfig, tokenizer) -> bool:
+    """The completion hit ``max_completion_tokens`` without ending in EOS."""
+    ids = r.completion_ids
+    return len(ids) >= cfg.max_completion_tokens and (not ids or ids[-1] != tokenizer.eos_token_id)
+
+
+def _over_ranks(value: float, op, device: torch.device) -> float:
+    """``value`` reduced over ranks with ``op`` (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    x = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(x, op=op)
+    return float(x.item())
+
+
+def evaluate_now(t: Trainer) -> None:
+    """Evaluation during training (:mod:`sgsd.train_eval`); all ranks call it. The engine
+    gets the weights of this step first."""
+    with gathered(t.policy):
+        t.engine.sync_weights(t.policy)
+    result = t.evaluator.run(t.state.step, t.engine, t.metrics_log)
+    if result is not None:
+        log.info(
+            "eval step %d: mean avg@%d %.4f (best %.4f at step %d)",
+            t.state.step,
+            t.cfg.eval_n,
+            result["mean_avg"],
+            result["best_mean_avg"],
+            result["best_step"],
+        )
+
+
+def _kept_teacher(t: Trainer) -> TeacherWeights | None:
+    """The teacher whose state a checkpoint must hold (ema, periodic)."""
+    return t.teacher if t.teacher is not None and t.teacher.mode in ("ema", "periodic") else None
 
 
 def save(t: Trainer, *, export_model: bool) -> None:
@@ -388,6 +476,8 @@ def save(t: Trainer, *, export_model: bool) -> None:
         keep=t.cfg.keep_checkpoints,
         tokenizer=t.tokenizer,
         export_model=export_model,
+        extra=None if _kept_teacher(t) is None else {"teacher": t.teacher.state_dict()},
+        protect=t.evaluator.protected if t.evaluator is not None else frozenset(),
     )
     t.last_saved, t.last_exported = t.state.step, export_model
 
@@ -419,6 +509,7 @@ def run(cfg: TrainConfig, plan: RunPlan) -> int:
         if dist.is_initialized():
             dist.barrier()
         t.metrics_log = MetricsLogger(cfg, env.main, t.state.step)
+        t.evaluator.start()
         log.info("run %s: steps %d..%d", t.state.run_id, t.state.step + 1, cfg.max_steps)
         while t.state.step < cfg.max_steps:
             _record, rollouts = train_step(t)
@@ -426,8 +517,11 @@ def run(cfg: TrainConfig, plan: RunPlan) -> int:
 
             del rollouts  # the online skill-bank update already ran inside train_step
 
-            # 8. checkpoint, stop on a signal (every rank agrees on the step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            # 8. evaluate; checkpoint (always at evaluated steps); stop on a signal
+            evaluated = t.evaluator.due(step)
+            if evaluated:
+                evaluate_now(t)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or evaluated:
                 save(t, export_model=step >= cfg.max_steps)
             if stop.should_stop(env.device if env.device.type == "cuda" else None):
                 log.warning("stopping at step %d on signal", step)

@@ -154,6 +154,5 @@ def test_teacher_style_and_thinking_reach_the_loss(style, marker):
     assert all(marker in messages[0]["content"] for messages, _ in teachers)
     tail = problem.problem + "\n\n" + STUDENT_INSTRUCTION
     assert all(messages[0]["content"].endswith(tail) for messages, _ in teachers)
-    assert cfg.teacher_thinking() is False  # default: the student's setting
-    assert load_config(["--teacher-enable-thinking", "true"]).teacher_thinking() is True
-    assert load_config(["--enable-thinking", "true"]).teacher_thinking() is True
+    assert cfg.teacher_thinking is False  # the tiny profile's setting (published: on)
+    assert load_config(["--teacher-thinking", "true"]).teacher_thinking is True

@@ -139,7 +139,7 @@ def test_every_field_is_documented_and_listed_in_help():
     assert set(docs) == set(names) and all(docs[n] for n in names)
     text = usage()
     assert all(f"--{n.replace('_', '-')} " in text for n in names)
-    assert "[tiny: 32]" in text  # max_completion_tokens' tiny-profile value is shown
+    assert "[tiny: 64]" in text  # max_completion_tokens' tiny-profile value is shown
 
 
 def test_kernel_backend_choices_are_the_runtimes():

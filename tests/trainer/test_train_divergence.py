@@ -44,7 +44,7 @@ def _rollouts(cfg, tokenizer, strategy):
     from sgsd.verify import verify
 
     bank = SkillBank.default()
-    thinking = getattr(strategy, "teacher_enable_thinking", cfg.enable_thinking)
+    thinking = getattr(strategy, "teacher_enable_thinking", cfg.teacher_thinking)
     g = torch.Generator().manual_seed(0)
     newline = tokenizer.encode("\n", add_special_tokens=False)
     out = []
