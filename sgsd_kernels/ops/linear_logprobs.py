@@ -62,20 +62,11 @@ def linear_logprobs_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_hidden [N,H], grad_weight [V,H] (or [0] when not needed),
     grad_bias [V] (or [0] when bias is None or not needed))."""
-    kernels = common.backend_module(backend, _OP)
-    gh, gw, gb = kernels.backward(
-        grad_logprobs,
-        grad_entropy,
-        hidden,
-        weight,
-        bias,
-        targets,
-        lse,
-        entropy,
-        temperature,
-        ignore_index,
-        need_weight_grad,
+    rows = common.RowGrads(
+        grad_logprobs, grad_entropy, targets, lse, entropy, temperature, ignore_index
     )
+    kernels = common.backend_module(backend, _OP)
+    gh, gw, gb = kernels.backward(rows, hidden, weight, bias, need_weight_grad)
     return gh, common.empty_if_none(gw, weight), common.empty_if_none(gb, weight)
 
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
 from sgsd_kernels.ops.triton_backend import tl_compute_dtype, triton_configs
 from sgsd_kernels.runtime import interpreting, is_deterministic
 
@@ -475,29 +475,16 @@ def _bwd_kernel(
 _CHUNK_ELEMENTS = 1 << 25
 
 
-def backward(
-    grad_logprobs,
-    grad_entropy,
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    entropy,
-    temperature,
-    ignore_index,
-    need_weight_grad,
-):
+def backward(grad_rows: RowGrads, hidden, weight, bias, need_weight_grad):
     N, H = hidden.shape
     V = weight.shape[0]
-    inv_t = 1.0 / temperature
-    valid, safe_t = safe_targets(targets, ignore_index)
+    inv_t = 1.0 / grad_rows.temperature
     acc = compute_dtype(hidden)
-    g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, acc)
+    safe_t, g, ge = grad_rows.scales(acc, inv_t)
     with_entropy = ge is not None
     ge = ge if with_entropy else g
-    ent = entropy.to(acc) if with_entropy else g
-    lse32 = lse.to(acc)
+    ent = grad_rows.entropy.to(acc) if with_entropy else g
+    lse32 = grad_rows.lse.to(acc)
     upcast = _upcast(hidden.dtype)
     consts = dict(
         UPCAST=upcast,
