@@ -147,7 +147,15 @@ class Recorder:
 def _variant(kwargs) -> str:
     flags = [
         name.lower()
-        for name in ("HAS_BIAS", "HAS_TBIAS", "WITH_ENTROPY", "TWO_STREAMS", "NEED_W", "HAS_CLIP")
+        for name in (
+            "HAS_BIAS",
+            "HAS_TBIAS",
+            "WITH_ENTROPY",
+            "TWO_STREAMS",
+            "NEED_W",
+            "HAS_CLIP",
+            "GRAD_LOGITS",
+        )
         if kwargs.get(name) is True
     ]
     if "BETA_MODE" in kwargs:  # the divergence kernels: 0 forward KL, 1 reverse KL, 2 β-JSD

@@ -62,20 +62,11 @@ def linear_logprobs_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_hidden [N,H], grad_weight [V,H] (or [0] when not needed),
     grad_bias [V] (or [0] when bias is None or not needed))."""
-    kernels = common.backend_module(backend, _OP)
-    gh, gw, gb = kernels.backward(
-        grad_logprobs,
-        grad_entropy,
-        hidden,
-        weight,
-        bias,
-        targets,
-        lse,
-        entropy,
-        temperature,
-        ignore_index,
-        need_weight_grad,
+    rows = common.RowGrads(
+        grad_logprobs, grad_entropy, targets, lse, entropy, temperature, ignore_index
     )
+    kernels = common.backend_module(backend, _OP)
+    gh, gw, gb = kernels.backward(rows, hidden, weight, bias, need_weight_grad)
     return gh, common.empty_if_none(gw, weight), common.empty_if_none(gb, weight)
 
 
@@ -99,26 +90,34 @@ def _(
     return torch.empty_like(hidden), gw, gb
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if with_entropy else None)
+def _save(ctx, weight_index, tensors, temperature, ignore_index, backend):
+    """What both autograd formulas keep: ``tensors`` = (hidden, weight, bias, targets, lse,
+    entropy or None), the scalars, and where weight stands among the op's inputs
+    (``weight_index``; bias right after it)."""
+    ctx.save_for_backward(*tensors)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.backend = backend
-    ctx.has_bias = bias is not None
+    ctx.has_bias = tensors[2] is not None
+    ctx.weight_index = weight_index
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+def _input_grads(ctx, grad_logprobs, grad_entropy):
+    """(grad_hidden, grad_weight, grad_bias) from the saved context, each None where its
+    input needs no gradient."""
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     if grad_logprobs is None:
         grad_logprobs = torch.zeros_like(lse)
-    if entropy is None:
+    if entropy is None or grad_entropy is None:
         grad_entropy = None
-    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    else:
+        grad_entropy = grad_entropy.contiguous()
+    w = ctx.weight_index
+    need = ctx.needs_input_grad
+    want_b = ctx.has_bias and need[w + 1]
     gh, gw, gb = linear_logprobs_backward_op(
         grad_logprobs.contiguous(),
-        None if grad_entropy is None else grad_entropy.contiguous(),
+        grad_entropy,
         hidden,
         weight,
         bias,
@@ -127,19 +126,22 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         entropy,
         ctx.temperature,
         ctx.ignore_index,
-        need_w,
+        need[w] or want_b,
         ctx.backend,
     )
-    return (
-        gh if ctx.needs_input_grad[0] else None,
-        gw if ctx.needs_input_grad[1] else None,
-        gb if ctx.has_bias and ctx.needs_input_grad[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return gh if need[0] else None, gw if need[w] else None, gb if want_b else None
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend = inputs
+    _, entropy, lse = output
+    saved = (hidden, weight, bias, targets, lse, entropy if with_entropy else None)
+    _save(ctx, 1, saved, temperature, ignore_index, backend)
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    gh, gw, gb = _input_grads(ctx, grad_logprobs, grad_entropy)
+    return gh, gw, gb, None, None, None, None, None
 
 
 torch.library.register_autograd("sgsd::linear_logprobs", _backward, setup_context=_setup_context)
@@ -205,54 +207,14 @@ def _(
 
 
 def _streams_setup_context(ctx, inputs, output):
-    (
-        student_hidden,
-        _teacher_hidden,
-        weight,
-        bias,
-        student_targets,
-        _teacher_targets,
-        temperature,
-        ignore_index,
-        backend,
-    ) = inputs
-    ctx.save_for_backward(student_hidden, weight, bias, student_targets, output[2])
-    ctx.temperature = temperature
-    ctx.ignore_index = ignore_index
-    ctx.backend = backend
-    ctx.has_bias = bias is not None
+    student_hidden, _, weight, bias, student_targets, _, temperature, ignore_index, backend = inputs
+    saved = (student_hidden, weight, bias, student_targets, output[2], None)
+    _save(ctx, 2, saved, temperature, ignore_index, backend)
 
 
 def _streams_backward(ctx, grad_student, _grad_teacher, _grad_lse):
-    hidden, weight, bias, targets, lse = ctx.saved_tensors
-    if grad_student is None:
-        grad_student = torch.zeros_like(lse)
-    need_w = ctx.needs_input_grad[2] or (ctx.has_bias and ctx.needs_input_grad[3])
-    gh, gw, gb = linear_logprobs_backward_op(
-        grad_student.contiguous(),
-        None,
-        hidden,
-        weight,
-        bias,
-        targets,
-        lse,
-        None,
-        ctx.temperature,
-        ctx.ignore_index,
-        need_w,
-        ctx.backend,
-    )
-    return (
-        gh if ctx.needs_input_grad[0] else None,
-        None,
-        gw if ctx.needs_input_grad[2] else None,
-        gb if ctx.has_bias and ctx.needs_input_grad[3] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    gh, gw, gb = _input_grads(ctx, grad_student, None)
+    return gh, None, gw, gb, None, None, None, None, None
 
 
 torch.library.register_autograd(

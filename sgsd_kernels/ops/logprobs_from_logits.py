@@ -48,10 +48,10 @@ def logprobs_from_logits_backward_op(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    kernels = common.backend_module(backend, _OP)
-    return kernels.backward(
-        grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index
+    rows = common.RowGrads(
+        grad_logprobs, grad_entropy, targets, lse, entropy, temperature, ignore_index
     )
+    return common.backend_module(backend, _OP).backward(rows, logits)
 
 
 @logprobs_from_logits_backward_op.register_fake

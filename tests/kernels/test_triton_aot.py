@@ -27,8 +27,7 @@ ARCHS = ("sm_80", "sm_90")
 # Named by module (without a "triton_" prefix) and function.
 KERNELS = {
     "linear_logprobs._fwd_kernel",
-    "linear_logprobs._bwd_fused_kernel",
-    "linear_logprobs._grad_logits_kernel",
+    "linear_logprobs._bwd_kernel",
     "logprobs_from_logits._fwd_kernel",
     "logprobs_from_logits._bwd_kernel",
     "gated_kd._fwd_kernel",
@@ -80,6 +79,10 @@ def test_every_kernel_compiles_for_each_arch_and_dtype(aot):
         for kernel in DOT_KERNELS:
             dtypes = {r["dtype"] for r in rows if r["arch"] == arch and _kernel_name(r) == kernel}
             assert dtypes == {"fp16", "bf16", "fp32", "tf32", "fp64"}, f"{arch} {kernel}: {dtypes}"
+        # Both backward strategies of the one kernel: fused and chunked (grad_logits).
+        bwd = {r["variant"] for r in rows if _kernel_name(r) == "linear_logprobs._bwd_kernel"}
+        assert any("grad_logits" in v for v in bwd), f"{arch}: chunked backward not compiled"
+        assert any("grad_logits" not in v for v in bwd), f"{arch}: fused backward not compiled"
     assert all(r["default"] == "True" for r in rows)  # --quick: the default configs only
 
 

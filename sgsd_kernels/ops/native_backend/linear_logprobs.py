@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sgsd_kernels.ops.common import compute_dtype
+from sgsd_kernels.ops.common import RowGrads, compute_dtype
 
 
 def _ops():
@@ -38,30 +38,24 @@ def forward(
 
 
 def backward(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
+    rows: RowGrads,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
     need_weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dh [N,H] in hidden's dtype, dW [V,H] in weight's dtype or None, db or None)."""
     gh, gw, gb = _ops().linear_logprobs_backward(
-        grad_logprobs,
-        grad_entropy,
+        rows.grad_logprobs,
+        rows.grad_entropy,
         hidden,
         weight,
         bias,
-        targets,
-        lse,
-        entropy,
-        1.0 / temperature,
-        ignore_index,
+        rows.targets,
+        rows.lse,
+        rows.entropy,
+        1.0 / rows.temperature,
+        rows.ignore_index,
         need_weight_grad,
     )
     gw = gw if need_weight_grad else None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels.ops import torch_backend
-from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
 
 _MIN_ROWS = 64
 
@@ -164,16 +164,10 @@ def forward_streams(
 
 
 def backward(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
+    grad_rows: RowGrads,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
     need_weight_grad: bool = True,
     workspace: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -185,10 +179,10 @@ def backward(
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    inv_t = 1.0 / temperature
+    inv_t = 1.0 / grad_rows.temperature
     dtype = compute_dtype(hidden)
-    valid, safe_t = safe_targets(targets, ignore_index)
-    g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
+    safe_t, g, ge = grad_rows.scales(dtype, inv_t)
+    lse, entropy = grad_rows.lse, grad_rows.entropy
     grad_w = torch.zeros(V, H, dtype=dtype, device=device) if need_weight_grad else None
     need_bias_grad = need_weight_grad and bias is not None
     grad_b = torch.zeros(V, dtype=dtype, device=device) if need_bias_grad else None

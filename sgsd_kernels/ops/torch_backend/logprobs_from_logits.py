@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels.ops import torch_backend
-from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
 
 
 def forward(
@@ -49,22 +49,14 @@ def forward(
 
 
 def backward(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    workspace: int | None = None,
+    grad_rows: RowGrads, logits: torch.Tensor, workspace: int | None = None
 ) -> torch.Tensor:
     """∂loss/∂logits [N, V] in the logits' dtype, written row chunk by row chunk."""
     N, V = logits.shape
-    inv_t = 1.0 / temperature
+    inv_t = 1.0 / grad_rows.temperature
     dtype = compute_dtype(logits)
-    valid, safe_t = safe_targets(targets, ignore_index)
-    g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, dtype)
+    safe_t, g, ge = grad_rows.scales(dtype, inv_t)
+    lse, entropy = grad_rows.lse, grad_rows.entropy
     grad = torch.empty_like(logits)
     rows = max(1, min(N, (workspace or torch_backend.WORKSPACE_ELEMENTS) // max(V, 1)))
     for r0 in range(0, N, rows):

@@ -14,7 +14,7 @@ are few token blocks (small N), without atomics.
 Two input streams share one launch (rows < N1 come from X1, the rest from X2): the
 student and its K teachers run as one stream of (K+1)·N rows over W.
 
-Backward, two strategies:
+Backward, two strategies, one kernel (``_bwd_kernel``, constexpr ``GRAD_LOGITS``):
   * fused (default): grid = (token blocks, vocab blocks). Each program recomputes its
     logits tile, forms G = g·(onehot − p) (+ the entropy term) and accumulates
     dh += G·W and dW += Gᵀ·h with fp32 atomics (Cut-Cross-Entropy style): no workspace.
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
 from sgsd_kernels.ops.triton_backend import tl_compute_dtype, triton_configs
 from sgsd_kernels.runtime import interpreting, is_deterministic
 
@@ -371,7 +371,7 @@ def _grad_tile(
 
 
 @triton.jit
-def _bwd_fused_kernel(
+def _bwd_kernel(
     X,
     W,
     Bias,
@@ -392,6 +392,7 @@ def _bwd_fused_kernel(
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     NEED_W: tl.constexpr,
+    GRAD_LOGITS: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -399,6 +400,10 @@ def _bwd_fused_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    """Both backward strategies over one (row block, vocab block) tile of ∂loss/∂logits.
+    GRAD_LOGITS (chunked, deterministic): store the tile into DX, an [N, V] workspace (DW
+    and DB unused). Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with
+    fp32 atomics."""
     rows, row_ok, cols, col_ok, grad = _grad_tile(
         X,
         W,
@@ -423,95 +428,46 @@ def _bwd_fused_kernel(
         BLOCK_V,
         BLOCK_H,
     )
-    if NEED_W and HAS_BIAS:
-        tl.atomic_add(DB + cols, tl.sum(grad, axis=0), mask=col_ok)
-    grad_lp = grad.to(X.dtype.element_ty)
-    if UPCAST:
-        grad_lp = grad
-    for h0 in range(0, H, BLOCK_H):
-        hk = h0 + tl.arange(0, BLOCK_H)
-        h_ok = hk < H
-        w = tl.load(
-            W + cols[:, None] * stride_w + hk[None, :],
-            mask=col_ok[:, None] & h_ok[None, :],
-            other=0.0,
+    if GRAD_LOGITS:
+        tl.store(
+            DX + rows[:, None] * V + cols[None, :],
+            grad.to(DX.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
         )
+    else:
+        if NEED_W and HAS_BIAS:
+            tl.atomic_add(DB + cols, tl.sum(grad, axis=0), mask=col_ok)
+        grad_lp = grad.to(X.dtype.element_ty)
         if UPCAST:
-            w = w.to(tl.float32)
-        dx = tl.dot(grad_lp, w, input_precision=PRECISION)
-        tl.atomic_add(
-            DX + rows[:, None] * H + hk[None, :], dx, mask=row_ok[:, None] & h_ok[None, :]
-        )
-        if NEED_W:
-            x = tl.load(
-                X + rows[:, None] * stride_x + hk[None, :],
-                mask=row_ok[:, None] & h_ok[None, :],
+            grad_lp = grad
+        for h0 in range(0, H, BLOCK_H):
+            hk = h0 + tl.arange(0, BLOCK_H)
+            h_ok = hk < H
+            w = tl.load(
+                W + cols[:, None] * stride_w + hk[None, :],
+                mask=col_ok[:, None] & h_ok[None, :],
                 other=0.0,
             )
             if UPCAST:
-                x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(grad_lp), x, input_precision=PRECISION)
+                w = w.to(tl.float32)
+            dx = tl.dot(grad_lp, w, input_precision=PRECISION)
             tl.atomic_add(
-                DW + cols[:, None] * H + hk[None, :], dw, mask=col_ok[:, None] & h_ok[None, :]
+                DX + rows[:, None] * H + hk[None, :], dx, mask=row_ok[:, None] & h_ok[None, :]
             )
-
-
-@triton.jit
-def _grad_logits_kernel(
-    X,
-    W,
-    Bias,
-    Tgt,
-    Lse,
-    G,
-    GE,
-    Ent,
-    Out,
-    N,
-    V,
-    H,
-    stride_x,
-    stride_w,
-    inv_t,
-    HAS_BIAS: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """Chunked (deterministic) backward, step 1: write ∂loss/∂logits for a row chunk."""
-    rows, row_ok, cols, col_ok, grad = _grad_tile(
-        X,
-        W,
-        Bias,
-        Tgt,
-        Lse,
-        G,
-        GE,
-        Ent,
-        N,
-        V,
-        H,
-        stride_x,
-        stride_w,
-        inv_t,
-        HAS_BIAS,
-        WITH_ENTROPY,
-        UPCAST,
-        ACC,
-        PRECISION,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-    )
-    tl.store(
-        Out + rows[:, None] * V + cols[None, :],
-        grad.to(Out.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
-    )
+            if NEED_W:
+                x = tl.load(
+                    X + rows[:, None] * stride_x + hk[None, :],
+                    mask=row_ok[:, None] & h_ok[None, :],
+                    other=0.0,
+                )
+                if UPCAST:
+                    x = x.to(tl.float32)
+                dw = tl.dot(tl.trans(grad_lp), x, input_precision=PRECISION)
+                tl.atomic_add(
+                    DW + cols[:, None] * H + hk[None, :],
+                    dw,
+                    mask=col_ok[:, None] & h_ok[None, :],
+                )
 
 
 # Deterministic backward: rows per chunk, so that the [chunk, V] gradient workspace stays
@@ -519,29 +475,16 @@ def _grad_logits_kernel(
 _CHUNK_ELEMENTS = 1 << 25
 
 
-def backward(
-    grad_logprobs,
-    grad_entropy,
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    entropy,
-    temperature,
-    ignore_index,
-    need_weight_grad,
-):
+def backward(grad_rows: RowGrads, hidden, weight, bias, need_weight_grad):
     N, H = hidden.shape
     V = weight.shape[0]
-    inv_t = 1.0 / temperature
-    valid, safe_t = safe_targets(targets, ignore_index)
+    inv_t = 1.0 / grad_rows.temperature
     acc = compute_dtype(hidden)
-    g, ge = row_scales(valid, grad_logprobs, grad_entropy, inv_t, acc)
+    safe_t, g, ge = grad_rows.scales(acc, inv_t)
     with_entropy = ge is not None
     ge = ge if with_entropy else g
-    ent = entropy.to(acc) if with_entropy else g
-    lse32 = lse.to(acc)
+    ent = grad_rows.entropy.to(acc) if with_entropy else g
+    lse32 = grad_rows.lse.to(acc)
     upcast = _upcast(hidden.dtype)
     consts = dict(
         UPCAST=upcast,
@@ -551,37 +494,44 @@ def backward(
     has_bias = bias is not None
     f32 = dict(dtype=acc, device=hidden.device)
     key = (has_bias, with_entropy, need_weight_grad, V, H)
+
+    def launch(cfg, r0, r1, dx, dw, db, grad_logits):
+        """_bwd_kernel over rows r0:r1; with grad_logits, dx is the [r1 - r0, V] workspace."""
+        x = hidden[r0:r1]
+        grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+        _bwd_kernel[grid](
+            x,
+            weight,
+            bias if has_bias else weight,
+            safe_t[r0:r1],
+            lse32[r0:r1],
+            g[r0:r1],
+            ge[r0:r1],
+            ent[r0:r1],
+            dx,
+            dw,
+            db,
+            r1 - r0,
+            V,
+            H,
+            x.stride(0),
+            weight.stride(0),
+            inv_t,
+            HAS_BIAS=has_bias,
+            WITH_ENTROPY=with_entropy,
+            NEED_W=need_weight_grad and not grad_logits,
+            GRAD_LOGITS=grad_logits,
+            **consts,
+            **cfg,
+        )
+
     if not is_deterministic():
 
         def run_fused(cfg):
             dx = torch.zeros(N, H, **f32)
             dw = torch.zeros(V, H, **f32) if need_weight_grad else dx
             db = torch.zeros(V, **f32) if need_weight_grad and has_bias else dx
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
-            _bwd_fused_kernel[grid](
-                hidden,
-                weight,
-                bias if has_bias else weight,
-                safe_t,
-                lse32,
-                g,
-                ge,
-                ent,
-                dx,
-                dw,
-                db,
-                N,
-                V,
-                H,
-                hidden.stride(0),
-                weight.stride(0),
-                inv_t,
-                HAS_BIAS=has_bias,
-                WITH_ENTROPY=with_entropy,
-                NEED_W=need_weight_grad,
-                **consts,
-                **cfg,
-            )
+            launch(cfg, 0, N, dx, dw, db, grad_logits=False)
             return dx, dw, db
 
         dx, dw, db = run_fused(triton_configs.choose("bwd_fused", hidden.dtype, N, key, run_fused))
@@ -594,40 +544,18 @@ def backward(
         # own fp32 matmul setting (full fp32 unless the user enabled TF32).
         work = torch.empty(chunk, V, **f32)
         w32 = weight.to(acc)
-
-        def grad_logits(cfg, r0, r1):
-            x = hidden[r0:r1]
-            grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
-            _grad_logits_kernel[grid](
-                x,
-                weight,
-                bias if has_bias else weight,
-                safe_t[r0:r1],
-                lse32[r0:r1],
-                g[r0:r1],
-                ge[r0:r1],
-                ent[r0:r1],
-                work,
-                r1 - r0,
-                V,
-                H,
-                x.stride(0),
-                weight.stride(0),
-                inv_t,
-                HAS_BIAS=has_bias,
-                WITH_ENTROPY=with_entropy,
-                **consts,
-                **cfg,
-            )
-
         cfg = triton_configs.choose(
-            "grad_logits", hidden.dtype, chunk, key, lambda c: grad_logits(c, 0, chunk)
+            "grad_logits",
+            hidden.dtype,
+            chunk,
+            key,
+            lambda c: launch(c, 0, chunk, work, work, work, grad_logits=True),
         )
         for r0 in range(0, N, chunk):
             r1 = min(N, r0 + chunk)
             rows = r1 - r0
             x = hidden[r0:r1]
-            grad_logits(cfg, r0, r1)
+            launch(cfg, r0, r1, work, work, work, grad_logits=True)
             grad_z = work[:rows]
             torch.mm(grad_z, w32, out=dx[r0:r1])
             if dw is not None:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sgsd_kernels.ops.common import compute_dtype, row_scales, safe_targets, zero_ignored
+from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
 from sgsd_kernels.ops.triton_backend import tl_compute_dtype
 from sgsd_kernels.runtime import interpreting
 
@@ -120,12 +120,12 @@ def forward(logits, targets, temperature, ignore_index, with_entropy):
     return *zero_ignored(valid, picked, ent if with_entropy else None), lse
 
 
-def backward(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+def backward(grad_rows: RowGrads, logits):
     N, V = logits.shape
     acc_t = compute_dtype(logits)
-    valid, safe_t = safe_targets(targets, ignore_index)
     # 1/T is applied in the kernel, after the entropy term.
-    g, ge = row_scales(valid, grad_logprobs, grad_entropy, 1.0, acc_t)
+    safe_t, g, ge = grad_rows.scales(acc_t, 1.0)
+    lse, entropy, temperature = grad_rows.lse, grad_rows.entropy, grad_rows.temperature
     with_entropy = ge is not None
     ge = ge if with_entropy else g
     ent = entropy.to(acc_t) if with_entropy else g
