@@ -23,10 +23,12 @@ import math
 
 import torch
 
-# 2**21 fp32 elements = 8 MiB per scratch buffer (four of them, reused), i.e.
-# 64 rows at V = 32768. Sized for ~10x less peak memory than the materialising path at the
-# docs/design.md §6 CPU shape (N=1024, V=32768, H=256) while keeping each logits GEMM 64+ rows tall.
-WORKSPACE_ELEMENTS = 1 << 21
+# Elements per scratch buffer: 2**22 fp32 = 16 MiB, i.e. 128 rows at V = 32768. The logits
+# GEMM of a 64-row chunk ran at ~15-28 GFLOP/s on the loaded 2-core EPYC dev box (H = 256)
+# and a 256-row one at ~36-54, so the chunk is as tall as the memory target allows: four
+# buffers (64 MiB) plus dW stay >= 10x under the materialising path's peak at the
+# docs/design.md §6 CPU shape (N=1024, V=32768, H=256; reference 1.9 GiB at beta = 0.5).
+WORKSPACE_ELEMENTS = 1 << 22
 _MIN_ROWS = 16
 
 
@@ -48,15 +50,57 @@ def logits_block(h, weight, bias, v0, v1, inv_t, dtype, out=None):
 
 
 class Scratch:
-    """Four flat buffers of ``rows × vblock`` elements, allocated once per call and reused
-    for every block: a fresh multi-MiB tensor per block lets the glibc heap fragment and
-    grow with N (measured: +81 MiB from N = 1024 to 4096 at V = 32768 without reuse)."""
+    """Flat buffers of ``rows × vblock`` elements, allocated once per call and reused for
+    every block: a fresh multi-MiB tensor per block lets the glibc heap fragment and grow
+    with N (measured: +81 MiB from N = 1024 to 4096 at V = 32768 without reuse).
+
+    The logits are written vocabulary-major, as W_blk · hᵀ ([width, rows] in memory) and
+    used through the transposed view [rows, width]: that GEMM ran 1.3-1.6x faster than
+    h · W_blkᵀ at 64-128 rows (H = 256, V = 32768, 2-core EPYC), and with a shared head
+    the student and teacher rows form one GEMM of twice the height."""
 
     def __init__(self, size, dtype, device):
         self.flat = torch.empty(4, size, dtype=dtype, device=device)
 
-    def views(self, r, width):
-        return [self.flat[i, : r * width].view(r, width) for i in range(4)]
+    def logits(self, r, width, fused):
+        """(student view, teacher view, GEMM output(s)) of a [r, width] block."""
+        if fused:
+            both = self.flat[:2].view(-1)[: 2 * r * width].view(width, 2 * r)
+            return both[:, :r].T, both[:, r:].T, (both,)
+        zs_t = self.flat[0, : r * width].view(width, r)
+        zt_t = self.flat[1, : r * width].view(width, r)
+        return zs_t.T, zt_t.T, (zs_t, zt_t)
+
+    def temps(self, r, width):
+        return [self.flat[i, : r * width].view(width, r).T for i in (2, 3)]
+
+
+class _Head:
+    """One row chunk's GEMM operands: prescaled (by 1/T) transposed hidden states and
+    biases, so the GEMM output is already z / T (no separate scaling pass)."""
+
+    def __init__(self, hs, w, b, ht, tw, tb, inv_t, dtype):
+        self.fused = tw is w and tb is b
+        self.w, self.tw, self.dtype = w, tw, dtype
+        scale = lambda x: None if x is None else x.to(dtype) * inv_t  # noqa: E731
+        self.b, self.tb = scale(b), scale(tb)
+        if self.fused:
+            self.h2t = torch.cat([hs, ht]).mul_(inv_t).T
+        else:
+            self.hst, self.htt = (hs * inv_t).T, (ht * inv_t).T
+
+    def fill(self, outs, v0, v1):
+        def mm(w, bias, ht, out):
+            wb = w[v0:v1].to(self.dtype)
+            if bias is None:
+                return torch.mm(wb, ht, out=out)
+            return torch.addmm(bias[v0:v1, None], wb, ht, out=out)
+
+        if self.fused:
+            mm(self.w, self.b, self.h2t, outs[0])
+        else:
+            mm(self.w, self.b, self.hst, outs[0])
+            mm(self.tw, self.tb, self.htt, outs[1])
 
 
 def teacher_top_k(h, weight, bias, k, inv_t, dtype, vblock):
@@ -92,17 +136,29 @@ def _masked(z, drop):
     return z if drop is None else z.masked_fill_(drop, float("-inf"))
 
 
-def elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2):
+def _lse(z, tmp):
+    """Row logsumexp of the [r, width] view ``z`` using ``tmp`` (same shape) as scratch:
+    torch.logsumexp would allocate an r × width temporary per call."""
+    m = z.amax(-1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay -inf
+    s = torch.sub(z, m[:, None], out=tmp).exp_().sum(-1)
+    return s.log_().add_(m)
+
+
+def elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2, need_p_s=True):
     """Per-element (d, e = ∂d/∂a, p_S) on one block, in place: ``zs``/``zt`` (the scaled
     logits) and the scratch ``s1``/``s2`` are overwritten and the results are views of
-    them. Columns in ``drop`` (outside the teacher's top-k) give 0."""
+    them (p_S is None unless ``need_p_s``; β = 0 computes it only then). Columns in
+    ``drop`` (outside the teacher's top-k) give 0."""
     a = zs.sub_(lse_s[:, None])
     c = zt.sub_(lse_t[:, None])
+    p_s = None
     if beta == 0.0:
         p_t = torch.exp(c, out=s1)
         d = torch.sub(c, a, out=s2).mul_(p_t)
         e = p_t.neg_()
-        p_s = torch.exp(a, out=zt)
+        if need_p_s:
+            p_s = a.exp_()
     elif beta == 1.0:
         p_s = torch.exp(a, out=s1)
         diff = c.neg_().add_(a)
@@ -131,25 +187,35 @@ def _blocks(V, vblock):
     return [(v0, min(V, v0 + vblock)) for v0 in range(0, V, vblock)]
 
 
-def _both_logits(hs, w, b, ht, tw, tb, top, v0, v1, inv_t, dtype, scratch):
-    """Scaled student and teacher logits of block [v0, v1) in scratch buffers 0 and 1, plus
-    the two free scratch buffers and the drop mask (columns outside the top-k)."""
-    zs, zt, s1, s2 = scratch.views(hs.shape[0], v1 - v0)
+def _both_logits(head, top, v0, v1, scratch):
+    """Scaled student and teacher logits of block [v0, v1) (as [r, width] views), the two
+    free scratch views and the drop mask (columns outside the top-k)."""
+    r = head.rows
+    zs, zt, outs = scratch.logits(r, v1 - v0, head.fused)
+    head.fill(outs, v0, v1)
     drop = _drop_block(top, v0, v1)
-    zs = _masked(logits_block(hs, w, b, v0, v1, inv_t, dtype, out=zs), drop)
-    zt = _masked(logits_block(ht, tw, tb, v0, v1, inv_t, dtype, out=zt), drop)
-    return zs, zt, s1, s2, drop
+    s1, s2 = scratch.temps(r, v1 - v0)
+    return _masked(zs, drop), _masked(zt, drop), s1, s2, drop
 
 
-def _lse_pass(hs, w, b, ht, tw, tb, top, inv_t, dtype, vblock, scratch):
-    r = hs.shape[0]
-    lse_s = torch.full((r,), float("-inf"), dtype=dtype, device=hs.device)
+def _lse_pass(head, top, V, vblock, scratch):
+    lse_s = torch.full((head.rows,), float("-inf"), dtype=head.dtype, device=head.w.device)
     lse_t = lse_s.clone()
-    for v0, v1 in _blocks(w.shape[0], vblock):
-        zs, zt, *_ = _both_logits(hs, w, b, ht, tw, tb, top, v0, v1, inv_t, dtype, scratch)
-        lse_s = torch.logaddexp(lse_s, torch.logsumexp(zs, -1))
-        lse_t = torch.logaddexp(lse_t, torch.logsumexp(zt, -1))
+    for v0, v1 in _blocks(V, vblock):
+        zs, zt, s1, _, _ = _both_logits(head, top, v0, v1, scratch)
+        lse_s = torch.logaddexp(lse_s, _lse(zs, s1))
+        lse_t = torch.logaddexp(lse_t, _lse(zt, s1))
     return lse_s, lse_t
+
+
+def _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock):
+    hs_c, ht_c = hs[sl].to(dtype), ht[sl].to(dtype)
+    head = _Head(hs_c, w, b, ht_c, tw, tb, inv_t, dtype)
+    head.rows = hs_c.shape[0]
+    top = None
+    if top_k is not None:
+        top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock)
+    return hs_c, head, top
 
 
 def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
@@ -161,26 +227,19 @@ def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspa
     scratch = Scratch(rows * vblock, dtype, hs.device)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, ht_c = hs[sl].to(dtype), ht[sl].to(dtype)
-        top = None
-        if top_k is not None:
-            top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock)
+        _, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         if vblock == V:
-            zs, zt, s1, s2, drop = _both_logits(
-                hs_c, w, b, ht_c, tw, tb, top, 0, V, inv_t, dtype, scratch
-            )
-            lse_s, lse_t = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
-            d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2)
+            zs, zt, s1, s2, drop = _both_logits(head, top, 0, V, scratch)
+            lse_s, lse_t = _lse(zs, s1), _lse(zt, s1)
+            d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2, need_p_s=False)
             out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1)
         else:
-            lse_s, lse_t = _lse_pass(hs_c, w, b, ht_c, tw, tb, top, inv_t, dtype, vblock, scratch)
+            lse_s, lse_t = _lse_pass(head, top, V, vblock, scratch)
             acc_d = torch.zeros_like(lse_s)
             acc_e = torch.zeros_like(lse_s)
             for v0, v1 in _blocks(V, vblock):
-                zs, zt, s1, s2, drop = _both_logits(
-                    hs_c, w, b, ht_c, tw, tb, top, v0, v1, inv_t, dtype, scratch
-                )
-                d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2)
+                zs, zt, s1, s2, drop = _both_logits(head, top, v0, v1, scratch)
+                d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2, need_p_s=False)
                 acc_d += d.sum(-1)
                 acc_e += e.sum(-1)
             out[0, sl], out[1, sl] = acc_d, acc_e
@@ -205,15 +264,10 @@ def backward(
     scratch = Scratch(rows * vblock, dtype, hs.device)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, ht_c = hs[sl].to(dtype), ht[sl].to(dtype)
+        hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         g = grad[sl].to(dtype) * inv_t
-        top = None
-        if top_k is not None:
-            top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock)
         for v0, v1 in _blocks(V, vblock):
-            zs, zt, s1, s2, drop = _both_logits(
-                hs_c, w, b, ht_c, tw, tb, top, v0, v1, inv_t, dtype, scratch
-            )
+            zs, zt, s1, s2, drop = _both_logits(head, top, v0, v1, scratch)
             _, e, p_s = elements(zs, zt, lse_s[sl], lse_t[sl], drop, beta, clip, s1, s2)
             gz = e.sub_(p_s.mul_(sum_e[sl, None])).mul_(g[:, None])
             w_blk = w[v0:v1].to(dtype)
