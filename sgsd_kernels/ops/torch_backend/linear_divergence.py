@@ -23,20 +23,28 @@ import math
 
 import torch
 
-# Elements per scratch buffer: 2**22 fp32 = 16 MiB, i.e. 128 rows at V = 32768. The logits
-# GEMM of a 64-row chunk ran at ~15-28 GFLOP/s on the loaded 2-core EPYC dev box (H = 256)
-# and a 256-row one at ~36-54, so the chunk is as tall as the memory target allows: four
-# buffers (64 MiB) plus dW stay >= 10x under the materialising path's peak at the
-# docs/design.md §6 CPU shape (N=1024, V=32768, H=256; reference 1.9 GiB at beta = 0.5).
-WORKSPACE_ELEMENTS = 1 << 22
+# Elements of scratch per call, over all buffers: 3 * 2**22 fp32 = 48 MiB, i.e. three
+# buffers of 128 rows at V = 32768 (β ∈ {0, 1}; four buffers of 96 rows otherwise). On the
+# loaded 2-core EPYC dev box every parallel element-wise op costs about one scheduler slice
+# (~12 ms at 4M elements, whatever the op), so the chunk is as tall as the memory target
+# allows: scratch plus dW stay >= 10x under the materialising path's peak at the
+# docs/design.md §6 CPU shape (N=1024, V=32768, H=256; reference 902 MiB at β = 0).
+WORKSPACE_ELEMENTS = 3 << 22
 _MIN_ROWS = 16
 
 
-def plan_blocks(n_rows: int, vocab: int, workspace: int | None = None) -> tuple[int, int]:
-    """(row chunk, vocab block) with chunk × block ≤ workspace (for N, V ≥ 1)."""
-    workspace = workspace or WORKSPACE_ELEMENTS  # read at call time: tests shrink it
-    vblock = vocab if vocab * _MIN_ROWS <= workspace else max(1, workspace // _MIN_ROWS)
-    return max(1, min(n_rows, workspace // vblock)), vblock
+def n_buffers(beta: float) -> int:
+    """Scratch buffers the element-wise math of ``elements`` needs for this β."""
+    return 3 if beta in (0.0, 1.0) else 4
+
+
+def plan_blocks(
+    n_rows: int, vocab: int, workspace: int | None = None, buffers: int = 3
+) -> tuple[int, int]:
+    """(row chunk, vocab block) with ``buffers`` × chunk × block ≤ workspace (N, V ≥ 1)."""
+    per = max(1, (workspace or WORKSPACE_ELEMENTS) // buffers)  # read at call time: tests shrink it
+    vblock = vocab if vocab * _MIN_ROWS <= per else max(1, per // _MIN_ROWS)
+    return max(1, min(n_rows, per // vblock)), vblock
 
 
 def logits_block(h, weight, bias, v0, v1, inv_t, dtype, out=None):
@@ -59,8 +67,9 @@ class Scratch:
     h · W_blkᵀ at 64-128 rows (H = 256, V = 32768, 2-core EPYC), and with a shared head
     the student and teacher rows form one GEMM of twice the height."""
 
-    def __init__(self, size, dtype, device):
-        self.flat = torch.empty(4, size, dtype=dtype, device=device)
+    def __init__(self, size, buffers, dtype, device, clip):
+        self.flat = torch.empty(buffers, size, dtype=dtype, device=device)
+        self.mask = None if clip is None else torch.empty(size, dtype=torch.bool, device=device)
 
     def logits(self, r, width, fused):
         """(student view, teacher view, GEMM output(s)) of a [r, width] block."""
@@ -72,7 +81,10 @@ class Scratch:
         return zs_t.T, zt_t.T, (zs_t, zt_t)
 
     def temps(self, r, width):
-        return [self.flat[i, : r * width].view(width, r).T for i in (2, 3)]
+        """The free buffers as [r, width] views (one or two), then the clip mask view."""
+        views = [self.flat[i, : r * width].view(width, r).T for i in range(2, len(self.flat))]
+        mask = None if self.mask is None else self.mask[: r * width].view(width, r).T
+        return (*views, None)[:2], mask
 
 
 class _Head:
@@ -145,24 +157,26 @@ def _lse(z, tmp):
     return s.log_().add_(m)
 
 
-def elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2, need_p_s=True):
+def elements(zs, zt, lse_s, lse_t, drop, beta, clip, temps, mask, need_p_s=True):
     """Per-element (d, e = ∂d/∂a, p_S) on one block, in place: ``zs``/``zt`` (the scaled
-    logits) and the scratch ``s1``/``s2`` are overwritten and the results are views of
-    them (p_S is None unless ``need_p_s``; β = 0 computes it only then). Columns in
-    ``drop`` (outside the teacher's top-k) give 0."""
+    logits) and the scratch ``temps`` (one buffer for β ∈ {0, 1}, two otherwise) are
+    overwritten and the results are views of them; ``mask`` is bool scratch for the clip.
+    p_S is None for β = 0 unless ``need_p_s``. Columns in ``drop`` (outside the teacher's
+    top-k) give 0."""
+    s1, s2 = temps
     a = zs.sub_(lse_s[:, None])
     c = zt.sub_(lse_t[:, None])
     p_s = None
     if beta == 0.0:
         p_t = torch.exp(c, out=s1)
-        d = torch.sub(c, a, out=s2).mul_(p_t)
+        d = c.sub_(a).mul_(p_t)  # p_T (c − a), in zt
         e = p_t.neg_()
         if need_p_s:
             p_s = a.exp_()
     elif beta == 1.0:
         p_s = torch.exp(a, out=s1)
         diff = c.neg_().add_(a)
-        d = torch.mul(p_s, diff, out=s2)
+        d = torch.mul(p_s, diff, out=zs)  # p_S (a − c); a is no longer needed
         e = diff.add_(1.0).mul_(p_s)
     else:
         log_m = torch.logaddexp(
@@ -175,7 +189,7 @@ def elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2, need_p_s=True):
         e = a_m.mul_(p_s).mul_(1.0 - beta)  # (1 − β) p_S (a − log M)
         d = d.add_(e)
     if clip is not None:
-        e.masked_fill_(d > clip, 0.0)
+        e.masked_fill_(torch.gt(d, clip, out=mask), 0.0)
         d.clamp_(max=clip)
     if drop is not None:
         d.masked_fill_(drop, 0.0)
@@ -194,17 +208,17 @@ def _both_logits(head, top, v0, v1, scratch):
     zs, zt, outs = scratch.logits(r, v1 - v0, head.fused)
     head.fill(outs, v0, v1)
     drop = _drop_block(top, v0, v1)
-    s1, s2 = scratch.temps(r, v1 - v0)
-    return _masked(zs, drop), _masked(zt, drop), s1, s2, drop
+    temps, mask = scratch.temps(r, v1 - v0)
+    return _masked(zs, drop), _masked(zt, drop), temps, mask, drop
 
 
 def _lse_pass(head, top, V, vblock, scratch):
     lse_s = torch.full((head.rows,), float("-inf"), dtype=head.dtype, device=head.w.device)
     lse_t = lse_s.clone()
     for v0, v1 in _blocks(V, vblock):
-        zs, zt, s1, _, _ = _both_logits(head, top, v0, v1, scratch)
-        lse_s = torch.logaddexp(lse_s, _lse(zs, s1))
-        lse_t = torch.logaddexp(lse_t, _lse(zt, s1))
+        zs, zt, temps, _, _ = _both_logits(head, top, v0, v1, scratch)
+        lse_s = torch.logaddexp(lse_s, _lse(zs, temps[0]))
+        lse_t = torch.logaddexp(lse_t, _lse(zt, temps[0]))
     return lse_s, lse_t
 
 
@@ -223,23 +237,23 @@ def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspa
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
-    rows, vblock = plan_blocks(N, V, workspace)
-    scratch = Scratch(rows * vblock, dtype, hs.device)
+    rows, vblock = plan_blocks(N, V, workspace, n_buffers(beta))
+    scratch = Scratch(rows * vblock, n_buffers(beta), dtype, hs.device, clip)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
         _, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         if vblock == V:
-            zs, zt, s1, s2, drop = _both_logits(head, top, 0, V, scratch)
-            lse_s, lse_t = _lse(zs, s1), _lse(zt, s1)
-            d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2, need_p_s=False)
+            zs, zt, temps, mask, drop = _both_logits(head, top, 0, V, scratch)
+            lse_s, lse_t = _lse(zs, temps[0]), _lse(zt, temps[0])
+            d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, temps, mask, False)
             out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1)
         else:
             lse_s, lse_t = _lse_pass(head, top, V, vblock, scratch)
             acc_d = torch.zeros_like(lse_s)
             acc_e = torch.zeros_like(lse_s)
             for v0, v1 in _blocks(V, vblock):
-                zs, zt, s1, s2, drop = _both_logits(head, top, v0, v1, scratch)
-                d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2, need_p_s=False)
+                zs, zt, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
+                d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, temps, mask, False)
                 acc_d += d.sum(-1)
                 acc_e += e.sum(-1)
             out[0, sl], out[1, sl] = acc_d, acc_e
@@ -260,15 +274,15 @@ def backward(
     gb = (
         torch.zeros(V, dtype=dtype, device=w.device) if need_weight_grad and b is not None else None
     )
-    rows, vblock = plan_blocks(N, V, workspace)
-    scratch = Scratch(rows * vblock, dtype, hs.device)
+    rows, vblock = plan_blocks(N, V, workspace, n_buffers(beta))
+    scratch = Scratch(rows * vblock, n_buffers(beta), dtype, hs.device, clip)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
         hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         g = grad[sl].to(dtype) * inv_t
         for v0, v1 in _blocks(V, vblock):
-            zs, zt, s1, s2, drop = _both_logits(head, top, v0, v1, scratch)
-            _, e, p_s = elements(zs, zt, lse_s[sl], lse_t[sl], drop, beta, clip, s1, s2)
+            zs, zt, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
+            _, e, p_s = elements(zs, zt, lse_s[sl], lse_t[sl], drop, beta, clip, temps, mask)
             gz = e.sub_(p_s.mul_(sum_e[sl, None])).mul_(g[:, None])
             w_blk = w[v0:v1].to(dtype)
             gh[sl] += gz @ w_blk
