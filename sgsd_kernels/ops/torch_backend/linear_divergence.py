@@ -87,12 +87,22 @@ class Scratch:
         return (*views, None)[:2], mask
 
 
+def _same(x, y) -> bool:
+    """Whether two tensors (or Nones) are views of the same memory with the same layout (the
+    op receives the shared head as ``weight`` and ``weight.detach()``)."""
+    if x is None or y is None:
+        return x is y
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) == (
+        y.data_ptr(), y.shape, y.stride(), y.dtype, y.device
+    )  # fmt: skip
+
+
 class _Head:
     """One row chunk's GEMM operands: prescaled (by 1/T) transposed hidden states and
     biases, so the GEMM output is already z / T (no separate scaling pass)."""
 
     def __init__(self, hs, w, b, ht, tw, tb, inv_t, dtype):
-        self.fused = tw is w and tb is b
+        self.fused = _same(w, tw) and _same(b, tb)
         self.w, self.tw, self.dtype = w, tw, dtype
         scale = lambda x: None if x is None else x.to(dtype) * inv_t  # noqa: E731
         self.b, self.tb = scale(b), scale(tb)
@@ -157,33 +167,32 @@ def _lse(z, tmp):
     return s.log_().add_(m)
 
 
-def elements(zs, zt, lse_s, lse_t, drop, beta, clip, temps, mask, need_p_s=True):
-    """Per-element (d, e = ∂d/∂a, p_S) on one block, in place: ``zs``/``zt`` (the scaled
-    logits) and the scratch ``temps`` (one buffer for β ∈ {0, 1}, two otherwise) are
-    overwritten and the results are views of them; ``mask`` is bool scratch for the clip.
-    p_S is None for β = 0 unless ``need_p_s``. Columns in ``drop`` (outside the teacher's
-    top-k) give 0."""
+def elements(a, c, drop, beta, clip, temps, mask, need_p_s=True):
+    """Per-element (d, e, p_S, sign) on one block from the log-probs ``a`` (student) and
+    ``c`` (teacher), in place: ``a``, ``c`` and the scratch ``temps`` (one buffer for
+    β ∈ {0, 1}, two otherwise) are overwritten and the results are views of them; ``mask``
+    is bool scratch for the clip. ∂d/∂a = sign · e (β = 0 keeps p_T unnegated: one pass
+    fewer). p_S is None for β = 0 unless ``need_p_s``. Columns in ``drop`` (outside the
+    teacher's top-k) give 0."""
     s1, s2 = temps
-    a = zs.sub_(lse_s[:, None])
-    c = zt.sub_(lse_t[:, None])
-    p_s = None
+    p_s, sign = None, 1.0
     if beta == 0.0:
-        p_t = torch.exp(c, out=s1)
-        d = c.sub_(a).mul_(p_t)  # p_T (c − a), in zt
-        e = p_t.neg_()
+        e = torch.exp(c, out=s1)  # p_T; ∂d/∂a = −p_T
+        d = c.sub_(a).mul_(e)  # p_T (c − a), in c
+        sign = -1.0
         if need_p_s:
             p_s = a.exp_()
     elif beta == 1.0:
         p_s = torch.exp(a, out=s1)
         diff = c.neg_().add_(a)
-        d = torch.mul(p_s, diff, out=zs)  # p_S (a − c); a is no longer needed
+        d = torch.mul(p_s, diff, out=a)  # p_S (a − c); a is no longer needed
         e = diff.add_(1.0).mul_(p_s)
     else:
         log_m = torch.logaddexp(
             torch.add(a, math.log1p(-beta), out=s1), torch.add(c, math.log(beta), out=s2), out=s1
         )
         p_t = torch.exp(c, out=s2)
-        d = c.sub_(log_m).mul_(p_t).mul_(beta)  # β p_T (c − log M), in zt
+        d = c.sub_(log_m).mul_(p_t).mul_(beta)  # β p_T (c − log M), in c
         a_m = torch.sub(a, log_m, out=s1)
         p_s = torch.exp(a, out=s2)
         e = a_m.mul_(p_s).mul_(1.0 - beta)  # (1 − β) p_S (a − log M)
@@ -194,7 +203,7 @@ def elements(zs, zt, lse_s, lse_t, drop, beta, clip, temps, mask, need_p_s=True)
     if drop is not None:
         d.masked_fill_(drop, 0.0)
         e.masked_fill_(drop, 0.0)
-    return d, e, p_s
+    return d, e, p_s, sign
 
 
 def _blocks(V, vblock):
@@ -202,21 +211,46 @@ def _blocks(V, vblock):
 
 
 def _both_logits(head, top, v0, v1, scratch):
-    """Scaled student and teacher logits of block [v0, v1) (as [r, width] views), the two
-    free scratch views and the drop mask (columns outside the top-k)."""
+    """Scaled student and teacher logits of block [v0, v1) (as [r, width] views, with the
+    columns outside the top-k at −inf), the GEMM outputs they view, the free scratch
+    views and the clip mask view."""
     r = head.rows
     zs, zt, outs = scratch.logits(r, v1 - v0, head.fused)
     head.fill(outs, v0, v1)
     drop = _drop_block(top, v0, v1)
     temps, mask = scratch.temps(r, v1 - v0)
-    return _masked(zs, drop), _masked(zt, drop), temps, mask, drop
+    return _masked(zs, drop), _masked(zt, drop), outs, temps, mask, drop
+
+
+def _log_softmax_(outs, r):
+    """Normalise the whole-vocabulary logits in place (each GEMM output is [V, rows] in
+    memory, so one fused log_softmax over dim 0 covers student and teacher rows) and
+    return (lse_S, lse_T). lse = z_j − log p(j) at the row's arg-max j, where log p(j) ∈
+    [−log V, 0], so it is as exact as the logits."""
+    lse = []
+    for o in outs:
+        z_max, j = o.max(0, keepdim=True)
+        torch.ops.aten._log_softmax.out(o, 0, False, out=o)
+        lse.append((z_max - o.gather(0, j)).squeeze(0))
+    lse = torch.cat(lse)
+    return lse[:r], lse[r:]
+
+
+def _normalise_(zs, zt, outs, lse_s, lse_t, fused):
+    """a = z_S − lse_S and c = z_T − lse_T in place (one pass over a shared-head block)."""
+    if fused:
+        outs[0].sub_(torch.cat([lse_s, lse_t]))
+    else:
+        zs.sub_(lse_s[:, None])
+        zt.sub_(lse_t[:, None])
+    return zs, zt
 
 
 def _lse_pass(head, top, V, vblock, scratch):
     lse_s = torch.full((head.rows,), float("-inf"), dtype=head.dtype, device=head.w.device)
     lse_t = lse_s.clone()
     for v0, v1 in _blocks(V, vblock):
-        zs, zt, temps, _, _ = _both_logits(head, top, v0, v1, scratch)
+        zs, zt, _, temps, _, _ = _both_logits(head, top, v0, v1, scratch)
         lse_s = torch.logaddexp(lse_s, _lse(zs, temps[0]))
         lse_t = torch.logaddexp(lse_t, _lse(zt, temps[0]))
     return lse_s, lse_t
@@ -243,19 +277,20 @@ def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspa
         sl = slice(r0, min(N, r0 + rows))
         _, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         if vblock == V:
-            zs, zt, temps, mask, drop = _both_logits(head, top, 0, V, scratch)
-            lse_s, lse_t = _lse(zs, temps[0]), _lse(zt, temps[0])
-            d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, temps, mask, False)
-            out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1)
+            zs, zt, outs, temps, mask, drop = _both_logits(head, top, 0, V, scratch)
+            lse_s, lse_t = _log_softmax_(outs, head.rows)
+            d, e, _, sign = elements(zs, zt, drop, beta, clip, temps, mask, False)
+            out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1).mul_(sign)
         else:
             lse_s, lse_t = _lse_pass(head, top, V, vblock, scratch)
             acc_d = torch.zeros_like(lse_s)
             acc_e = torch.zeros_like(lse_s)
             for v0, v1 in _blocks(V, vblock):
-                zs, zt, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
-                d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, temps, mask, False)
+                zs, zt, outs, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
+                a, c = _normalise_(zs, zt, outs, lse_s, lse_t, head.fused)
+                d, e, _, sign = elements(a, c, drop, beta, clip, temps, mask, False)
                 acc_d += d.sum(-1)
-                acc_e += e.sum(-1)
+                acc_e += e.sum(-1).mul_(sign)
             out[0, sl], out[1, sl] = acc_d, acc_e
         out[2, sl], out[3, sl] = lse_s, lse_t
     return out[0], out[1], out[2], out[3]
@@ -266,7 +301,9 @@ def backward(
     need_weight_grad, workspace=None,
 ):  # fmt: skip
     """∂(Σ grad·D) w.r.t. the student rows, W and b: (gh [N, H], gw [V, H] | None,
-    gb [V] | None) in ``dtype``. Recomputes both logit blocks (and the teacher top-k)."""
+    gb [V] | None) in ``dtype``. Recomputes both logit blocks (and the teacher top-k).
+    Per block gz = g/T · (∂d/∂a − p_S Σe) = (sign·g/T) · (e − sign·Σe·p_S); the row
+    factor sign·g/T is applied to the small GEMM operands, not to the block."""
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     gh = torch.zeros(hs.shape, dtype=dtype, device=hs.device)
@@ -281,13 +318,14 @@ def backward(
         hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         g = grad[sl].to(dtype) * inv_t
         for v0, v1 in _blocks(V, vblock):
-            zs, zt, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
-            _, e, p_s = elements(zs, zt, lse_s[sl], lse_t[sl], drop, beta, clip, temps, mask)
-            gz = e.sub_(p_s.mul_(sum_e[sl, None])).mul_(g[:, None])
-            w_blk = w[v0:v1].to(dtype)
-            gh[sl] += gz @ w_blk
+            zs, zt, outs, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
+            a, c = _normalise_(zs, zt, outs, lse_s[sl], lse_t[sl], head.fused)
+            _, e, p_s, sign = elements(a, c, drop, beta, clip, temps, mask)
+            gz = e.addcmul_(p_s, sum_e[sl, None], value=-sign)
+            row = g * sign
+            gh[sl] += (gz @ w[v0:v1].to(dtype)).mul_(row[:, None])
             if gw is not None:
-                gw[v0:v1].addmm_(gz.T, hs_c)
+                gw[v0:v1].addmm_(gz.T, hs_c * row[:, None])
             if gb is not None:
-                gb[v0:v1] += gz.sum(0)
+                gb[v0:v1].addmv_(gz.T, row)
     return gh, gw, gb
