@@ -225,13 +225,14 @@ def _both_logits(head, top, v0, v1, scratch):
 def _log_softmax_(outs, r):
     """Normalise the whole-vocabulary logits in place (each GEMM output is [V, rows] in
     memory, so one fused log_softmax over dim 0 covers student and teacher rows) and
-    return (lse_S, lse_T). lse = z_j − log p(j) at the row's arg-max j, where log p(j) ∈
-    [−log V, 0], so it is as exact as the logits."""
+    return (lse_S, lse_T). lse = max z − max log p (both at the row's arg-max, where
+    log p ∈ [−log V, 0]), so it is as exact as the logits; two amax reductions cost less
+    than one max-with-indices over dim 0 (~110 ms vs ~1 ms at [32768, 256])."""
     lse = []
     for o in outs:
-        z_max, j = o.max(0, keepdim=True)
+        z_max = o.amax(0)
         torch.ops.aten._log_softmax.out(o, 0, False, out=o)
-        lse.append((z_max - o.gather(0, j)).squeeze(0))
+        lse.append(z_max.sub_(o.amax(0)))
     lse = torch.cat(lse)
     return lse[:r], lse[r:]
 
