@@ -2,12 +2,13 @@
 ``torch`` backend of ``linear_divergence``).
 
 Never allocates N×V: rows are processed in chunks and the vocabulary in blocks, and all
-element-wise work happens in place in four reused scratch buffers of
-``WORKSPACE_ELEMENTS`` elements (both logit blocks and two temporaries). When the whole
-vocabulary fits one block the forward computes the two
-logit blocks once per row chunk; otherwise it makes two passes (online logsumexp, then the
-element-wise clipped terms). The backward recomputes the logits and forms the student
-logit gradient from the saved row statistics.
+element-wise work happens in place in three (β ∈ {0, 1}) or four reused scratch buffers
+that share one budget of ``WORKSPACE_ELEMENTS`` elements, plus a bool clip mask. The logits
+are computed vocabulary-major (W_blk · hᵀ, 1/T folded into h and b); with a shared head the
+student and teacher rows are one GEMM. When the whole vocabulary fits one block the forward
+normalises both with one in-place log_softmax; otherwise it makes two passes (online
+logsumexp, then the element-wise clipped terms). The backward recomputes the logits and
+forms the student logit gradient from the saved row statistics.
 
 Gradient: with a = log p_S, c = log p_T and e_v = ∂d_v/∂a_v (0 where the clip is active
 or outside the teacher's top-k), ∂D/∂z_v = e_v − p_S(v)·Σ_u e_u, where
@@ -167,12 +168,13 @@ def _lse(z, tmp):
     return s.log_().add_(m)
 
 
-def elements(a, c, drop, beta, clip, temps, mask, need_p_s=True):
+def elements(a, c, drop, beta, clip, temps, mask, backward=True):
     """Per-element (d, e, p_S, sign) on one block from the log-probs ``a`` (student) and
     ``c`` (teacher), in place: ``a``, ``c`` and the scratch ``temps`` (one buffer for
     β ∈ {0, 1}, two otherwise) are overwritten and the results are views of them; ``mask``
     is bool scratch for the clip. ∂d/∂a = sign · e (β = 0 keeps p_T unnegated: one pass
-    fewer). p_S is None for β = 0 unless ``need_p_s``. Columns in ``drop`` (outside the
+    fewer). The forward (``backward`` False) leaves p_S None for β = 0; the backward skips
+    the clamp and the drop of d, which it does not use. Columns in ``drop`` (outside the
     teacher's top-k) give 0."""
     s1, s2 = temps
     p_s, sign = None, 1.0
@@ -180,7 +182,7 @@ def elements(a, c, drop, beta, clip, temps, mask, need_p_s=True):
         e = torch.exp(c, out=s1)  # p_T; ∂d/∂a = −p_T
         d = c.sub_(a).mul_(e)  # p_T (c − a), in c
         sign = -1.0
-        if need_p_s:
+        if backward:
             p_s = a.exp_()
     elif beta == 1.0:
         p_s = torch.exp(a, out=s1)
@@ -199,10 +201,12 @@ def elements(a, c, drop, beta, clip, temps, mask, need_p_s=True):
         d = d.add_(e)
     if clip is not None:
         e.masked_fill_(torch.gt(d, clip, out=mask), 0.0)
-        d.clamp_(max=clip)
+        if not backward:
+            d.clamp_(max=clip)
     if drop is not None:
-        d.masked_fill_(drop, 0.0)
         e.masked_fill_(drop, 0.0)
+        if not backward:
+            d.masked_fill_(drop, 0.0)
     return d, e, p_s, sign
 
 
