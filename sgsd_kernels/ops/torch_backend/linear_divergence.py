@@ -29,7 +29,8 @@ import torch
 # loaded 2-core EPYC dev box every parallel element-wise op costs about one scheduler slice
 # (~12 ms at 4M elements, whatever the op), so the chunk is as tall as the memory target
 # allows: scratch plus dW stay >= 10x under the materialising path's peak at the
-# docs/design.md §6 CPU shape (N=1024, V=32768, H=256; reference 902 MiB at β = 0).
+# docs/design.md §6 CPU shape (N=1024, V=32768, H=256, fwd+bwd: reference 899 MiB at β = 0,
+# 1923 MiB at β = 0.5; this path 85 MiB, measured as in tests/kernels/test_divergence_memory.py).
 WORKSPACE_ELEMENTS = 3 << 22
 _MIN_ROWS = 16
 
