@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sgsd_bench.presets import IGNORE_INDEX, Case, split_bt
+from sgsd_bench.presets import IGNORE_INDEX, SCALAR_WORKLOADS, Case, split_bt
 
 _DTYPES = {
     "float32": torch.float32,
@@ -29,18 +29,25 @@ def make_inputs(case: Case, N: int, device, dtype, seed: int = 0) -> dict:
 
     logprobs: hidden [N, H], weight [V, H] (both leaves with grad), targets [N] (≈3 %
     ignore_index), grad_out [N] (the upstream gradient of the per-token log-probs).
-    sgsd: student_hidden [B, T, H], weight, targets [B, T], token_mask [B, T] (padded tails),
-    rewards [B] (±1), teacher_weights [B, K] (softmax), teacher_hidden [B, K, T, H]: the
-    student's states plus noise plus a push of strength α_k ∈ [−1, 1] along the target's
-    weight row (a logit change of about 1.5·α_k), so that some teachers support the rollout
-    and others suppress it. Generated on ``device`` (CUDA: fast for the big heads).
+    divergence: hidden [N, H], teacher_hidden [N, H] (the student's states plus noise),
+    token_mask [N] (≈3 % False), weight.
+    sgsd and local_support: student_hidden [B, T, H], weight, targets [B, T], token_mask
+    [B, T] (padded tails), rewards [B] (±1), teacher_weights [B, K] (softmax),
+    teacher_hidden [B, K, T, H]: the student's states plus noise plus a push of strength
+    α_k ∈ [−1, 1] along the target's weight row (a logit change of about 1.5·α_k), so that
+    some teachers support the rollout and others suppress it. Generated on ``device``
+    (CUDA: fast for the big heads).
     """
-    if case.workload not in ("logprobs", "sgsd"):
+    if case.workload not in ("logprobs", *SCALAR_WORKLOADS):
         raise ValueError(
-            f"make_inputs: workload must be 'logprobs' or 'sgsd', got {case.workload!r}"
+            "make_inputs: workload must be one of logprobs, "
+            f"{', '.join(SCALAR_WORKLOADS)}; got {case.workload!r}"
         )
-    if case.workload == "sgsd" and case.K < 1:
-        raise ValueError(f"make_inputs: an sgsd case needs K ≥ 1 teachers, got K={case.K}")
+    if case.workload in ("sgsd", "local_support") and case.K < 1:
+        raise ValueError(
+            f"make_inputs: {'an' if case.workload == 'sgsd' else 'a'} {case.workload} case "
+            f"needs K ≥ 1 teachers, got K={case.K}"
+        )
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + N)
     V, H, K = case.V, case.H, case.K
@@ -56,6 +63,11 @@ def make_inputs(case: Case, N: int, device, dtype, seed: int = 0) -> dict:
         drop = torch.rand(N, generator=g, device=dev) < 0.03
         targets[drop] = IGNORE_INDEX
         out.update(hidden=hidden, targets=targets, grad_out=randn(N))
+    elif case.workload == "divergence":
+        hidden = randn(N, H)
+        teacher_hidden = hidden + randn(N, H, scale=0.3)
+        token_mask = torch.rand(N, generator=g, device=dev) >= 0.03
+        out.update(hidden=hidden, teacher_hidden=teacher_hidden, token_mask=token_mask)
     else:
         B, T = split_bt(N)
         hidden = randn(B, T, H)
@@ -95,6 +107,8 @@ def upcast(x: dict, dtype) -> dict:
 def input_bytes(case: Case) -> int:
     el = dtype_of(case.dtype).itemsize
     b = (case.V * case.H + case.N * case.H) * el
-    if case.workload == "sgsd":
+    if case.workload in ("sgsd", "local_support"):
         b += case.K * case.N * case.H * el
+    if case.workload == "divergence":
+        b += case.N * case.H * el
     return b

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from sgsd_bench.inputs import dtype_of, make_inputs, upcast
-from sgsd_bench.presets import IGNORE_INDEX, SGSD_HYPER, Case, Preset
+from sgsd_bench.presets import (
+    DIVERGENCE_HYPER,
+    IGNORE_INDEX,
+    LOCAL_SUPPORT_TOP_K,
+    SGSD_HYPER,
+    Case,
+    Preset,
+)
 
 # Relative error (‖a−b‖/‖b‖, worst of output, d hidden, d weight) allowed against float64.
 TOL = {"float32": 2e-4, "float16": 1e-2, "bfloat16": 3e-2}
@@ -127,6 +134,19 @@ def oracle_output(case: Case, x: dict):
         return ref.linear_logprobs_ref(
             x["hidden"], x["weight"], x["targets"], ignore_index=IGNORE_INDEX
         )
+    if case.workload == "divergence":
+        d = ref.linear_divergence_ref(
+            x["hidden"], x["weight"], x["teacher_hidden"], mask=x["token_mask"], **DIVERGENCE_HYPER
+        )
+        return d.sum() / x["token_mask"].sum().clamp(min=1)
+    if case.workload == "local_support":
+        import sgsd_kernels as sk
+
+        return sk.linear_gated_kd_loss(
+            x["hidden"], x["weight"], x["targets"], x["token_mask"], x["rewards"],
+            x["teacher_weights"], teacher_hidden=x["teacher_hidden"], backend="reference",
+            local_support_top_k=LOCAL_SUPPORT_TOP_K, **SGSD_HYPER,
+        ).loss  # fmt: skip
     valid = x["targets"] != IGNORE_INDEX
     s = ref.linear_logprobs_ref(x["hidden"], x["weight"], x["targets"], ignore_index=IGNORE_INDEX)
     B, K, T, _ = x["teacher_hidden"].shape
@@ -232,9 +252,9 @@ def cuda_times(fn, x: dict, case: Case, phases: list[str], res: dict) -> None:
     def fwdbwd():
         grads(fn(x), x, go)
 
-    if "fwdbwd" in phases or case.workload == "sgsd":
+    if "fwdbwd" in phases or case.workload != "logprobs":
         res["fwdbwd"]["time_ms"] = list(tt.do_bench(fwdbwd, **kw))
-    if case.workload == "sgsd":
+    if case.workload != "logprobs":
         return
     if "fwd" in phases:
         res["fwd"]["time_ms"] = list(tt.do_bench(lambda: fn(x), **kw))
@@ -294,6 +314,10 @@ def cpu_interleaved_times(
 def gemm_m(case: Case) -> int:
     """Rows of the stream the row's GEMMs cover: N for log-probs; (K+1)·N for SGSD, the
     student+teacher stream over the shared W (most of the (K+4)·G floor)."""
+    if case.workload == "divergence":
+        return 2 * case.N  # student and teacher rows over the shared W
+    if case.workload == "local_support":
+        return case.N * case.K  # the teachers' top-k pass
     if case.workload != "sgsd":
         return case.N
     # capped: at N = 16384, K = 8 on a 151936 vocabulary the full stream's output alone

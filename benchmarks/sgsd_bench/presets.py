@@ -2,7 +2,10 @@
 
 Floors and workloads are those of docs/design.md §6: G = 2·N·V·H FLOPs (one logits GEMM),
 N = B·T tokens; log-probs cost 1 G forward, 3 G backward, 4 G forward+backward; the SGSD
-loss with K teachers costs (K+4) G forward+backward.
+loss with K teachers costs (K+4) G forward+backward. The full-vocabulary divergence
+(``linear_divergence``, docs/design.md §3.1) costs 4 G forward+backward (student and teacher
+logits, then dh and dW); the top-k local-support SGSD loss (docs/design.md §3.2) K G (the
+teachers' no-grad top-k pass; the student's k + 1 gathered columns are negligible).
 """
 
 from __future__ import annotations
@@ -10,10 +13,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LOGPROB_PHASES = ("fwd", "bwd", "fwdbwd")
-WORKLOAD_ROWS = ("logprobs-fwd", "logprobs-bwd", "logprobs-fwdbwd", "sgsd-fwdbwd")
+WORKLOAD_ROWS = (
+    "logprobs-fwd",
+    "logprobs-bwd",
+    "logprobs-fwdbwd",
+    "sgsd-fwdbwd",
+    "divergence-fwdbwd",
+    "local_support-fwdbwd",
+)
+# Workloads whose output is one scalar loss, timed forward+backward only.
+SCALAR_WORKLOADS = ("sgsd", "divergence", "local_support")
 # Floor in units of G = 2·N·V·H (docs/design.md §6); sgsd: K + 4.
 LOGPROB_FLOOR = {"fwd": 1.0, "bwd": 3.0, "fwdbwd": 4.0}
 SGSD_HYPER = {"gate_tau": 1.0, "clip_delta": 3.0, "confidence_threshold": 0.05}
+# OPSD's published settings (docs/design.md §3.1): forward KL, temperature 1.1, element clip.
+DIVERGENCE_HYPER = {"beta": 0.0, "temperature": 1.1, "elementwise_clip": 0.05}
+LOCAL_SUPPORT_TOP_K = 100  # the paper's "Top-100 local support" ablation
 IGNORE_INDEX = -100
 
 
@@ -25,6 +40,8 @@ class Preset:
     H: int
     logprobs_N: list[int]
     sgsd: list[tuple[int, int]]  # (N, K)
+    divergence_N: list[int] = field(default_factory=list)  # linear_divergence rows
+    local_support: list[tuple[int, int]] = field(default_factory=list)  # (N, K)
     check_N: int = 128  # tokens in the correctness slice
     row_budget_s: float = 2.0  # time spent on the timed repetitions of one row (CPU)
     min_reps: int = 3
@@ -52,6 +69,8 @@ PRESETS: dict[str, Preset] = {
         H=256,
         logprobs_N=[256, 1024],
         sgsd=[(128, 1), (128, 4), (128, 8), (1024, 8)],
+        divergence_N=[1024],  # the §6 CPU shape, where the >= 10x memory target is stated
+        local_support=[(1024, 1)],
         default_off={"torch-compile": _CPU_COMPILE_OFF},
         check_N=64,
         note="docs/design.md §6 CPU target row: sgsd-fwdbwd N=1024 K=8",
@@ -98,6 +117,8 @@ PRESETS: dict[str, Preset] = {
         H=61,
         logprobs_N=[64, 128],
         sgsd=[(64, 1), (64, 4), (128, 4)],
+        divergence_N=[128],
+        local_support=[(64, 2)],
         check_N=32,
         row_budget_s=0.3,
         min_reps=3,
@@ -111,6 +132,8 @@ PRESETS: dict[str, Preset] = {
         H=2048,
         logprobs_N=[4096, 8192, 16384],
         sgsd=[(16384, 1), (16384, 4), (16384, 8), (4096, 8), (8192, 8)],
+        divergence_N=[4096, 16384],
+        local_support=[(16384, 1), (16384, 8)],
         check_N=256,
     ),
     "qwen3-8b": Preset(
@@ -127,7 +150,7 @@ PRESETS: dict[str, Preset] = {
 
 @dataclass
 class Case:
-    workload: str  # "logprobs" | "sgsd"
+    workload: str  # "logprobs" | "sgsd" | "divergence" | "local_support"
     N: int
     V: int
     H: int
@@ -144,7 +167,7 @@ class Case:
 
     def shape(self) -> str:
         s = f"N={self.N} V={self.V} H={self.H}"
-        if self.workload == "sgsd":
+        if self.workload in ("sgsd", "local_support"):
             s += f" K={self.K} (B={self.B} T={self.T})"
         return s
 
@@ -153,7 +176,13 @@ class Case:
 
     def floor_g(self, phase: str) -> float:
         """The FLOP floor of ``phase`` in units of G (docs/design.md §6)."""
-        return LOGPROB_FLOOR[phase] if self.workload == "logprobs" else self.K + 4.0
+        if self.workload == "logprobs":
+            return LOGPROB_FLOOR[phase]
+        if self.workload == "divergence":
+            return 4.0
+        if self.workload == "local_support":
+            return float(self.K)
+        return self.K + 4.0
 
     def g_flops(self) -> float:
         """G = 2·N·V·H, one logits GEMM."""
@@ -168,13 +197,20 @@ def split_bt(N: int) -> tuple[int, int]:
     return B, N // B
 
 
-def cases_for(preset: Preset, dtype: str, do_logprobs: bool, do_sgsd: bool) -> list[Case]:
-    """The shapes of ``preset`` for the selected workloads, log-probs first."""
+def cases_for(preset: Preset, dtype: str, do_logprobs: bool, scalar=()) -> list[Case]:
+    """The shapes of ``preset`` for the selected workloads, log-probs first. ``scalar``: the
+    scalar-loss workloads to run (names from SCALAR_WORKLOADS; True means "sgsd")."""
+    scalar = ("sgsd",) if scalar is True else tuple(scalar or ())
+    V, H = preset.V, preset.H
     cases = []
     if do_logprobs:
-        cases += [Case("logprobs", N, preset.V, preset.H, 0, dtype) for N in preset.logprobs_N]
-    if do_sgsd:
-        cases += [Case("sgsd", N, preset.V, preset.H, K, dtype) for N, K in preset.sgsd]
+        cases += [Case("logprobs", N, V, H, 0, dtype) for N in preset.logprobs_N]
+    if "sgsd" in scalar:
+        cases += [Case("sgsd", N, V, H, K, dtype) for N, K in preset.sgsd]
+    if "divergence" in scalar:
+        cases += [Case("divergence", N, V, H, 0, dtype) for N in preset.divergence_N]
+    if "local_support" in scalar:
+        cases += [Case("local_support", N, V, H, K, dtype) for N, K in preset.local_support]
     return cases
 
 
@@ -188,26 +224,32 @@ def skip_reason(preset: Preset, provider: str, case: Case, on_cuda: bool) -> str
     return None
 
 
-def parse_workloads(spec: str) -> tuple[list[str], bool, bool]:
-    """(log-prob phases to time, run log-probs, run sgsd) from ``--workloads``: "all", or a
-    comma list of logprobs, logprobs-fwd, logprobs-bwd, logprobs-fwdbwd, sgsd."""
+def parse_workloads(spec: str) -> tuple[list[str], bool, tuple[str, ...]]:
+    """(log-prob phases to time, run log-probs, scalar-loss workloads to run) from
+    ``--workloads``: "all", or a comma list of logprobs, logprobs-fwd, logprobs-bwd,
+    logprobs-fwdbwd, sgsd, divergence, local_support (or local-support)."""
     phases: list[str] = []
-    do_lp = do_sgsd = False
+    do_lp = False
+    scalar: list[str] = []
     for w in [s.strip() for s in spec.split(",") if s.strip()]:
+        w = "local_support" if w == "local-support" else w
         if w in ("all", "logprobs"):
             phases, do_lp = list(LOGPROB_PHASES), True
         elif w.startswith("logprobs-") and w[9:] in LOGPROB_PHASES:
             do_lp = True
             phases += [] if w[9:] in phases else [w[9:]]
-        elif w != "sgsd":
+        elif w not in SCALAR_WORKLOADS:
             raise ValueError(
                 f"unknown workload {w!r}; choose from all, logprobs, "
                 + ", ".join(f"logprobs-{p}" for p in LOGPROB_PHASES)
-                + ", sgsd"
+                + ", "
+                + ", ".join(SCALAR_WORKLOADS)
             )
-        do_sgsd = do_sgsd or w in ("all", "sgsd")
-    if not (do_lp or do_sgsd):
+        for name in SCALAR_WORKLOADS if w == "all" else (w,):
+            if name in SCALAR_WORKLOADS and name not in scalar:
+                scalar.append(name)
+    if not (do_lp or scalar):
         raise ValueError(f"no workload in {spec!r}")
-    if do_sgsd and "fwdbwd" not in phases:
-        phases.append("fwdbwd")  # the SGSD row is forward+backward
-    return phases, do_lp, do_sgsd
+    if scalar and "fwdbwd" not in phases:
+        phases.append("fwdbwd")  # the scalar-loss rows are forward+backward
+    return phases, do_lp, tuple(scalar)

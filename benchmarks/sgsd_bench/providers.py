@@ -2,7 +2,9 @@
 ``_ENTRIES`` below.
 
 Every provider turns the inputs of :func:`sgsd_bench.inputs.make_inputs` into the output of
-the row: [N] float32 log-probs (logprobs) or the scalar loss (sgsd); the worker then takes
+the row: [N] float32 log-probs (logprobs) or the scalar loss (sgsd; divergence: the masked
+mean of ``linear_divergence``; local_support: the SGSD loss with
+``local_support_top_k``); the worker then takes
 the gradient into ``hidden`` and ``weight``. ``reference`` is the one baseline: the
 published SGSD code path (one row per (rollout, teacher), the student forward replicated K
 times, full log_softmax materialised), as written once in ``sgsd_kernels.reference``.
@@ -15,7 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sgsd_bench.presets import IGNORE_INDEX, SGSD_HYPER, Case
+from sgsd_bench.presets import (
+    DIVERGENCE_HYPER,
+    IGNORE_INDEX,
+    LOCAL_SUPPORT_TOP_K,
+    SGSD_HYPER,
+    Case,
+)
 
 BASELINE = "reference"
 
@@ -52,6 +60,19 @@ def _sk_fn(backend: str, workload: str):
         return lambda x: sk.linear_logprobs(
             x["hidden"], x["weight"], x["targets"], ignore_index=IGNORE_INDEX, backend=backend
         )
+    if workload == "divergence":
+        return lambda x: _masked_mean(
+            sk.linear_divergence(
+                x["hidden"],
+                x["weight"],
+                x["teacher_hidden"],
+                mask=x["token_mask"],
+                backend=backend,
+                **DIVERGENCE_HYPER,
+            ),
+            x["token_mask"],
+        )
+    extra = {"local_support_top_k": LOCAL_SUPPORT_TOP_K} if workload == "local_support" else {}
     return lambda x: (
         sk.linear_gated_kd_loss(
             x["hidden"],
@@ -63,8 +84,14 @@ def _sk_fn(backend: str, workload: str):
             teacher_hidden=x["teacher_hidden"],
             backend=backend,
             **SGSD_HYPER,
+            **extra,
         ).loss
     )
+
+
+def _masked_mean(d, mask):
+    """OPSD's loss: Σ_t m_t D_t / Σ_t m_t."""
+    return d.sum() / mask.sum().clamp(min=1)
 
 
 def _backend(backend: str):
@@ -120,6 +147,8 @@ def _build_cce(workload: str, device: str):
 
 
 def _build_liger(workload: str, device: str):
+    if workload == "divergence":
+        return _build_liger_jsd()
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except Exception as e:
@@ -136,6 +165,28 @@ def _build_liger(workload: str, device: str):
     return fn
 
 
+def _build_liger_jsd():
+    """Liger's LigerFusedLinearJSD at β = DIVERGENCE_HYPER's beta and T = 1.1 (its own β
+    convention and no element clip: the same shapes and work, not the same value)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except Exception as e:
+        raise NotAvailable(
+            f"liger-kernel not installed ({type(e).__name__}: {e}); pip install liger-kernel"
+        ) from e
+    jsd = LigerFusedLinearJSD(
+        jsd_beta=DIVERGENCE_HYPER["beta"],
+        ignore_index=IGNORE_INDEX,
+        temperature=DIVERGENCE_HYPER["temperature"],
+    )
+
+    def fn(x):
+        labels = torch.where(x["token_mask"], 0, IGNORE_INDEX)
+        return jsd(x["hidden"], x["weight"], x["teacher_hidden"], x["weight"].detach(), labels)
+
+    return fn
+
+
 def _on_cuda(device) -> bool:
     return str(device).startswith("cuda")
 
@@ -144,10 +195,12 @@ def _needs_cuda(why: str):
     return lambda workload, cuda: None if cuda else why
 
 
-def _logprobs_only(why: str, cuda_why: str | None = None):
+def _logprobs_only(why: str, cuda_why: str | None = None, also: tuple = ()):
+    """Runs log-probs (and the workloads in ``also``) only; ``cuda_why``: needs CUDA."""
+
     def unavailable(workload: str, cuda: bool):
-        if workload != "logprobs":
-            return why
+        if workload != "logprobs" and workload not in also:
+            return f"{why} ({workload})"
         return None if cuda or cuda_why is None else cuda_why
 
     return unavailable
@@ -156,9 +209,12 @@ def _logprobs_only(why: str, cuda_why: str | None = None):
 def _materialising(case: Case) -> int:
     """The published path: log-probs ~4 N×V fp32 buffers (logits, log_softmax, their
     gradients); SGSD ~(4K+2): the student's logits and log_softmax replicated K times, the
-    teachers' K, and the gradient of the replicated student."""
+    teachers' K, and the gradient of the replicated student; the divergence ~7 (both
+    logits, both log_softmax, the element terms, their gradients)."""
     nv = case.N * case.V * 4
-    return 4 * nv if case.workload == "logprobs" else (4 * case.K + 2) * nv
+    if case.workload == "logprobs":
+        return 4 * nv
+    return 7 * nv if case.workload == "divergence" else (4 * case.K + 2) * nv
 
 
 _ENTRIES = (
@@ -209,19 +265,22 @@ _ENTRIES = (
         "tab:brown",
         unavailable=_logprobs_only(
             "Cut Cross-Entropy computes (linear) cross-entropy only; it has no SGSD "
-            "(multi-teacher gated) loss"
+            "(multi-teacher gated) loss and no divergence"
         ),
         materialises=lambda case: 0 if case.workload == "logprobs" else _materialising(case),
         warm_up=True,
     ),
     Provider(
         "liger",
-        "Liger-Kernel's fused linear cross-entropy, reduction='none' (CUDA only); log-probs only",
+        "Liger-Kernel's fused linear cross-entropy, reduction='none', and for the divergence "
+        "its fused linear JSD (CUDA only)",
         _build_liger,
         "tab:pink",
         unavailable=_logprobs_only(
-            "Liger-Kernel's fused linear cross-entropy has no SGSD (multi-teacher gated) loss",
-            "Liger-Kernel's fused linear cross-entropy is Triton-only and needs a CUDA device",
+            "Liger-Kernel has no SGSD (multi-teacher gated) loss and no top-k local support",
+            "Liger-Kernel's fused linear cross-entropy and JSD are Triton-only: each needs a CUDA "
+            "device",
+            also=("divergence",),
         ),
         warm_up=True,
     ),

@@ -162,7 +162,8 @@ def markdown_table(rows: list[dict], gemm_rows: list[dict], meta: dict) -> str:
     out += [
         "",
         (
-            f"{unit}: useful work = the floor FLOPs ((K+4)·G for sgsd; 1/3/4 G for "
+            f"{unit}: useful work = the floor FLOPs ((K+4)·G for sgsd; 4 G divergence; K·G "
+            "local_support; 1/3/4 G for "
             "logprobs fwd/bwd/fwd+bwd; G = 2·N·V·H) divided by the median time. floor % = time at "
             "the yardstick's best GEMM rate for the floor FLOPs ÷ median time. peak MiB: memory "
             f"above the inputs ({meta['mem_method']}). × / mem ÷ vs {BASELINE}: the median time "

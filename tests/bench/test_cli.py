@@ -19,11 +19,13 @@ SCRIPT = os.path.join(REPO, "benchmarks", "bench_gated_kd.py")
 @pytest.mark.parametrize(
     ("spec", "want"),
     [
-        ("all", (["fwd", "bwd", "fwdbwd"], True, True)),
-        ("logprobs", (["fwd", "bwd", "fwdbwd"], True, False)),
-        ("logprobs-bwd", (["bwd"], True, False)),
-        ("logprobs-fwd,sgsd", (["fwd", "fwdbwd"], True, True)),
-        ("sgsd", (["fwdbwd"], False, True)),
+        ("all", (["fwd", "bwd", "fwdbwd"], True, ("sgsd", "divergence", "local_support"))),
+        ("logprobs", (["fwd", "bwd", "fwdbwd"], True, ())),
+        ("logprobs-bwd", (["bwd"], True, ())),
+        ("logprobs-fwd,sgsd", (["fwd", "fwdbwd"], True, ("sgsd",))),
+        ("sgsd", (["fwdbwd"], False, ("sgsd",))),
+        ("divergence,local-support", (["fwdbwd"], False, ("divergence", "local_support"))),
+        ("local_support,sgsd,sgsd", (["fwdbwd"], False, ("local_support", "sgsd"))),
     ],
 )
 def test_parse_workloads(spec, want):

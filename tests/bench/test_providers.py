@@ -102,7 +102,8 @@ def test_make_inputs_logprobs_has_ignored_targets():
 
 
 def test_make_inputs_bad_inputs():
-    with pytest.raises(ValueError, match="workload must be 'logprobs' or 'sgsd', got 'kd'"):
+    with pytest.raises(ValueError, match="workload must be one of logprobs, sgsd, divergence, "
+                       "local_support; got 'kd'"):  # fmt: skip
         make_inputs(Case("kd", 8, V, H, 0, "float32"), 8, "cpu", torch.float32)
     with pytest.raises(ValueError, match="an sgsd case needs K ≥ 1 teachers, got K=0"):
         make_inputs(Case("sgsd", 8, V, H, 0, "float32"), 8, "cpu", torch.float32)

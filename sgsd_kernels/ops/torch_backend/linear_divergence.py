@@ -2,12 +2,13 @@
 ``torch`` backend of ``linear_divergence``).
 
 Never allocates N×V: rows are processed in chunks and the vocabulary in blocks, and all
-element-wise work happens in place in four reused scratch buffers of
-``WORKSPACE_ELEMENTS`` elements (both logit blocks and two temporaries). When the whole
-vocabulary fits one block the forward computes the two
-logit blocks once per row chunk; otherwise it makes two passes (online logsumexp, then the
-element-wise clipped terms). The backward recomputes the logits and forms the student
-logit gradient from the saved row statistics.
+element-wise work happens in place in three (β ∈ {0, 1}) or four reused scratch buffers
+that share one budget of ``WORKSPACE_ELEMENTS`` elements, plus a bool clip mask. The logits
+are computed vocabulary-major (W_blk · hᵀ, 1/T folded into h and b); with a shared head the
+student and teacher rows are one GEMM. When the whole vocabulary fits one block the forward
+normalises both with one in-place log_softmax; otherwise it makes two passes (online
+logsumexp, then the element-wise clipped terms). The backward recomputes the logits and
+forms the student logit gradient from the saved row statistics.
 
 Gradient: with a = log p_S, c = log p_T and e_v = ∂d_v/∂a_v (0 where the clip is active
 or outside the teacher's top-k), ∂D/∂z_v = e_v − p_S(v)·Σ_u e_u, where
@@ -23,18 +24,29 @@ import math
 
 import torch
 
-# 2**21 fp32 elements = 8 MiB per scratch buffer (four of them, reused), i.e.
-# 64 rows at V = 32768. Sized for ~10x less peak memory than the materialising path at the
-# docs/design.md §6 CPU shape (N=1024, V=32768, H=256) while keeping each logits GEMM 64+ rows tall.
-WORKSPACE_ELEMENTS = 1 << 21
+# Elements of scratch per call, over all buffers: 3 * 2**22 fp32 = 48 MiB, i.e. three
+# buffers of 128 rows at V = 32768 (β ∈ {0, 1}; four buffers of 96 rows otherwise). On the
+# loaded 2-core EPYC dev box every parallel element-wise op costs about one scheduler slice
+# (~12 ms at 4M elements, whatever the op), so the chunk is as tall as the memory target
+# allows: scratch plus dW stay >= 10x under the materialising path's peak at the
+# docs/design.md §6 CPU shape (N=1024, V=32768, H=256, fwd+bwd: reference 899 MiB at β = 0,
+# 1923 MiB at β = 0.5; this path 85 MiB, measured as in tests/kernels/test_divergence_memory.py).
+WORKSPACE_ELEMENTS = 3 << 22
 _MIN_ROWS = 16
 
 
-def plan_blocks(n_rows: int, vocab: int, workspace: int | None = None) -> tuple[int, int]:
-    """(row chunk, vocab block) with chunk × block ≤ workspace (for N, V ≥ 1)."""
-    workspace = workspace or WORKSPACE_ELEMENTS  # read at call time: tests shrink it
-    vblock = vocab if vocab * _MIN_ROWS <= workspace else max(1, workspace // _MIN_ROWS)
-    return max(1, min(n_rows, workspace // vblock)), vblock
+def n_buffers(beta: float) -> int:
+    """Scratch buffers the element-wise math of ``elements`` needs for this β."""
+    return 3 if beta in (0.0, 1.0) else 4
+
+
+def plan_blocks(
+    n_rows: int, vocab: int, workspace: int | None = None, buffers: int = 3
+) -> tuple[int, int]:
+    """(row chunk, vocab block) with ``buffers`` × chunk × block ≤ workspace (N, V ≥ 1)."""
+    per = max(1, (workspace or WORKSPACE_ELEMENTS) // buffers)  # read at call time: tests shrink it
+    vblock = vocab if vocab * _MIN_ROWS <= per else max(1, per // _MIN_ROWS)
+    return max(1, min(n_rows, per // vblock)), vblock
 
 
 def logits_block(h, weight, bias, v0, v1, inv_t, dtype, out=None):
@@ -48,15 +60,71 @@ def logits_block(h, weight, bias, v0, v1, inv_t, dtype, out=None):
 
 
 class Scratch:
-    """Four flat buffers of ``rows × vblock`` elements, allocated once per call and reused
-    for every block: a fresh multi-MiB tensor per block lets the glibc heap fragment and
-    grow with N (measured: +81 MiB from N = 1024 to 4096 at V = 32768 without reuse)."""
+    """Flat buffers of ``rows × vblock`` elements, allocated once per call and reused for
+    every block: a fresh multi-MiB tensor per block lets the glibc heap fragment and grow
+    with N (measured: +81 MiB from N = 1024 to 4096 at V = 32768 without reuse).
 
-    def __init__(self, size, dtype, device):
-        self.flat = torch.empty(4, size, dtype=dtype, device=device)
+    The logits are written vocabulary-major, as W_blk · hᵀ ([width, rows] in memory) and
+    used through the transposed view [rows, width]: that GEMM ran 1.3-1.6x faster than
+    h · W_blkᵀ at 64-128 rows (H = 256, V = 32768, 2-core EPYC), and with a shared head
+    the student and teacher rows form one GEMM of twice the height."""
 
-    def views(self, r, width):
-        return [self.flat[i, : r * width].view(r, width) for i in range(4)]
+    def __init__(self, size, buffers, dtype, device, clip):
+        self.flat = torch.empty(buffers, size, dtype=dtype, device=device)
+        self.mask = None if clip is None else torch.empty(size, dtype=torch.bool, device=device)
+
+    def logits(self, r, width, fused):
+        """(student view, teacher view, GEMM output(s)) of a [r, width] block."""
+        if fused:
+            both = self.flat[:2].view(-1)[: 2 * r * width].view(width, 2 * r)
+            return both[:, :r].T, both[:, r:].T, (both,)
+        zs_t = self.flat[0, : r * width].view(width, r)
+        zt_t = self.flat[1, : r * width].view(width, r)
+        return zs_t.T, zt_t.T, (zs_t, zt_t)
+
+    def temps(self, r, width):
+        """The free buffers as [r, width] views (one or two), then the clip mask view."""
+        views = [self.flat[i, : r * width].view(width, r).T for i in range(2, len(self.flat))]
+        mask = None if self.mask is None else self.mask[: r * width].view(width, r).T
+        return (*views, None)[:2], mask
+
+
+def _same(x, y) -> bool:
+    """Whether two tensors (or Nones) are views of the same memory with the same layout (the
+    op receives the shared head as ``weight`` and ``weight.detach()``)."""
+    if x is None or y is None:
+        return x is y
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) == (
+        y.data_ptr(), y.shape, y.stride(), y.dtype, y.device
+    )  # fmt: skip
+
+
+class _Head:
+    """One row chunk's GEMM operands: prescaled (by 1/T) transposed hidden states and
+    biases, so the GEMM output is already z / T (no separate scaling pass)."""
+
+    def __init__(self, hs, w, b, ht, tw, tb, inv_t, dtype):
+        self.fused = _same(w, tw) and _same(b, tb)
+        self.w, self.tw, self.dtype = w, tw, dtype
+        scale = lambda x: None if x is None else x.to(dtype) * inv_t  # noqa: E731
+        self.b, self.tb = scale(b), scale(tb)
+        if self.fused:
+            self.h2t = torch.cat([hs, ht]).mul_(inv_t).T
+        else:
+            self.hst, self.htt = (hs * inv_t).T, (ht * inv_t).T
+
+    def fill(self, outs, v0, v1):
+        def mm(w, bias, ht, out):
+            wb = w[v0:v1].to(self.dtype)
+            if bias is None:
+                return torch.mm(wb, ht, out=out)
+            return torch.addmm(bias[v0:v1, None], wb, ht, out=out)
+
+        if self.fused:
+            mm(self.w, self.b, self.h2t, outs[0])
+        else:
+            mm(self.w, self.b, self.hst, outs[0])
+            mm(self.tw, self.tb, self.htt, outs[1])
 
 
 def teacher_top_k(h, weight, bias, k, inv_t, dtype, vblock):
@@ -92,64 +160,116 @@ def _masked(z, drop):
     return z if drop is None else z.masked_fill_(drop, float("-inf"))
 
 
-def elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2):
-    """Per-element (d, e = ∂d/∂a, p_S) on one block, in place: ``zs``/``zt`` (the scaled
-    logits) and the scratch ``s1``/``s2`` are overwritten and the results are views of
-    them. Columns in ``drop`` (outside the teacher's top-k) give 0."""
-    a = zs.sub_(lse_s[:, None])
-    c = zt.sub_(lse_t[:, None])
+def _lse(z, tmp):
+    """Row logsumexp of the [r, width] view ``z`` using ``tmp`` (same shape) as scratch:
+    torch.logsumexp would allocate an r × width temporary per call."""
+    m = z.amax(-1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay -inf
+    s = torch.sub(z, m[:, None], out=tmp).exp_().sum(-1)
+    return s.log_().add_(m)
+
+
+def elements(a, c, drop, beta, clip, temps, mask, backward=True):
+    """Per-element (d, e, p_S, sign) on one block from the log-probs ``a`` (student) and
+    ``c`` (teacher), in place: ``a``, ``c`` and the scratch ``temps`` (one buffer for
+    β ∈ {0, 1}, two otherwise) are overwritten and the results are views of them; ``mask``
+    is bool scratch for the clip. ∂d/∂a = sign · e (β = 0 keeps p_T unnegated: one pass
+    fewer). The forward (``backward`` False) leaves p_S None for β = 0; the backward skips
+    the clamp and the drop of d, which it does not use. Columns in ``drop`` (outside the
+    teacher's top-k) give 0."""
+    s1, s2 = temps
+    p_s, sign = None, 1.0
     if beta == 0.0:
-        p_t = torch.exp(c, out=s1)
-        d = torch.sub(c, a, out=s2).mul_(p_t)
-        e = p_t.neg_()
-        p_s = torch.exp(a, out=zt)
+        e = torch.exp(c, out=s1)  # p_T; ∂d/∂a = −p_T
+        d = c.sub_(a).mul_(e)  # p_T (c − a), in c
+        sign = -1.0
+        if backward:
+            p_s = a.exp_()
     elif beta == 1.0:
         p_s = torch.exp(a, out=s1)
         diff = c.neg_().add_(a)
-        d = torch.mul(p_s, diff, out=s2)
+        d = torch.mul(p_s, diff, out=a)  # p_S (a − c); a is no longer needed
         e = diff.add_(1.0).mul_(p_s)
     else:
         log_m = torch.logaddexp(
             torch.add(a, math.log1p(-beta), out=s1), torch.add(c, math.log(beta), out=s2), out=s1
         )
         p_t = torch.exp(c, out=s2)
-        d = c.sub_(log_m).mul_(p_t).mul_(beta)  # β p_T (c − log M), in zt
+        d = c.sub_(log_m).mul_(p_t).mul_(beta)  # β p_T (c − log M), in c
         a_m = torch.sub(a, log_m, out=s1)
         p_s = torch.exp(a, out=s2)
         e = a_m.mul_(p_s).mul_(1.0 - beta)  # (1 − β) p_S (a − log M)
         d = d.add_(e)
     if clip is not None:
-        e.masked_fill_(d > clip, 0.0)
-        d.clamp_(max=clip)
+        e.masked_fill_(torch.gt(d, clip, out=mask), 0.0)
+        if not backward:
+            d.clamp_(max=clip)
     if drop is not None:
-        d.masked_fill_(drop, 0.0)
         e.masked_fill_(drop, 0.0)
-    return d, e, p_s
+        if not backward:
+            d.masked_fill_(drop, 0.0)
+    return d, e, p_s, sign
 
 
 def _blocks(V, vblock):
     return [(v0, min(V, v0 + vblock)) for v0 in range(0, V, vblock)]
 
 
-def _both_logits(hs, w, b, ht, tw, tb, top, v0, v1, inv_t, dtype, scratch):
-    """Scaled student and teacher logits of block [v0, v1) in scratch buffers 0 and 1, plus
-    the two free scratch buffers and the drop mask (columns outside the top-k)."""
-    zs, zt, s1, s2 = scratch.views(hs.shape[0], v1 - v0)
+def _both_logits(head, top, v0, v1, scratch):
+    """Scaled student and teacher logits of block [v0, v1) (as [r, width] views, with the
+    columns outside the top-k at −inf), the GEMM outputs they view, the free scratch
+    views and the clip mask view."""
+    r = head.rows
+    zs, zt, outs = scratch.logits(r, v1 - v0, head.fused)
+    head.fill(outs, v0, v1)
     drop = _drop_block(top, v0, v1)
-    zs = _masked(logits_block(hs, w, b, v0, v1, inv_t, dtype, out=zs), drop)
-    zt = _masked(logits_block(ht, tw, tb, v0, v1, inv_t, dtype, out=zt), drop)
-    return zs, zt, s1, s2, drop
+    temps, mask = scratch.temps(r, v1 - v0)
+    return _masked(zs, drop), _masked(zt, drop), outs, temps, mask, drop
 
 
-def _lse_pass(hs, w, b, ht, tw, tb, top, inv_t, dtype, vblock, scratch):
-    r = hs.shape[0]
-    lse_s = torch.full((r,), float("-inf"), dtype=dtype, device=hs.device)
+def _log_softmax_(outs, r):
+    """Normalise the whole-vocabulary logits in place (each GEMM output is [V, rows] in
+    memory, so one fused log_softmax over dim 0 covers student and teacher rows) and
+    return (lse_S, lse_T). lse = max z − max log p (both at the row's arg-max, where
+    log p ∈ [−log V, 0]), so it is as exact as the logits; two amax reductions cost less
+    than one max-with-indices over dim 0 (~110 ms vs ~1 ms at [32768, 256])."""
+    lse = []
+    for o in outs:
+        z_max = o.amax(0)
+        torch.ops.aten._log_softmax.out(o, 0, False, out=o)
+        lse.append(z_max.sub_(o.amax(0)))
+    lse = torch.cat(lse)
+    return lse[:r], lse[r:]
+
+
+def _normalise_(zs, zt, outs, lse_s, lse_t, fused):
+    """a = z_S − lse_S and c = z_T − lse_T in place (one pass over a shared-head block)."""
+    if fused:
+        outs[0].sub_(torch.cat([lse_s, lse_t]))
+    else:
+        zs.sub_(lse_s[:, None])
+        zt.sub_(lse_t[:, None])
+    return zs, zt
+
+
+def _lse_pass(head, top, V, vblock, scratch):
+    lse_s = torch.full((head.rows,), float("-inf"), dtype=head.dtype, device=head.w.device)
     lse_t = lse_s.clone()
-    for v0, v1 in _blocks(w.shape[0], vblock):
-        zs, zt, *_ = _both_logits(hs, w, b, ht, tw, tb, top, v0, v1, inv_t, dtype, scratch)
-        lse_s = torch.logaddexp(lse_s, torch.logsumexp(zs, -1))
-        lse_t = torch.logaddexp(lse_t, torch.logsumexp(zt, -1))
+    for v0, v1 in _blocks(V, vblock):
+        zs, zt, _, temps, _, _ = _both_logits(head, top, v0, v1, scratch)
+        lse_s = torch.logaddexp(lse_s, _lse(zs, temps[0]))
+        lse_t = torch.logaddexp(lse_t, _lse(zt, temps[0]))
     return lse_s, lse_t
+
+
+def _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock):
+    hs_c, ht_c = hs[sl].to(dtype), ht[sl].to(dtype)
+    head = _Head(hs_c, w, b, ht_c, tw, tb, inv_t, dtype)
+    head.rows = hs_c.shape[0]
+    top = None
+    if top_k is not None:
+        top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock)
+    return hs_c, head, top
 
 
 def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
@@ -157,32 +277,26 @@ def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspa
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
-    rows, vblock = plan_blocks(N, V, workspace)
-    scratch = Scratch(rows * vblock, dtype, hs.device)
+    rows, vblock = plan_blocks(N, V, workspace, n_buffers(beta))
+    scratch = Scratch(rows * vblock, n_buffers(beta), dtype, hs.device, clip)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, ht_c = hs[sl].to(dtype), ht[sl].to(dtype)
-        top = None
-        if top_k is not None:
-            top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock)
+        _, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         if vblock == V:
-            zs, zt, s1, s2, drop = _both_logits(
-                hs_c, w, b, ht_c, tw, tb, top, 0, V, inv_t, dtype, scratch
-            )
-            lse_s, lse_t = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
-            d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2)
-            out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1)
+            zs, zt, outs, temps, mask, drop = _both_logits(head, top, 0, V, scratch)
+            lse_s, lse_t = _log_softmax_(outs, head.rows)
+            d, e, _, sign = elements(zs, zt, drop, beta, clip, temps, mask, False)
+            out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1).mul_(sign)
         else:
-            lse_s, lse_t = _lse_pass(hs_c, w, b, ht_c, tw, tb, top, inv_t, dtype, vblock, scratch)
+            lse_s, lse_t = _lse_pass(head, top, V, vblock, scratch)
             acc_d = torch.zeros_like(lse_s)
             acc_e = torch.zeros_like(lse_s)
             for v0, v1 in _blocks(V, vblock):
-                zs, zt, s1, s2, drop = _both_logits(
-                    hs_c, w, b, ht_c, tw, tb, top, v0, v1, inv_t, dtype, scratch
-                )
-                d, e, _ = elements(zs, zt, lse_s, lse_t, drop, beta, clip, s1, s2)
+                zs, zt, outs, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
+                a, c = _normalise_(zs, zt, outs, lse_s, lse_t, head.fused)
+                d, e, _, sign = elements(a, c, drop, beta, clip, temps, mask, False)
                 acc_d += d.sum(-1)
-                acc_e += e.sum(-1)
+                acc_e += e.sum(-1).mul_(sign)
             out[0, sl], out[1, sl] = acc_d, acc_e
         out[2, sl], out[3, sl] = lse_s, lse_t
     return out[0], out[1], out[2], out[3]
@@ -193,7 +307,9 @@ def backward(
     need_weight_grad, workspace=None,
 ):  # fmt: skip
     """∂(Σ grad·D) w.r.t. the student rows, W and b: (gh [N, H], gw [V, H] | None,
-    gb [V] | None) in ``dtype``. Recomputes both logit blocks (and the teacher top-k)."""
+    gb [V] | None) in ``dtype``. Recomputes both logit blocks (and the teacher top-k).
+    Per block gz = g/T · (∂d/∂a − p_S Σe) = (sign·g/T) · (e − sign·Σe·p_S); the row
+    factor sign·g/T is applied to the small GEMM operands, not to the block."""
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     gh = torch.zeros(hs.shape, dtype=dtype, device=hs.device)
@@ -201,25 +317,21 @@ def backward(
     gb = (
         torch.zeros(V, dtype=dtype, device=w.device) if need_weight_grad and b is not None else None
     )
-    rows, vblock = plan_blocks(N, V, workspace)
-    scratch = Scratch(rows * vblock, dtype, hs.device)
+    rows, vblock = plan_blocks(N, V, workspace, n_buffers(beta))
+    scratch = Scratch(rows * vblock, n_buffers(beta), dtype, hs.device, clip)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, ht_c = hs[sl].to(dtype), ht[sl].to(dtype)
+        hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         g = grad[sl].to(dtype) * inv_t
-        top = None
-        if top_k is not None:
-            top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock)
         for v0, v1 in _blocks(V, vblock):
-            zs, zt, s1, s2, drop = _both_logits(
-                hs_c, w, b, ht_c, tw, tb, top, v0, v1, inv_t, dtype, scratch
-            )
-            _, e, p_s = elements(zs, zt, lse_s[sl], lse_t[sl], drop, beta, clip, s1, s2)
-            gz = e.sub_(p_s.mul_(sum_e[sl, None])).mul_(g[:, None])
-            w_blk = w[v0:v1].to(dtype)
-            gh[sl] += gz @ w_blk
+            zs, zt, outs, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
+            a, c = _normalise_(zs, zt, outs, lse_s[sl], lse_t[sl], head.fused)
+            _, e, p_s, sign = elements(a, c, drop, beta, clip, temps, mask)
+            gz = e.addcmul_(p_s, sum_e[sl, None], value=-sign)
+            row = g * sign
+            gh[sl] += (gz @ w[v0:v1].to(dtype)).mul_(row[:, None])
             if gw is not None:
-                gw[v0:v1].addmm_(gz.T, hs_c)
+                gw[v0:v1].addmm_(gz.T, hs_c * row[:, None])
             if gb is not None:
-                gb[v0:v1] += gz.sum(0)
+                gb[v0:v1].addmv_(gz.T, row)
     return gh, gw, gb

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sgsd_kernels.ops.torch_backend import linear_divergence as divergence
 from sgsd_kernels.ops.torch_backend.linear_divergence import plan_blocks, teacher_top_k
 
 # Gathered W rows per chunk: rows × (k + 1) × H ≤ this (2**22 fp32 = 16 MiB).
@@ -49,7 +50,10 @@ def forward(hs, w, b, ht, student_row, targets, top_k, temperature, dtype, works
     device = ht.device
     columns = torch.empty(M, k + 1, dtype=torch.long, device=device)
     teacher_z = torch.empty(M, k + 1, dtype=dtype, device=device)
-    rows, vblock = plan_blocks(M, V, workspace)
+    # the teacher's top-k pass holds one logits block and topk's temporaries: a sixth of
+    # the divergence budget (2**21 fp32 = 8 MiB) keeps its peak flat in N
+    workspace = workspace or divergence.WORKSPACE_ELEMENTS // 6  # read at call time
+    rows, vblock = plan_blocks(M, V, workspace, buffers=1)
     for r0 in range(0, M, rows):
         sl = slice(r0, min(M, r0 + rows))
         ht_c = ht[sl].to(dtype)
