@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--workloads",
         default="all",
-        help="comma list from logprobs,logprobs-fwd,logprobs-bwd,logprobs-fwdbwd,sgsd or 'all'",
+        help="comma list from logprobs,logprobs-fwd,logprobs-bwd,logprobs-fwdbwd,sgsd,"
+        "divergence,local-support or 'all'",
     )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: preset's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -102,10 +103,10 @@ def main(argv=None) -> int:
     try:
         dtype_of(dtype)
         provs, explicit = parse_providers(args.providers)
-        phases, do_lp, do_sgsd = parse_workloads(args.workloads)
+        phases, do_lp, scalar_workloads = parse_workloads(args.workloads)
     except ValueError as e:
         raise SystemExit(f"bench_gated_kd.py: {e}") from None
-    cases = cases_for(preset, dtype, do_lp, do_sgsd)
+    cases = cases_for(preset, dtype, do_lp, scalar_workloads)
     if args.mem_limit_gb is not None:
         mem_limit = int(args.mem_limit_gb * 2**30)
     else:  # CUDA: try, report OOM
