@@ -29,7 +29,8 @@ SCRIPT = textwrap.dedent(
 
     name, ptr, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
     kernel = getattr(m, name)
-    cfg = m._config()
+    import torch
+    cfg = m._config({"*fp32": torch.float32, "*bf16": torch.bfloat16}[ptr])
     constexprs = dict(HAS_BIAS=True, HAS_TBIAS=True, BETA_MODE=2, HAS_CLIP=True,
                       UPCAST=False, PRECISION="ieee", ACC=tl.float32,
                       BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"])
