@@ -104,8 +104,9 @@ def test_base_plus_skill_prompt_carries_8_skills_and_8_mistakes():
     bank = SkillBank.default()
     p = load_problems("demo", split="test")[0]
     text = evaluate.problem_messages(p, bank, 8)[0]["content"]
-    assert text.count("Skill: ") == min(8, len(bank.skills))
-    assert text.count("Common mistake: ") == min(8, len(bank.mistakes))
+    # the published guidance layout: one "_Apply when:" line per skill, one "**Don't**" per mistake
+    assert text.count("_Apply when: ") == min(8, len(bank.skills))
+    assert text.count("**Don't**") == min(8, len(bank.mistakes))
     assert text.endswith(evaluate.problem_messages(p)[0]["content"])
 
 
