@@ -66,8 +66,10 @@ def _peak(workload, backend, n):
 @pytest.mark.parametrize("workload", ["divergence", "local_support"])
 def test_torch_path_allocates_nothing_proportional_to_n_times_v(workload):
     one_nv = N_BIG * V * 4  # one fp32 N×V tensor
-    small = _peak(workload, "torch", N_SMALL)
-    big = _peak(workload, "torch", N_BIG)
+    # Best of two runs: a stray first touch of allocator arenas can only inflate RSS
+    # (seen as +43 MiB once with other jobs on the 2-core box), never deflate it.
+    small = min(_peak(workload, "torch", N_SMALL), _peak(workload, "torch", N_SMALL))
+    big = min(_peak(workload, "torch", N_BIG), _peak(workload, "torch", N_BIG))
     reference = _peak(workload, "reference", N_BIG)
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     assert reference > one_nv, f"reference peak {mib(reference)} too small to prove anything"
