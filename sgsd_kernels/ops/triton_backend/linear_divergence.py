@@ -43,11 +43,13 @@ def _config(dtype: torch.dtype) -> dict:
     # Two live accumulators (student and teacher) per program, so the tiles are half the
     # log-prob kernels'. Chosen by the register budget of tools/triton_aot.py, not timed on
     # a GPU: at 64x64x64 with 4 warps the fp32 forward spilled 708 B and the fp64 one
-    # 1124 B on sm_90 (fp32 at 64x64x32 with 8 warps still 32 B); 32-row tiles do not.
+    # 1124 B on sm_90, and 32x64 tiles with 4 warps still spilled up to 136 B (fp64) and
+    # 40 B (TF32) in the β-JSD variant, which keeps the mixture's log terms live too;
+    # 8 warps halve the registers each thread holds for the accumulators.
     if dtype == torch.float64:
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2)
     if dtype == torch.float32:
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2)
     return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=4, num_stages=2)
 
 
