@@ -40,16 +40,17 @@ WORKSPACE_ELEMENTS = 1 << 26
 def _config(dtype: torch.dtype) -> dict:
     if interpreting():  # numpy per program: few, large tiles; tl.dot needs dims >= 16
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
-    # Two live accumulators (student and teacher) per program, so the tiles are half the
-    # log-prob kernels'. Chosen by the register budget of tools/triton_aot.py, not timed on
-    # a GPU: at 64x64x64 with 4 warps the fp32 forward spilled 708 B and the fp64 one
-    # 1124 B on sm_90, and 32x64 tiles with 4 warps still spilled up to 136 B (fp64) and
-    # 40 B (TF32) in the β-JSD variant, which keeps the mixture's log terms live too;
-    # 8 warps halve the registers each thread holds for the accumulators.
+    # Two live accumulators (student and teacher) per program plus the element-wise
+    # terms' temporaries. Chosen by the register budget of tools/triton_aot.py, not timed
+    # on a GPU: at 64x64x64 / 4 warps the fp32 forward spilled 708 B and the fp64 one
+    # 1124 B on sm_90. These 32-row tiles do not spill for the OPSD variant (β = 0, clip)
+    # in fp32/bf16/fp16, but the β-JSD forward still spills on sm_90 in fp64 (≤ 136 B) and
+    # with TF32 (40 B); 8 warps or 16-row tiles moved the spills to other variants rather
+    # than removing them (benchmarks/results/triton-aot/).
     if dtype == torch.float64:
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2)
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
     if dtype == torch.float32:
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
     return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=4, num_stages=2)
 
 
