@@ -11,21 +11,15 @@ import textwrap
 
 import pytest
 
+from .test_memory import MEASURE, PRELUDE
+
 V, H = 32768, 64
 N_SMALL, N_BIG = 512, 2048
 
-SCRIPT = textwrap.dedent(
-    """
-    import json, resource, sys, torch
-    import sgsd_kernels as sk
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    def peak_rss():
-        with open("/proc/self/status") as f:
-            return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+SCRIPT = (
+    PRELUDE
+    + textwrap.dedent(
+        """
 
     torch.manual_seed(0)
     workload, backend, N, V, H = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
@@ -45,18 +39,9 @@ SCRIPT = textwrap.dedent(
                 local_support_top_k=100, confidence_threshold=0.0, backend=backend).loss
         loss.backward()
 
-    run(8)  # map BLAS code and thread pools first (not memory the op allocates)
-    w.grad = h.grad = None
-    # Reset the kernel's RSS high-water mark here and read it back below (VmHWM).
-    # ru_maxrss cannot be used: Linux carries the high-water mark across fork + exec, so
-    # a child of a large pytest process reports the parent's RSS as its own peak.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = rss()
-    run(N)
-    peak = peak_rss()
-    print(json.dumps({"delta": peak - before}))
     """
+    )
+    + MEASURE
 )
 
 

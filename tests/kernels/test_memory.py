@@ -23,7 +23,9 @@ def logits_bytes(n: int) -> int:
     return n * V * 4  # one fp32 N×V tensor
 
 
-SCRIPT = textwrap.dedent(
+# The parts every peak-memory script shares: imports and RSS readers before the workload,
+# and the measurement after it (the script defines ``run(n)`` and the tensors ``h``, ``w``).
+PRELUDE = textwrap.dedent(
     """
     import json, resource, sys, torch
     import sgsd_kernels as sk
@@ -35,6 +37,30 @@ SCRIPT = textwrap.dedent(
     def peak_rss():
         with open("/proc/self/status") as f:
             return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+    """
+)
+MEASURE = textwrap.dedent(
+    """
+    # Warm up on 8 rows first: the first GEMM maps BLAS code and thread pools into the
+    # process (~150 MiB of RSS) which is not memory the op allocates.
+    run(8)
+    w.grad = h.grad = None
+    # Reset the kernel's RSS high-water mark here and read it back below (VmHWM).
+    # ru_maxrss cannot be used: Linux carries the high-water mark across fork + exec, so
+    # a child of a large pytest process reports the parent's RSS as its own peak.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = rss()
+    run(N)
+    peak = peak_rss()
+    print(json.dumps({"delta": peak - before}))
+    """
+)
+
+SCRIPT = (
+    PRELUDE
+    + textwrap.dedent(
+        """
 
     torch.manual_seed(0)
     workload, backend, N, V, H = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
@@ -56,20 +82,9 @@ SCRIPT = textwrap.dedent(
                                            backend=backend).loss
         loss.backward()
 
-    # Warm up on 8 rows first: the first GEMM maps BLAS code and thread pools into the
-    # process (~150 MiB of RSS) which is not memory the op allocates.
-    run(8)
-    w.grad = h.grad = None
-    # Reset the kernel's RSS high-water mark here and read it back below (VmHWM).
-    # ru_maxrss cannot be used: Linux carries the high-water mark across fork + exec, so
-    # a child of a large pytest process reports the parent's RSS as its own peak.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = rss()
-    run(N)
-    peak = peak_rss()
-    print(json.dumps({"delta": peak - before}))
     """
+    )
+    + MEASURE
 )
 
 
