@@ -11,7 +11,6 @@ column 0 ("safe targets") and the result is masked afterwards.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -58,31 +57,6 @@ def row_scales(
     if grad_entropy is not None:
         ge = torch.where(valid, grad_entropy.to(dtype), zero) * inv_t
     return g, ge
-
-
-@dataclass(frozen=True)
-class RowGrads:
-    """The per-row inputs of a log-prob op's backward, beside those of the logits: the
-    upstream gradients, the forward's targets, lse and entropy (None without entropy), its
-    temperature and ignore index. Every backend's ``backward`` takes one, so the op builds
-    it once from its typed arguments."""
-
-    grad_logprobs: torch.Tensor
-    grad_entropy: torch.Tensor | None
-    targets: torch.Tensor
-    lse: torch.Tensor
-    entropy: torch.Tensor | None
-    temperature: float
-    ignore_index: int
-
-    def scales(
-        self, dtype: torch.dtype, inv_t: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(safe targets, g, ge): ``row_scales`` with ``inv_t`` folded in (1.0 where a
-        kernel applies 1/T itself)."""
-        valid, safe_t = safe_targets(self.targets, self.ignore_index)
-        g, ge = row_scales(valid, self.grad_logprobs, self.grad_entropy, inv_t, dtype)
-        return safe_t, g, ge
 
 
 def backend_module(backend: str, op: str) -> ModuleType:

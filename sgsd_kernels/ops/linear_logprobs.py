@@ -15,28 +15,36 @@ import torch
 
 from sgsd_kernels import validation as check
 from sgsd_kernels.ops import common
+from sgsd_kernels.ops.arguments import (
+    LinearInputs,
+    RowGrads,
+    RowTargets,
+    Streams,
+    sgsd_op,
+    upstream_grads,
+)
 
 _OP = "linear_logprobs"
 
 
-@torch.library.custom_op("sgsd::linear_logprobs", mutates_args=())
+@sgsd_op(
+    "linear_logprobs",
+    "Tensor hidden, Tensor weight, Tensor? bias",
+    RowTargets,
+    "str backend",
+    returns="(Tensor, Tensor, Tensor)",
+)
 def linear_logprobs_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [N,H], weight [V,H], bias [V] | None, targets [N] int64 ->
-    (logprobs [N], entropy [N] (or [0] without entropy), lse [N]) in fp32 (fp64 for fp64)."""
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend
+):
+    """hidden [N,H], weight [V,H], bias [V] | None, then the fields of
+    ``RowTargets`` (targets [N] int64, temperature, ignore_index, with_entropy),
+    backend -> (logprobs [N], entropy [N] (or [0] without entropy), lse [N]) in fp32 (fp64
+    for fp64)."""
     check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
+    rows = RowTargets(targets, temperature, ignore_index, with_entropy)
     kernels = common.backend_module(backend, _OP)
-    lp, ent, lse = kernels.forward(
-        hidden, weight, bias, targets, temperature, ignore_index, with_entropy
-    )
+    lp, ent, lse = kernels.forward(rows, LinearInputs(hidden, weight, bias))
     return lp, common.empty_if_none(ent, lp), lse
 
 
@@ -45,33 +53,15 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, ba
     return common.fake_logprob_outputs(hidden, with_entropy)
 
 
-@torch.library.custom_op("sgsd::linear_logprobs_backward", mutates_args=())
+@sgsd_op(
+    "linear_logprobs_backward",
+    "Tensor grad_logprobs, Tensor? grad_entropy",
+    LinearInputs,
+    "Tensor targets, Tensor lse, Tensor? entropy, float temperature, SymInt ignore_index",
+    "bool need_weight_grad, str backend",
+    returns="(Tensor, Tensor, Tensor)",
+)
 def linear_logprobs_backward_op(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    need_weight_grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (grad_hidden [N,H], grad_weight [V,H] (or [0] when not needed),
-    grad_bias [V] (or [0] when bias is None or not needed))."""
-    rows = common.RowGrads(
-        grad_logprobs, grad_entropy, targets, lse, entropy, temperature, ignore_index
-    )
-    kernels = common.backend_module(backend, _OP)
-    gh, gw, gb = kernels.backward(rows, hidden, weight, bias, need_weight_grad)
-    return gh, common.empty_if_none(gw, weight), common.empty_if_none(gb, weight)
-
-
-@linear_logprobs_backward_op.register_fake
-def _(
     grad_logprobs,
     grad_entropy,
     hidden,
@@ -85,6 +75,18 @@ def _(
     need_weight_grad,
     backend,
 ):
+    """The upstream gradients, then what the forward saved (``_save``), then its scalars
+    -> (grad_hidden [N,H], grad_weight [V,H] (or [0] when not needed), grad_bias [V] (or
+    [0] when bias is None or not needed))."""
+    rows = RowGrads(grad_logprobs, grad_entropy, targets, lse, entropy, temperature, ignore_index)
+    kernels = common.backend_module(backend, _OP)
+    gh, gw, gb = kernels.backward(rows, LinearInputs(hidden, weight, bias), need_weight_grad)
+    return gh, common.empty_if_none(gw, weight), common.empty_if_none(gb, weight)
+
+
+@linear_logprobs_backward_op.register_fake
+def _(grad_logprobs, grad_entropy, hidden, weight, bias, *rest):
+    need_weight_grad = rest[-2]  # rest = (targets, ..., need_weight_grad, backend)
     gw = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
     gb = torch.empty_like(bias) if need_weight_grad and bias is not None else weight.new_empty(0)
     return torch.empty_like(hidden), gw, gb
@@ -92,8 +94,8 @@ def _(
 
 def _save(ctx, weight_index, tensors, temperature, ignore_index, backend):
     """What both autograd formulas keep: ``tensors`` = (hidden, weight, bias, targets, lse,
-    entropy or None), the scalars, and where weight stands among the op's inputs
-    (``weight_index``; bias right after it)."""
+    entropy or None), in the order the backward op takes them; the scalars; and where
+    weight stands among the op's inputs (``weight_index``; bias right after it)."""
     ctx.save_for_backward(*tensors)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
@@ -106,28 +108,12 @@ def _input_grads(ctx, grad_logprobs, grad_entropy):
     """(grad_hidden, grad_weight, grad_bias) from the saved context, each None where its
     input needs no gradient."""
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
-    if entropy is None or grad_entropy is None:
-        grad_entropy = None
-    else:
-        grad_entropy = grad_entropy.contiguous()
+    g, ge = upstream_grads(grad_logprobs, grad_entropy, lse, entropy)
     w = ctx.weight_index
     need = ctx.needs_input_grad
     want_b = ctx.has_bias and need[w + 1]
     gh, gw, gb = linear_logprobs_backward_op(
-        grad_logprobs.contiguous(),
-        grad_entropy,
-        hidden,
-        weight,
-        bias,
-        targets,
-        lse,
-        entropy,
-        ctx.temperature,
-        ctx.ignore_index,
-        need[w] or want_b,
-        ctx.backend,
+        g, ge, *ctx.saved_tensors, ctx.temperature, ctx.ignore_index, need[w] or want_b, ctx.backend
     )
     return gh if need[0] else None, gw if need[w] else None, gb if want_b else None
 
@@ -150,53 +136,28 @@ torch.library.register_autograd("sgsd::linear_logprobs", _backward, setup_contex
 # --- Student + K teachers sharing W -----------------------------------------------------
 
 
-@torch.library.custom_op("sgsd::linear_logprobs_streams", mutates_args=())
-def linear_logprobs_streams_op(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    student_targets: torch.Tensor,
-    teacher_targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student rows [N,H] and teacher rows [M,H] with their targets ->
+@sgsd_op("linear_logprobs_streams", Streams, "str backend", returns="(Tensor, Tensor, Tensor)")
+def linear_logprobs_streams_op(*args):
+    """The fields of ``Streams`` (student rows [N,H], teacher rows [M,H], weight, bias,
+    student and teacher targets, temperature, ignore_index), then backend ->
     (student logprobs [N], teacher logprobs [M], student lse [N]). Only the student
     output has a gradient (teachers are constants in SGSD).
 
     Triton: one launch over N + M rows, so each token block streams W once for all
     K+1 streams; native: one pass over W for all rows; torch: two blockwise passes.
     """
-    check.targets_in_range("targets", student_targets, weight.shape[0], ignore_index)
-    N = student_hidden.shape[0]
-    kernels = common.backend_module(backend, _OP)
-    lp, lse = kernels.forward_streams(
-        student_hidden,
-        teacher_hidden,
-        weight,
-        bias,
-        student_targets,
-        teacher_targets,
-        temperature,
-        ignore_index,
+    *fields, backend = args
+    streams = Streams(*fields)
+    check.targets_in_range(
+        "targets", streams.student_targets, streams.weight.shape[0], streams.ignore_index
     )
+    N = streams.student_hidden.shape[0]
+    lp, lse = common.backend_module(backend, _OP).forward_streams(streams)
     return lp[:N].clone(), lp[N:].clone(), lse[:N].clone()
 
 
 @linear_logprobs_streams_op.register_fake
-def _(
-    student_hidden,
-    teacher_hidden,
-    weight,
-    bias,
-    student_targets,
-    teacher_targets,
-    temperature,
-    ignore_index,
-    backend,
-):
+def _(student_hidden, teacher_hidden, *_):
     dt = common.compute_dtype(student_hidden)
     N, M = student_hidden.shape[0], teacher_hidden.shape[0]
     return (

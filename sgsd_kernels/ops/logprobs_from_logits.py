@@ -11,23 +11,25 @@ import torch
 
 from sgsd_kernels import validation as check
 from sgsd_kernels.ops import common
+from sgsd_kernels.ops.arguments import RowGrads, RowTargets, sgsd_op, upstream_grads
 
 _OP = "logprobs_from_logits"
 
 
-@torch.library.custom_op("sgsd::logprobs_from_logits", mutates_args=())
-def logprobs_from_logits_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [N,V], targets [N] int64 -> (logprobs [N], entropy [N] or [0], lse [N])."""
+@sgsd_op(
+    "logprobs_from_logits",
+    "Tensor logits",
+    RowTargets,
+    "str backend",
+    returns="(Tensor, Tensor, Tensor)",
+)
+def logprobs_from_logits_op(logits, targets, temperature, ignore_index, with_entropy, backend):
+    """logits [N,V], then the fields of ``RowTargets`` (targets [N] int64,
+    temperature, ignore_index, with_entropy), backend -> (logprobs [N], entropy [N] or [0],
+    lse [N])."""
     check.targets_in_range("targets", targets, logits.shape[1], ignore_index)
-    kernels = common.backend_module(backend, _OP)
-    lp, ent, lse = kernels.forward(logits, targets, temperature, ignore_index, with_entropy)
+    rows = RowTargets(targets, temperature, ignore_index, with_entropy)
+    lp, ent, lse = common.backend_module(backend, _OP).forward(rows, logits)
     return lp, common.empty_if_none(ent, lp), lse
 
 
@@ -36,28 +38,24 @@ def _(logits, targets, temperature, ignore_index, with_entropy, backend):
     return common.fake_logprob_outputs(logits, with_entropy)
 
 
-@torch.library.custom_op("sgsd::logprobs_from_logits_backward", mutates_args=())
+@sgsd_op(
+    "logprobs_from_logits_backward",
+    "Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits",
+    "Tensor targets, Tensor lse, Tensor? entropy, float temperature, SymInt ignore_index",
+    "str backend",
+    returns="Tensor",
+)
 def logprobs_from_logits_backward_op(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> torch.Tensor:
-    rows = common.RowGrads(
-        grad_logprobs, grad_entropy, targets, lse, entropy, temperature, ignore_index
-    )
+    grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend
+):
+    """The upstream gradients, then what the forward saved, then its scalars ->
+    grad_logits [N,V]."""
+    rows = RowGrads(grad_logprobs, grad_entropy, targets, lse, entropy, temperature, ignore_index)
     return common.backend_module(backend, _OP).backward(rows, logits)
 
 
 @logprobs_from_logits_backward_op.register_fake
-def _(
-    grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend
-):
+def _(grad_logprobs, grad_entropy, logits, *_):
     return torch.empty_like(logits)
 
 
@@ -72,20 +70,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     logits, targets, lse, entropy = ctx.saved_tensors
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
-    if entropy is None:
-        grad_entropy = None
+    g, ge = upstream_grads(grad_logprobs, grad_entropy, lse, entropy)
     grad = logprobs_from_logits_backward_op(
-        grad_logprobs.contiguous(),
-        None if grad_entropy is None else grad_entropy.contiguous(),
-        logits,
-        targets,
-        lse,
-        entropy,
-        ctx.temperature,
-        ctx.ignore_index,
-        ctx.backend,
+        g, ge, *ctx.saved_tensors, ctx.temperature, ctx.ignore_index, ctx.backend
     )
     return grad, None, None, None, None, None
 

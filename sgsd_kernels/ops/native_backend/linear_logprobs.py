@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sgsd_kernels.ops.common import RowGrads, compute_dtype
+from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Streams
+from sgsd_kernels.ops.common import compute_dtype
 
 
 def _ops():
@@ -21,36 +22,27 @@ def _ops():
 
 
 def forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
+    row_targets: RowTargets, x: LinearInputs
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(logprobs [N], entropy [N] or None, lse [N]); 0 log-prob/entropy at ignored rows."""
+    t = row_targets
     lp, ent, lse = _ops().linear_logprobs_forward(
-        hidden, weight, bias, targets, 1.0 / temperature, ignore_index, with_entropy
+        x.hidden, x.weight, x.bias, t.targets, 1.0 / t.temperature, t.ignore_index, t.with_entropy
     )
-    dtype = compute_dtype(hidden)
-    return lp.to(dtype), ent.to(dtype) if with_entropy else None, lse.to(dtype)
+    dtype = compute_dtype(x.hidden)
+    return lp.to(dtype), ent.to(dtype) if t.with_entropy else None, lse.to(dtype)
 
 
 def backward(
-    rows: RowGrads,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    need_weight_grad: bool = True,
+    rows: RowGrads, x: LinearInputs, need_weight_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dh [N,H] in hidden's dtype, dW [V,H] in weight's dtype or None, db or None)."""
     gh, gw, gb = _ops().linear_logprobs_backward(
         rows.grad_logprobs,
         rows.grad_entropy,
-        hidden,
-        weight,
-        bias,
+        x.hidden,
+        x.weight,
+        x.bias,
         rows.targets,
         rows.lse,
         rows.entropy,
@@ -59,23 +51,12 @@ def backward(
         need_weight_grad,
     )
     gw = gw if need_weight_grad else None
-    gb = gb if need_weight_grad and bias is not None else None
+    gb = gb if need_weight_grad and x.bias is not None else None
     return gh, gw, gb
 
 
-def forward_streams(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    student_targets: torch.Tensor,
-    teacher_targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_streams(streams: Streams) -> tuple[torch.Tensor, torch.Tensor]:
     """Student [N,H] and teacher [M,H] rows as ONE pass over W (each W block is converted
     and kept in cache once for all N + M rows) -> (logprobs [N + M], lse [N + M])."""
-    rows = torch.cat([student_hidden, teacher_hidden.to(student_hidden.dtype)])
-    tgts = torch.cat([student_targets, teacher_targets])
-    lp, _, lse = forward(rows, weight, bias, tgts, temperature, ignore_index, False)
+    lp, _, lse = forward(*streams.joint())
     return lp, lse

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels.ops import torch_backend
-from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
+from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Streams
+from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 
 _MIN_ROWS = 64
 
@@ -60,22 +61,17 @@ def _logits_block(out, h, weight, bias, v0, v1, inv_t, dtype):
 
 
 def forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-    workspace: int | None = None,
+    row_targets: RowTargets, x: LinearInputs, workspace: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Returns (logprobs [N], entropy [N] or None, lse [N]); rows with ignored targets
     give 0 log-prob and 0 entropy (their lse is still computed, for the backward)."""
+    hidden, weight, bias = x.hidden, x.weight, x.bias
+    with_entropy = row_targets.with_entropy
     N, V = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    inv_t = 1.0 / temperature
+    inv_t = 1.0 / row_targets.temperature
     dtype = compute_dtype(hidden)
-    valid, safe_t = safe_targets(targets, ignore_index)
+    valid, safe_t = safe_targets(row_targets.targets, row_targets.ignore_index)
     lse = torch.empty(N, dtype=dtype, device=device)
     picked = torch.empty(N, dtype=dtype, device=device)  # z_target − max − log Σ, see below
     entropy = torch.empty(N, dtype=dtype, device=device) if with_entropy else None
@@ -142,32 +138,17 @@ def forward(
     return *zero_ignored(valid, picked, entropy), lse
 
 
-def forward_streams(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    student_targets: torch.Tensor,
-    teacher_targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_streams(streams: Streams) -> tuple[torch.Tensor, torch.Tensor]:
     """Student rows then teacher rows -> (logprobs [N+M], lse [N+M]). Two blockwise
     passes: on CPU a joint pass would gain nothing, the GEMMs already stream W per block."""
-    s_lp, _, s_lse = forward(
-        student_hidden, weight, bias, student_targets, temperature, ignore_index, False
-    )
-    u_lp, _, u_lse = forward(
-        teacher_hidden, weight, bias, teacher_targets, temperature, ignore_index, False
-    )
+    s_lp, _, s_lse = forward(*streams.student())
+    u_lp, _, u_lse = forward(*streams.teacher())
     return torch.cat([s_lp, u_lp]), torch.cat([s_lse, u_lse])
 
 
 def backward(
     grad_rows: RowGrads,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    x: LinearInputs,
     need_weight_grad: bool = True,
     workspace: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -176,6 +157,7 @@ def backward(
     ``need_weight_grad=False`` (a frozen LM head, e.g. under LoRA) skips the dW and db
     GEMMs: the backward then costs 2 G instead of 3 G.
     """
+    hidden, weight, bias = x.hidden, x.weight, x.bias
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device

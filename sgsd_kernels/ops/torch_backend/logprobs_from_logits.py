@@ -8,24 +8,21 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels.ops import torch_backend
-from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
+from sgsd_kernels.ops.arguments import RowGrads, RowTargets
+from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 
 
 def forward(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-    workspace: int | None = None,
+    row_targets: RowTargets, logits: torch.Tensor, workspace: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(logprobs, entropy or None, lse) from a logits tensor [N, V], streaming row chunks
     (never a full-size log_softmax copy: at most ``workspace`` elements in ``dtype``)."""
+    with_entropy = row_targets.with_entropy
     N, V = logits.shape
     device = logits.device
-    inv_t = 1.0 / temperature
+    inv_t = 1.0 / row_targets.temperature
     dtype = compute_dtype(logits)
-    valid, safe_t = safe_targets(targets, ignore_index)
+    valid, safe_t = safe_targets(row_targets.targets, row_targets.ignore_index)
     rows = max(1, min(N, (workspace or torch_backend.WORKSPACE_ELEMENTS) // max(V, 1)))
     lse = torch.empty(N, dtype=dtype, device=device)
     picked = torch.empty(N, dtype=dtype, device=device)

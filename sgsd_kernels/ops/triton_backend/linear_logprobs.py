@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
+from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Streams
+from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 from sgsd_kernels.ops.triton_backend import tl_compute_dtype, triton_configs
 from sgsd_kernels.runtime import interpreting, is_deterministic
 
@@ -273,29 +274,22 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     return _combine(part_m, part_s, part_a, part_t, with_entropy)
 
 
-def forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+def forward(row_targets: RowTargets, x: LinearInputs):
     """-> (logprobs [N], entropy [N] or None, lse [N]) like the torch backend's."""
-    valid, safe_t = safe_targets(targets, ignore_index)
+    t = row_targets
+    valid, safe_t = safe_targets(t.targets, t.ignore_index)
     picked, lse, entropy = _launch_forward(
-        hidden, None, weight, bias, safe_t, temperature, with_entropy
+        x.hidden, None, x.weight, x.bias, safe_t, t.temperature, t.with_entropy
     )
     return *zero_ignored(valid, picked, entropy), lse
 
 
-def forward_streams(
-    student_hidden,
-    teacher_hidden,
-    weight,
-    bias,
-    student_targets,
-    teacher_targets,
-    temperature,
-    ignore_index,
-):
+def forward_streams(streams: Streams):
     """Student and teacher rows in one launch -> (logprobs [N+M], lse [N+M])."""
-    valid, safe_t = safe_targets(torch.cat([student_targets, teacher_targets]), ignore_index)
+    s = streams
+    valid, safe_t = safe_targets(s.targets(), s.ignore_index)
     picked, lse, _ = _launch_forward(
-        student_hidden, teacher_hidden, weight, bias, safe_t, temperature, False
+        s.student_hidden, s.teacher_hidden, s.weight, s.bias, safe_t, s.temperature, False
     )
     return zero_ignored(valid, picked)[0], lse
 
@@ -475,7 +469,8 @@ def _bwd_kernel(
 _CHUNK_ELEMENTS = 1 << 25
 
 
-def backward(grad_rows: RowGrads, hidden, weight, bias, need_weight_grad):
+def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
+    hidden, weight, bias = linear.hidden, linear.weight, linear.bias
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / grad_rows.temperature

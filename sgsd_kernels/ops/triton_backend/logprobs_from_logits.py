@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sgsd_kernels.ops.common import RowGrads, compute_dtype, safe_targets, zero_ignored
+from sgsd_kernels.ops.arguments import RowGrads, RowTargets
+from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 from sgsd_kernels.ops.triton_backend import tl_compute_dtype
 from sgsd_kernels.runtime import interpreting
 
@@ -97,9 +98,10 @@ def _bwd_kernel(
     tl.store(Out + row * stride_o + cols, (grad * inv_t).to(Out.dtype.element_ty), mask=ok)
 
 
-def forward(logits, targets, temperature, ignore_index, with_entropy):
+def forward(row_targets: RowTargets, logits):
+    temperature, with_entropy = row_targets.temperature, row_targets.with_entropy
     N, V = logits.shape
-    valid, safe_t = safe_targets(targets, ignore_index)
+    valid, safe_t = safe_targets(row_targets.targets, row_targets.ignore_index)
     lse = torch.empty(N, dtype=compute_dtype(logits), device=logits.device)
     picked = torch.empty_like(lse)
     ent = torch.empty_like(lse) if with_entropy else lse
