@@ -11,6 +11,8 @@ import torch
 
 from sgsd_kernels import reference as ref
 from sgsd_kernels import validation as check
+from sgsd_kernels.loss_inputs import DivergenceInputs, GateHypers, HiddenGatedInputs
+from sgsd_kernels.ops.arguments import LinearInputs
 from sgsd_kernels.ops.common import compute_dtype
 from sgsd_kernels.ops.gated_kd import gated_kd_op
 from sgsd_kernels.ops.linear_divergence import linear_divergence_op
@@ -160,7 +162,7 @@ def _wrap(parts: dict, weights: torch.Tensor, mask: torch.Tensor, total_tokens: 
     )
 
 
-def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens):
+def _gated(s, u, mask, rewards, weights, gate: GateHypers, backend, total_tokens):
     """Run the loss on validated [B,T]/[B,K,T] tensors and wrap a GatedKDOutput."""
     dtype = compute_dtype(s)
     s = s.to(dtype)
@@ -169,7 +171,7 @@ def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens)
     mask = mask.to(torch.bool)
     if backend == "reference":
         check.teacher_weights_valid(w)
-        parts = ref.gated_kd_ref(s, u, mask, rewards, w, tau, delta, eps)
+        parts = ref.gated_kd_ref(s, u, mask, rewards, w, *gate)
     else:
         names = ("loss", "support", "polarity", "row_loss", "clipped")
         parts = dict(
@@ -181,9 +183,7 @@ def _gated(s, u, mask, rewards, weights, tau, delta, eps, backend, total_tokens)
                     mask.contiguous(),
                     rewards.to(dtype).contiguous(),
                     w.contiguous(),
-                    tau,
-                    delta,
-                    eps,
+                    *gate,
                     backend,
                 ),
             )
@@ -227,7 +227,7 @@ def gated_kd_loss(
     )
     check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
     check.same_device(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
-    tau, delta, eps = check.gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    gate = GateHypers(*check.gate_hypers(gate_tau, clip_delta, confidence_threshold))
     backend = resolve_backend(backend, student_logprobs.device)
     check.mask_values(token_mask)
     return _gated(
@@ -236,9 +236,7 @@ def gated_kd_loss(
         token_mask,
         rewards,
         teacher_weights,
-        tau,
-        delta,
-        eps,
+        gate,
         backend,
         B * T,
     )
@@ -333,7 +331,7 @@ def linear_gated_kd_loss(
         teacher_hidden=teacher_hidden,
         teacher_logprobs=teacher_logprobs,
     )
-    tau, delta, eps = check.gate_hypers(gate_tau, clip_delta, confidence_threshold)
+    gate = GateHypers(*check.gate_hypers(gate_tau, clip_delta, confidence_threshold))
     check.finite_inputs(
         check_finite,
         student_hidden=student_hidden,
@@ -343,39 +341,31 @@ def linear_gated_kd_loss(
     )
     backend = resolve_backend(backend, student_hidden.device)
     check.mask_values(token_mask)
-    mask = token_mask.to(torch.bool) & (targets != ignore_index)
+    x = HiddenGatedInputs(
+        student=LinearInputs(student_hidden, weight, bias),
+        targets=targets,
+        mask=token_mask.to(torch.bool) & (targets != ignore_index),
+        rewards=rewards,
+        teacher_weights=teacher_weights,
+        teacher_hidden=teacher_hidden,
+        teacher_logprobs=teacher_logprobs,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        gate=gate,
+    )
     if local_support_top_k is not None:
-        hypers = (temperature, tau, delta, eps, ignore_index, local_support_top_k)
-        parts = _local_support_loss(
-            student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden,
-            bias, hypers, backend,
-        )  # fmt: skip
-        result = _wrap(parts, teacher_weights.detach(), mask, B * T)
+        parts = _local_support_loss(x, local_support_top_k, backend)
+        result = _wrap(parts, teacher_weights.detach(), x.mask, B * T)
         result._local_divergence = parts["local_divergence"]
         result._local_size = parts["local_size"]
-        result._token_mask = mask
+        result._token_mask = x.mask
         return result
 
     if backend == "reference":
         check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
         check.teacher_weights_valid(teacher_weights)
-        parts = ref.linear_gated_kd_ref(
-            student_hidden,
-            weight,
-            targets,
-            mask,
-            rewards,
-            teacher_weights,
-            teacher_hidden,
-            teacher_logprobs,
-            bias,
-            temperature,
-            tau,
-            delta,
-            eps,
-            ignore_index,
-        )
-        return _wrap(parts, teacher_weights.detach(), mask, B * T)
+        parts = ref.linear_gated_kd_ref(x)
+        return _wrap(parts, teacher_weights.detach(), x.mask, B * T)
 
     flat_t = _flat_targets(targets)
     b_arg = None if bias is None else bias.contiguous()
@@ -386,15 +376,7 @@ def linear_gated_kd_loss(
         t_hidden = teacher_hidden.detach().reshape(B * K * T, H).contiguous()
         t_targets = targets.long().unsqueeze(1).expand(B, K, T).reshape(-1).contiguous()
         s_lp, u_lp, _ = linear_logprobs_streams_op(
-            s_hidden,
-            t_hidden,
-            w_arg,
-            b_arg,
-            flat_t,
-            t_targets,
-            temperature,
-            ignore_index,
-            backend,
+            s_hidden, t_hidden, w_arg, b_arg, flat_t, t_targets, temperature, ignore_index, backend
         )
         u = u_lp.view(B, K, T)
     else:
@@ -403,54 +385,48 @@ def linear_gated_kd_loss(
         )
         u = teacher_logprobs
     s = s_lp.view(B, T)
-    result = _gated(s, u, mask, rewards, teacher_weights, tau, delta, eps, backend, B * T)
+    result = _gated(s, u, x.mask, rewards, teacher_weights, gate, backend, B * T)
     result.student_logprobs = s.detach()
     result.teacher_logprobs = u.detach()
     return result
 
 
-def _local_support_loss(
-    student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden, bias,
-    hypers, backend,
-):  # fmt: skip
+def _local_support_loss(x: HiddenGatedInputs, top_k: int, backend: str) -> dict:
     """docs/design.md §3.2 on validated inputs: the ``sgsd::local_support`` op gives Δ̃, KL̃ and the
     support size per (b, k, t) (only for masked-in positions), then the
     gated epilogue runs on those [B, K, T] tensors in plain PyTorch."""
-    temperature, tau, delta, eps, ignore_index, top_k = hypers
-    check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
+    hidden, weight, bias = x.student.hidden, x.student.weight, x.student.bias
+    check.targets_in_range("targets", x.targets, weight.shape[0], x.ignore_index)
     if check.value_checks_enabled():
-        check.teacher_weights_valid(teacher_weights)
+        check.teacher_weights_valid(x.teacher_weights)
     if backend == "reference":
-        return ref.linear_local_support_kd_ref(
-            student_hidden, weight, targets, mask, rewards, teacher_weights, teacher_hidden,
-            top_k, bias, temperature, tau, delta, eps, ignore_index,
-        )  # fmt: skip
-    B, T, H = student_hidden.shape
-    K = teacher_weights.shape[1]
-    device = student_hidden.device
-    safe = torch.where(targets != ignore_index, targets, torch.zeros_like(targets)).long()
+        return ref.linear_local_support_kd_ref(x, top_k)
+    B, T, H = hidden.shape
+    K = x.teacher_weights.shape[1]
+    device = hidden.device
+    safe = torch.where(x.targets != x.ignore_index, x.targets, torch.zeros_like(x.targets)).long()
     student_row = (torch.arange(B, device=device)[:, None, None] * T).expand(B, K, T)
     student_row = (student_row + torch.arange(T, device=device)).reshape(-1).contiguous()
     # Support S is reported for absent teachers too (as in §3), so only the token mask
     # decides which rows run.
-    valid = mask.unsqueeze(1).expand(B, K, T)
+    valid = x.mask.unsqueeze(1).expand(B, K, T)
     local_delta, local_kl, size, *_ = local_support_op(
-        student_hidden.reshape(B * T, H).contiguous(),
+        hidden.reshape(B * T, H).contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
-        teacher_hidden.detach().reshape(B * K * T, H).contiguous(),
+        x.teacher_hidden.detach().reshape(B * K * T, H).contiguous(),
         student_row,
         safe.unsqueeze(1).expand(B, K, T).reshape(-1).contiguous(),
         valid.reshape(-1).contiguous(),
         top_k,
-        temperature,
+        x.temperature,
         backend,
     )
     local_kl = local_kl.view(B, K, T)
     dtype = local_kl.dtype
     parts = ref.local_support_gated_rows(
-        local_delta.view(B, K, T), local_kl, mask, rewards.to(dtype),
-        teacher_weights.detach().to(dtype), tau, delta, eps,
+        local_delta.view(B, K, T), local_kl, x.mask, x.rewards.to(dtype),
+        x.teacher_weights.detach().to(dtype), x.gate,
     )  # fmt: skip
     parts["local_divergence"] = local_kl.detach()
     parts["local_size"] = size.view(B, K, T)
@@ -580,6 +556,16 @@ def _check_divergence_inputs(
     return V
 
 
+def _teacher_head(teacher_hidden, weight, bias, teacher_weight, teacher_bias) -> LinearInputs:
+    """The teacher side of a divergence: its own head, or the student's weight and (unless
+    ``teacher_bias`` is given) bias when ``teacher_weight`` is None."""
+    if teacher_weight is None:
+        teacher_weight = weight
+        if teacher_bias is None:
+            teacher_bias = bias
+    return LinearInputs(teacher_hidden, teacher_weight, teacher_bias)
+
+
 def _check_divergence_hypers(beta, temperature, elementwise_clip, teacher_top_k, V):
     beta = check.hyper("beta", beta)
     if not 0.0 <= beta <= 1.0:
@@ -660,16 +646,18 @@ def linear_divergence(
     if mask is not None and mask.dtype != torch.bool and check.value_checks_enabled():
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must hold only 0/1 (or be a bool tensor)")
+    x = DivergenceInputs(
+        student=LinearInputs(student_hidden, weight, bias),
+        teacher=_teacher_head(teacher_hidden, weight, bias, teacher_weight, teacher_bias),
+        beta=beta,
+        temperature=temperature,
+        elementwise_clip=clip,
+        teacher_top_k=top_k,
+        mask=mask,
+    )
     if backend == "reference":
-        return ref.linear_divergence_ref(
-            student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias,
-            beta, temperature, clip, top_k, mask,
-        )  # fmt: skip
+        return ref.linear_divergence_ref(x)
     lead, H = student_hidden.shape[:-1], weight.shape[1]
-    if teacher_weight is None:
-        teacher_weight = weight
-        if teacher_bias is None:
-            teacher_bias = bias
     if top_k == V:
         top_k = None  # renormalising on the whole vocabulary changes nothing
     flat_mask = (
@@ -677,13 +665,14 @@ def linear_divergence(
         if mask is None
         else mask.reshape(-1).to(torch.bool).contiguous()
     )
+    teacher = x.teacher
     d, _ = linear_divergence_op(
         student_hidden.reshape(-1, H).contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
-        teacher_hidden.detach().reshape(-1, H).contiguous(),
-        teacher_weight.detach().contiguous(),
-        None if teacher_bias is None else teacher_bias.detach().contiguous(),
+        teacher.hidden.detach().reshape(-1, H).contiguous(),
+        teacher.weight.detach().contiguous(),
+        None if teacher.bias is None else teacher.bias.detach().contiguous(),
         flat_mask,
         beta,
         temperature,

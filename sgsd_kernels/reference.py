@@ -17,12 +17,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sgsd_kernels.loss_inputs import DivergenceInputs, GateHypers, HiddenGatedInputs
 from sgsd_kernels.ops.common import compute_dtype
 
 __all__ = [
     "logprobs_from_logits_ref",
     "linear_logprobs_ref",
     "gated_kd_ref",
+    "gated_rows",
     "linear_gated_kd_ref",
     "linear_divergence_ref",
     "local_support_terms_ref",
@@ -32,16 +34,14 @@ __all__ = [
 
 
 def logprobs_from_logits_ref(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
+    logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False
 ):
     """log_softmax(logits / temperature).gather(targets); ignored targets give 0.0.
 
-    Entropy (when requested) is that of softmax(logits / temperature); 0.0 where the
-    target is ignored.
+    ``logits`` [..., V] float, ``targets`` [...] integer ids. Entropy (when requested) is
+    that of softmax(logits / temperature); 0.0 where the target is ignored. The validated
+    form of :func:`sgsd_kernels.logprobs_from_logits`, whose signature documents the
+    arguments.
     """
     dtype = compute_dtype(logits)
     z = logits.to(dtype) / temperature
@@ -59,15 +59,13 @@ def logprobs_from_logits_ref(
 
 
 def linear_logprobs_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
+    hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False
 ):
-    """log_softmax((hidden @ weight.T + bias).float() / temperature).gather(targets)."""
+    """log_softmax((hidden @ weight.T + bias).float() / temperature).gather(targets).
+
+    ``hidden`` [..., H], ``weight`` [V, H], ``bias`` [V] or None, ``targets`` [...]: the
+    validated form of :func:`sgsd_kernels.linear_logprobs`, whose signature documents the
+    arguments."""
     dtype = compute_dtype(hidden, weight, bias)
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
@@ -81,16 +79,17 @@ def gate(delta: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def gated_kd_ref(
-    student_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    token_mask: torch.Tensor,
-    rewards: torch.Tensor,
-    teacher_weights: torch.Tensor,
-    gate_tau: float = 1.0,
-    clip_delta: float = 3.0,
-    confidence_threshold: float = 0.05,
+    student_logprobs,
+    teacher_logprobs,
+    token_mask,
+    rewards,
+    teacher_weights,
+    gate_tau=1.0,
+    clip_delta=3.0,
+    confidence_threshold=0.05,
 ) -> dict[str, torch.Tensor]:
-    """The SGSD gated loss, docs/design.md §3, line by line.
+    """The SGSD gated loss, docs/design.md §3 (:func:`gated_rows`): the validated form of
+    :func:`sgsd_kernels.gated_kd_loss`, whose signature documents the arguments.
 
     ``student_logprobs`` is s[b, t] [B, T], or one row per (rollout, teacher) [B, K, T]
     the way the published code replicates the student (same values for every k; the
@@ -107,29 +106,40 @@ def gated_kd_ref(
     dtype = compute_dtype(s_rows, teacher_logprobs)
     s = s_rows.to(dtype)  # [B, K, T]
     u = teacher_logprobs.detach().to(dtype)  # [B, K, T]  (teachers are constants)
+    gap = u - s  # Δ, the gate's argument too
+    hypers = GateHypers(gate_tau, clip_delta, confidence_threshold)
+    return gated_rows(gap, gap, token_mask, rewards, teacher_weights, hypers)
+
+
+def gated_rows(gap, gated, token_mask, rewards, teacher_weights, hypers: GateHypers):
+    """docs/design.md §3 over [B, K, T] rows, in the dtype of ``gap``. The masked gap Δ
+    (``gap`` selected at masked-in tokens) drives S, σ, ρ and the clipped count, with no
+    gradient; the gate ℓ is applied to ``gated`` (Δ itself in §3, the local KL in §3.2),
+    which carries the gradient. Returns the dict of :func:`gated_kd_ref`."""
+    dtype = gap.dtype
     m = token_mask.to(torch.bool).unsqueeze(1)  # [B, 1, T]
     w = teacher_weights.detach().to(dtype)  # [B, K]
-    B = s.shape[0]
-
+    B = gap.shape[0]
     # Masked positions may hold padding garbage (-inf, NaN): select, never multiply.
-    delta = torch.where(m, u - s, torch.zeros((), dtype=dtype, device=s.device))
+    zero = torch.zeros((), dtype=dtype, device=gap.device)
     n = token_mask.to(dtype).sum(-1).clamp_min(1.0).unsqueeze(1)  # [B, 1]
 
     with torch.no_grad():
-        clipped_delta = delta.detach().clamp(-clip_delta, clip_delta)
-        support = clipped_delta.sum(-1) / n  # S[b,k]
+        delta = torch.where(m, gap.detach(), zero)
+        support = delta.clamp(-hypers.clip_delta, hypers.clip_delta).sum(-1) / n  # S[b,k]
         sigma = torch.where(
-            support.abs() > confidence_threshold, torch.sign(support), torch.zeros_like(support)
+            support.abs() > hypers.confidence_threshold,
+            torch.sign(support),
+            torch.zeros_like(support),
         )
         outcome = torch.where(rewards > 0, 1.0, -1.0).to(dtype).unsqueeze(1)  # [B, 1]
         polarity = outcome * sigma  # ρ[b,k]
         present = (w > 0).unsqueeze(-1)
-        clipped = ((delta.detach().abs() > clip_delta) & m & present).sum().to(dtype)
+        clipped = ((delta.abs() > hypers.clip_delta) & m & present).sum().to(dtype)
 
-    per_token = torch.where(m, gate(delta, gate_tau), torch.zeros((), dtype=dtype, device=s.device))
+    per_token = torch.where(m, gate(torch.where(m, gated, zero), hypers.gate_tau), zero)
     row_loss = per_token.sum(-1) / n  # L[b,k]
     # Absent teachers (w = 0) are inert even if their log-probs are garbage.
-    zero = torch.zeros((), dtype=dtype, device=s.device)
     term = torch.where(w > 0, w * polarity * row_loss, zero)
     loss = term.sum() / max(B, 1)
     return {
@@ -141,51 +151,35 @@ def gated_kd_ref(
     }
 
 
-def linear_gated_kd_ref(
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    token_mask: torch.Tensor,
-    rewards: torch.Tensor,
-    teacher_weights: torch.Tensor,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_logprobs: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    gate_tau: float = 1.0,
-    clip_delta: float = 3.0,
-    confidence_threshold: float = 0.05,
-    ignore_index: int = -100,
-) -> dict[str, torch.Tensor]:
+def linear_gated_kd_ref(x: HiddenGatedInputs) -> dict[str, torch.Tensor]:
     """The SGSD loss from hidden states the way the published (TRL-based) code computes it:
     one row per (rollout, teacher). The student forward is replicated K times, and the
     full log_softmax of the student [B,K,T,V] and teacher [B,K,T,V] logits is
     materialised; the per-row student log-probs s[b,k,t] then enter §3 (the same values
     for every k, so the loss equals §3 with s[b,t]; the gradient sums the K copies).
-    Positions whose target is ``ignore_index`` get log-prob 0 and are masked out.
+    Positions whose target is ``ignore_index`` get log-prob 0 (``x.mask`` excludes them).
     """
-    B, T, H = student_hidden.shape
-    K = teacher_weights.shape[1]
-    valid = targets != ignore_index
-    row_targets = targets.unsqueeze(1).expand(B, K, T)
-    student_rows = student_hidden.unsqueeze(1).expand(B, K, T, H)  # one copy per teacher
-    s_rows = linear_logprobs_ref(student_rows, weight, row_targets, bias, temperature, ignore_index)
-    if teacher_logprobs is None:
+    hidden, weight, bias = x.student.hidden, x.student.weight, x.student.bias
+    B, T, H = hidden.shape
+    K = x.teacher_weights.shape[1]
+    row_targets = x.targets.unsqueeze(1).expand(B, K, T)
+    student_rows = hidden.unsqueeze(1).expand(B, K, T, H)  # one copy per teacher
+    s_rows = linear_logprobs_ref(
+        student_rows, weight, row_targets, bias, x.temperature, x.ignore_index
+    )
+    if x.teacher_logprobs is None:
         with torch.no_grad():
             u = linear_logprobs_ref(
-                teacher_hidden.detach(),
+                x.teacher_hidden.detach(),
                 weight.detach(),
                 row_targets,
                 None if bias is None else bias.detach(),
-                temperature,
-                ignore_index,
+                x.temperature,
+                x.ignore_index,
             )
     else:
-        u = teacher_logprobs.detach().to(s_rows.dtype)
-    mask = token_mask & valid
-    out = gated_kd_ref(
-        s_rows, u, mask, rewards, teacher_weights, gate_tau, clip_delta, confidence_threshold
-    )
+        u = x.teacher_logprobs.detach().to(s_rows.dtype)
+    out = gated_kd_ref(s_rows, u, x.mask, x.rewards, x.teacher_weights, *x.gate)
     out["student_logprobs"] = s_rows[:, 0].detach()
     out["teacher_logprobs"] = u.detach()
     return out
@@ -214,54 +208,39 @@ def divergence_terms(student_logp, teacher_logp, beta):
     return beta * to_teacher + (1.0 - beta) * to_student
 
 
-def linear_divergence_ref(
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    beta: float = 0.0,
-    temperature: float = 1.0,
-    elementwise_clip: float | None = None,
-    teacher_top_k: int | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def linear_divergence_ref(x: DivergenceInputs) -> torch.Tensor:
     """D[...] of docs/design.md §3.1 the way the published OPSD loss computes it: full student and
     teacher logits [..., V] are materialised, divided by the temperature, optionally cut to
     the teacher's top-k columns (both renormalised there), turned into per-element
     divergences, clipped element-wise from above and summed over the vocabulary.
 
-    The teacher head is (``teacher_weight``, ``teacher_bias``); with ``teacher_weight``
-    None it is the student head (``weight`` and, unless ``teacher_bias`` is given,
-    ``bias``). The teacher side is a constant. ``mask`` False gives 0 and no gradient.
+    The teacher side (``x.teacher``, already resolved to the student head where no
+    teacher head was given) is a constant. ``x.mask`` False gives 0 and no gradient.
     """
-    dtype = compute_dtype(student_hidden, weight, teacher_hidden, teacher_weight)
-    t_weight = weight if teacher_weight is None else teacher_weight
-    if teacher_bias is None and teacher_weight is None:
-        teacher_bias = bias
-    student_logits = student_hidden.to(dtype) @ weight.to(dtype).T
-    if bias is not None:
-        student_logits = student_logits + bias.to(dtype)
+    student, teacher = x.student, x.teacher
+    dtype = compute_dtype(student.hidden, student.weight, teacher.hidden, teacher.weight)
+    student_logits = student.hidden.to(dtype) @ student.weight.to(dtype).T
+    if student.bias is not None:
+        student_logits = student_logits + student.bias.to(dtype)
     with torch.no_grad():
-        teacher_logits = teacher_hidden.detach().to(dtype) @ t_weight.detach().to(dtype).T
-        if teacher_bias is not None:
-            teacher_logits = teacher_logits + teacher_bias.detach().to(dtype)
-    student_logits = student_logits / temperature
-    teacher_logits = teacher_logits / temperature
-    if teacher_top_k is not None:
-        top = torch.topk(teacher_logits, k=teacher_top_k, dim=-1).indices
+        teacher_logits = teacher.hidden.detach().to(dtype) @ teacher.weight.detach().to(dtype).T
+        if teacher.bias is not None:
+            teacher_logits = teacher_logits + teacher.bias.detach().to(dtype)
+    student_logits = student_logits / x.temperature
+    teacher_logits = teacher_logits / x.temperature
+    if x.teacher_top_k is not None:
+        top = torch.topk(teacher_logits, k=x.teacher_top_k, dim=-1).indices
         student_logits = student_logits.gather(-1, top)
         teacher_logits = teacher_logits.gather(-1, top)
     per_element = divergence_terms(
-        torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1), beta
+        torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1), x.beta
     )
-    if elementwise_clip is not None:
-        per_element = per_element.clamp(max=elementwise_clip)
+    if x.elementwise_clip is not None:
+        per_element = per_element.clamp(max=x.elementwise_clip)
     divergence = per_element.sum(-1)
-    if mask is not None:
+    if x.mask is not None:
         zero = torch.zeros((), dtype=dtype, device=divergence.device)
-        divergence = torch.where(mask.to(torch.bool), divergence, zero)
+        divergence = torch.where(x.mask.to(torch.bool), divergence, zero)
     return divergence
 
 
@@ -298,89 +277,37 @@ def local_support_terms_ref(student_logits, teacher_logits, targets, top_k):
     return s_y, t_y, local_kl, in_support.sum(-1).to(s_local.dtype)
 
 
-def local_support_gated_rows(
-    local_delta,
-    local_kl,
-    token_mask,
-    rewards,
-    teacher_weights,
-    gate_tau=1.0,
-    clip_delta=3.0,
-    confidence_threshold=0.05,
-):
+def local_support_gated_rows(local_delta, local_kl, token_mask, rewards, teacher_weights, hypers):
     """docs/design.md §3.2 on [B, K, T] terms: Δ̃ (constant) drives S, σ and ρ; the gate is applied
-    to the local KL, which carries the gradient. Same return dict as :func:`gated_kd_ref`."""
-    dtype = local_kl.dtype
-    m = token_mask.to(torch.bool).unsqueeze(1)
-    w = teacher_weights.detach().to(dtype)
-    zero = torch.zeros((), dtype=dtype, device=local_kl.device)
-    n = token_mask.to(dtype).sum(-1).clamp_min(1.0).unsqueeze(1)
-    with torch.no_grad():
-        delta = torch.where(m, local_delta.detach().to(dtype), zero)
-        support = delta.clamp(-clip_delta, clip_delta).sum(-1) / n
-        sigma = torch.where(
-            support.abs() > confidence_threshold, torch.sign(support), torch.zeros_like(support)
-        )
-        outcome = torch.where(rewards > 0, 1.0, -1.0).to(dtype).unsqueeze(1)
-        polarity = outcome * sigma
-        present = (w > 0).unsqueeze(-1)
-        clipped = ((delta.abs() > clip_delta) & m & present).sum().to(dtype)
-    per_token = torch.where(m, gate(torch.where(m, local_kl, zero), gate_tau), zero)
-    row_loss = per_token.sum(-1) / n
-    term = torch.where(w > 0, w * polarity * row_loss, zero)
-    loss = term.sum() / max(local_kl.shape[0], 1)
-    return {
-        "loss": loss,
-        "support": support,
-        "polarity": polarity,
-        "row_loss": row_loss.detach(),
-        "clipped": clipped,
-    }
+    to the local KL, which carries the gradient. Same return dict as :func:`gated_kd_ref`;
+    ``hypers`` is a :class:`~sgsd_kernels.loss_inputs.GateHypers`."""
+    gap = local_delta.detach().to(local_kl.dtype)
+    return gated_rows(gap, local_kl, token_mask, rewards, teacher_weights, hypers)
 
 
-def linear_local_support_kd_ref(
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    token_mask: torch.Tensor,
-    rewards: torch.Tensor,
-    teacher_weights: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    local_support_top_k: int,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    gate_tau: float = 1.0,
-    clip_delta: float = 3.0,
-    confidence_threshold: float = 0.05,
-    ignore_index: int = -100,
-) -> dict[str, torch.Tensor]:
+def linear_local_support_kd_ref(x: HiddenGatedInputs, top_k: int) -> dict[str, torch.Tensor]:
     """The "Top-k local support" SGSD loss (docs/design.md §3.2) the way the published code runs
     it: one row per (rollout, teacher), full student and teacher logits [B, K, T, V]
-    materialised, then :func:`local_support_terms_ref`. ``token_mask`` must already exclude
-    ignored targets. Adds ``local_divergence`` and ``local_size`` [B, K, T] to the dict."""
-    B, T, H = student_hidden.shape
-    K = teacher_weights.shape[1]
-    dtype = compute_dtype(student_hidden, weight, teacher_hidden, bias)
-    safe = torch.where(targets != ignore_index, targets, torch.zeros_like(targets)).long()
+    materialised, then :func:`local_support_terms_ref` on the teacher's ``top_k``.
+    ``x.teacher_hidden`` is set and ``x.mask`` already excludes ignored targets. Adds
+    ``local_divergence`` and ``local_size`` [B, K, T] to the dict."""
+    hidden, weight, bias = x.student.hidden, x.student.weight, x.student.bias
+    B, T, H = hidden.shape
+    K = x.teacher_weights.shape[1]
+    dtype = compute_dtype(hidden, weight, x.teacher_hidden, bias)
+    safe = torch.where(x.targets != x.ignore_index, x.targets, torch.zeros_like(x.targets)).long()
     row_targets = safe.unsqueeze(1).expand(B, K, T)
-    student_logits = student_hidden.to(dtype).unsqueeze(1).expand(B, K, T, H) @ weight.to(dtype).T
+    student_logits = hidden.to(dtype).unsqueeze(1).expand(B, K, T, H) @ weight.to(dtype).T
     with torch.no_grad():
-        teacher_logits = teacher_hidden.detach().to(dtype) @ weight.detach().to(dtype).T
+        teacher_logits = x.teacher_hidden.detach().to(dtype) @ weight.detach().to(dtype).T
     if bias is not None:
         student_logits = student_logits + bias.to(dtype)
         teacher_logits = teacher_logits + bias.detach().to(dtype)
     s_y, t_y, local_kl, size = local_support_terms_ref(
-        student_logits / temperature, teacher_logits / temperature, row_targets, local_support_top_k
+        student_logits / x.temperature, teacher_logits / x.temperature, row_targets, top_k
     )
     out = local_support_gated_rows(
-        (t_y - s_y).detach(),
-        local_kl,
-        token_mask,
-        rewards,
-        teacher_weights,
-        gate_tau,
-        clip_delta,
-        confidence_threshold,
+        (t_y - s_y).detach(), local_kl, x.mask, x.rewards, x.teacher_weights, x.gate
     )
     out["local_divergence"] = local_kl.detach()
     out["local_size"] = size

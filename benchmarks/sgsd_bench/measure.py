@@ -123,11 +123,13 @@ def rel_err(a, b) -> float:
 
 
 def oracle_output(case: Case, x: dict):
-    """The row's output from ``sgsd_kernels.reference`` on inputs ``x`` (any dtype).
+    """The row's output from ``sgsd_kernels.reference`` on inputs ``x`` (any dtype), called
+    directly or through the public functions with ``backend="reference"``.
 
     SGSD: the student's log-probs are computed once and broadcast over the K teachers
     (``gated_kd_ref``): the same value as the replicated published path, K× cheaper.
     """
+    import sgsd_kernels as sk
     from sgsd_kernels import reference as ref
 
     if case.workload == "logprobs":
@@ -135,13 +137,12 @@ def oracle_output(case: Case, x: dict):
             x["hidden"], x["weight"], x["targets"], ignore_index=IGNORE_INDEX
         )
     if case.workload == "divergence":
-        d = ref.linear_divergence_ref(
-            x["hidden"], x["weight"], x["teacher_hidden"], mask=x["token_mask"], **DIVERGENCE_HYPER
-        )
+        d = sk.linear_divergence(
+            x["hidden"], x["weight"], x["teacher_hidden"], mask=x["token_mask"],
+            backend="reference", **DIVERGENCE_HYPER,
+        )  # fmt: skip
         return d.sum() / x["token_mask"].sum().clamp(min=1)
     if case.workload == "local_support":
-        import sgsd_kernels as sk
-
         return sk.linear_gated_kd_loss(
             x["hidden"], x["weight"], x["targets"], x["token_mask"], x["rewards"],
             x["teacher_weights"], teacher_hidden=x["teacher_hidden"], backend="reference",

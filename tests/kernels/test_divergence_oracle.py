@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import sgsd_kernels as sk
-from sgsd_kernels import reference as ref
 
 from .conftest import BACKENDS, DEVICE, REL_ATOL, assert_close_to_oracle
 
@@ -95,9 +94,10 @@ def _eager(hs, w, ht, tw, b, tb, beta, temperature, clip, top_k, mask):
     zs = hs @ w.T + (0 if b is None else b)
     zt = ht @ tw_.detach().T + (0 if tb_ is None else tb_.detach())
     eye = torch.eye(zs.shape[-1], dtype=torch.float32, device=zs.device)
-    return ref.linear_divergence_ref(
-        zs.float(), eye, zt.detach().float(), None, None, None, beta, temperature, clip, top_k, mask
-    )
+    return sk.linear_divergence(
+        zs.float(), eye, zt.detach().float(), beta=beta, temperature=temperature,
+        elementwise_clip=clip, teacher_top_k=top_k, mask=mask, backend="reference",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
