@@ -144,8 +144,14 @@ def op_schema(*params: str | type, returns: str) -> str:
     for p in params:
         if isinstance(p, str):
             parts.append(p)
-        else:
-            parts.extend(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(p))
+            continue
+        for f in dataclasses.fields(p):
+            if f.type not in _SCHEMA_TYPES:
+                raise TypeError(
+                    f"op_schema: field {p.__name__}.{f.name} has type {f.type!r}; a custom-op "
+                    f"argument must be one of {', '.join(_SCHEMA_TYPES)}"
+                )
+            parts.append(f"{_SCHEMA_TYPES[f.type]} {f.name}")
     return f"({', '.join(parts)}) -> {returns}"
 
 
