@@ -107,7 +107,7 @@ def _save(ctx, weight_index, tensors, temperature, ignore_index, backend):
 def _input_grads(ctx, grad_logprobs, grad_entropy):
     """(grad_hidden, grad_weight, grad_bias) from the saved context, each None where its
     input needs no gradient."""
-    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    *_, lse, entropy = ctx.saved_tensors
     g, ge = upstream_grads(grad_logprobs, grad_entropy, lse, entropy)
     w = ctx.weight_index
     need = ctx.needs_input_grad

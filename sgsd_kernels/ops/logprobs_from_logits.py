@@ -62,6 +62,7 @@ def _(grad_logprobs, grad_entropy, logits, *_):
 def _setup_context(ctx, inputs, output):
     logits, targets, temperature, ignore_index, with_entropy, backend = inputs
     _, entropy, lse = output
+    # In the order the backward op takes them, after the upstream gradients.
     ctx.save_for_backward(logits, targets, lse, entropy if with_entropy else None)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
@@ -69,7 +70,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    logits, targets, lse, entropy = ctx.saved_tensors
+    *_, lse, entropy = ctx.saved_tensors
     g, ge = upstream_grads(grad_logprobs, grad_entropy, lse, entropy)
     grad = logprobs_from_logits_backward_op(
         g, ge, *ctx.saved_tensors, ctx.temperature, ctx.ignore_index, ctx.backend
