@@ -1,8 +1,8 @@
 """Fused Triton kernels for log-probs from hidden states (the `triton` backend).
 
 Longer than ~450 lines on purpose: the layout keeps one file per op and backend, and this
-op's forward, its two backward strategies and the jit helpers they share (``_logits_tile``,
-``_grad_tile``) are one unit that is tuned together.
+op's forward, its two backward strategies and the jit helper they share (``_logits_tile``)
+are one unit that is tuned together.
 
 Forward (``_fwd_kernel``): grid = (token blocks, vocab splits). Each program tiles
 z = h·Wᵀ for BLOCK_N tokens × BLOCK_V vocab columns with fp32 accumulation (loop over H
@@ -295,7 +295,7 @@ def forward_streams(streams: Streams):
 
 
 @triton.jit
-def _grad_tile(
+def _bwd_kernel(
     X,
     W,
     Bias,
@@ -304,6 +304,9 @@ def _grad_tile(
     G,
     GE,
     Ent,
+    DX,
+    DW,
+    DB,
     N,
     V,
     H,
@@ -312,6 +315,8 @@ def _grad_tile(
     inv_t,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    NEED_W: tl.constexpr,
+    GRAD_LOGITS: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -319,9 +324,11 @@ def _grad_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """This program's (row block, vocab block) tile of ∂loss/∂logits, recomputing the
-    logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T. Returns (rows, row_ok, cols,
-    col_ok, grad)."""
+    """Both backward strategies over this program's (row block, vocab block) tile of
+    ∂loss/∂logits, recomputing the logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T.
+    GRAD_LOGITS (chunked, deterministic): store the tile into DX, an [N, V] workspace (DW
+    and DB unused). Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with
+    fp32 atomics."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -361,67 +368,6 @@ def _grad_tile(
         ent = tl.load(Ent + rows, mask=row_ok, other=0.0)
         grad -= ge[:, None] * p * (logp + ent[:, None])
     grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
-    return rows, row_ok, cols, col_ok, grad
-
-
-@triton.jit
-def _bwd_kernel(
-    X,
-    W,
-    Bias,
-    Tgt,
-    Lse,
-    G,
-    GE,
-    Ent,
-    DX,
-    DW,
-    DB,
-    N,
-    V,
-    H,
-    stride_x,
-    stride_w,
-    inv_t,
-    HAS_BIAS: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
-    NEED_W: tl.constexpr,
-    GRAD_LOGITS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """Both backward strategies over one (row block, vocab block) tile of ∂loss/∂logits.
-    GRAD_LOGITS (chunked, deterministic): store the tile into DX, an [N, V] workspace (DW
-    and DB unused). Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with
-    fp32 atomics."""
-    rows, row_ok, cols, col_ok, grad = _grad_tile(
-        X,
-        W,
-        Bias,
-        Tgt,
-        Lse,
-        G,
-        GE,
-        Ent,
-        N,
-        V,
-        H,
-        stride_x,
-        stride_w,
-        inv_t,
-        HAS_BIAS,
-        WITH_ENTROPY,
-        UPCAST,
-        ACC,
-        PRECISION,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-    )
     if GRAD_LOGITS:
         tl.store(
             DX + rows[:, None] * V + cols[None, :],
