@@ -200,9 +200,18 @@ void backward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V
   });
 }
 
-inline bool bf16_path(const Tensor& hidden, const Tensor& weight) {
-  return hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
-         bf16_tiles_available();
+// Which engine runs a call: bf16 GEMMs for bf16 where the CPU has them, oneDNN fp32
+// brgemm for fp32, ATen BLAS on fp32 copies for fp16 (and bf16 elsewhere), fp64 BLAS.
+enum class Path { kBf16, kF32, kBlas };
+
+template <typename acc_t>
+Path choose_path(const Tensor& hidden, const Tensor& weight) {
+  if (!std::is_same_v<acc_t, float>) return Path::kBlas;
+  if (hidden.scalar_type() == at::kFloat) return Path::kF32;
+  if (hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+      bf16_tiles_available())
+    return Path::kBf16;
+  return Path::kBlas;
 }
 
 template <typename acc_t>
@@ -235,16 +244,21 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
   acc_t *pmp = pm.data_ptr<acc_t>(), *psp = ps.data_ptr<acc_t>(), *pap = pa.data_ptr<acc_t>();
   acc_t* tgt_p = tgt.data_ptr<acc_t>();
 
-  bool done = false;
+  const Path path = choose_path<acc_t>(hidden_in, weight);
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (bf16_path(hidden_in, weight)) {
+    if (path == Path::kBf16) {
       const Bf16Hidden hid(hidden_in.contiguous(), p, false);
       forward_tiles<acc_t>(p, [&] { return Bf16Tiles(hid, weight, nullptr, p); }, N, V, in,
                            with_entropy, pmp, psp, pap, tgt_p);
-      done = true;
+    } else if (path == Path::kF32) {
+      const Tensor h = hidden_in.contiguous();
+      const float* hp = h.const_data_ptr<float>();
+      const std::vector<float> ht = transposed_row_tiles(hp, N, H, p.rows);
+      forward_tiles<acc_t>(p, [&] { return F32Tiles(hp, ht.data(), N, weight, nullptr, p); },
+                           N, V, in, with_entropy, pmp, psp, pap, tgt_p);
     }
   }
-  if (!done) {
+  if (path == Path::kBlas) {
     const Tensor h = hidden_in.to(dt).contiguous();
     forward_tiles<acc_t>(p, [&] { return BlasTiles<acc_t>(h, weight, nullptr, p); }, N, V, in,
                          with_entropy, pmp, psp, pap, tgt_p);
@@ -306,7 +320,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   in.ent = with_entropy ? ent.data_ptr<acc_t>() : nullptr;
   const bool need_bias_grad = need_weight_grad && bias.defined();
 
-  const bool bf16 = std::is_same_v<acc_t, float> && N > 0 && bf16_path(hidden_in, weight);
+  const Path path = choose_path<acc_t>(hidden_in, weight);
+  const bool bf16 = path == Path::kBf16;
   // grad_w in weight's dtype on the bf16 path (rounded per block), else in acc_t.
   Tensor grad_w = need_weight_grad ? at::empty({V, H}, bf16 ? weight.options() : opts) : Tensor();
   Tensor grad_b = need_bias_grad ? at::zeros({V}, opts) : Tensor();
@@ -314,31 +329,37 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   const Plan p = make_plan(std::max<int64_t>(N, 1), V, H);
   acc_t* gbp = need_bias_grad ? grad_b.data_ptr<acc_t>() : nullptr;
 
-  // One dh partial per task (tasks split the vocabulary, dh sums over it).
-  Tensor dh_part;
+  // One dh partial per task (tasks split the vocabulary, dh sums over it); the brgemm
+  // engines accumulate dhᵀ.
+  const bool dh_t = path != Path::kBlas;
+  Tensor dh_part = at::zeros(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
+  acc_t* dhp = dh_part.data_ptr<acc_t>();
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (bf16) {
-      dh_part = at::zeros({p.tasks, H, N}, opts);
+    if (N > 0 && path == Path::kBf16) {
       const Bf16Hidden hid(hidden_in.contiguous(), p, need_weight_grad);
       uint16_t* gwp =
           need_weight_grad ? reinterpret_cast<uint16_t*>(grad_w.data_ptr()) : nullptr;
       backward_tiles<acc_t>(p, [&] { return Bf16Tiles(hid, weight, gwp, p); }, N, V, H, in,
-                            dh_part.data_ptr<acc_t>(), gbp);
+                            dhp, gbp);
+    } else if (N > 0 && path == Path::kF32) {
+      const Tensor h = hidden_in.contiguous();
+      const float* hp = h.const_data_ptr<float>();
+      const std::vector<float> ht = transposed_row_tiles(hp, N, H, p.rows);
+      float* gwp = need_weight_grad ? grad_w.data_ptr<float>() : nullptr;
+      backward_tiles<acc_t>(p, [&] { return F32Tiles(hp, ht.data(), N, weight, gwp, p); }, N,
+                            V, H, in, dhp, gbp);
     }
   }
-  if (!bf16) {
-    dh_part = at::zeros({p.tasks, N, H}, opts);
-    if (N > 0) {
-      const Tensor h = hidden_in.to(dt).contiguous();
-      acc_t* gwp = need_weight_grad ? grad_w.data_ptr<acc_t>() : nullptr;
-      backward_tiles<acc_t>(p, [&] { return BlasTiles<acc_t>(h, weight, gwp, p); }, N, V, H,
-                            in, dh_part.data_ptr<acc_t>(), gbp);
-    }
+  if (N > 0 && path == Path::kBlas) {
+    const Tensor h = hidden_in.to(dt).contiguous();
+    acc_t* gwp = need_weight_grad ? grad_w.data_ptr<acc_t>() : nullptr;
+    backward_tiles<acc_t>(p, [&] { return BlasTiles<acc_t>(h, weight, gwp, p); }, N, V, H, in,
+                          dhp, gbp);
   }
 
   Tensor grad_h = dh_part[0];
   for (int64_t task = 1; task < p.tasks; ++task) grad_h.add_(dh_part[task]);
-  if (bf16) grad_h = grad_h.t();  // Bf16Tiles accumulates dhᵀ
+  if (dh_t) grad_h = grad_h.t();
   grad_h = grad_h.to(hidden_in.scalar_type()).contiguous();
   if (need_weight_grad) grad_w = grad_w.to(weight.scalar_type());
   else grad_w = at::empty({0}, weight.options());
