@@ -67,15 +67,29 @@ struct Scratch {
       : tile(p.rows * p.vblock), bm(p.rows), shift(p.rows), bs(p.rows), ba(p.rows) {}
 };
 
-// body(engine, scratch, task) for every task on at::parallel_for, one engine per thread.
-template <typename acc_t, typename Make, typename Body>
-void for_each_task(const Plan& p, const Make& make_engine, const Body& body) {
+// Every task on at::parallel_for, one engine and one scratch per thread: for each of the
+// task's vocabulary blocks and each row tile, the logits tile into the scratch, then
+// on_tile(engine, scratch, task, v0, nv, r0, nr); engine.end_block() after each block.
+template <typename acc_t, typename Make, typename OnTile>
+void for_each_tile(const Plan& p, int64_t N, int64_t V, bool backward, const Make& make_engine,
+                   const OnTile& on_tile) {
   at::parallel_for(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     OneBlasThread one_blas_thread;
     auto engine = make_engine();
-    Scratch<acc_t> scratch(p);
-    for (int64_t task = t0; task < t1; ++task) body(engine, scratch, task);
+    Scratch<acc_t> sc(p);
+    for (int64_t task = t0; task < t1; ++task) {
+      for (int64_t blk = block_begin(p, task); blk < block_begin(p, task + 1); ++blk) {
+        const int64_t v0 = blk * p.vblock, nv = std::min(p.vblock, V - v0);
+        engine.set_block(v0, nv, backward);
+        for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
+          const int64_t nr = std::min(p.rows, N - r0);
+          engine.logits(r0, nr, sc.tile.data());
+          on_tile(engine, sc, task, v0, nv, r0, nr);
+        }
+        engine.end_block();
+      }
+    }
     engine.finish();
   });
 }
@@ -166,38 +180,25 @@ template <typename acc_t, typename Make>
 void forward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V,
                    const RowInputs<acc_t>& in, bool with_entropy, acc_t* pm, acc_t* ps,
                    acc_t* pa, acc_t* tgt) {
-  for_each_task<acc_t>(p, make_engine, [&](auto& eng, Scratch<acc_t>& sc, int64_t task) {
-    acc_t *m = pm + task * N, *s = ps + task * N, *a = pa + task * N;
-    for (int64_t blk = block_begin(p, task); blk < block_begin(p, task + 1); ++blk) {
-      const int64_t v0 = blk * p.vblock, nv = std::min(p.vblock, V - v0);
-      eng.set_block(v0, nv, false);
-      for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
-        const int64_t nr = std::min(p.rows, N - r0);
-        eng.logits(r0, nr, sc.tile.data());
-        forward_tile(sc.tile.data(), nv, nr, v0, r0, in, with_entropy, sc, m, s, a, tgt);
-      }
-    }
-  });
+  for_each_tile<acc_t>(p, N, V, false, make_engine,
+                       [&](auto&, Scratch<acc_t>& sc, int64_t task, int64_t v0, int64_t nv,
+                           int64_t r0, int64_t nr) {
+                         const int64_t o = task * N;
+                         forward_tile(sc.tile.data(), nv, nr, v0, r0, in, with_entropy, sc,
+                                      pm + o, ps + o, pa + o, tgt);
+                       });
 }
 
 // dh partials: [tasks, N, H], or [tasks, H, N] for engines that accumulate dhᵀ.
 template <typename acc_t, typename Make>
 void backward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V, int64_t H,
                     const RowInputs<acc_t>& in, acc_t* dh_part, acc_t* grad_b) {
-  for_each_task<acc_t>(p, make_engine, [&](auto& eng, Scratch<acc_t>& sc, int64_t task) {
-    acc_t* dh = dh_part + task * N * H;
-    for (int64_t blk = block_begin(p, task); blk < block_begin(p, task + 1); ++blk) {
-      const int64_t v0 = blk * p.vblock, nv = std::min(p.vblock, V - v0);
-      eng.set_block(v0, nv, true);
-      for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
-        const int64_t nr = std::min(p.rows, N - r0);
-        eng.logits(r0, nr, sc.tile.data());
-        backward_tile(sc.tile.data(), nv, nr, v0, r0, in, grad_b);
-        eng.grads(r0, nr, sc.tile.data(), r0 == 0, dh);
-      }
-      eng.end_block();
-    }
-  });
+  for_each_tile<acc_t>(p, N, V, true, make_engine,
+                       [&](auto& eng, Scratch<acc_t>& sc, int64_t task, int64_t v0,
+                           int64_t nv, int64_t r0, int64_t nr) {
+                         backward_tile(sc.tile.data(), nv, nr, v0, r0, in, grad_b);
+                         eng.grads(r0, nr, sc.tile.data(), r0 == 0, dh_part + task * N * H);
+                       });
 }
 
 // Which engine runs a call: bf16 GEMMs for bf16 where the CPU has them, oneDNN fp32
