@@ -205,6 +205,13 @@ def ops():
     return torch.ops.sgsd_native
 
 
+def tile_plan(n: int, v: int, h: int) -> tuple[int, int]:
+    """(rows, vocabulary entries) of the kernels' GEMM tile for N rows, vocabulary V and
+    hidden size H (builds/loads the extension)."""
+    rows, vblock = ops().tile_plan(n, v, h)
+    return int(rows), int(vblock)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["build"]:

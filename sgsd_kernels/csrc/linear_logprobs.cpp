@@ -404,11 +404,19 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_backward(
 
 bool bf16_gemms() { return bf16_tiles_available(); }
 
+std::vector<int64_t> tile_plan(int64_t N, int64_t V, int64_t H) {
+  TORCH_CHECK(N >= 1 && V >= 1 && H >= 1, "sgsd native: tile_plan needs N, V, H >= 1");
+  const Plan p = make_plan(N, V, H);
+  return {p.rows, p.vblock};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sgsd_native, m) {
   // True when bf16 inputs run on bf16 GEMMs here (engines.h, Bf16Tiles).
   m.def("bf16_gemms() -> bool", &bf16_gemms);
+  // (rows, vocabulary entries) of one tile at this shape: the benchmark's GEMM yardstick.
+  m.def("tile_plan(int N, int V, int H) -> int[]", &tile_plan);
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "float inv_temperature, int ignore_index, bool with_entropy) -> (Tensor, Tensor, Tensor)");

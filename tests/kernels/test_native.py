@@ -166,6 +166,14 @@ def test_bf16_without_bf16_gemms_matches_oracle(shape):
         assert not all(torch.equal(a, c) for a, c in zip(fast + fast_g, slow + slow_g))
 
 
+def test_tile_plan_is_the_kernel_tile_and_checks_its_input():
+    assert native.tile_plan(1024, 32768, 256) == (256, 256)
+    assert native.tile_plan(256, 151936, 1024) == (256, 128)  # H > 512: narrower W blocks
+    assert native.tile_plan(5, 100, 1024) == (5, 100)
+    with pytest.raises(RuntimeError, match="tile_plan needs N, V, H >= 1"):
+        native.tile_plan(0, 10, 10)
+
+
 def test_frozen_head_skips_weight_gradient():
     h, w, b, t = _case(20, 16, 300, torch.float32, False)
     leaf = _leaf(h)
