@@ -6,9 +6,11 @@
 // engine run without packing W for the logits GEMM (W rows are its plain A operand) and
 // keeps the epilogue's per-token statistics as contiguous vectors over the row tile.
 //
-//   BlasTiles<acc_t>: fp32/fp64 GEMMs through ATen (MKL on x86 wheels); fp16/bf16 W blocks
-//     are converted to fp32 per block. ~103 GFLOP/s per core at 256×256×256 fp32 on the
-//     AMD EPYC dev box (Zen 4, 1 MiB L2), the same for all three GEMM shapes.
+//   BlasTiles<acc_t>: fp64, and fp16 (bf16 without bf16 GEMMs) on fp32 copies, through
+//     ATen's BLAS (MKL on x86 wheels); low-precision W blocks are converted per block.
+//     ~103 GFLOP/s per core at 256×256×256 fp32 on the AMD EPYC dev box (Zen 4, 1 MiB L2),
+//     the same for all three GEMM shapes.
+//   F32Tiles: fp32 through ATen's oneDNN brgemm micro-kernel, ~117 GFLOP/s per core there.
 //   Bf16Tiles: bf16 inputs with fp32 accumulation and fp32 output through ATen's oneDNN
 //     brgemm micro-kernel (at::native::cpublas::brgemm, VNNI-packed B): ~232 GFLOP/s per
 //     core on the same box (avx512_bf16), vs ~100 for MKL's cblas_gemm_bf16bf16f32 and for
