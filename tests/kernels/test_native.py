@@ -148,11 +148,13 @@ def test_thread_counts_agree(threads):
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(37, 61, 1007), (300, 32, 3000)], ids=str)
-def test_bf16_without_bf16_gemms_matches_oracle(shape):
-    """bf16 runs on bf16 GEMMs (oneDNN brgemm) where the CPU has them; with oneDNN turned
-    off (as on a CPU without them) it must take the fp32 path and still be right."""
-    h, w, b, t = _case(*shape, torch.bfloat16, True)
+def test_without_onednn_matches_oracle(dtype, shape):
+    """fp32 and bf16 tiles run on oneDNN's brgemm (bf16 only where the CPU has bf16 dot
+    products). With oneDNN turned off, fp32 brgemm falls back to ATen's BLAS and bf16 takes
+    the fp32-copy path, as on a CPU without them: both must still be right."""
+    h, w, b, t = _case(*shape, dtype, True)
     kw = dict(temperature=0.8, entropy=True)
     oracle, oracle_g = _run(h, w, b, t, "reference", dtype=torch.float64, **kw)
     eager, eager_g = _run(h, w, b, t, "reference", **kw)
@@ -161,8 +163,8 @@ def test_bf16_without_bf16_gemms_matches_oracle(shape):
         slow, slow_g = _run(h, w, b, t, "native", **kw)
     for got, got_g in ((fast, fast_g), (slow, slow_g)):
         for g, e, o in zip(got + got_g, eager + eager_g, oracle + oracle_g):
-            assert_close_to_oracle("bf16", g, e, o, rel_atol=REL_ATOL[torch.bfloat16])
-    if native.ops().bf16_gemms():  # two paths ran: their roundings differ somewhere
+            assert_close_to_oracle(str(dtype), g, e, o, rel_atol=REL_ATOL[dtype])
+    if dtype == torch.bfloat16 and native.ops().bf16_gemms():  # two paths: roundings differ
         assert not all(torch.equal(a, c) for a, c in zip(fast + fast_g, slow + slow_g))
 
 
