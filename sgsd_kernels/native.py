@@ -34,7 +34,7 @@ import torch
 NAME = "sgsd_native"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("linear_logprobs.cpp",)
-HEADERS = ("tiles.h",)  # part of the cache key
+HEADERS = ("tiles.h", "engines.h")  # part of the cache key
 CFLAGS = (
     "-O3",
     "-march=native",
@@ -203,6 +203,13 @@ def ops():
     """``torch.ops.sgsd_native`` after building/loading the extension."""
     build()
     return torch.ops.sgsd_native
+
+
+def tile_plan(n: int, v: int, h: int) -> tuple[int, int]:
+    """(rows, vocabulary entries) of the kernels' GEMM tile for N rows, vocabulary V and
+    hidden size H (builds/loads the extension)."""
+    rows, vblock = ops().tile_plan(n, v, h)
+    return int(rows), int(vblock)
 
 
 def main(argv: list[str] | None = None) -> int:

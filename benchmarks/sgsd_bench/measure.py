@@ -349,14 +349,34 @@ def _plan_blocks():
     return None
 
 
+def _native_plan():
+    """The native kernels' ``tile_plan(rows, vocab, hidden) -> (rows, vocab block)`` when
+    the extension is already built (``backend="auto"`` then runs it on CPU), else None."""
+    try:
+        native = importlib.import_module("sgsd_kernels.native")
+        if native.load_if_built():
+            return native.tile_plan
+    except (ImportError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
 def gemm_tile(case: Case, device) -> tuple[int, int, int]:
     """(M, H, Vb): the GEMM shape the yardstick times.
 
-    CPU: the torch backend's tile, ``plan_blocks(gemm_m, V)`` (row chunk × vocab block), the
-    GEMM it actually runs; a yardstick at another shape can be slower than the backend's
-    own GEMMs and push "floor %" past 100. CUDA: the whole [M, H] @ [H, V], the device rate.
+    CPU: the tile of the backend ``auto`` runs: the native kernels' ``tile_plan`` when they
+    are built, otherwise the torch backend's ``plan_blocks(gemm_m, V)`` (row chunk × vocab
+    block); a yardstick at another shape can be slower than the backend's own GEMMs and
+    push "floor %" past 100 (the torch tile, 128×256·256×32768 fp32, runs at ~65 GFLOP/s
+    per core on the AMD EPYC dev box, the native 256×256·256×256 tile at ~104).
+    CUDA: the whole [M, H] @ [H, V], the device rate.
     """
     M = gemm_m(case)
+    if not on_cuda(device):
+        native_plan = _native_plan()
+        if native_plan is not None:
+            rows, vblock = native_plan(M, case.V, case.H)
+            return rows, case.H, vblock
     plan = None if on_cuda(device) else _plan_blocks()
     if plan is None:
         return M, case.H, case.V
@@ -374,7 +394,9 @@ def gemm_timer(case: Case, device):
 
     CPU: returns a callable giving one sample in ms, the faster of b contiguous [H, Vb] and
     b the transposed view of W[:Vb] (the backend's layout), so that the yardstick is the best
-    rate either layout reaches. CUDA: a callable giving do_bench's [min, p20, p50, p80].
+    rate either layout reaches; at the native tile it is timed on one thread and divided by
+    the thread count (each thread runs its own tiles). CUDA: a callable giving do_bench's
+    [min, p20, p50, p80].
     """
     dt = dtype_of(case.dtype)
     m, h, v = gemm_tile(case, device)
@@ -396,13 +418,24 @@ def gemm_timer(case: Case, device):
 
         return bench
 
+    # At the native tile each thread runs its own tiles, so the machine's rate is one
+    # thread's rate times the threads: a 256×256·256×256 torch.mm split over 2 threads ran
+    # at ~2 GFLOP/s on the loaded 2-core dev box (fork-join per 0.3 ms GEMM), 103 on one.
+    per_thread = _native_plan() is not None
+
     def one() -> float:
         best = float("inf")
-        for b in layouts:
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
-            best = min(best, time.perf_counter() - t0)
-        return best * 1e3
+        threads = torch.get_num_threads()
+        if per_thread:
+            torch.set_num_threads(1)
+        try:
+            for b in layouts:
+                t0 = time.perf_counter()
+                torch.mm(a, b, out=c)
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        return best * 1e3 / (threads if per_thread else 1)
 
     return one
 

@@ -4,18 +4,18 @@
 //
 // Work split (both passes): the vocabulary is cut into blocks of `vblock` rows of W, and
 // task t of T = at::get_num_threads() owns a fixed contiguous range of vocabulary blocks.
-// A task walks its blocks; for each block it keeps W[v0:v1] (converted to the compute
-// dtype once per block when needed) hot and walks all row blocks, computing the
-// `rows × vblock` logits tile with one GEMM (at::mm_out into a per-task buffer) and then
-// the whole epilogue on the tile while it is in cache:
-//   forward:  scale/bias, row max, Σexp, Σexp·(z−m) (entropy), target pick, merged into the
-//             task's running (max, sum, acc) per row;
+// A task walks its blocks; for each block it keeps W[v0:v1] hot and walks all row tiles,
+// computing the transposed logits tile zt[nv, nr] = W_blk·h_tileᵀ with one GEMM of its
+// engine (engines.h: fp32/fp64 BLAS, or bf16 brgemm with fp32 output) and then the whole
+// epilogue on the tile while it is in cache, vectorised across the tile's rows:
+//   forward:  scale/bias, per-row max, Σexp, Σexp·(z−m) (entropy), target pick, merged into
+//             the task's running (max, sum, acc) per row;
 //   backward: G = g·(onehot − p) [+ entropy term], then dh_task += G·W_blk and
-//             dW_blk += Gᵀ·h_blk (dW rows are owned by exactly one task), db_blk += ΣG.
+//             dW_blk += Gᵀ·h_tile (dW rows are owned by exactly one task), db_blk += ΣG.
 // Partials are combined in task order, so results are bitwise identical across runs at a
-// fixed thread count. Measured single-threaded on the 2-core AMD EPYC dev box (MKL via
-// torch.mm into a preallocated output): a 256×256×256 fp32 tile runs at ~103 GFLOP/s,
-// the full N=1024, V=32768, H=256 GEMM at ~58 (its 128 MiB output leaves cache).
+// fixed thread count. Single-threaded on the 2-core AMD EPYC dev box a 256×256×256 tile
+// GEMM runs at ~103 GFLOP/s in fp32 (MKL) and ~232 in bf16 (oneDNN brgemm), against ~58
+// for the whole N=1024, V=32768, H=256 fp32 GEMM (its 128 MiB output leaves cache).
 //
 // Threads come from at::parallel_for (torch's own OpenMP runtime): compiling this file
 // with -fopenmp would load a second libgomp next to the one bundled with torch. The
@@ -24,9 +24,10 @@
 // element instead of 1.6 on the loaded dev box);
 // exp uses a polynomial that vectorises (below).
 //
-// Inputs: fp32/bf16/fp16 are computed in fp32, fp64 in fp64. Hidden is converted to the
-// compute dtype once ([N,H]); a strided W is made contiguous once (a copy, in its own
-// dtype); low-precision W blocks are converted per block into a per-task buffer.
+// Inputs: fp32/fp16 are computed in fp32, fp64 in fp64, bf16 in fp32 from bf16 operands
+// (Bf16Tiles) where the CPU has bf16 dot products, else converted like fp16 (hidden once,
+// W per block into a per-task buffer). A strided W is made contiguous once (a copy, in
+// its own dtype).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,13 +35,185 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
+#include "engines.h"
 #include "tiles.h"
 
 namespace {
 
 using at::Tensor;
 using namespace sgsd_native;
+
+// The per-row inputs of the epilogues, in the compute dtype (pointers into tensors the
+// caller keeps alive); g and ge carry the ignore mask and the 1/T of ∂z/∂logits.
+template <typename acc_t>
+struct RowInputs {
+  const int64_t* targets = nullptr;
+  const acc_t* bias = nullptr;  // [V] or nullptr
+  acc_t inv_t = 1;
+  const acc_t* lse = nullptr;  // backward only
+  const acc_t* g = nullptr;
+  const acc_t* ge = nullptr;   // entropy gradient, or nullptr
+  const acc_t* ent = nullptr;  // entropy, with ge
+};
+
+// Per-thread scratch of the epilogues: the tile and four row vectors.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> tile, bm, shift, bs, ba;
+  explicit Scratch(const Plan& p)
+      : tile(p.rows * p.vblock), bm(p.rows), shift(p.rows), bs(p.rows), ba(p.rows) {}
+};
+
+// Every task on at::parallel_for, one engine and one scratch per thread: for each of the
+// task's vocabulary blocks and each row tile, the logits tile into the scratch, then
+// on_tile(engine, scratch, task, v0, nv, r0, nr); engine.end_block() after each block.
+template <typename acc_t, typename Make, typename OnTile>
+void for_each_tile(const Plan& p, int64_t N, int64_t V, bool backward, const Make& make_engine,
+                   const OnTile& on_tile) {
+  at::parallel_for(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    OneBlasThread one_blas_thread;
+    auto engine = make_engine();
+    Scratch<acc_t> sc(p);
+    for (int64_t task = t0; task < t1; ++task) {
+      for (int64_t blk = block_begin(p, task); blk < block_begin(p, task + 1); ++blk) {
+        const int64_t v0 = blk * p.vblock, nv = std::min(p.vblock, V - v0);
+        engine.set_block(v0, nv, backward);
+        for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
+          const int64_t nr = std::min(p.rows, N - r0);
+          engine.logits(r0, nr, sc.tile.data());
+          on_tile(engine, sc, task, v0, nv, r0, nr);
+        }
+        engine.end_block();
+      }
+    }
+    engine.finish();
+  });
+}
+
+// Forward epilogue on zt[nv, nr] (rows r0.., vocabulary v0..): per-row partials merged
+// into the task's (m, s, a); the target logit into tgt (one owner per target: no race).
+template <typename acc_t>
+void forward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
+                  const RowInputs<acc_t>& in, bool with_entropy, Scratch<acc_t>& sc, acc_t* m,
+                  acc_t* s, acc_t* a, acc_t* tgt) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  acc_t *bm = sc.bm.data(), *sh = sc.shift.data(), *bs = sc.bs.data(), *ba = sc.ba.data();
+  if (in.bias != nullptr || in.inv_t != acc_t(1)) {
+    for (int64_t j = 0; j < nv; ++j) {
+      const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0), it = in.inv_t;
+      acc_t* zj = zt + j * nr;
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) zj[i] = (zj[i] + bj) * it;
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t tr = in.targets[r0 + i];
+    if (tr >= v0 && tr < v0 + nv) tgt[r0 + i] = zt[(tr - v0) * nr + i];
+    bm[i] = ninf, bs[i] = 0, ba[i] = 0;
+  }
+  for (int64_t j = 0; j < nv; ++j) {
+    const acc_t* zj = zt + j * nr;
+#pragma omp simd
+    for (int64_t i = 0; i < nr; ++i) bm[i] = zj[i] > bm[i] ? zj[i] : bm[i];
+  }
+  // An all −inf row keeps bm = −inf and adds nothing (merge skips it); shift by 0 there.
+  for (int64_t i = 0; i < nr; ++i) sh[i] = bm[i] == ninf ? acc_t(0) : bm[i];
+  for (int64_t j = 0; j < nv; ++j) {
+    const acc_t* zj = zt + j * nr;
+    if (with_entropy) {
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) {
+        const acc_t d = zj[i] - sh[i];
+        const acc_t e = exp_acc(d);
+        bs[i] += e;
+        ba[i] += e == acc_t(0) ? acc_t(0) : e * d;  // a −inf logit adds 0, not 0·(−inf)
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) bs[i] += exp_acc(zj[i] - sh[i]);
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) merge(m[r0 + i], s[r0 + i], a[r0 + i], bm[i], bs[i], ba[i]);
+}
+
+// Backward epilogue: zt[nv, nr] becomes the gradient tile gt = (∂loss/∂z)ᵀ; db (the
+// task's own rows of the bias gradient, or nullptr) += Σ over the tile's rows.
+template <typename acc_t>
+void backward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
+                   const RowInputs<acc_t>& in, acc_t* db) {
+  const acc_t *l = in.lse + r0, *g = in.g + r0, it = in.inv_t;
+  for (int64_t j = 0; j < nv; ++j) {
+    const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0);
+    acc_t* zj = zt + j * nr;
+    if (in.ge != nullptr) {
+      // ∂H/∂z_j = −p_j (log p_j + H): G = −p (g + ge (log p + H)).
+      const acc_t *ge = in.ge + r0, *hr = in.ent + r0;
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) {
+        const acc_t lp = (zj[i] + bj) * it - l[i];
+        zj[i] = -exp_acc(lp) * (g[i] + ge[i] * (lp + hr[i]));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < nr; ++i) zj[i] = -g[i] * exp_acc((zj[i] + bj) * it - l[i]);
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t tr = in.targets[r0 + i];
+    if (tr >= v0 && tr < v0 + nv) zt[(tr - v0) * nr + i] += g[i];
+  }
+  if (db == nullptr) return;
+  for (int64_t j = 0; j < nv; ++j) {
+    const acc_t* zj = zt + j * nr;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < nr; ++i) sum += zj[i];
+    db[v0 + j] += sum;
+  }
+}
+
+template <typename acc_t, typename Make>
+void forward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V,
+                   const RowInputs<acc_t>& in, bool with_entropy, acc_t* pm, acc_t* ps,
+                   acc_t* pa, acc_t* tgt) {
+  for_each_tile<acc_t>(p, N, V, false, make_engine,
+                       [&](auto&, Scratch<acc_t>& sc, int64_t task, int64_t v0, int64_t nv,
+                           int64_t r0, int64_t nr) {
+                         const int64_t o = task * N;
+                         forward_tile(sc.tile.data(), nv, nr, v0, r0, in, with_entropy, sc,
+                                      pm + o, ps + o, pa + o, tgt);
+                       });
+}
+
+// dh partials: [tasks, N, H], or [tasks, H, N] for engines that accumulate dhᵀ.
+template <typename acc_t, typename Make>
+void backward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V, int64_t H,
+                    const RowInputs<acc_t>& in, acc_t* dh_part, acc_t* grad_b) {
+  for_each_tile<acc_t>(p, N, V, true, make_engine,
+                       [&](auto& eng, Scratch<acc_t>& sc, int64_t task, int64_t v0,
+                           int64_t nv, int64_t r0, int64_t nr) {
+                         backward_tile(sc.tile.data(), nv, nr, v0, r0, in, grad_b);
+                         eng.grads(r0, nr, sc.tile.data(), r0 == 0, dh_part + task * N * H);
+                       });
+}
+
+// Which engine runs a call: bf16 GEMMs for bf16 where the CPU has them, oneDNN fp32
+// brgemm for fp32, ATen BLAS on fp32 copies for fp16 (and bf16 elsewhere), fp64 BLAS.
+enum class Path { kBf16, kF32, kBlas };
+
+template <typename acc_t>
+Path choose_path(const Tensor& hidden, const Tensor& weight) {
+  if (!std::is_same_v<acc_t, float>) return Path::kBlas;
+  if (hidden.scalar_type() == at::kFloat) return Path::kF32;
+  if (hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+      bf16_tiles_available())
+    return Path::kBf16;
+  return Path::kBlas;
+}
 
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight,
@@ -49,15 +222,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
                                                 int64_t ignore_index, bool with_entropy) {
   const auto dt = compute_dtype(hidden_in);
   const int64_t N = hidden_in.size(0), H = hidden_in.size(1), V = weight.size(0);
-  const Tensor h = hidden_in.to(dt).contiguous();
   const Tensor targets = targets_in.to(at::kLong).contiguous();
   Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(dt).contiguous();
-  const bool direct = weight.scalar_type() == dt;
-  const acc_t inv_t = static_cast<acc_t>(inv_temperature);
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  const auto opts = h.options();
+  const auto opts = hidden_in.options().dtype(dt);
   Tensor lse = at::empty({N}, opts);
   Tensor logprobs = at::empty({N}, opts);
   Tensor entropy = at::empty({with_entropy ? N : 0}, opts);
@@ -67,61 +237,35 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
   Tensor pm = at::full({p.tasks, N}, ninf, opts);
   Tensor ps = at::zeros({p.tasks, N}, opts);
   Tensor pa = at::zeros({p.tasks, N}, opts);
-  // Target logit (scaled); each target lies in one block owned by one task: no race.
   Tensor tgt = at::zeros({N}, opts);
-  const int64_t* tp = targets.data_ptr<int64_t>();
+  RowInputs<acc_t> in;
+  in.targets = targets.data_ptr<int64_t>();
+  in.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  in.inv_t = static_cast<acc_t>(inv_temperature);
+  acc_t *pmp = pm.data_ptr<acc_t>(), *psp = ps.data_ptr<acc_t>(), *pap = pa.data_ptr<acc_t>();
   acc_t* tgt_p = tgt.data_ptr<acc_t>();
-  const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
 
-  at::parallel_for(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    OneBlasThread one_blas_thread;
-    Tensor tile = at::empty({p.rows * p.vblock}, opts);
-    Tensor wbuf = direct ? Tensor() : at::empty({p.vblock, H}, opts);
-    acc_t* zp = tile.data_ptr<acc_t>();
-    for (int64_t task = t0; task < t1; ++task) {
-      acc_t* m = pm[task].data_ptr<acc_t>();
-      acc_t* s = ps[task].data_ptr<acc_t>();
-      acc_t* a = pa[task].data_ptr<acc_t>();
-      for (int64_t blk = block_begin(p, task); blk < block_begin(p, task + 1); ++blk) {
-        const int64_t v0 = blk * p.vblock, nv = std::min(p.vblock, V - v0);
-        const Tensor w = weight_block<acc_t>(weight, wbuf, v0, nv);
-        for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
-          const int64_t nr = std::min(p.rows, N - r0);
-          Tensor z = tile.narrow(0, 0, nr * nv).view({nr, nv});
-          at::mm_out(z, h.narrow(0, r0, nr), w.t());
-          for (int64_t i = 0; i < nr; ++i) {
-            const int64_t r = r0 + i;
-            acc_t* zr = zp + i * nv;
-            scale_row(zr, nv, bp ? bp + v0 : nullptr, inv_t);
-            const int64_t tr = tp[r];
-            if (tr >= v0 && tr < v0 + nv) tgt_p[r] = zr[tr - v0];
-            const acc_t bm = row_max(zr, nv);
-            if (bm == ninf) continue;  // every logit −inf: adds nothing
-            acc_t bs = 0, ba = 0;
-            if (with_entropy) {
-#pragma omp simd reduction(+ : bs, ba)
-              for (int64_t j = 0; j < nv; ++j) {
-                const acc_t d = zr[j] - bm;
-                const acc_t e = exp_acc(d);
-                bs += e;
-                ba += e * d;
-              }
-            } else {
-#pragma omp simd reduction(+ : bs)
-              for (int64_t j = 0; j < nv; ++j) bs += exp_acc(zr[j] - bm);
-            }
-            merge(m[r], s[r], a[r], bm, bs, ba);
-          }
-        }
-      }
+  const Path path = choose_path<acc_t>(hidden_in, weight);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (path == Path::kBf16) {
+      const Bf16Hidden hid(hidden_in.contiguous(), p, false);
+      forward_tiles<acc_t>(p, [&] { return Bf16Tiles(hid, weight, nullptr, p); }, N, V, in,
+                           with_entropy, pmp, psp, pap, tgt_p);
+    } else if (path == Path::kF32) {
+      const Tensor h = hidden_in.contiguous();
+      const float* hp = h.const_data_ptr<float>();
+      const std::vector<float> ht = transposed_row_tiles(hp, N, H, p.rows);
+      forward_tiles<acc_t>(p, [&] { return F32Tiles(hp, ht.data(), N, weight, nullptr, p); },
+                           N, V, in, with_entropy, pmp, psp, pap, tgt_p);
     }
-  });
+  }
+  if (path == Path::kBlas) {
+    const Tensor h = hidden_in.to(dt).contiguous();
+    forward_tiles<acc_t>(p, [&] { return BlasTiles<acc_t>(h, weight, nullptr, p); }, N, V, in,
+                         with_entropy, pmp, psp, pap, tgt_p);
+  }
 
   // Combine the task partials in task order (deterministic), then the outputs.
-  const acc_t* pmp = pm.data_ptr<acc_t>();
-  const acc_t* psp = ps.data_ptr<acc_t>();
-  const acc_t* pap = pa.data_ptr<acc_t>();
   acc_t* lse_p = lse.data_ptr<acc_t>();
   acc_t* lp_p = logprobs.data_ptr<acc_t>();
   acc_t* ent_p = with_entropy ? entropy.data_ptr<acc_t>() : nullptr;
@@ -131,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
       merge(m, s, a, pmp[task * N + r], psp[task * N + r], pap[task * N + r]);
     const acc_t log_s = std::log(s);
     lse_p[r] = m + log_s;
-    const bool valid = tp[r] != ignore_index;
+    const bool valid = in.targets[r] != ignore_index;
     // (z_t − m) − log Σ as eager log_softmax: z_t − lse loses eps·|z| to rounding.
     lp_p[r] = valid ? (tgt_p[r] - m) - log_s : acc_t(0);
     if (ent_p) ent_p[r] = valid ? log_s - a / s : acc_t(0);
@@ -147,15 +291,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     double inv_temperature, int64_t ignore_index, bool need_weight_grad) {
   const auto dt = compute_dtype(hidden_in);
   const int64_t N = hidden_in.size(0), H = hidden_in.size(1), V = weight.size(0);
-  const Tensor h = hidden_in.to(dt).contiguous();
   const Tensor targets = targets_in.to(at::kLong).contiguous();
   const Tensor lse = lse_in.to(dt).contiguous();
   const bool with_entropy = grad_entropy.has_value() && entropy_in.has_value();
   Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(dt).contiguous();
-  const bool direct = weight.scalar_type() == dt;
   const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-  const auto opts = h.options();
+  const auto opts = hidden_in.options().dtype(dt);
 
   // Per-row scales with the ignore mask and ∂z/∂logits = 1/T folded in.
   const int64_t* tp = targets.data_ptr<int64_t>();
@@ -169,81 +311,57 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     gp[r] = valid ? gp[r] * inv_t : acc_t(0);
     if (gep) gep[r] = valid ? gep[r] * inv_t : acc_t(0);
   }
-  const acc_t* lse_p = lse.data_ptr<acc_t>();
-  const acc_t* ent_p = with_entropy ? ent.data_ptr<acc_t>() : nullptr;
-  const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  RowInputs<acc_t> in;
+  in.targets = tp;
+  in.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  in.inv_t = inv_t;
+  in.lse = lse.data_ptr<acc_t>();
+  in.g = gp;
+  in.ge = gep;
+  in.ent = with_entropy ? ent.data_ptr<acc_t>() : nullptr;
   const bool need_bias_grad = need_weight_grad && bias.defined();
 
-  Tensor grad_w = need_weight_grad ? at::empty({V, H}, opts) : Tensor();
+  const Path path = choose_path<acc_t>(hidden_in, weight);
+  const bool bf16 = path == Path::kBf16;
+  // grad_w in weight's dtype on the bf16 path (rounded per block), else in acc_t.
+  Tensor grad_w = need_weight_grad ? at::empty({V, H}, bf16 ? weight.options() : opts) : Tensor();
   Tensor grad_b = need_bias_grad ? at::zeros({V}, opts) : Tensor();
-  acc_t* gbp = need_bias_grad ? grad_b.data_ptr<acc_t>() : nullptr;
-  if (N == 0) {
-    if (need_weight_grad) grad_w.zero_();
-  }
+  if (N == 0 && need_weight_grad) grad_w.zero_();
   const Plan p = make_plan(std::max<int64_t>(N, 1), V, H);
-  // One dh partial per task (tasks split the vocabulary, dh sums over it).
-  Tensor dh_part = at::zeros({p.tasks, N, H}, opts);
+  acc_t* gbp = need_bias_grad ? grad_b.data_ptr<acc_t>() : nullptr;
 
-  if (N > 0) {
-    at::parallel_for(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-    OneBlasThread one_blas_thread;
-      Tensor tile = at::empty({p.rows * p.vblock}, opts);
-      Tensor wbuf = direct ? Tensor() : at::empty({p.vblock, H}, opts);
-      acc_t* zp = tile.data_ptr<acc_t>();
-      for (int64_t task = t0; task < t1; ++task) {
-        Tensor dh = dh_part[task];
-        for (int64_t blk = block_begin(p, task); blk < block_begin(p, task + 1); ++blk) {
-          const int64_t v0 = blk * p.vblock, nv = std::min(p.vblock, V - v0);
-          const Tensor w = weight_block<acc_t>(weight, wbuf, v0, nv);
-          for (int64_t r0 = 0; r0 < N; r0 += p.rows) {
-            const int64_t nr = std::min(p.rows, N - r0);
-            const Tensor hb = h.narrow(0, r0, nr);
-            Tensor z = tile.narrow(0, 0, nr * nv).view({nr, nv});
-            at::mm_out(z, hb, w.t());
-            for (int64_t i = 0; i < nr; ++i) {
-              const int64_t r = r0 + i;
-              acc_t* zr = zp + i * nv;
-              scale_row(zr, nv, bp ? bp + v0 : nullptr, inv_t);
-              const acc_t l = lse_p[r], gr = gp[r];
-              if (with_entropy) {
-                // ∂H/∂z_j = −p_j (log p_j + H): G = −p (g + ge (log p + H)).
-                const acc_t ger = gep[r], hr = ent_p[r];
-#pragma omp simd
-                for (int64_t j = 0; j < nv; ++j) {
-                  const acc_t lp = zr[j] - l;
-                  zr[j] = -exp_acc(lp) * (gr + ger * (lp + hr));
-                }
-              } else {
-#pragma omp simd
-                for (int64_t j = 0; j < nv; ++j) zr[j] = -gr * exp_acc(zr[j] - l);
-              }
-              const int64_t tr = tp[r];
-              if (tr >= v0 && tr < v0 + nv) zr[tr - v0] += gr;
-              if (gbp) {
-                acc_t* db = gbp + v0;  // rows of db owned by this task
-#pragma omp simd
-                for (int64_t j = 0; j < nv; ++j) db[j] += zr[j];
-              }
-            }
-            dh.narrow(0, r0, nr).addmm_(z, w);
-            if (need_weight_grad) {
-              Tensor dw = grad_w.narrow(0, v0, nv);
-              if (r0 == 0) {
-                at::mm_out(dw, z.t(), hb);
-              } else {
-                dw.addmm_(z.t(), hb);
-              }
-            }
-          }
-        }
-      }
-    });
+  // One dh partial per task (tasks split the vocabulary, dh sums over it); the brgemm
+  // engines accumulate dhᵀ.
+  const bool dh_t = path != Path::kBlas;
+  Tensor dh_part = at::zeros(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
+  acc_t* dhp = dh_part.data_ptr<acc_t>();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (N > 0 && path == Path::kBf16) {
+      const Bf16Hidden hid(hidden_in.contiguous(), p, need_weight_grad);
+      uint16_t* gwp =
+          need_weight_grad ? reinterpret_cast<uint16_t*>(grad_w.data_ptr()) : nullptr;
+      backward_tiles<acc_t>(p, [&] { return Bf16Tiles(hid, weight, gwp, p); }, N, V, H, in,
+                            dhp, gbp);
+    } else if (N > 0 && path == Path::kF32) {
+      const Tensor h = hidden_in.contiguous();
+      const float* hp = h.const_data_ptr<float>();
+      const std::vector<float> ht = transposed_row_tiles(hp, N, H, p.rows);
+      float* gwp = need_weight_grad ? grad_w.data_ptr<float>() : nullptr;
+      backward_tiles<acc_t>(p, [&] { return F32Tiles(hp, ht.data(), N, weight, gwp, p); }, N,
+                            V, H, in, dhp, gbp);
+    }
+  }
+  if (N > 0 && path == Path::kBlas) {
+    const Tensor h = hidden_in.to(dt).contiguous();
+    acc_t* gwp = need_weight_grad ? grad_w.data_ptr<acc_t>() : nullptr;
+    backward_tiles<acc_t>(p, [&] { return BlasTiles<acc_t>(h, weight, gwp, p); }, N, V, H, in,
+                          dhp, gbp);
   }
 
   Tensor grad_h = dh_part[0];
   for (int64_t task = 1; task < p.tasks; ++task) grad_h.add_(dh_part[task]);
-  grad_h = grad_h.to(hidden_in.scalar_type());
+  if (dh_t) grad_h = grad_h.t();
+  grad_h = grad_h.to(hidden_in.scalar_type()).contiguous();
   if (need_weight_grad) grad_w = grad_w.to(weight.scalar_type());
   else grad_w = at::empty({0}, weight.options());
   if (need_bias_grad) grad_b = grad_b.to(bias_in->scalar_type());
@@ -284,9 +402,21 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_backward(
                               need_weight_grad);
 }
 
+bool bf16_gemms() { return bf16_tiles_available(); }
+
+std::vector<int64_t> tile_plan(int64_t N, int64_t V, int64_t H) {
+  TORCH_CHECK(N >= 1 && V >= 1 && H >= 1, "sgsd native: tile_plan needs N, V, H >= 1");
+  const Plan p = make_plan(N, V, H);
+  return {p.rows, p.vblock};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sgsd_native, m) {
+  // True when bf16 inputs run on bf16 GEMMs here (engines.h, Bf16Tiles).
+  m.def("bf16_gemms() -> bool", &bf16_gemms);
+  // (rows, vocabulary entries) of one tile at this shape: the benchmark's GEMM yardstick.
+  m.def("tile_plan(int N, int V, int H) -> int[]", &tile_plan);
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "float inv_temperature, int ignore_index, bool with_entropy) -> (Tensor, Tensor, Tensor)");

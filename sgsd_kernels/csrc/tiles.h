@@ -1,6 +1,6 @@
 // Shared pieces of the native CPU kernels (linear_logprobs.cpp): the vectorisable exp,
-// the one-BLAS-thread guard, the tile plan, W-block conversion and the row epilogue
-// helpers. See linear_logprobs.cpp for the kernel design.
+// the one-BLAS-thread guard, the tile plan, input checks, W-block conversion and the
+// merge of partial softmax statistics. See linear_logprobs.cpp for the kernel design.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -146,25 +146,6 @@ inline Tensor weight_block(const Tensor& weight, Tensor& buf, int64_t v0, int64_
     TORCH_CHECK(false, "sgsd native: unsupported weight dtype ", weight.scalar_type());
   }
   return w;
-}
-
-template <typename acc_t>
-inline void scale_row(acc_t* z, int64_t n, const acc_t* b, acc_t inv_t) {
-  if (b != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) z[j] = (z[j] + b[j]) * inv_t;
-  } else if (inv_t != acc_t(1)) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) z[j] *= inv_t;
-  }
-}
-
-template <typename acc_t>
-inline acc_t row_max(const acc_t* z, int64_t n) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
-  return m;
 }
 
 // Merge a partial (m2, s2, a2) into (m, s, a): s = Σexp(z − m), a = Σexp(z − m)·(z − m).

@@ -127,7 +127,7 @@ def threads():
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_bitwise_reproducible_at_fixed_thread_count(threads, n_threads, dtype):
     threads(n_threads)
     h, w, b, t = _case(300, 40, 2100, dtype, True)
@@ -145,6 +145,35 @@ def test_thread_counts_agree(threads):
     two = _run(h, w, b, t, "native", entropy=True)
     for a, c in zip(one[0] + one[1], two[0] + two[1]):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 61, 1007), (300, 32, 3000)], ids=str)
+def test_without_onednn_matches_oracle(dtype, shape):
+    """fp32 and bf16 tiles run on oneDNN's brgemm (bf16 only where the CPU has bf16 dot
+    products). With oneDNN turned off, fp32 brgemm falls back to ATen's BLAS and bf16 takes
+    the fp32-copy path, as on a CPU without them: both must still be right."""
+    h, w, b, t = _case(*shape, dtype, True)
+    kw = dict(temperature=0.8, entropy=True)
+    oracle, oracle_g = _run(h, w, b, t, "reference", dtype=torch.float64, **kw)
+    eager, eager_g = _run(h, w, b, t, "reference", **kw)
+    fast, fast_g = _run(h, w, b, t, "native", **kw)
+    with torch.backends.mkldnn.flags(enabled=False):
+        slow, slow_g = _run(h, w, b, t, "native", **kw)
+    for got, got_g in ((fast, fast_g), (slow, slow_g)):
+        for g, e, o in zip(got + got_g, eager + eager_g, oracle + oracle_g):
+            assert_close_to_oracle(str(dtype), g, e, o, rel_atol=REL_ATOL[dtype])
+    if dtype == torch.bfloat16 and native.ops().bf16_gemms():  # two paths: roundings differ
+        assert not all(torch.equal(a, c) for a, c in zip(fast + fast_g, slow + slow_g))
+
+
+def test_tile_plan_is_the_kernel_tile_and_checks_its_input():
+    assert native.tile_plan(1024, 32768, 256) == (256, 256)
+    assert native.tile_plan(256, 151936, 1024) == (256, 128)  # H > 512: narrower W blocks
+    assert native.tile_plan(5, 100, 1024) == (5, 100)
+    with pytest.raises(RuntimeError, match="tile_plan needs N, V, H >= 1"):
+        native.tile_plan(0, 10, 10)
 
 
 def test_frozen_head_skips_weight_gradient():
