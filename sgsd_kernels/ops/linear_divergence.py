@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from sgsd_kernels.ops import common
+from sgsd_kernels.ops import common, head_grads
 
 _OP = "linear_divergence"
 
@@ -49,23 +49,21 @@ def _scatter(values: torch.Tensor, idx: torch.Tensor | None, n: int, dim: int = 
     return values.new_zeros(shape).index_copy_(dim, idx, values)
 
 
-@torch.library.custom_op("sgsd::linear_divergence", mutates_args=())
-def _divergence(
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    mask: torch.Tensor,
-    beta: float,
-    temperature: float,
-    clip: float | None,
-    top_k: int | None,
-    unit_hidden: bool,
-    unit_weight: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+_SCHEMA = head_grads.schema(
+    "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor mask, "
+    "float beta, float temperature, float? clip, int? top_k, bool unit_hidden, "
+    "bool unit_weight, str backend",
+    5,
+)
+_BACKWARD_SCHEMA = head_grads.backward_schema(
+    "Tensor[] teacher, Tensor mask, Tensor[] saved, float beta, float temperature, "
+    "float? clip, int? top_k"
+)
+
+
+@torch.library.custom_op("sgsd::linear_divergence", mutates_args=(), schema=_SCHEMA)
+def _divergence(student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask,
+                beta, temperature, clip, top_k, unit_hidden, unit_weight, backend):  # fmt: skip
     """student_hidden/teacher_hidden [N, H], weight/teacher_weight [V, H], mask [N] bool ->
     (D [N], saved row statistics [3, N]: Σe, lse_S, lse_T, dh_unit [N, H], dW_unit [V, H],
     db_unit [V]) in fp32 (fp64 for fp64 inputs); a unit term not asked for is [0]."""
@@ -112,22 +110,11 @@ def _row_constant(grad: torch.Tensor) -> bool:
     return grad.numel() == 0 or bool((grad == grad[0]).all())
 
 
-@torch.library.custom_op("sgsd::linear_divergence_backward", mutates_args=())
-def linear_divergence_backward_op(
-    grad: torch.Tensor,
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    teacher: list[torch.Tensor],
-    mask: torch.Tensor,
-    saved: list[torch.Tensor],
-    beta: float,
-    temperature: float,
-    clip: float | None,
-    top_k: int | None,
-    need_weight_grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "sgsd::linear_divergence_backward", mutates_args=(), schema=_BACKWARD_SCHEMA
+)
+def linear_divergence_backward_op(grad, student_hidden, weight, bias, teacher, mask, saved, beta,
+                                  temperature, clip, top_k, need_weight_grad, backend):  # fmt: skip
     """``teacher`` = [teacher_hidden, teacher_weight] (+ [teacher_bias]); ``saved`` = the
     forward's [stats, dh_unit, dW_unit, db_unit] -> (grad student_hidden [N, H], grad
     weight [V, H] (or [0]), grad bias [V] (or [0])) in the inputs' dtypes."""
@@ -153,24 +140,13 @@ def linear_divergence_backward_op(
             gh = _scatter(dh, idx, student_hidden.shape[0])
         else:  # only the torch kernels make dh_unit, and only they skip dh
             _, gw, gb = kernels.backward(*args, need_hidden_grad=False)
-    if gh is None:  # every row masked
-        gh = torch.zeros_like(student_hidden)
-    if need_weight_grad and gw is None:
-        gw = torch.zeros_like(weight)
-        gb = None if bias is None else torch.zeros_like(bias)
-    return (
-        gh.to(student_hidden.dtype),
-        common.empty_if_none(None if gw is None else gw.to(weight.dtype), weight),
-        common.empty_if_none(None if gb is None else gb.to(bias.dtype), weight),
-    )
+    return head_grads.outputs(gh, gw, gb, student_hidden, weight, bias, need_weight_grad)
 
 
 @linear_divergence_backward_op.register_fake
 def _(grad, student_hidden, weight, bias, teacher, mask, saved, beta, temperature, clip, top_k,
       need_weight_grad, backend):  # fmt: skip
-    gw = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
-    gb = torch.empty_like(bias) if need_weight_grad and bias is not None else weight.new_empty(0)
-    return torch.empty_like(student_hidden), gw, gb
+    return head_grads.fake_outputs(student_hidden, weight, bias, need_weight_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,17 +161,12 @@ def _backward(ctx, grad, *_grad_saved):
     hs, w, b, ht, tw, tb, mask, *saved = ctx.saved_tensors
     if grad is None:
         grad = torch.zeros_like(saved[0][0])
-    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
     teacher = [ht, tw] if tb is None else [ht, tw, tb]
-    gh, gw, gb = linear_divergence_backward_op(
-        grad.contiguous(), hs, w, b, teacher, mask, saved, *ctx.hypers, need_w, ctx.backend
-    )
-    return (
-        gh if ctx.needs_input_grad[0] else None,
-        gw if ctx.needs_input_grad[1] else None,
-        gb if ctx.has_bias and ctx.needs_input_grad[2] else None,
-        *([None] * 11),
-    )
+    grads = linear_divergence_backward_op(
+        grad.contiguous(), hs, w, b, teacher, mask, saved, *ctx.hypers,
+        head_grads.need_weight_grad(ctx), ctx.backend,
+    )  # fmt: skip
+    return head_grads.for_inputs(ctx, grads, 14)
 
 
 torch.library.register_autograd("sgsd::linear_divergence", _backward, setup_context=_setup_context)
