@@ -117,7 +117,8 @@ def backward(grad_kl, hs, w, b, student_row, columns, in_support, t_local, tempe
     flat = columns.reshape(-1)
     pairs = torch.stack([flat, student_row.repeat_interleave(columns.shape[1])])
     g_t = torch.sparse_coo_tensor(pairs, gz.reshape(-1), (V, hs.shape[0]), check_invariants=False)
-    gw = torch.sparse.mm(g_t, hs.to(dtype))  # sums duplicate (column, row) pairs
+    gw = torch.zeros(w.shape, dtype=dtype, device=w.device)
+    gw.addmm_(g_t, hs.to(dtype))  # sums duplicate (column, row) pairs
     gb = None
     if b is not None:
         gb = torch.zeros(V, dtype=dtype, device=w.device).index_add_(0, flat, gz.reshape(-1))
