@@ -152,6 +152,9 @@ def _(grad, student_hidden, weight, bias, teacher, mask, saved, beta, temperatur
 def _setup_context(ctx, inputs, output):
     (hs, w, b, ht, tw, tb, mask, beta, temperature, clip, top_k, _, _, backend) = inputs
     ctx.save_for_backward(hs, w, b, ht, tw, tb, mask, *output[1:])
+    # The outputs besides the one differentiated get no gradient: with materialisation on,
+    # autograd would allocate zeros for each (a V×H one for dW_unit) in the backward.
+    ctx.set_materialize_grads(False)
     ctx.hypers = (beta, temperature, clip, top_k)
     ctx.backend = backend
     ctx.has_bias = b is not None

@@ -102,6 +102,9 @@ def _(grad, student_hidden, weight, bias, student_row, columns, t_local, tempera
 def _setup_context(ctx, inputs, output):
     hs, w, b, _, student_row, _, _, _, temperature, backend = inputs
     ctx.save_for_backward(hs, w, b, student_row, output[3], output[4])
+    # The outputs besides the one differentiated get no gradient: with materialisation on,
+    # autograd would allocate zeros for each (a V×H one for dW_unit) in the backward.
+    ctx.set_materialize_grads(False)
     ctx.temperature = temperature
     ctx.backend = backend
     ctx.has_bias = b is not None

@@ -32,6 +32,12 @@ import torch
 # docs/design.md §6 CPU shape (N=1024, V=32768, H=256, fwd+bwd: reference 899 MiB at β = 0,
 # 1923 MiB at β = 0.5; this path 85 MiB, measured as in tests/kernels/test_divergence_memory.py).
 WORKSPACE_ELEMENTS = 3 << 22
+# The unit-gradient forward holds dW_unit (V×H) beside its scratch: 3/4 of the budget (96
+# rows at V = 32768, β ∈ {0, 1}) keeps it >= 10x under the reference's peak at the
+# docs/design.md §6 CPU shape (β = 0, clip: 74 MiB vs 896; 87 MiB at 128 rows). 96 rows ran
+# as fast as 128 fwd+bwd, 85 rows 1.2-1.4x slower (interleaved, 1 and 2 threads, loaded
+# 2-core EPYC).
+UNIT_WORKSPACE_ELEMENTS = 9 << 20
 _MIN_ROWS = 16
 
 
@@ -273,8 +279,10 @@ def _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock):
 
 
 def single_block(V: int, beta: float, workspace: int | None = None) -> bool:
-    """Whether the whole vocabulary fits one block (every V up to 2**18 at the default
-    workspace), the case in which :func:`forward_with_unit_grads` applies."""
+    """Whether the whole vocabulary fits one block of the unit-gradient forward's workspace
+    (V up to 196608 at β ∈ {0, 1}), the case in which :func:`forward_with_unit_grads`
+    applies."""
+    workspace = workspace or UNIT_WORKSPACE_ELEMENTS  # read at call time
     return plan_blocks(1, V, workspace, n_buffers(beta))[1] == V
 
 
@@ -298,6 +306,7 @@ def forward_with_unit_grads(
     """
     if not single_block(w.shape[0], beta, workspace):
         raise ValueError("forward_with_unit_grads needs the vocabulary in one block")
+    workspace = workspace or UNIT_WORKSPACE_ELEMENTS
     return _forward(
         hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace, hidden, weight
     )
