@@ -14,7 +14,7 @@ from sgsd_kernels.ops import linear_divergence as op
 from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
 
 from .conftest import REL_ATOL, assert_close_to_oracle
-from .test_divergence_oracle import _eager, _leaf, make_case
+from .test_divergence_oracle import _eager, _leaf, make_case, oracle_divergence
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 # (beta, clip, top_k, separate teacher head, bias, temperature, mask)
@@ -56,12 +56,7 @@ def test_gradients_match_oracle(config, shape, dtype, upstream, speculate, monke
     kw = dict(beta=beta, temperature=temperature, elementwise_clip=clip, teacher_top_k=top_k)
     up = _upstream(upstream, mask, N)
 
-    o = [_leaf(x, torch.float64) for x in (hs, w, b)]
-    f64 = lambda x: None if x is None else x.double()  # noqa: E731
-    oracle = sk.linear_divergence(
-        o[0], o[1], f64(ht), teacher_weight=f64(tw), bias=o[2], teacher_bias=f64(tb),
-        mask=mask, backend="reference", **kw,
-    )  # fmt: skip
+    oracle, o = oracle_divergence(hs, w, ht, tw, b, tb, mask, kw)
     e = [_leaf(x) for x in (hs, w, b)]
     eager = _eager(e[0], e[1], ht, tw, e[2], tb, beta, temperature, clip, top_k, mask)
     gl = [_leaf(x) for x in (hs, w, b)]
