@@ -8,7 +8,9 @@ are computed vocabulary-major (W_blk · hᵀ, 1/T folded into h and b); with a s
 student and teacher rows are one GEMM. When the whole vocabulary fits one block the forward
 normalises both with one in-place log_softmax; otherwise it makes two passes (online
 logsumexp, then the element-wise clipped terms). The backward recomputes the logits and
-forms the student logit gradient from the saved row statistics.
+forms the student logit gradient from the saved row statistics; in the one-block case
+:func:`forward_with_unit_grads` instead forms that gradient (for a unit upstream gradient)
+in the forward and runs the dh and dW GEMMs there.
 
 Gradient: with a = log p_S, c = log p_T and e_v = ∂d_v/∂a_v (0 where the clip is active
 or outside the teacher's top-k), ∂D/∂z_v = e_v − p_S(v)·Σ_u e_u, where
