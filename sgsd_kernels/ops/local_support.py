@@ -5,45 +5,42 @@ hidden states, W and b) and the support size; the gated epilogue on these small 
 tensors runs as plain PyTorch in :func:`sgsd_kernels.reference.local_support_gated_rows`.
 
 Rows with ``valid`` False (masked positions, absent teachers) are dropped before the
-kernels run and give 0. Every backend runs ``ops/torch_backend/local_support.py`` (the
-student side is a (k + 1)-column gather-GEMM, the teacher side a top-k pass over V).
+kernels run and give 0. Every backend runs ``ops/torch_backend/local_support.py``: the
+teacher side is a top-k pass of GEMMs over V (cuBLAS on CUDA), the student side sparse
+kernels over the k + 1 support columns, far below the cost of the full student pass they
+replace.
 """
 
 from __future__ import annotations
 
 import torch
 
+from sgsd_kernels.ops import common, head_grads
 from sgsd_kernels.ops.torch_backend import local_support as torch_kernels
 
 
-def _kernels(backend: str):
-    """Every backend runs the torch kernels: on CUDA they are a top-k pass of cuBLAS GEMMs
-    (bounded workspace) and one (k + 1)-column gather-GEMM, already far below the cost of
-    the full student pass they replace."""
-    return torch_kernels
+def _take(rows: torch.Tensor, *tensors: torch.Tensor):
+    """The given per-row tensors at ``rows``."""
+    return (t.index_select(0, rows) for t in tensors)
 
 
-def _out_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+_SCHEMA = head_grads.schema(
+    "Tensor teacher_hidden, Tensor student_row, Tensor targets, Tensor valid, int top_k, "
+    "float temperature, str backend",
+    5,
+)
+_BACKWARD_SCHEMA = head_grads.backward_schema(
+    "Tensor student_row, Tensor columns, Tensor t_local, float temperature"
+)
 
 
-@torch.library.custom_op("sgsd::local_support", mutates_args=())
-def local_support_op(
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    student_row: torch.Tensor,
-    targets: torch.Tensor,
-    valid: torch.Tensor,
-    top_k: int,
-    temperature: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("sgsd::local_support", mutates_args=(), schema=_SCHEMA)
+def local_support_op(student_hidden, weight, bias, teacher_hidden, student_row, targets, valid,
+                     top_k, temperature, backend):  # fmt: skip
     """student_hidden [N, H]; teacher_hidden [M, H]; student_row, targets, valid [M] ->
     (Δ̃ [M], KL̃ [M], size [M], then for the backward: columns [M, k+1] int64 and teacher
     local log-probs [M, k+1], −inf off the support and on every invalid row)."""
-    dtype = _out_dtype(student_hidden)
+    dtype = common.compute_dtype(student_hidden)
     M, V = teacher_hidden.shape[0], weight.shape[0]
     k1 = min(top_k, V) + 1
     device = teacher_hidden.device
@@ -55,17 +52,10 @@ def local_support_op(
     rows = valid.nonzero().squeeze(1)
     if rows.numel() == 0:
         return delta, local_kl, size, columns, t_local
-    d, kl, sz, cols, _, t_loc = _kernels(backend).forward(
-        student_hidden,
-        weight,
-        bias,
-        teacher_hidden.index_select(0, rows),
-        student_row.index_select(0, rows),
-        targets.index_select(0, rows),
-        top_k,
-        temperature,
-        dtype,
-    )
+    d, kl, sz, cols, _, t_loc = torch_kernels.forward(
+        student_hidden, weight, bias, *_take(rows, teacher_hidden, student_row, targets), top_k,
+        temperature, dtype,
+    )  # fmt: skip
     delta[rows], local_kl[rows], size[rows] = d, kl, sz
     columns[rows], t_local[rows] = cols, t_loc
     return delta, local_kl, size, columns, t_local
@@ -74,7 +64,7 @@ def local_support_op(
 @local_support_op.register_fake
 def _(student_hidden, weight, bias, teacher_hidden, student_row, targets, valid, top_k,
       temperature, backend):  # fmt: skip
-    M, dt = teacher_hidden.shape[0], _out_dtype(student_hidden)
+    M, dt = teacher_hidden.shape[0], common.compute_dtype(student_hidden)
     k1 = min(top_k, weight.shape[0]) + 1
     new = teacher_hidden.new_empty
     return (
@@ -86,57 +76,35 @@ def _(student_hidden, weight, bias, teacher_hidden, student_row, targets, valid,
     )
 
 
-@torch.library.custom_op("sgsd::local_support_backward", mutates_args=())
-def local_support_backward_op(
-    grad_kl: torch.Tensor,
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    student_row: torch.Tensor,
-    columns: torch.Tensor,
-    t_local: torch.Tensor,
-    temperature: float,
-    need_weight_grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("sgsd::local_support_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def local_support_backward_op(grad, student_hidden, weight, bias, student_row, columns, t_local,
+                              temperature, need_weight_grad, backend):  # fmt: skip
     """-> (grad student_hidden, grad weight (or [0]), grad bias (or [0])), input dtypes."""
-    dtype = _out_dtype(student_hidden)
+    dtype = common.compute_dtype(student_hidden)
     in_support = torch.isfinite(t_local)
     rows = in_support.any(-1).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        gw = torch.zeros_like(weight) if need_weight_grad else weight.new_empty(0)
-        use_b = need_weight_grad and bias is not None
-        gb = torch.zeros_like(bias) if use_b else weight.new_empty(0)
-        return torch.zeros_like(student_hidden), gw, gb
-    dh, dw, db = _kernels(backend).backward(
-        grad_kl.index_select(0, rows),
-        student_hidden,
-        weight,
-        bias,
-        student_row.index_select(0, rows),
-        columns.index_select(0, rows),
-        in_support.index_select(0, rows),
-        t_local.index_select(0, rows),
-        temperature,
-        dtype,
-        need_weight_grad,
-    )
-    gw = dw.to(weight.dtype) if need_weight_grad else weight.new_empty(0)
-    gb = db.to(bias.dtype) if need_weight_grad and bias is not None else weight.new_empty(0)
-    return dh.to(student_hidden.dtype), gw, gb
+    dh = dw = db = None
+    if rows.numel():
+        dh, dw, db = torch_kernels.backward(
+            *_take(rows, grad), student_hidden, weight, bias,
+            *_take(rows, student_row, columns, in_support, t_local), temperature, dtype,
+            need_weight_grad,
+        )  # fmt: skip
+    return head_grads.outputs(dh, dw, db, student_hidden, weight, bias, need_weight_grad)
 
 
 @local_support_backward_op.register_fake
-def _(grad_kl, student_hidden, weight, bias, student_row, columns, t_local, temperature,
+def _(grad, student_hidden, weight, bias, student_row, columns, t_local, temperature,
       need_weight_grad, backend):  # fmt: skip
-    gw = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
-    gb = torch.empty_like(bias) if need_weight_grad and bias is not None else weight.new_empty(0)
-    return torch.empty_like(student_hidden), gw, gb
+    return head_grads.fake_outputs(student_hidden, weight, bias, need_weight_grad)
 
 
 def _setup_context(ctx, inputs, output):
     hs, w, b, _, student_row, _, _, _, temperature, backend = inputs
     ctx.save_for_backward(hs, w, b, student_row, output[3], output[4])
+    # The outputs besides the one differentiated get no gradient: with materialisation on,
+    # autograd would allocate zeros for each (a V×H one for dW_unit) in the backward.
+    ctx.set_materialize_grads(False)
     ctx.temperature = temperature
     ctx.backend = backend
     ctx.has_bias = b is not None
@@ -146,17 +114,11 @@ def _backward(ctx, _g_delta, grad_kl, *_rest):
     hs, w, b, student_row, columns, t_local = ctx.saved_tensors
     if grad_kl is None:
         grad_kl = torch.zeros(student_row.shape[0], dtype=t_local.dtype, device=hs.device)
-    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
-    gh, gw, gb = local_support_backward_op(
+    grads = local_support_backward_op(
         grad_kl.contiguous(), hs, w, b, student_row, columns, t_local, ctx.temperature,
-        need_w, ctx.backend,
+        head_grads.need_weight_grad(ctx), ctx.backend,
     )  # fmt: skip
-    return (
-        gh if ctx.needs_input_grad[0] else None,
-        gw if ctx.needs_input_grad[1] else None,
-        gb if ctx.has_bias and ctx.needs_input_grad[2] else None,
-        *([None] * 7),
-    )
+    return head_grads.for_inputs(ctx, grads, 10)
 
 
 torch.library.register_autograd("sgsd::local_support", _backward, setup_context=_setup_context)

@@ -8,18 +8,29 @@ import pytest
 import torch
 
 import sgsd_kernels as sk
-from sgsd_kernels.ops.linear_divergence import linear_divergence_op
+from sgsd_kernels.ops.linear_divergence import _divergence
 from sgsd_kernels.ops.local_support import local_support_op
 
 N, H, V, B, K, T = 6, 12, 57, 2, 2, 3
 
 
-def _divergence(hs, w, b, ht, mask):
+def _divergence_rows(hs, w, b, ht, mask):
+    """Row-varying upstream gradient: the backward recomputes dW."""
     d = sk.linear_divergence(
         hs, w, ht, bias=b, beta=0.5, temperature=1.1, elementwise_clip=0.05, teacher_top_k=7,
         mask=mask, backend="torch",
     )  # fmt: skip
     return d, (d * torch.arange(1, N + 1, dtype=d.dtype)).sum()
+
+
+def _divergence_mean(hs, w, b, ht, mask):
+    """OPSD's Σ m D / Σ m: the same upstream gradient on every valid row, so dW comes from
+    the forward's unit-gradient terms."""
+    d = sk.linear_divergence(
+        hs, w, ht, bias=b, beta=0.0, temperature=1.1, elementwise_clip=0.05, mask=mask,
+        backend="torch",
+    )  # fmt: skip
+    return d, d.sum() / mask.sum()
 
 
 def _local(hs, w, b, th, targets, mask, rewards, tw):
@@ -34,10 +45,12 @@ def _case(name, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(V, H, generator=g) * 0.5
     b = torch.randn(V, generator=g)
-    if name == "divergence":
+    if name.startswith("divergence"):
         mask = torch.rand(N, generator=g) > 0.3
+        mask[0] = True
         args = (torch.randn(N, H, generator=g), w, b, torch.randn(N, H, generator=g), mask)
-        return _divergence, args, (0, 1, 2)
+        fn = _divergence_mean if name == "divergence_mean" else _divergence_rows
+        return fn, args, (0, 1, 2)
     hs = torch.randn(B, T, H, generator=g)
     th = hs.unsqueeze(1) + 0.5 * torch.randn(B, K, T, H, generator=g)
     targets = torch.randint(0, V, (B, T), generator=g)
@@ -55,7 +68,7 @@ def _run(fn, args, grad_idx):
 
 @pytest.mark.parametrize("fullgraph", [False, True])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-@pytest.mark.parametrize("name", ["divergence", "local_support"])
+@pytest.mark.parametrize("name", ["divergence", "divergence_mean", "local_support"])
 def test_compiled_matches_eager(name, backend, fullgraph):
     fn, args, grad_idx = _case(name)
     compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph)
@@ -78,9 +91,10 @@ def test_opcheck_linear_divergence():
     ht, tw = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
     mask = torch.tensor([True, False, True, True, True, False])
     for hypers in [(0.0, 1.1, 0.05, None), (0.5, 1.0, None, 7), (1.0, 0.9, 0.1, 3)]:
-        torch.library.opcheck(
-            linear_divergence_op, (hs, w, b, ht, tw, None, mask, *hypers, "torch")
-        )
+        for units in [(False, False), (True, True), (True, False)]:
+            torch.library.opcheck(
+                _divergence, (hs, w, b, ht, tw, None, mask, *hypers, *units, "torch")
+            )
 
 
 def test_opcheck_local_support():

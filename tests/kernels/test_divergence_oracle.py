@@ -82,6 +82,17 @@ def _leaf(x, dtype=None):
     return (x.detach() if dtype is None else x.detach().to(dtype)).clone().requires_grad_(True)
 
 
+def oracle_divergence(hs, w, ht, tw, b, tb, mask, kw):
+    """(D from the reference in float64 on the given inputs, its float64 leaves hs, w, b)."""
+    o = [_leaf(x, torch.float64) for x in (hs, w, b)]
+    f64 = lambda x: None if x is None else x.double()  # noqa: E731
+    oracle = sk.linear_divergence(
+        o[0], o[1], f64(ht), teacher_weight=f64(tw), bias=o[2], teacher_bias=f64(tb),
+        mask=mask, backend="reference", **kw,
+    )  # fmt: skip
+    return oracle, o
+
+
 def _grads(d, leaves):
     c = torch.randn(d.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     req = [x for x in leaves if x is not None]
@@ -113,12 +124,7 @@ def test_linear_divergence_matches_oracle(backend, dtype, shape, config, small_d
     hs, w, ht, tw, b, tb, mask = make_case(N, H, V, dtype, sep, with_bias, with_mask)
     kw = dict(beta=beta, temperature=temperature, elementwise_clip=clip, teacher_top_k=top_k)
 
-    o = [_leaf(x, torch.float64) for x in (hs, w, b)]
-    f64 = lambda x: None if x is None else x.double()  # noqa: E731
-    oracle = sk.linear_divergence(
-        o[0], o[1], f64(ht), teacher_weight=f64(tw), bias=o[2], teacher_bias=f64(tb),
-        mask=mask, backend="reference", **kw,
-    )  # fmt: skip
+    oracle, o = oracle_divergence(hs, w, ht, tw, b, tb, mask, kw)
     oracle_grads = _grads(oracle, o)
 
     e = [_leaf(x) for x in (hs, w, b)]

@@ -187,3 +187,14 @@ def test_gradient_reaches_only_the_student():
     assert th.grad is None
     assert hs.grad.abs().sum() > 0
     assert (hs.grad[~(mask & (targets != -100))] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_blocked_teacher_pass_matches_oracle(dtype, k, monkeypatch, one_thread):
+    """The torch kernels' teacher top-k pass over many row chunks and vocabulary blocks
+    (a running top-k across blocks) gives the same loss and gradients."""
+    from sgsd_kernels.ops.torch_backend import local_support
+
+    monkeypatch.setattr(local_support, "TOPK_ELEMENTS", 3000)  # 16 rows × 187 columns
+    test_local_support_matches_oracle("torch", dtype, (3, 2, 7, 61, 1007), k, one_thread)

@@ -8,7 +8,9 @@ are computed vocabulary-major (W_blk · hᵀ, 1/T folded into h and b); with a s
 student and teacher rows are one GEMM. When the whole vocabulary fits one block the forward
 normalises both with one in-place log_softmax; otherwise it makes two passes (online
 logsumexp, then the element-wise clipped terms). The backward recomputes the logits and
-forms the student logit gradient from the saved row statistics.
+forms the student logit gradient from the saved row statistics; in the one-block case
+:func:`forward_with_unit_grads` instead forms that gradient (for a unit upstream gradient)
+in the forward and runs the dh and dW GEMMs there.
 
 Gradient: with a = log p_S, c = log p_T and e_v = ∂d_v/∂a_v (0 where the clip is active
 or outside the teacher's top-k), ∂D/∂z_v = e_v − p_S(v)·Σ_u e_u, where
@@ -32,6 +34,12 @@ import torch
 # docs/design.md §6 CPU shape (N=1024, V=32768, H=256, fwd+bwd: reference 899 MiB at β = 0,
 # 1923 MiB at β = 0.5; this path 85 MiB, measured as in tests/kernels/test_divergence_memory.py).
 WORKSPACE_ELEMENTS = 3 << 22
+# The unit-gradient forward holds dW_unit (V×H) beside its scratch: 3/4 of the budget (96
+# rows at V = 32768, β ∈ {0, 1}) keeps it >= 10x under the reference's peak at the
+# docs/design.md §6 CPU shape (β = 0, clip: 74 MiB vs 896; 87 MiB at 128 rows). 96 rows ran
+# as fast as 128 fwd+bwd, 85 rows 1.2-1.4x slower (interleaved, 1 and 2 threads, loaded
+# 2-core EPYC).
+UNIT_WORKSPACE_ELEMENTS = 9 << 20
 _MIN_ROWS = 16
 
 
@@ -169,21 +177,21 @@ def _lse(z, tmp):
     return s.log_().add_(m)
 
 
-def elements(a, c, drop, beta, clip, temps, mask, backward=True):
+def elements(a, c, drop, beta, clip, temps, mask, need_d=True, need_ps=True):
     """Per-element (d, e, p_S, sign) on one block from the log-probs ``a`` (student) and
     ``c`` (teacher), in place: ``a``, ``c`` and the scratch ``temps`` (one buffer for
     β ∈ {0, 1}, two otherwise) are overwritten and the results are views of them; ``mask``
     is bool scratch for the clip. ∂d/∂a = sign · e (β = 0 keeps p_T unnegated: one pass
-    fewer). The forward (``backward`` False) leaves p_S None for β = 0; the backward skips
-    the clamp and the drop of d, which it does not use. Columns in ``drop`` (outside the
-    teacher's top-k) give 0."""
+    fewer). ``need_d`` False (the backward) skips the clamp and the drop of d, which is
+    then not used; ``need_ps`` False leaves p_S None for β = 0 (the other β need it for
+    d). Columns in ``drop`` (outside the teacher's top-k) give 0."""
     s1, s2 = temps
     p_s, sign = None, 1.0
     if beta == 0.0:
         e = torch.exp(c, out=s1)  # p_T; ∂d/∂a = −p_T
         d = c.sub_(a).mul_(e)  # p_T (c − a), in c
         sign = -1.0
-        if backward:
+        if need_ps:
             p_s = a.exp_()
     elif beta == 1.0:
         p_s = torch.exp(a, out=s1)
@@ -202,11 +210,11 @@ def elements(a, c, drop, beta, clip, temps, mask, backward=True):
         d = d.add_(e)
     if clip is not None:
         e.masked_fill_(torch.gt(d, clip, out=mask), 0.0)
-        if not backward:
+        if need_d:
             d.clamp_(max=clip)
     if drop is not None:
         e.masked_fill_(drop, 0.0)
-        if not backward:
+        if need_d:
             d.masked_fill_(drop, 0.0)
     return d, e, p_s, sign
 
@@ -272,21 +280,85 @@ def _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock):
     return hs_c, head, top
 
 
+def single_block(V: int, beta: float, workspace: int | None = None) -> bool:
+    """Whether the whole vocabulary fits one block of the unit-gradient forward's workspace
+    (V up to 196608 at β ∈ {0, 1}), the case in which :func:`forward_with_unit_grads`
+    applies."""
+    workspace = workspace or UNIT_WORKSPACE_ELEMENTS  # read at call time
+    return plan_blocks(1, V, workspace, n_buffers(beta))[1] == V
+
+
 def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
     """Rows [N, H] (all valid) -> (D, Σe, lse_S, lse_T), each [N] in ``dtype``."""
+    outs = _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace)
+    return outs[:4]
+
+
+def forward_with_unit_grads(
+    hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace=None
+):  # fmt: skip
+    """:func:`forward` plus, while each logits block is still in cache, the gradient of
+    Σ_n D_n (a unit upstream gradient on every row): (D, Σe, lse_S, lse_T, dh_unit [N, H]
+    or None, dW_unit [V, H] or None, db_unit [V] or None), dh_unit when ``hidden``, dW_unit
+    (and db_unit with a bias) when ``weight``. Only where :func:`single_block` holds.
+
+    dh_unit[n] = ∂D_n/∂h_n, so dh = grad[:, None]·dh_unit for any upstream gradient;
+    dW_unit = Σ_n ∂D_n/∂W, so dW = c·dW_unit when the upstream gradient is c on every
+    row. That costs 2 G here instead of the backward's 4 G (recompute both logits, dh, dW).
+    """
+    if not single_block(w.shape[0], beta, workspace):
+        raise ValueError("forward_with_unit_grads needs the vocabulary in one block")
+    workspace = workspace or UNIT_WORKSPACE_ELEMENTS
+    return _forward(
+        hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace, hidden, weight
+    )
+
+
+class _UnitGrads:
+    """Accumulators of the unit-upstream-gradient gradients (see
+    :func:`forward_with_unit_grads`)."""
+
+    def __init__(self, hs, w, b, dtype, hidden, weight):
+        N, (V, H) = hs.shape[0], w.shape
+        new = lambda *shape: torch.zeros(*shape, dtype=dtype, device=hs.device)  # noqa: E731
+        self.dh = new(N, H) if hidden else None
+        self.dw = new(V, H) if weight else None
+        self.db = new(V) if weight and b is not None else None
+        self.w = w.to(dtype) if hidden else None  # dh GEMM operand (a copy for bf16/fp16 only)
+
+    @property
+    def wanted(self) -> bool:
+        return self.dh is not None or self.dw is not None
+
+    def add(self, gz, alpha, hs_c, sl):
+        """Accumulate one row chunk's whole-vocabulary logit gradient alpha·gz [r, V]."""
+        if self.dh is not None:
+            torch.mm(gz, self.w, out=self.dh[sl]).mul_(alpha)
+        if self.dw is not None:
+            self.dw.addmm_(gz.T, hs_c, alpha=alpha)
+        if self.db is not None:
+            self.db.add_(gz.sum(0), alpha=alpha)
+
+
+def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
+             unit_hidden=False, unit_weight=False):  # fmt: skip
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
+    unit = _UnitGrads(hs, w, b, dtype, unit_hidden, unit_weight)
     rows, vblock = plan_blocks(N, V, workspace, n_buffers(beta))
     scratch = Scratch(rows * vblock, n_buffers(beta), dtype, hs.device, clip)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        _, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
+        hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
         if vblock == V:
             zs, zt, outs, temps, mask, drop = _both_logits(head, top, 0, V, scratch)
             lse_s, lse_t = _log_softmax_(outs, head.rows)
-            d, e, _, sign = elements(zs, zt, drop, beta, clip, temps, mask, False)
+            d, e, p_s, sign = elements(zs, zt, drop, beta, clip, temps, mask, need_ps=unit.wanted)
             out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1).mul_(sign)
+            if unit.wanted:  # ∂D/∂z = (sign/T)·(e − sign·Σe·p_S), as in the backward
+                gz = e.addcmul_(p_s, out[1, sl, None], value=-sign)
+                unit.add(gz, sign * inv_t, hs_c, sl)
         else:
             lse_s, lse_t = _lse_pass(head, top, V, vblock, scratch)
             acc_d = torch.zeros_like(lse_s)
@@ -294,25 +366,25 @@ def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspa
             for v0, v1 in _blocks(V, vblock):
                 zs, zt, outs, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
                 a, c = _normalise_(zs, zt, outs, lse_s, lse_t, head.fused)
-                d, e, _, sign = elements(a, c, drop, beta, clip, temps, mask, False)
+                d, e, _, sign = elements(a, c, drop, beta, clip, temps, mask, need_ps=False)
                 acc_d += d.sum(-1)
                 acc_e += e.sum(-1).mul_(sign)
             out[0, sl], out[1, sl] = acc_d, acc_e
         out[2, sl], out[3, sl] = lse_s, lse_t
-    return out[0], out[1], out[2], out[3]
+    return out[0], out[1], out[2], out[3], unit.dh, unit.dw, unit.db
 
 
 def backward(
     grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k, dtype,
-    need_weight_grad, workspace=None,
+    need_weight_grad, workspace=None, need_hidden_grad=True,
 ):  # fmt: skip
-    """∂(Σ grad·D) w.r.t. the student rows, W and b: (gh [N, H], gw [V, H] | None,
+    """∂(Σ grad·D) w.r.t. the student rows, W and b: (gh [N, H] | None, gw [V, H] | None,
     gb [V] | None) in ``dtype``. Recomputes both logit blocks (and the teacher top-k).
     Per block gz = g/T · (∂d/∂a − p_S Σe) = (sign·g/T) · (e − sign·Σe·p_S); the row
     factor sign·g/T is applied to the small GEMM operands, not to the block."""
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
-    gh = torch.zeros(hs.shape, dtype=dtype, device=hs.device)
+    gh = torch.zeros(hs.shape, dtype=dtype, device=hs.device) if need_hidden_grad else None
     gw = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_weight_grad else None
     gb = (
         torch.zeros(V, dtype=dtype, device=w.device) if need_weight_grad and b is not None else None
@@ -326,10 +398,11 @@ def backward(
         for v0, v1 in _blocks(V, vblock):
             zs, zt, outs, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
             a, c = _normalise_(zs, zt, outs, lse_s[sl], lse_t[sl], head.fused)
-            _, e, p_s, sign = elements(a, c, drop, beta, clip, temps, mask)
+            _, e, p_s, sign = elements(a, c, drop, beta, clip, temps, mask, need_d=False)
             gz = e.addcmul_(p_s, sum_e[sl, None], value=-sign)
             row = g * sign
-            gh[sl] += (gz @ w[v0:v1].to(dtype)).mul_(row[:, None])
+            if gh is not None:
+                gh[sl] += (gz @ w[v0:v1].to(dtype)).mul_(row[:, None])
             if gw is not None:
                 gw[v0:v1].addmm_(gz.T, hs_c * row[:, None])
             if gb is not None:
