@@ -28,6 +28,9 @@ each optimizer step, :func:`finish` releases what setup acquired. One optimizer 
 
 Steps 2-5 live in :mod:`sgsd.scoring`, the loss itself in :mod:`sgsd.losses`, metrics in
 :mod:`sgsd.metrics`. Everything configurable lives in :class:`sgsd.config.TrainConfig`.
+
+Over 450 lines on purpose: the whole loop (setup, one step, checkpoint, finish) reads top to
+bottom in this one file; the pieces that can stand alone already live in the modules above.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Each function's docstring shows the eager PyTorch expression it equals. The heavy work
 lives in ``sgsd_kernels.ops`` (custom ops with autograd); ``backend="reference"`` runs the
 materialising eager code in ``sgsd_kernels.reference``.
+
+Over 450 lines on purpose: the public functions and their docstrings (the equivalent eager
+expression, every argument) are the library's API reference, kept together in one file; the
+argument checks live in ``sgsd_kernels.validation``.
 """
 
 from __future__ import annotations
@@ -495,67 +499,6 @@ class GatedKDLoss(torch.nn.Module):
 # --- docs/design.md §3.1: full-vocabulary divergence -------------------------------------
 
 
-def _check_head(name, weight, V, H, dtype):
-    check.tensor(name, weight, kind="float")
-    check.shape(name, weight, (V, H), f"[V, H] = [{V}, {H}]")
-    if weight.dtype != dtype:
-        raise TypeError(f"{name} dtype {weight.dtype} must match student_hidden dtype {dtype}")
-
-
-def _check_bias(name, bias, V, dtype):
-    if bias is None:
-        return
-    check.tensor(name, bias, kind="float")
-    check.shape(name, bias, (V,), f"[V] = [{V}]")
-    if bias.dtype != dtype:
-        raise TypeError(f"{name} dtype {bias.dtype} must match student_hidden dtype {dtype}")
-
-
-def _check_divergence_inputs(
-    student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask
-):
-    check.tensor("student_hidden", student_hidden, kind="float")
-    check.tensor("weight", weight, kind="float")
-    check.tensor("teacher_hidden", teacher_hidden, kind="float")
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
-    V, H = weight.shape
-    dtype = student_hidden.dtype
-    if student_hidden.dim() < 1 or student_hidden.shape[-1] != H:
-        raise ValueError(
-            f"student_hidden must have shape [..., H] with H = weight.shape[1] = {H}, "
-            f"got {tuple(student_hidden.shape)}"
-        )
-    if teacher_hidden.shape != student_hidden.shape:
-        raise ValueError(
-            f"teacher_hidden must have the shape of student_hidden "
-            f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}"
-        )
-    _check_head("weight", weight, V, H, dtype)
-    if teacher_hidden.dtype != dtype:
-        raise TypeError(
-            f"teacher_hidden dtype {teacher_hidden.dtype} must match student_hidden dtype {dtype}"
-        )
-    if teacher_weight is not None:
-        _check_head("teacher_weight", teacher_weight, V, H, dtype)
-    _check_bias("bias", bias, V, dtype)
-    _check_bias("teacher_bias", teacher_bias, V, dtype)
-    if mask is not None:
-        check.tensor("mask", mask, kind="mask")
-        lead = tuple(student_hidden.shape[:-1])
-        check.shape("mask", mask, lead, f"student_hidden.shape[:-1] = {list(lead)}")
-    check.same_device(
-        student_hidden=student_hidden,
-        weight=weight,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        bias=bias,
-        teacher_bias=teacher_bias,
-        mask=mask,
-    )
-    return V
-
-
 def _teacher_head(teacher_hidden, weight, bias, teacher_weight, teacher_bias) -> LinearInputs:
     """The teacher side of a divergence: its own head, or the student's weight and (unless
     ``teacher_bias`` is given) bias when ``teacher_weight`` is None."""
@@ -564,20 +507,6 @@ def _teacher_head(teacher_hidden, weight, bias, teacher_weight, teacher_bias) ->
         if teacher_bias is None:
             teacher_bias = bias
     return LinearInputs(teacher_hidden, teacher_weight, teacher_bias)
-
-
-def _check_divergence_hypers(beta, temperature, elementwise_clip, teacher_top_k, V):
-    beta = check.hyper("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    temperature = check.hyper("temperature", temperature, positive=True)
-    if elementwise_clip is not None:
-        elementwise_clip = check.hyper("elementwise_clip", elementwise_clip, positive=True)
-    if teacher_top_k is not None:
-        teacher_top_k = check.integer("teacher_top_k", teacher_top_k)
-        if not 1 <= teacher_top_k <= V:
-            raise ValueError(f"teacher_top_k must be in [1, V] = [1, {V}], got {teacher_top_k}")
-    return beta, temperature, elementwise_clip, teacher_top_k
 
 
 def linear_divergence(
@@ -627,10 +556,10 @@ def linear_divergence(
         D [...] float32 (float64 for float64 inputs). Gradients reach ``student_hidden``,
         ``weight`` and ``bias`` through the student side only.
     """
-    V = _check_divergence_inputs(
+    V = check.divergence_inputs(
         student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask
     )
-    beta, temperature, clip, top_k = _check_divergence_hypers(
+    beta, temperature, clip, top_k = check.divergence_hypers(
         beta, temperature, elementwise_clip, teacher_top_k, V
     )
     check.finite_inputs(

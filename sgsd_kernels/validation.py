@@ -191,3 +191,81 @@ def mask_values(token_mask):
         return
     if token_mask.dtype != torch.bool and bool(((token_mask != 0) & (token_mask != 1)).any()):
         raise ValueError("token_mask must hold only 0/1 (or be a bool tensor)")
+
+
+def _head(name, weight, V, H, dtype):
+    tensor(name, weight, kind="float")
+    shape(name, weight, (V, H), f"[V, H] = [{V}, {H}]")
+    if weight.dtype != dtype:
+        raise TypeError(f"{name} dtype {weight.dtype} must match student_hidden dtype {dtype}")
+
+
+def _bias(name, bias, V, dtype):
+    if bias is None:
+        return
+    tensor(name, bias, kind="float")
+    shape(name, bias, (V,), f"[V] = [{V}]")
+    if bias.dtype != dtype:
+        raise TypeError(f"{name} dtype {bias.dtype} must match student_hidden dtype {dtype}")
+
+
+def divergence_inputs(
+    student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask
+):
+    """Checks :func:`sgsd_kernels.linear_divergence`'s tensors (shapes, dtypes, device);
+    returns V."""
+    tensor("student_hidden", student_hidden, kind="float")
+    tensor("weight", weight, kind="float")
+    tensor("teacher_hidden", teacher_hidden, kind="float")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have shape [V, H] with V, H >= 1, got {tuple(weight.shape)}")
+    V, H = weight.shape
+    dtype = student_hidden.dtype
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != H:
+        raise ValueError(
+            f"student_hidden must have shape [..., H] with H = weight.shape[1] = {H}, "
+            f"got {tuple(student_hidden.shape)}"
+        )
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(
+            f"teacher_hidden must have the shape of student_hidden "
+            f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}"
+        )
+    _head("weight", weight, V, H, dtype)
+    if teacher_hidden.dtype != dtype:
+        raise TypeError(
+            f"teacher_hidden dtype {teacher_hidden.dtype} must match student_hidden dtype {dtype}"
+        )
+    if teacher_weight is not None:
+        _head("teacher_weight", teacher_weight, V, H, dtype)
+    _bias("bias", bias, V, dtype)
+    _bias("teacher_bias", teacher_bias, V, dtype)
+    if mask is not None:
+        tensor("mask", mask, kind="mask")
+        lead = tuple(student_hidden.shape[:-1])
+        shape("mask", mask, lead, f"student_hidden.shape[:-1] = {list(lead)}")
+    same_device(
+        student_hidden=student_hidden,
+        weight=weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        bias=bias,
+        teacher_bias=teacher_bias,
+        mask=mask,
+    )
+    return V
+
+
+def divergence_hypers(beta, temperature, elementwise_clip, teacher_top_k, V):
+    """β ∈ [0, 1], T > 0, clip > 0, 1 ≤ top_k ≤ V (docs/design.md §3.1), as Python numbers."""
+    beta = hyper("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    temperature = hyper("temperature", temperature, positive=True)
+    if elementwise_clip is not None:
+        elementwise_clip = hyper("elementwise_clip", elementwise_clip, positive=True)
+    if teacher_top_k is not None:
+        teacher_top_k = integer("teacher_top_k", teacher_top_k)
+        if not 1 <= teacher_top_k <= V:
+            raise ValueError(f"teacher_top_k must be in [1, V] = [1, {V}], got {teacher_top_k}")
+    return beta, temperature, elementwise_clip, teacher_top_k
