@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
         "float32",
         V=32768,
         H=256,
-        logprobs_N=[256, 1024],
+        logprobs_N=[256, 1024, 4096],  # the log-prob target shapes against CCE (§6)
         sgsd=[(128, 1), (128, 4), (128, 8), (1024, 8)],
         divergence_N=[1024],  # the §6 CPU shape, where the >= 10x memory target is stated
         local_support=[(1024, 1)],
