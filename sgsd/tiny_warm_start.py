@@ -148,12 +148,26 @@ def _batch_loss(model, rows: list[tuple[list[int], int]], pad: int):
     return loss, len(targets)
 
 
+def _settings(config: dict | None) -> dict:
+    """:data:`WARM_START` updated with ``config``, checked."""
+    unknown = sorted(set(config or {}) - set(WARM_START))
+    if unknown:
+        raise ValueError(f"unknown warm-start setting(s) {unknown}; known: {sorted(WARM_START)}")
+    cfg = {**WARM_START, **(config or {})}
+    for key, low in (("steps", 1), ("batch_size", 1), ("teacher_rows", 0), ("warmup", 0)):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < low:
+            raise ValueError(f"warm-start {key} must be an int >= {low}, got {cfg[key]!r}")
+    if not (isinstance(cfg["lr"], (int, float)) and 0 < cfg["lr"] < float("inf")):
+        raise ValueError(f"warm-start lr must be a finite number > 0, got {cfg['lr']!r}")
+    return cfg
+
+
 def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -> float:
     """Fine-tune ``model`` in place (see the module docstring); returns the mean loss per
     assistant token of the last 20 steps. Leaves the model in eval mode."""
     import torch
 
-    cfg = {**WARM_START, **(config or {})}
+    cfg = _settings(config)
     student = sft_examples(tokenizer)
     teacher = [row for rows in teacher_sft_examples(tokenizer) for row in rows]
     pad = tokenizer.pad_token_id
