@@ -19,7 +19,8 @@ Two kinds of prompt, mixed in every batch (:data:`WARM_START` ``teacher_rows``):
 
 Without the second kind the model has never seen a guidance block, so every teacher
 context only lowers its token log-probs: every support score S (docs/design.md §3) is
-negative, polarity follows the reward alone and "neutral" (|S| <= ε) never happens. With
+negative, polarity follows the reward alone and "neutral" (|S| <= ε) never happens
+(measured: mean raw support -2.3, no neutral teacher in 6 steps of the embedded run). With
 it a teacher context costs the warmed model little on its own rollouts: many support
 scores fall within ±ε, and helpful, harmful and neutral teachers all occur in the embedded
 run (README, "Training"; ``tests/trainer/test_tiny_warm_start.py``).
