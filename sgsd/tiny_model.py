@@ -213,8 +213,9 @@ def _corpus() -> tuple[str, ...]:
 def tiny_model_fingerprint(seed: int = 0, *, warm_start: bool = False) -> str:
     """Hex digest identifying the files :func:`save_tiny_model` would write for ``seed``.
 
-    Covers the seed, architecture, template, tokenizer corpus (which holds the demo set,
-    the warm start's data), the warm-start settings when ``warm_start`` and the versions
+    Covers the seed, architecture, template, tokenizer corpus, the warm-start settings and
+    the text of its examples (student and teacher prompts, solutions) when ``warm_start``,
+    and the versions
     of the libraries whose behaviour determines the bytes (init and BPE training are only
     guaranteed reproducible within one version).
     """
@@ -232,9 +233,10 @@ def tiny_model_fingerprint(seed: int = 0, *, warm_start: bool = False) -> str:
         "versions": [version("torch"), version("transformers"), version("tokenizers")],
     }
     if warm_start:
-        from sgsd.tiny_warm_start import WARM_START
+        from sgsd.tiny_warm_start import WARM_START, data_digest
 
         payload["warm_start"] = WARM_START
+        payload["warm_start_data"] = data_digest()
     h.update(json.dumps(payload, sort_keys=True).encode())
     for line in _corpus():
         h.update(line.encode("utf-8"))
