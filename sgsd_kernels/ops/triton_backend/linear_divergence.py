@@ -214,12 +214,11 @@ def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, strid
 
 
 @triton.jit
-def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H, stride_xs,
-                 stride_xt, stride_w, stride_wt, Scalars,
-                 HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr,
-                 HAS_CLIP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_H: tl.constexpr):  # fmt: skip
+def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H,
+                 stride_xs, stride_xt, stride_w, stride_wt, Scalars, HAS_BIAS: tl.constexpr,
+                 HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     """G[i, v] = grad·(e − p_S·Σe)/T for rows r0 + i, i < R (G is [R, V], row-major)."""
     inv_t, log_beta, log_1m_beta, clip = _load_scalars(Scalars)
     local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
