@@ -17,8 +17,10 @@ config) and, with --dump-ptx, DIR/ptx/<kernel>__<arch>__<dtype>__<variant>__<con
 dtype "tf32" means fp32 inputs with TF32 enabled by the user in PyTorch. Exits 1 on any
 compile failure, naming the kernel and config. --quick (the CI test) compiles the default
 configs only, with every flag on (the largest variant of each kernel). --jobs (default 2)
-compiles that many architectures in parallel processes; --from-csv rewrites the reports.
-The full sm_80 + sm_90 run is about 400 compiles: 10-15 minutes on 2 busy cores.
+compiles that many architectures in parallel processes; --only REGEX (on
+``module.function``) and --dtypes narrow the run to some kernels and dtypes (iterating on
+one kernel takes seconds per compile); --from-csv rewrites the reports.
+The full sm_80 + sm_90 run is about 560 compiles: about 15 minutes on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class StandInDriver:
 class Recorder:
     """Forces launches to compile only, and records one row per new compile."""
 
-    def __init__(self):
+    def __init__(self, only: str | None = None):
+        self.only = re.compile(only) if only else None
         self.rows: list[dict] = []
         self.ptx: dict[str, str] = {}
         self.failures: list[str] = []
@@ -95,6 +98,8 @@ class Recorder:
 
         def run(fn, *args, grid, warmup, **kwargs):
             recorder.launched.add(fn)
+            if not recorder.wanted(fn):
+                return None  # filtered out by --only: nothing compiled, nothing recorded
             start = time.perf_counter()
             log = io.StringIO()
             try:
@@ -110,10 +115,13 @@ class Recorder:
 
         JITFunction.run = run
 
+    def wanted(self, fn) -> bool:
+        return self.only is None or bool(self.only.search(_kernel_name(fn)))
+
     def add(self, fn, kwargs, kernel, seconds, log):
         ctx = self.context
         row = dict(
-            kernel=f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}",
+            kernel=_kernel_name(fn),
             arch=ctx["arch"],
             dtype=ctx["dtype"],
             variant=_variant(kwargs),
@@ -144,6 +152,11 @@ class Recorder:
         self.ptx["__".join(str(v) for v in key)] = ptx
 
 
+def _kernel_name(fn) -> str:
+    """module.function, the report's kernel column (e.g. linear_divergence._fwd_kernel)."""
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+
+
 def _variant(kwargs) -> str:
     flags = [
         name.lower()
@@ -168,6 +181,8 @@ def _config_name(kwargs) -> str:
     parts = [f"{short[k]}{kwargs[k]}" for k in short if k in kwargs]
     parts.append(f"w{kwargs.get('num_warps', 4)}")
     parts.append(f"s{kwargs.get('num_stages', 3)}")
+    if kwargs.get("maxnreg") is not None:  # ptxas register cap (.maxnreg)
+        parts.append(f"r{kwargs['maxnreg']}")
     return "-".join(parts)
 
 
@@ -303,9 +318,9 @@ def _drive(dtype_name: str, case: dict, deterministic: bool, quick: bool = False
                 backend="triton",
             )
         # The full-vocabulary divergence: forward KL with the element clip (the OPSD
-        # default), the β-JSD and the reverse KL are three kernel variants (BETA_MODE).
-        divergence_variants = [(0.0, 0.05)] if quick else [(0.0, 0.05), (0.5, None), (1.0, None)]
-        for beta, clip in divergence_variants:
+        # default), the β-JSD with and without the clip and the reverse KL. The three
+        # BETA_MODEs are different element-wise code, so --quick drives them all.
+        for beta, clip in ((0.0, 0.05), (0.5, None), (0.5, 0.05), (1.0, None)):
             student = torch.zeros(n, H, dtype=dtype, requires_grad=True)
             d = sk.linear_divergence(
                 student,
@@ -331,13 +346,13 @@ def _drive(dtype_name: str, case: dict, deterministic: bool, quick: bool = False
         res.loss.backward()
 
 
-def compile_all(archs: list[int], quick: bool) -> Recorder:
+def compile_all(archs: list[int], quick: bool, only: str | None = None, dtypes=DTYPES) -> Recorder:
     import torch
     from triton.runtime import driver
 
     triton_configs = configs()
 
-    recorder = Recorder()
+    recorder = Recorder(only)
     recorder.install()
     kernels = _discover()
     _allow_cpu_triton()
@@ -348,7 +363,7 @@ def compile_all(archs: list[int], quick: bool) -> Recorder:
             driver.set_active(StandInDriver(cc))
             for autotune, is_default in passes:
                 triton_configs.set_autotune(autotune)
-                for dtype_name in DTYPES:
+                for dtype_name in dtypes:
                     matmul.fp32_precision = "tf32" if dtype_name == "tf32" else "ieee"
                     recorder.context = dict(arch=f"sm_{cc}", dtype=dtype_name, default=is_default)
                     print(f"sm_{cc} {dtype_name} autotune={autotune}", file=sys.stderr, flush=True)
@@ -370,7 +385,7 @@ def compile_all(archs: list[int], quick: bool) -> Recorder:
             driver.reset_active()
         triton_configs.set_autotune(False)
         matmul.fp32_precision = "none"
-    missing = kernels - _reachable(recorder.launched)
+    missing = {fn for fn in kernels - _reachable(recorder.launched) if recorder.wanted(fn)}
     for fn in sorted(missing, key=lambda f: (f.__module__, f.__name__)):
         recorder.failures.append(
             f"{fn.__module__}.{fn.__name__}: never launched by the dispatch driver (add a case)"
@@ -385,6 +400,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dump-ptx", action="store_true", help="also write DIR/ptx/*.ptx")
     parser.add_argument("--quick", action="store_true", help="default configs, largest variant")
     parser.add_argument("--jobs", type=int, default=2, help="architectures compiled in parallel")
+    parser.add_argument("--only", help="regex on module.function: compile only those kernels")
+    parser.add_argument(
+        "--dtypes", default=",".join(DTYPES), help="comma list of " + "/".join(DTYPES)
+    )
     parser.add_argument("--from-csv", help="only rewrite the reports from this triton-aot.csv")
     args = parser.parse_args(argv)
     archs = []
@@ -393,6 +412,14 @@ def main(argv=None) -> int:
         if not match:
             parser.error(f"--arch: expected names like sm_80,sm_90, got {item!r}")
         archs.append(int(match.group(1)))
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    if unknown := [d for d in dtypes if d not in DTYPES]:
+        parser.error(f"--dtypes: expected some of {','.join(DTYPES)}, got {unknown}")
+    if args.only:
+        try:
+            re.compile(args.only)
+        except re.error as exc:
+            parser.error(f"--only: not a regular expression ({exc}): {args.only!r}")
     if args.from_csv:
         recorder = Recorder()
         recorder.rows = read_csv(Path(args.from_csv))
@@ -402,7 +429,7 @@ def main(argv=None) -> int:
         parser.error(f"--jobs: expected a positive count, got {args.jobs}")
     if args.jobs > 1 and len(archs) > 1:
         return _parallel(args, archs)
-    recorder = compile_all(archs, args.quick)
+    recorder = compile_all(archs, args.quick, args.only, dtypes)
     write_reports(recorder.rows, recorder.ptx, Path(args.out), args.dump_ptx, archs)
     print(f"{len(recorder.rows)} kernels compiled -> {args.out}/triton-aot.{{csv,md}}")
     for msg in recorder.failures:
@@ -421,6 +448,7 @@ def _parallel(args, archs) -> int:
     def one(cc):
         cmd = [sys.executable, __file__, "--arch", f"sm_{cc}", "--out", str(parts[cc])]
         cmd += ["--dump-ptx"] * args.dump_ptx + ["--quick"] * args.quick
+        cmd += ["--dtypes", args.dtypes] + (["--only", args.only] if args.only else [])
         return subprocess.run(cmd, capture_output=True, text=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -1,76 +1,101 @@
 """The ``linear_divergence`` Triton kernels compile for sm_80 and sm_90 without a GPU
-(Triton's bundled ptxas, docs/design.md §8) at the launch configuration the dispatcher picks on a
-GPU, fit shared memory, and fp32 inputs run full-precision dots (no TF32 in the PTX).
+(Triton's bundled ptxas, docs/design.md §8) at the launch configurations the dispatcher
+picks, in every variant (β-mode 0/1/2, clip, biases) and dtype: none spills on either
+architecture, shared memory fits, fp32 runs full-precision dots unless TF32 is enabled,
+and 16-bit dots run on tensor cores.
 
-Compilation runs in a subprocess without ``TRITON_INTERPRET`` (the kernel conftest turns
-the interpreter on for this process, and interpreted kernels cannot be compiled)."""
+``tools/triton_aot.py --only linear_divergence`` runs in a subprocess without
+``TRITON_INTERPRET`` (the kernel conftest turns the interpreter on for this process, and
+interpreted kernels cannot be compiled)."""
 
 from __future__ import annotations
 
-import json
+import csv
 import os
+import platform
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "triton_aot.py"
+SHARED_LIMIT = {"sm_80": 166_912, "sm_90": 232_448}
+VARIANTS = {"beta_mode0", "beta_mode1", "beta_mode2"}
 
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-
-SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from sgsd_kernels.ops.triton_backend import linear_divergence as m
-
-    name, ptr, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    kernel = getattr(m, name)
-    import torch
-    cfg = m._config({"*fp32": torch.float32, "*bf16": torch.bfloat16}[ptr])
-    constexprs = dict(HAS_BIAS=True, HAS_TBIAS=True, BETA_MODE=2, HAS_CLIP=True,
-                      UPCAST=False, PRECISION="ieee", ACC=tl.float32,
-                      BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"])
-    floats = ("inv_t", "beta", "log_beta", "log_1m_beta", "clip")
-    sig = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            sig[arg] = "constexpr"
-        elif arg in floats:
-            sig[arg] = "fp32"
-        elif arg == "r0":
-            sig[arg] = "i64"
-        elif arg in ("N", "V", "H", "R") or arg.startswith("stride"):
-            sig[arg] = "i32"
-        elif arg in ("Out", "Stats", "G", "Grad"):
-            sig[arg] = "*fp32"
-        else:
-            sig[arg] = ptr
-    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                       target=GPUTarget("cuda", cap, 32), options=opts)
-    ptx = k.asm["ptx"]
-    print(json.dumps({"shared": k.metadata.shared, "mma": "mma" in ptx, "tf32": "tf32" in ptx}))
-    """
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64",
+    reason="Triton (and its bundled ptxas) is installed on Linux x86_64 only",
 )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("dtype_ptr", ["*fp32", "*bf16"])
-@pytest.mark.parametrize("name", ["_fwd_kernel", "_grad_kernel"])
-def test_kernels_compile_for_ampere_and_hopper(name, dtype_ptr, capability):
+def _run_tool(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, name, dtype_ptr, str(capability)],
-        capture_output=True, text=True, timeout=600, env=env, check=True,
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-    info = json.loads(out.stdout.strip().splitlines()[-1])
-    assert info["shared"] <= SHARED_LIMIT[capability]
-    if dtype_ptr == "*fp32":  # full-precision fp32 dots lower to FMAs, not TF32 mma
-        assert not info["tf32"], "fp32 inputs must not silently run as TF32"
-    else:
-        assert info["mma"], "bf16 dots must run on the tensor cores (mma / wgmma)"
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("aot-divergence")
+    proc = _run_tool(
+        "--arch", "sm_80,sm_90", "--only", "linear_divergence", "--jobs", "2", "--out", str(out)
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "triton-aot.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_every_variant_and_dtype_compiled_for_both_archs(rows):
+    assert {r["kernel"] for r in rows} == {
+        "linear_divergence._fwd_kernel",
+        "linear_divergence._grad_kernel",
+    }
+    for arch in SHARED_LIMIT:
+        for kernel in ("_fwd_kernel", "_grad_kernel"):
+            mine = [r for r in rows if r["arch"] == arch and r["kernel"].endswith(kernel)]
+            assert {r["dtype"] for r in mine} == {"fp16", "bf16", "fp32", "tf32", "fp64"}
+            modes = {v for r in mine for v in r["variant"].split("+") if v.startswith("beta")}
+            assert modes == VARIANTS, f"{arch} {kernel}: {modes}"
+            assert any("has_clip+beta_mode2" in r["variant"] for r in mine)
+            assert any(r["variant"].startswith("has_bias") for r in mine)
+            assert any(not r["variant"].startswith("has_bias") for r in mine)
+
+
+@pytest.mark.slow
+def test_no_default_config_spills_on_either_arch(rows):
+    spills = [
+        f"{r['kernel']} {r['arch']} {r['dtype']} {r['variant']} {r['config']}: "
+        f"{r['registers']} registers, {r['spill_bytes']} B spilled"
+        for r in rows
+        if r["default"] == "True" and int(r["spill_bytes"]) > 0
+    ]
+    assert not spills, "spills:\n" + "\n".join(spills)
+
+
+@pytest.mark.slow
+def test_shared_memory_fits_and_dot_precision(rows):
+    for r in rows:
+        assert int(r["shared_bytes"]) <= SHARED_LIMIT[r["arch"]], r
+        expected = {"fp32": "ieee", "tf32": "tf32"}.get(r["dtype"], r["dtype"])
+        assert r["operand_precision"] == expected, r
+        if r["dtype"] in ("fp16", "bf16"):  # tensor cores: wgmma on sm_90, mma.sync on sm_80
+            assert r["mma"] == ("wgmma" if r["arch"] == "sm_90" else "mma"), r
+        if r["dtype"] == "fp32":  # full-precision fp32 dots lower to FMAs, not TF32 mma
+            assert r["mma"] == "none", r
+
+
+def test_tool_rejects_bad_filters_with_a_message():
+    pytest.importorskip("triton")
+    proc = _run_tool("--dtypes", "fp8", "--out", "unused", timeout=120)
+    assert proc.returncode == 2
+    assert "--dtypes: expected some of fp16,bf16,fp32,tf32,fp64, got ['fp8']" in proc.stderr
+    proc = _run_tool("--only", "linear_(", "--out", "unused", timeout=120)
+    assert proc.returncode == 2
+    assert "--only: not a regular expression" in proc.stderr

@@ -32,8 +32,10 @@ KERNELS = {
     "logprobs_from_logits._bwd_kernel",
     "gated_kd._fwd_kernel",
     "gated_kd._bwd_kernel",
+    "linear_divergence._fwd_kernel",
+    "linear_divergence._grad_kernel",
 }
-DOT_KERNELS = {k for k in KERNELS if k.startswith("linear_logprobs.")}
+DOT_KERNELS = {k for k in KERNELS if k.startswith(("linear_logprobs.", "linear_divergence."))}
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.machine() != "x86_64",
@@ -83,6 +85,15 @@ def test_every_kernel_compiles_for_each_arch_and_dtype(aot):
         bwd = {r["variant"] for r in rows if _kernel_name(r) == "linear_logprobs._bwd_kernel"}
         assert any("grad_logits" in v for v in bwd), f"{arch}: chunked backward not compiled"
         assert any("grad_logits" not in v for v in bwd), f"{arch}: fused backward not compiled"
+        # The divergence's three element-wise variants (forward KL, reverse KL, β-JSD),
+        # each a different register budget: all of them are compiled, so the spill test
+        # below covers every one at sm_90.
+        for kernel in ("linear_divergence._fwd_kernel", "linear_divergence._grad_kernel"):
+            variants = {
+                r["variant"] for r in rows if r["arch"] == arch and _kernel_name(r) == kernel
+            }
+            modes = {v.rsplit("+", 1)[-1] for v in variants}
+            assert modes == {"beta_mode0", "beta_mode1", "beta_mode2"}, f"{arch} {kernel}: {modes}"
     assert all(r["default"] == "True" for r in rows)  # --quick: the default configs only
 
 

@@ -5,7 +5,9 @@ Forward (``_fwd_kernel``): one program per block of BLOCK_N rows streams both lo
 z_S = h_S·Wᵀ and z_T = h_T·W_Tᵀ over the vocabulary (fp32 accumulation, loop over H in
 BLOCK_H steps). Pass 1 keeps an online logsumexp for both; pass 2 recomputes the tiles and
 accumulates D = Σ_v min(c, d_v) and Σ_v e_v (e = ∂d/∂log p_S, see the torch backend's
-docstring for the formulas). Nothing of size N×V is allocated.
+docstring for the formulas; the β-JSD in the two-mass form of docs/design.md §3.1). Nothing
+of size N×V is allocated. The forward and the gradient kernel have their own launch
+configs (``_CONFIGS``), each checked free of register spills on sm_80 and sm_90.
 
 Backward: ``_grad_kernel`` recomputes both tiles for a bounded chunk of rows and writes the
 student logit gradient g·(e − p_S·Σe)/T into a [chunk, V] workspace; two GEMMs give dh and
@@ -31,27 +33,49 @@ import triton.language as tl
 
 from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
 from sgsd_kernels.ops.triton_backend import triton_configs
+from sgsd_kernels.ops.triton_backend.tiles import dot_w_block
 from sgsd_kernels.runtime import interpreting
 
 # [chunk, V] fp32 gradient workspace of the backward: 2**26 elements = 256 MiB.
 WORKSPACE_ELEMENTS = 1 << 26
 
 
-def _config(dtype: torch.dtype) -> dict:
+# Launch configs per kernel and input dtype: BLOCK_NxBLOCK_VxBLOCK_H/warps/stages, and
+# ``maxnreg`` where set. Two [BLOCK_N, BLOCK_V] accumulators (student and teacher) are live
+# per program, plus the element-wise terms' temporaries. Chosen from the register budget of
+# tools/triton_aot.py (Triton 3.9's bundled ptxas, every variant: β-mode 0/1/2, clip,
+# biases), not timed on a GPU; the figures are max registers over the variants on sm_90 /
+# sm_80, none of which spills (benchmarks/results/triton-aot/). maxnreg=255 is set where
+# ptxas, left to itself, traded registers for occupancy and spilled 4-48 B in some
+# variants (TF32 forward at 168 registers, 16-bit forward at 8 warps on sm_80, TF32
+# gradient); with the cap it uses what it needs without spilling.
+# - 16-bit forward: 64x64x64 at 8 warps, maxnreg=255: 166 / 168. At 4 warps the sm_80
+#   β-JSD forward spilled 56-76 B. Gradient: same tile, 80 / 106.
+# - fp32 and TF32 forward: 32x64x32 at 4 warps, maxnreg=255: fp32 255 / 254 (the ieee FMA
+#   dot takes the whole file), TF32 190 / 176.
+# - fp32 and TF32 gradient: 32x64x32 at 8 warps, maxnreg=255: fp32 255 / 246, TF32 199 /
+#   101. At 4 warps the fp32 gradient tile spilled 4-88 B even with the cap.
+# - fp64: 32x32x16 at 4 warps, 1 stage: forward 162 / 232, gradient 162 / 208. At 32x64
+#   (4 warps, 2 stages) the β-JSD forward spilled up to 376 B; 8 warps moved 12-16 B of
+#   spills to the KL variants on sm_90.
+_CONFIGS = {
+    ("fwd", "16"): ("64x64x64/8/2", 255),
+    ("grad", "16"): ("64x64x64/8/2", None),
+    ("fwd", "32"): ("32x64x32/4/2", 255),
+    ("grad", "32"): ("32x64x32/8/2", 255),
+    ("fwd", "64"): ("32x32x16/4/1", None),
+    ("grad", "64"): ("32x32x16/4/1", None),
+}
+
+
+def _config(kind: str, dtype: torch.dtype) -> dict:
+    """Launch config of ``_fwd_kernel`` (kind "fwd") or ``_grad_kernel`` ("grad")."""
     if interpreting():  # numpy per program: few, large tiles; tl.dot needs dims >= 16
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
-    # Two live accumulators (student and teacher) per program plus the element-wise
-    # terms' temporaries. Chosen by the register budget of tools/triton_aot.py, not timed
-    # on a GPU: at 64x64x64 / 4 warps the fp32 forward spilled 708 B and the fp64 one
-    # 1124 B on sm_90. These 32-row tiles do not spill for the OPSD variant (β = 0, clip)
-    # in fp32/bf16/fp16, but the β-JSD forward still spills on sm_90 in fp64 (≤ 136 B) and
-    # with TF32 (40 B); 8 warps or 16-row tiles moved the spills to other variants rather
-    # than removing them (benchmarks/results/triton-aot/).
-    if dtype == torch.float64:
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2)
-    if dtype == torch.float32:
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=4, num_stages=2)
+    bits = {torch.float64: "64", torch.float32: "32"}.get(dtype, "16")
+    tile, maxnreg = _CONFIGS[(kind, bits)]
+    cfg = triton_configs.parse_tile(tile)
+    return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
 
 
 def _constexprs(dtype: torch.dtype, beta: float, clip) -> dict:
@@ -77,12 +101,7 @@ def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t,
         h_ok = hk < H
         x = tl.load(X + rows[:, None] * stride_x + hk[None, :],
                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)  # fmt: skip
-        w = tl.load(W + cols[:, None] * stride_w + hk[None, :],
-                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)  # fmt: skip
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = dot_w_block(acc, x, W, cols, col_ok, hk, h_ok, stride_w, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     acc = acc * inv_t
@@ -90,41 +109,72 @@ def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t,
 
 
 @triton.jit
-def _elements(zs, zt, lse_s, lse_t, col_ok, beta, log_beta, log_1m_beta, clip,
-              BETA_MODE: tl.constexpr, HAS_CLIP: tl.constexpr):  # fmt: skip
-    """(d, e = ∂d/∂a, p_S) per element; 0 past V."""
-    a = zs - lse_s[:, None]
-    c = zt - lse_t[:, None]
-    p_s = tl.exp(a)
+def _load_scalars(Scalars):
+    """1/T, log β, log(1 − β) and the clip, stored by ``_scalars`` in the accumulation
+    dtype. A tensor, not float arguments: Triton passes a Python float as fp32 (so does
+    its interpreter), which would round 1/T and log β to ~1e-7 in the fp64 kernels."""
+    return tl.load(Scalars), tl.load(Scalars + 1), tl.load(Scalars + 2), tl.load(Scalars + 3)
+
+
+@triton.jit
+def _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs, stride_xt,
+            stride_w, stride_wt, inv_t, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
+            UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """The student and teacher tiles (z_S, z_T) of one [BLOCK_N, BLOCK_V] block."""
+    zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
+               HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
+               HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    return zs, zt
+
+
+@triton.jit
+def _elements(a, c, col_ok, log_beta, log_1m_beta, clip, BETA_MODE: tl.constexpr,
+              HAS_CLIP: tl.constexpr):  # fmt: skip
+    """(d, e = ∂d/∂a) per element from a = log p_S and c = log p_T; 0 past V.
+
+    β-JSD: with x1 = log((1−β)p_S) and x2 = log(β p_T), the larger mass is E = exp(max)
+    and the smaller E·r with r = exp(−|x1 − x2|), and log M = max + log(1 + r). That is
+    two exp and one log per element where the direct form (p_S, p_T and a logsumexp of
+    x1, x2) takes four exp and a log; the fewer live temporaries keep the fp64 and TF32
+    forwards inside the register file (numbers in ``_config``)."""
     if BETA_MODE == 0:
         p_t = tl.exp(c)
         d = p_t * (c - a)
         e = -p_t
     elif BETA_MODE == 1:
+        p_s = tl.exp(a)
         d = p_s * (a - c)
-        e = p_s * (a - c + 1.0)
+        e = d + p_s
     else:
         x1 = a + log_1m_beta
         x2 = c + log_beta
         top = tl.maximum(x1, x2)
-        log_m = top + tl.log(tl.exp(x1 - top) + tl.exp(x2 - top))
-        e = (1.0 - beta) * p_s * (a - log_m)
-        d = beta * tl.exp(c) * (c - log_m) + e
+        r = tl.exp(-tl.abs(x1 - x2))
+        big = tl.exp(top)
+        student_top = x1 >= x2
+        mass_s = tl.where(student_top, big, big * r)  # (1 − β) p_S
+        mass_t = tl.where(student_top, big * r, big)  # β p_T
+        log_m = top + tl.log(1.0 + r)
+        e = mass_s * (a - log_m)
+        d = mass_t * (c - log_m) + e
     if HAS_CLIP:
         e = tl.where(d > clip, 0.0, e)
         d = tl.minimum(d, clip)
     keep = col_ok[None, :]
-    return tl.where(keep, d, 0.0), tl.where(keep, e, 0.0), tl.where(keep, p_s, 0.0)
+    return tl.where(keep, d, 0.0), tl.where(keep, e, 0.0)
 
 
 @triton.jit
 def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, stride_w,
-                stride_wt, inv_t, beta, log_beta, log_1m_beta, clip,
+                stride_wt, Scalars,
                 HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr,
                 HAS_CLIP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_H: tl.constexpr):  # fmt: skip
     """Out [4, N]: D, Σe, lse_S, lse_T."""
+    inv_t, log_beta, log_1m_beta, clip = _load_scalars(Scalars)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     m_s = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
@@ -134,10 +184,9 @@ def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, strid
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols·stride_w can pass 2**31
         col_ok = cols < V
-        zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
-                   HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-        zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
-                   HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        zs, zt = _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs,
+                         stride_xt, stride_w, stride_wt, inv_t, HAS_BIAS, HAS_TBIAS, UPCAST,
+                         PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
         new_s = tl.maximum(m_s, tl.max(zs, 1))
         new_t = tl.maximum(m_t, tl.max(zt, 1))
         l_s = l_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(zs - new_s[:, None]), 1)
@@ -151,12 +200,11 @@ def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, strid
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
-        zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
-                   HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-        zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
-                   HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-        d, e, _ = _elements(zs, zt, lse_s, lse_t, col_ok, beta, log_beta, log_1m_beta, clip,
-                            BETA_MODE, HAS_CLIP)  # fmt: skip
+        zs, zt = _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs,
+                         stride_xt, stride_w, stride_wt, inv_t, HAS_BIAS, HAS_TBIAS, UPCAST,
+                         PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        d, e = _elements(zs - lse_s[:, None], zt - lse_t[:, None], col_ok, log_beta,
+                         log_1m_beta, clip, BETA_MODE, HAS_CLIP)  # fmt: skip
         acc_d += tl.sum(d, 1)
         acc_e += tl.sum(e, 1)
     tl.store(Out + rows, acc_d, mask=row_ok)
@@ -166,13 +214,13 @@ def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, strid
 
 
 @triton.jit
-def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H, stride_xs,
-                 stride_xt, stride_w, stride_wt, inv_t, beta, log_beta, log_1m_beta, clip,
-                 HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr,
-                 HAS_CLIP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_H: tl.constexpr):  # fmt: skip
+def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H,
+                 stride_xs, stride_xt, stride_w, stride_wt, Scalars, HAS_BIAS: tl.constexpr,
+                 HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     """G[i, v] = grad·(e − p_S·Σe)/T for rows r0 + i, i < R (G is [R, V], row-major)."""
+    inv_t, log_beta, log_1m_beta, clip = _load_scalars(Scalars)
     local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = r0 + local
     row_ok = local < R
@@ -182,20 +230,23 @@ def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H, stride_x
     lse_s = tl.load(Stats + 2 * N + rows, mask=row_ok, other=0.0)
     lse_t = tl.load(Stats + 3 * N + rows, mask=row_ok, other=0.0)
     g = tl.load(Grad + rows, mask=row_ok, other=0.0).to(ACC) * inv_t
-    zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
-               HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-    zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
-               HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-    _, e, p_s = _elements(zs, zt, lse_s, lse_t, col_ok, beta, log_beta, log_1m_beta, clip,
-                          BETA_MODE, HAS_CLIP)  # fmt: skip
+    zs, zt = _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs,
+                     stride_xt, stride_w, stride_wt, inv_t, HAS_BIAS, HAS_TBIAS, UPCAST,
+                     PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    a = zs - lse_s[:, None]
+    _, e = _elements(a, zt - lse_t[:, None], col_ok, log_beta, log_1m_beta, clip, BETA_MODE,
+                     HAS_CLIP)  # fmt: skip
+    p_s = tl.where(col_ok[None, :], tl.exp(a), 0.0)
     gz = (e - p_s * sum_e[:, None]) * g[:, None]
     tl.store(G + local[:, None] * V + cols[None, :], gz, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _scalars(beta, temperature, clip):
+def _scalars(beta, temperature, clip, dtype, device):
+    """The kernels' ``Scalars`` [4] in the accumulation dtype (see ``_load_scalars``)."""
     log_beta = math.log(beta) if beta > 0 else 0.0
     log_1m_beta = math.log1p(-beta) if beta < 1 else 0.0
-    return 1.0 / temperature, beta, log_beta, log_1m_beta, 0.0 if clip is None else clip
+    values = [1.0 / temperature, log_beta, log_1m_beta, 0.0 if clip is None else clip]
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _acc(dtype: torch.dtype):
@@ -209,11 +260,12 @@ def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspa
         return torch_kernels.forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype)
     N, V, H = hs.shape[0], w.shape[0], w.shape[1]
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
-    cfg = _config(hs.dtype)
+    cfg = _config("fwd", hs.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    scalars = _scalars(beta, temperature, clip, dtype, hs.device)
     _fwd_kernel[grid](
         hs, ht, w, tw, b if b is not None else w, tb if tb is not None else w, out, N, V, H,
-        hs.stride(0), ht.stride(0), w.stride(0), tw.stride(0), *_scalars(beta, temperature, clip),
+        hs.stride(0), ht.stride(0), w.stride(0), tw.stride(0), scalars,
         HAS_BIAS=b is not None, HAS_TBIAS=tb is not None, ACC=_acc(dtype),
         **_constexprs(hs.dtype, beta, clip), **cfg,
     )  # fmt: skip
@@ -237,10 +289,10 @@ def backward(grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature,
     gb = (
         torch.zeros(V, dtype=dtype, device=w.device) if need_weight_grad and b is not None else None
     )
-    cfg = _config(hs.dtype)
+    cfg = _config("grad", hs.dtype)
     rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // V))
     G = torch.empty(rows * V, dtype=dtype, device=hs.device)
-    scalars = _scalars(beta, temperature, clip)
+    scalars = _scalars(beta, temperature, clip, dtype, hs.device)
     consts = _constexprs(hs.dtype, beta, clip)
     for r0 in range(0, N, rows):
         R = min(rows, N - r0)
@@ -249,7 +301,7 @@ def backward(grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature,
         _grad_kernel[grid](
             hs, ht, w, tw, b if b is not None else w, tb if tb is not None else w, stats,
             g_blk, grad, r0, R, N, V, H, hs.stride(0), ht.stride(0), w.stride(0),
-            tw.stride(0), *scalars, HAS_BIAS=b is not None, HAS_TBIAS=tb is not None,
+            tw.stride(0), scalars, HAS_BIAS=b is not None, HAS_TBIAS=tb is not None,
             ACC=_acc(dtype), **consts, **cfg,
         )  # fmt: skip
         torch.mm(g_blk, w_c, out=gh[r0 : r0 + R])

@@ -20,6 +20,7 @@ accumulation whatever the setting.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import torch
@@ -42,77 +43,80 @@ _INTERPRET = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, num_warps=1, num_stages=1)
 _INTERPRET_SPACE = [_INTERPRET, dict(_INTERPRET, BLOCK_V=32)]
 
 
-def _c(block_n, block_v, block_h, warps, stages):
-    return dict(
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps, num_stages=stages
-    )
+# One row per (kind, operands): the sm_90 space | the sm_80 space. The first config of each
+# is the default, the rest the opt-in autotune space; a config is
+# BLOCK_NxBLOCK_VxBLOCK_H/warps/stages. operands: "16" (fp16/bf16), "fp32" (ieee dots),
+# "tf32" (fp32 with TF32 enabled by the user), "fp64". The budgets (registers, spills,
+# shared bytes) are those of benchmarks/results/triton-aot/triton-aot.md, compiled with
+# Triton 3.9's bundled ptxas; no GPU timing chose any of them. sm_90: H100, 227 KB shared
+# per block, 255 registers per thread, wgmma. sm_80: A100, 163 KB shared, mma.sync with
+# the accumulators in registers. "#" lines give the reasons.
+_TILES = """
+# 16-bit on sm_90: 64x128 output tiles, 64-deep K steps, 8 warps (two warpgroups of
+# wgmma). Rejected for spills in the forward: 128x128x64 (255 regs, 4-148 B spilled),
+# 64x256x64 (16 B), 64x128x64 at 4 warps (120 B). On sm_80 the fused backward at 2 stages
+# is at the edge (254 registers) and 64x64x64 at 4 warps spilled 16 B there.
+fwd          16    64x128x64/8/3 64x128x64/8/4 | 64x128x64/8/3 64x64x64/4/3
+bwd_fused    16    64x128x64/8/3 64x128x64/8/2 | 64x128x64/8/2
+grad_logits  16    64x128x64/8/3 128x64x64/4/3 | 64x128x64/8/3 128x64x64/4/3
+# fp32 (ieee): no tensor cores, FMA dots. The fused backward holds a [64, 64] gradient
+# tile plus the dx and dW products: on sm_90 64x128x32 at 8 warps spilled 2.8 KB and
+# 64x64x32 at 4 warps collapsed to 32 registers with 11 KB of spills; 16-deep H steps fit.
+# 64x64x32 at 4 warps spilled 16 B in the sm_90 entropy forward (no second candidate). On
+# sm_80 the forward at 64x128x32/8/2 is at the edge (255 registers), and the fused
+# backward at 64x64x16 spilled 4 B at 4 warps (168 registers) and uses 116 at 8.
+fwd          fp32  64x128x32/8/3               | 64x128x32/8/2 64x64x32/4/2
+bwd_fused    fp32  64x64x16/4/2 32x64x32/4/2   | 64x64x16/8/2 32x64x16/4/2
+grad_logits  fp32  64x128x32/8/3 64x64x32/4/3  | 64x128x32/8/2 64x64x32/4/3
+# tf32 (user opt-in): tensor-core tf32 at the fp32 tile shapes, 32-deep K steps; none
+# spills.
+fwd          tf32  64x128x32/8/3               | 64x128x32/8/2
+bwd_fused    tf32  64x128x32/8/2               | 64x64x32/4/2
+grad_logits  tf32  64x128x32/8/3               | 64x128x32/8/2
+# fp64: DMMA (mma.m8n8k4.f64); small tiles, an fp64 accumulator is two registers. The
+# sm_90 chunked backward's gradient tile at 32x64 spilled 4 B (bias + entropy); 32x32 does
+# not.
+fwd          fp64  32x64x16/4/2                | 32x64x16/4/2
+bwd_fused    fp64  32x64x16/4/2                | 32x64x16/4/2
+grad_logits  fp64  32x32x16/4/2                | 32x64x16/4/2
+"""
 
-
-# (family, kind, operands) -> default config. operands: "16" (fp16/bf16), "fp32" (ieee
-# dots), "tf32" (fp32 with TF32 enabled by the user), "fp64". The budgets (registers,
-# spills, shared bytes) are those of benchmarks/results/triton-aot/triton-aot.md, compiled
-# with Triton 3.9's bundled ptxas; no GPU timing chose any of them.
+# (family, kind, operands) -> default config, and the opt-in autotune space per key (the
+# default is always its first entry).
 DEFAULTS: dict[tuple[str, str, str], dict] = {}
-# The opt-in autotune space per key (the default is always its first entry).
 SPACE: dict[tuple[str, str, str], list[dict]] = {}
 
 
-def _table(family, kind, operands, default, *others):
-    DEFAULTS[(family, kind, operands)] = default
-    SPACE[(family, kind, operands)] = [default, *others]
+def parse_tile(text: str) -> dict:
+    """``"64x128x32/8/3"`` -> BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, 8 warps, 3 stages."""
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)/(\d+)/(\d+)", text)
+    if not match:
+        raise ValueError(f"tile config must look like 64x128x32/8/3, got {text!r}")
+    n, v, h, warps, stages = map(int, match.groups())
+    return dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=h, num_warps=warps, num_stages=stages)
 
 
-# --- sm_90 (H100; 227 KB shared per block, 255 registers per thread) -------------------------
-# 16-bit: 64x128 output tiles, 64-deep K steps, 8 warps (two warpgroups of wgmma). Tried
-# and rejected for spills in the forward: 128x128x64 (255 regs, 4-148 B spilled),
-# 64x256x64 (16 B), 64x128x64 at 4 warps (120 B).
-_table("sm90", "fwd", "16", _c(64, 128, 64, 8, 3), _c(64, 128, 64, 8, 4))
-_table("sm90", "bwd_fused", "16", _c(64, 128, 64, 8, 3), _c(64, 128, 64, 8, 2))
-_table("sm90", "grad_logits", "16", _c(64, 128, 64, 8, 3), _c(128, 64, 64, 4, 3))
-# fp32 (ieee): no tensor cores, FMA dots. The fused backward holds a [64, 64] gradient
-# tile plus the dx and dW products: 64x128x32 at 8 warps spilled (2.8 KB), and ptxas
-# collapsed 64x64x32 at 4 warps to 32 registers with 11 KB of spills; 16-deep H steps fit.
-# 64x64x32 at 4 warps spilled 16 B in the entropy forward: no second candidate yet.
-_table("sm90", "fwd", "fp32", _c(64, 128, 32, 8, 3))
-_table("sm90", "bwd_fused", "fp32", _c(64, 64, 16, 4, 2), _c(32, 64, 32, 4, 2))
-_table("sm90", "grad_logits", "fp32", _c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3))
-# tf32 (user opt-in): wgmma tf32 at the fp32 tile shapes with 32-deep K steps; none spills.
-_table("sm90", "fwd", "tf32", _c(64, 128, 32, 8, 3))
-_table("sm90", "bwd_fused", "tf32", _c(64, 128, 32, 8, 2))
-_table("sm90", "grad_logits", "tf32", _c(64, 128, 32, 8, 3))
-# fp64: DMMA (mma.m8n8k4.f64); small tiles, an fp64 accumulator is two registers. The
-# chunked backward's gradient tile at 32x64 spilled 4 B (bias + entropy); 32x32 does not.
-_table("sm90", "fwd", "fp64", _c(32, 64, 16, 4, 2))
-_table("sm90", "bwd_fused", "fp64", _c(32, 64, 16, 4, 2))
-_table("sm90", "grad_logits", "fp64", _c(32, 32, 16, 4, 2))
+def _table(family, kind, operands, space):
+    DEFAULTS[(family, kind, operands)] = space[0]
+    SPACE[(family, kind, operands)] = space
 
-# --- sm_80 (A100; 163 KB shared per block) -------------------------------------------------
-# mma.sync instead of wgmma, accumulators in registers. At the edge but not spilling: the
-# 16-bit fused backward at 64x128x64, 8 warps, 2 stages (254 registers) and the fp32
-# forward at 64x128x32, 8 warps, 2 stages (255).
-_table("sm80", "fwd", "16", _c(64, 128, 64, 8, 3), _c(64, 64, 64, 4, 3))
-# 64x64x64 at 4 warps spilled 16 B in the fused backward: no second candidate yet.
-_table("sm80", "bwd_fused", "16", _c(64, 128, 64, 8, 2))
-_table("sm80", "grad_logits", "16", _c(64, 128, 64, 8, 3), _c(128, 64, 64, 4, 3))
-_table("sm80", "fwd", "fp32", _c(64, 128, 32, 8, 2), _c(64, 64, 32, 4, 2))
-# fp32 fused backward: 64x64x16 at 4 warps spilled 4 B (168 registers); at 8 warps 116.
-_table("sm80", "bwd_fused", "fp32", _c(64, 64, 16, 8, 2), _c(32, 64, 16, 4, 2))
-_table("sm80", "grad_logits", "fp32", _c(64, 128, 32, 8, 2), _c(64, 64, 32, 4, 3))
-_table("sm80", "fwd", "tf32", _c(64, 128, 32, 8, 2))
-_table("sm80", "bwd_fused", "tf32", _c(64, 64, 32, 4, 2))
-_table("sm80", "grad_logits", "tf32", _c(64, 128, 32, 8, 2))
-_table("sm80", "fwd", "fp64", _c(32, 64, 16, 4, 2))
-_table("sm80", "bwd_fused", "fp64", _c(32, 64, 16, 4, 2))
-_table("sm80", "grad_logits", "fp64", _c(32, 64, 16, 4, 2))
+
+for _row in _TILES.strip().splitlines():
+    if _row.startswith("#"):
+        continue
+    _left, _right = _row.split("|")
+    _kind, _ops, *_sm90 = _left.split()
+    _table("sm90", _kind, _ops, [parse_tile(t) for t in _sm90])
+    _table("sm80", _kind, _ops, [parse_tile(t) for t in _right.split()])
 
 # --- sm_86 / sm_89 / sm_120 (99 KB shared): the sm_80 tiles at <= 2 stages. Not in the
 # committed report; `tools/triton_aot.py --arch sm_86` compiles them. ----------------------
 for (_fam, _kind, _ops), _cfg in list(DEFAULTS.items()):
     if _fam == "sm80":
-        _table("sm86", _kind, _ops, dict(_cfg, num_stages=min(2, _cfg["num_stages"])))
+        _table("sm86", _kind, _ops, [dict(_cfg, num_stages=min(2, _cfg["num_stages"]))])
 # Except the fp32 fused backward: the sm_80 tile spilled 16 B on sm_86; 32x64x16 at 4 warps
 # uses 96 registers.
-_table("sm86", "bwd_fused", "fp32", _c(32, 64, 16, 4, 2))
+_table("sm86", "bwd_fused", "fp32", [parse_tile("32x64x16/4/2")])
 
 
 def arch() -> int:
