@@ -557,19 +557,11 @@ def linear_divergence(
         ``weight`` and ``bias`` through the student side only.
     """
     V = check.divergence_inputs(
-        student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask
-    )
+        student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask,
+        check_finite,
+    )  # fmt: skip
     beta, temperature, clip, top_k = check.divergence_hypers(
         beta, temperature, elementwise_clip, teacher_top_k, V
-    )
-    check.finite_inputs(
-        check_finite,
-        student_hidden=student_hidden,
-        weight=weight,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        bias=bias,
-        teacher_bias=teacher_bias,
     )
     backend = resolve_backend(backend, student_hidden.device)
     if mask is not None and mask.dtype != torch.bool and check.value_checks_enabled():

@@ -210,10 +210,10 @@ def _bias(name, bias, V, dtype):
 
 
 def divergence_inputs(
-    student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask
+    student_hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask, check_finite
 ):
-    """Checks :func:`sgsd_kernels.linear_divergence`'s tensors (shapes, dtypes, device);
-    returns V."""
+    """Checks :func:`sgsd_kernels.linear_divergence`'s tensors (shapes, dtypes, device and,
+    with ``check_finite``, finiteness); returns V."""
     tensor("student_hidden", student_hidden, kind="float")
     tensor("weight", weight, kind="float")
     tensor("teacher_hidden", teacher_hidden, kind="float")
@@ -244,15 +244,16 @@ def divergence_inputs(
         tensor("mask", mask, kind="mask")
         lead = tuple(student_hidden.shape[:-1])
         shape("mask", mask, lead, f"student_hidden.shape[:-1] = {list(lead)}")
-    same_device(
-        student_hidden=student_hidden,
-        weight=weight,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        bias=bias,
-        teacher_bias=teacher_bias,
-        mask=mask,
-    )
+    heads = {
+        "student_hidden": student_hidden,
+        "weight": weight,
+        "teacher_hidden": teacher_hidden,
+        "teacher_weight": teacher_weight,
+        "bias": bias,
+        "teacher_bias": teacher_bias,
+    }
+    same_device(**heads, mask=mask)
+    finite_inputs(check_finite, **heads)
     return V
 
 
