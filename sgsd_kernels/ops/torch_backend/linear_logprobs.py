@@ -26,16 +26,18 @@ from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Strea
 from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 
 _MIN_ROWS = 64
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# Preferred tile: rows × vocabulary block of logits (TBD: tuned below).
+TILE_ROWS = 256
+TILE_VOCAB = 2048
 
 
 def plan_blocks(n_rows: int, vocab: int, workspace: int | None = None) -> tuple[int, int]:
     """(row chunk, vocab block) such that chunk × block ≤ workspace (for N, V ≥ 1)."""
     workspace = workspace or torch_backend.WORKSPACE_ELEMENTS  # read at call time
-    if vocab * _MIN_ROWS <= workspace:
-        vblock = vocab
-    else:
-        vblock = max(1, workspace // _MIN_ROWS)
-    rows = max(1, min(n_rows, workspace // vblock))
+    vblock = max(1, min(vocab, TILE_VOCAB, workspace // _MIN_ROWS))
+    rows = max(1, min(n_rows, TILE_ROWS, workspace // vblock))
     return rows, vblock
 
 
@@ -46,10 +48,11 @@ def _workspace(rows: int, vblock: int, dtype, device) -> torch.Tensor:
     return torch.empty(rows * vblock, dtype=dtype, device=device)
 
 
-def _logits_block(out, h, weight, bias, v0, v1, inv_t, dtype):
+def _logits_block(out, h, weight, bias, v0, v1, inv_t, dtype, sliced=False):
     """Scaled logits z = (h @ W[v0:v1]ᵀ + b[v0:v1]) / T written into ``out`` (a flat
-    workspace), in ``dtype`` (fp32 accumulation)."""
-    w = weight[v0:v1].to(dtype)
+    workspace), in ``dtype`` (fp32 accumulation). ``sliced``: ``weight`` is already the
+    block W[v0:v1] in ``dtype``."""
+    w = weight if sliced else weight[v0:v1].to(dtype)
     z = out[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)
     if bias is not None:
         torch.addmm(bias[v0:v1].to(dtype), h, w.T, beta=inv_t, alpha=inv_t, out=z)
@@ -94,6 +97,9 @@ def forward(
             picked[r0:r1] = logp.gather(1, t).squeeze(1)
             lse[r0:r1] = z_t - picked[r0:r1]
         return *zero_ignored(valid, picked), lse
+    # Online softmax in base 2: the logits block holds z·log2(e) (folded into the GEMM's
+    # alpha) so that exp2 can replace exp, see _exp_block.
+    scale2 = inv_t * _LOG2E
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h = hidden[r0:r1].to(dtype)
@@ -102,39 +108,39 @@ def forward(
         tgt = torch.zeros(r1 - r0, dtype=dtype, device=device)
         for v0 in range(0, V, vblock):
             v1 = min(V, v0 + vblock)
-            z = _logits_block(buf, h, weight, bias, v0, v1, inv_t, dtype)
+            z = _logits_block(buf, h, weight, bias, v0, v1, scale2, dtype)
             inside = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
             tgt = torch.where(inside, z.gather(1, local).squeeze(1), tgt)
             blk_max = z.amax(1)
             new_max = blk_max if run_max is None else torch.maximum(run_max, blk_max)
-            z.sub_(new_max.unsqueeze(1))  # z ← z − m  (≤ 0)
+            z.sub_(new_max.unsqueeze(1))  # z ← (z − m)·log2(e)  (≤ 0)
             if with_entropy:
-                e = torch.exp(z)
-                blk_acc = (e * z).sum(1)  # Σ e·(z − m)
+                e = torch.exp2(z)
+                blk_acc = (e * z).sum(1)  # Σ e·(z − m)·log2(e)
                 blk_sum = e.sum(1)
                 del e
             else:
-                blk_sum = z.exp_().sum(1)
+                blk_sum = z.exp2_().sum(1)
             if run_max is None:
                 run_sum = blk_sum
                 run_acc = blk_acc if with_entropy else None
             else:
-                # Rescale the running sums to the new max: Σe' = c·Σe, with c = exp(m − m').
+                # Rescale the running sums to the new max: Σe' = c·Σe, with c = 2^(m − m').
                 shift = run_max - new_max
-                c = torch.exp(shift)
+                c = torch.exp2(shift)
                 if with_entropy:
                     run_acc = c * (run_acc + shift * run_sum) + blk_acc
                 run_sum = c * run_sum + blk_sum
             run_max = new_max
             del z
         log_sum = torch.log(run_sum)
-        lse[r0:r1] = run_max + log_sum
+        lse[r0:r1] = run_max * _LN2 + log_sum
         # (z_t − max) − log Σ like eager log_softmax: z_t − lse loses eps·|z| to rounding.
-        picked[r0:r1] = (tgt - run_max) - log_sum
+        picked[r0:r1] = (tgt - run_max) * _LN2 - log_sum
         if with_entropy:
             # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
-            entropy[r0:r1] = log_sum - run_acc / run_sum
+            entropy[r0:r1] = log_sum - (run_acc / run_sum) * _LN2
     return *zero_ignored(valid, picked, entropy), lse
 
 
@@ -156,6 +162,10 @@ def backward(
 
     ``need_weight_grad=False`` (a frozen LM head, e.g. under LoRA) skips the dW and db
     GEMMs: the backward then costs 2 G instead of 3 G.
+
+    Vocabulary blocks are the outer loop: each block of W is cast once and its dW/db
+    slice stays in cache while every row chunk adds to it; the per-row accumulator
+    S = Σ_v p_v W_v ([N,H], small) collects the softmax part of dh.
     """
     hidden, weight, bias = x.hidden, x.weight, x.bias
     N, H = hidden.shape
@@ -164,57 +174,74 @@ def backward(
     inv_t = 1.0 / grad_rows.temperature
     dtype = compute_dtype(hidden)
     safe_t, g, ge = grad_rows.scales(dtype, inv_t)
-    lse, entropy = grad_rows.lse, grad_rows.entropy
+    # log p·log2(e) = z·log2(e) − lse·log2(e): the GEMM's alpha carries log2(e), exp2 follows.
+    lse2 = (grad_rows.lse.to(dtype) * _LOG2E).unsqueeze(1)
+    scale2 = inv_t * _LOG2E
+    h_all = hidden.to(dtype)
     grad_w = torch.zeros(V, H, dtype=dtype, device=device) if need_weight_grad else None
     need_bias_grad = need_weight_grad and bias is not None
     grad_b = torch.zeros(V, dtype=dtype, device=device) if need_bias_grad else None
-    grad_h = torch.empty(N, H, dtype=hidden.dtype, device=device)
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        h = hidden[r0:r1].to(dtype)
-        g_c = g[r0:r1]
-        lse_c = lse[r0:r1].to(dtype).unsqueeze(1)
-        t = safe_t[r0:r1]
-        # Onehot part: +g at the target column.
-        dh = g_c.unsqueeze(1) * weight[t].to(dtype)
-        if grad_w is not None:
-            grad_w.index_add_(0, t, g_c.unsqueeze(1) * h)
-        if grad_b is not None:
-            grad_b.index_add_(0, t, g_c)
-        if ge is None:
-            neg_gh = h * (-g_c).unsqueeze(1)
-        else:
-            ge_c = ge[r0:r1].unsqueeze(1)
-            ent_c = entropy[r0:r1].to(dtype).unsqueeze(1)
-        for v0 in range(0, V, vblock):
-            v1 = min(V, v0 + vblock)
-            z = _logits_block(buf, h, weight, bias, v0, v1, inv_t, dtype)
-            z.sub_(lse_c)  # log p
-            w = weight[v0:v1].to(dtype)
+    if ge is None:
+        # dz = g (onehot − p): dh = g (W[t] − S), dW = onehot·(g h) − pᵀ (g h), db likewise.
+        g_h = h_all * g.unsqueeze(1)
+        neg_gh = -g_h
+        neg_g = -g
+        acc = torch.zeros(N, H, dtype=dtype, device=device)  # S
+    else:
+        # ∂H/∂z_j = −p_j (log p_j + H); total g·onehot − p (g + ge (log p + H)) =: onehot·g + G.
+        ge_c = ge.unsqueeze(1)
+        ent = grad_rows.entropy.to(dtype).unsqueeze(1)
+        g_col = g.unsqueeze(1)
+        ge_ln2 = ge_c * _LN2
+        c0 = g_col + ge_c * ent
+        acc = torch.zeros(N, H, dtype=dtype, device=device)  # Σ_v G_v W_v
+        ones = torch.ones(rows, dtype=dtype, device=device)
+    for v0 in range(0, V, vblock):
+        v1 = min(V, v0 + vblock)
+        w = weight[v0:v1].to(dtype)
+        gw = None if grad_w is None else grad_w[v0:v1]
+        gb = None if grad_b is None else grad_b[v0:v1]
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            h = h_all[r0:r1]
+            z = _logits_block(buf, h, w, bias, v0, v1, scale2, dtype, sliced=True)
+            z.sub_(lse2[r0:r1])  # log2 p
             if ge is None:
-                p = z.exp_()
-                dh.sub_(g_c.unsqueeze(1) * (p @ w))
-                if grad_w is not None:
-                    grad_w[v0:v1].addmm_(p.T, neg_gh)
-                if grad_b is not None:
-                    grad_b[v0:v1].sub_(p.T @ g_c)
+                p = z.exp2_()
+                acc[r0:r1].addmm_(p, w)
+                if gw is not None:
+                    gw.addmm_(p.T, neg_gh[r0:r1])
+                if gb is not None:
+                    gb.addmv_(p.T, neg_g[r0:r1])
             else:
-                # ∂H/∂z_j = −p_j (log p_j + H); total −p (g + ge (log p + H)).
-                p = torch.exp(z)
-                coef = z.add_(ent_c).mul_(ge_c).add_(g_c.unsqueeze(1))
+                # G = −p (g + ge (log p + H)) = −p (ge·ln2·log2 p + (g + ge·H)), formed in
+                # place while the block is in cache.
+                p = torch.exp2(z)
+                coef = z.mul_(ge_ln2[r0:r1]).add_(c0[r0:r1])
                 G = p.mul_(coef).neg_()
-                dh.addmm_(G, w)
-                if grad_w is not None:
-                    grad_w[v0:v1].addmm_(G.T, h)
-                if grad_b is not None:
-                    grad_b[v0:v1].add_(G.sum(0))
+                acc[r0:r1].addmm_(G, w)
+                if gw is not None:
+                    gw.addmm_(G.T, h)
+                if gb is not None:
+                    gb.addmv_(G.T, ones[: r1 - r0])
                 del coef
             del z, p
-        grad_h[r0:r1] = dh.to(hidden.dtype)
+    # Onehot part: +g at each row's target column.
+    w_t = weight[safe_t].to(dtype)
+    if ge is None:
+        grad_h = (w_t - acc).mul_(g.unsqueeze(1))
+        if grad_w is not None:
+            grad_w.index_add_(0, safe_t, g_h)
+    else:
+        grad_h = acc.addcmul_(w_t, g_col)
+        if grad_w is not None:
+            grad_w.index_add_(0, safe_t, h_all * g_col)
+    if grad_b is not None:
+        grad_b.index_add_(0, safe_t, g)
     return (
-        grad_h,
+        grad_h.to(hidden.dtype),
         None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(bias.dtype),
     )
