@@ -2,19 +2,25 @@
 for log-probs from hidden states.
 
 Never allocates N×V: tokens are processed in row chunks and the vocabulary in column
-blocks, so the workspace is at most ``WORKSPACE_ELEMENTS`` logits (plus one V×H-sized
-block of the weight cast to the compute dtype when the weight is low precision).
-When the vocabulary fits one block (the common case) the forward runs ATen's fused
+blocks (``plan_blocks``: a cache-sized tile, at most ``WORKSPACE_ELEMENTS`` logits), in
+one reused workspace. When the vocabulary fits one block the forward runs ATen's fused
 log_softmax on each row chunk; otherwise, or with entropy, it keeps an online
 (max, Σexp, Σexp·(z−max)) per row. The backward recomputes each logits block and
-accumulates dh, dW and db with GEMMs.
+accumulates dh, dW and db with GEMMs, vocabulary blocks outermost so that each block of
+W is cast once and its dW slice stays in cache across row chunks.
+
+Base 2: the online paths scale the logits by log2(e) in the GEMM's alpha and use exp2,
+which ATen vectorises about 3× faster than exp (256×2048 fp32 block, 1 thread, AMD EPYC:
+exp 436 µs, exp2 148 µs, against 2.7 ms for the block's GEMM).
 
 Backward trick: with p = softmax(z) and per-row gradient g on the target log-prob,
-∂/∂z = g·(onehot − p). Instead of forming g·p over the whole block (an extra pass over
-rows×V memory), the row scale is applied to the small operand of each GEMM:
-dh = −g ⊙ (p @ W) and dW = pᵀ @ (−g ⊙ h); the onehot part is a gather/index_add of
-N rows. That removes two read-modify-write passes (scale, scatter) over each rows×V
-block; it was not timed separately.
+∂/∂z = g·(onehot − p). Instead of forming g·p over the block, the row scale is applied to
+the small operand of each GEMM: S = p @ W accumulates per row and dh = g ⊙ (W[t] − S) at
+the end, dW = pᵀ @ (−g ⊙ h); the onehot part is a gather/index_add of N rows.
+
+Measured (N=1024, V=32768, H=256, fp32, 1 thread, loaded 2-core AMD EPYC, per-process
+CPU time) the backward spends ~93% of its time in the three GEMMs per tile; the rest is
+exp2, the log p shift and the first touch of the fresh dW.
 """
 
 from __future__ import annotations
@@ -57,9 +63,8 @@ def _logits_block(out, h, weight, bias, v0, v1, inv_t, dtype, sliced=False):
     if bias is not None:
         torch.addmm(bias[v0:v1].to(dtype), h, w.T, beta=inv_t, alpha=inv_t, out=z)
     else:
-        torch.mm(h, w.T, out=z)
-        if inv_t != 1.0:
-            z.mul_(inv_t)
+        # beta=0: the scale rides on the GEMM's alpha instead of a pass over the block.
+        torch.addmm(z, h, w.T, beta=0, alpha=inv_t, out=z)
     return z
 
 
@@ -178,9 +183,12 @@ def backward(
     lse2 = (grad_rows.lse.to(dtype) * _LOG2E).unsqueeze(1)
     scale2 = inv_t * _LOG2E
     h_all = hidden.to(dtype)
-    grad_w = torch.zeros(V, H, dtype=dtype, device=device) if need_weight_grad else None
+    # dW and db start empty: the first row chunk of each vocabulary block writes its slice
+    # (beta=0), the others add. A separate zero fill is one more pass over V×H, measured
+    # at 18 ms of a 570 ms backward (N=1024, V=32768, H=256, fp32, 1 thread, AMD EPYC).
+    grad_w = torch.empty(V, H, dtype=dtype, device=device) if need_weight_grad else None
     need_bias_grad = need_weight_grad and bias is not None
-    grad_b = torch.zeros(V, dtype=dtype, device=device) if need_bias_grad else None
+    grad_b = torch.empty(V, dtype=dtype, device=device) if need_bias_grad else None
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
     if ge is None:
@@ -205,6 +213,7 @@ def backward(
         gb = None if grad_b is None else grad_b[v0:v1]
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
+            beta = 0 if r0 == 0 else 1  # beta=0 ignores the (uninitialised) slice
             h = h_all[r0:r1]
             z = _logits_block(buf, h, w, bias, v0, v1, scale2, dtype, sliced=True)
             z.sub_(lse2[r0:r1])  # log2 p
@@ -212,9 +221,9 @@ def backward(
                 p = z.exp2_()
                 acc[r0:r1].addmm_(p, w)
                 if gw is not None:
-                    gw.addmm_(p.T, neg_gh[r0:r1])
+                    torch.addmm(gw, p.T, neg_gh[r0:r1], beta=beta, out=gw)
                 if gb is not None:
-                    gb.addmv_(p.T, neg_g[r0:r1])
+                    torch.addmv(gb, p.T, neg_g[r0:r1], beta=beta, out=gb)
             else:
                 # G = −p (g + ge (log p + H)) = −p (ge·ln2·log2 p + (g + ge·H)), formed in
                 # place while the block is in cache.
@@ -223,9 +232,9 @@ def backward(
                 G = p.mul_(coef).neg_()
                 acc[r0:r1].addmm_(G, w)
                 if gw is not None:
-                    gw.addmm_(G.T, h)
+                    torch.addmm(gw, G.T, h, beta=beta, out=gw)
                 if gb is not None:
-                    gb.addmv_(G.T, ones[: r1 - r0])
+                    torch.addmv(gb, G.T, ones[: r1 - r0], beta=beta, out=gb)
                 del coef
             del z, p
     # Onehot part: +g at each row's target column.
