@@ -9,9 +9,10 @@ log_softmax on each row chunk; otherwise, or with entropy, it keeps an online
 accumulates dh, dW and db with GEMMs, vocabulary blocks outermost so that each block of
 W is cast once and its dW slice stays in cache across row chunks.
 
-Base 2: the online paths scale the logits by log2(e) in the GEMM's alpha and use exp2,
-which ATen vectorises about 3× faster than exp (256×2048 fp32 block, 1 thread, AMD EPYC:
-exp 436 µs, exp2 148 µs, against 2.7 ms for the block's GEMM).
+exp(x) is computed as exp2(x·log2(e)): ATen vectorises exp2 about 3× faster than exp
+(256×2048 fp32 block, 1 thread, AMD EPYC: exp 436 µs, exp2 148 µs + 27 µs for the
+multiply, against 2.7 ms for the block's GEMM). The shift z − max (or z − lse) stays in
+natural units: scaling the logits by log2(e) before it loses the exact 0 at the max.
 
 Backward trick: with p = softmax(z) and per-row gradient g on the target log-prob,
 ∂/∂z = g·(onehot − p). Instead of forming g·p over the block, the row scale is applied to
@@ -33,7 +34,6 @@ from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 
 _MIN_ROWS = 64
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 # Preferred tile: rows × vocabulary block of logits (TBD: tuned below).
 TILE_ROWS = 256
 TILE_VOCAB = 2048
@@ -102,9 +102,6 @@ def forward(
             picked[r0:r1] = logp.gather(1, t).squeeze(1)
             lse[r0:r1] = z_t - picked[r0:r1]
         return *zero_ignored(valid, picked), lse
-    # Online softmax in base 2: the logits block holds z·log2(e) (folded into the GEMM's
-    # alpha) so that exp2 can replace exp, see _exp_block.
-    scale2 = inv_t * _LOG2E
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h = hidden[r0:r1].to(dtype)
@@ -113,39 +110,39 @@ def forward(
         tgt = torch.zeros(r1 - r0, dtype=dtype, device=device)
         for v0 in range(0, V, vblock):
             v1 = min(V, v0 + vblock)
-            z = _logits_block(buf, h, weight, bias, v0, v1, scale2, dtype)
+            z = _logits_block(buf, h, weight, bias, v0, v1, inv_t, dtype)
             inside = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
             tgt = torch.where(inside, z.gather(1, local).squeeze(1), tgt)
             blk_max = z.amax(1)
             new_max = blk_max if run_max is None else torch.maximum(run_max, blk_max)
-            z.sub_(new_max.unsqueeze(1))  # z ← (z − m)·log2(e)  (≤ 0)
+            z.sub_(new_max.unsqueeze(1))  # z ← z − m  (≤ 0)
             if with_entropy:
-                e = torch.exp2(z)
-                blk_acc = (e * z).sum(1)  # Σ e·(z − m)·log2(e)
+                e = torch.mul(z, _LOG2E).exp2_()
+                blk_acc = (e * z).sum(1)  # Σ e·(z − m)
                 blk_sum = e.sum(1)
                 del e
             else:
-                blk_sum = z.exp2_().sum(1)
+                blk_sum = z.mul_(_LOG2E).exp2_().sum(1)
             if run_max is None:
                 run_sum = blk_sum
                 run_acc = blk_acc if with_entropy else None
             else:
-                # Rescale the running sums to the new max: Σe' = c·Σe, with c = 2^(m − m').
+                # Rescale the running sums to the new max: Σe' = c·Σe, with c = exp(m − m').
                 shift = run_max - new_max
-                c = torch.exp2(shift)
+                c = torch.exp(shift)
                 if with_entropy:
                     run_acc = c * (run_acc + shift * run_sum) + blk_acc
                 run_sum = c * run_sum + blk_sum
             run_max = new_max
             del z
         log_sum = torch.log(run_sum)
-        lse[r0:r1] = run_max * _LN2 + log_sum
+        lse[r0:r1] = run_max + log_sum
         # (z_t − max) − log Σ like eager log_softmax: z_t − lse loses eps·|z| to rounding.
-        picked[r0:r1] = (tgt - run_max) * _LN2 - log_sum
+        picked[r0:r1] = (tgt - run_max) - log_sum
         if with_entropy:
             # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
-            entropy[r0:r1] = log_sum - (run_acc / run_sum) * _LN2
+            entropy[r0:r1] = log_sum - run_acc / run_sum
     return *zero_ignored(valid, picked, entropy), lse
 
 
@@ -179,9 +176,7 @@ def backward(
     inv_t = 1.0 / grad_rows.temperature
     dtype = compute_dtype(hidden)
     safe_t, g, ge = grad_rows.scales(dtype, inv_t)
-    # log p·log2(e) = z·log2(e) − lse·log2(e): the GEMM's alpha carries log2(e), exp2 follows.
-    lse2 = (grad_rows.lse.to(dtype) * _LOG2E).unsqueeze(1)
-    scale2 = inv_t * _LOG2E
+    lse = grad_rows.lse.to(dtype).unsqueeze(1)
     h_all = hidden.to(dtype)
     # dW and db start empty: the first row chunk of each vocabulary block writes its slice
     # (beta=0), the others add. A separate zero fill is one more pass over V×H, measured
@@ -202,8 +197,6 @@ def backward(
         ge_c = ge.unsqueeze(1)
         ent = grad_rows.entropy.to(dtype).unsqueeze(1)
         g_col = g.unsqueeze(1)
-        ge_ln2 = ge_c * _LN2
-        c0 = g_col + ge_c * ent
         acc = torch.zeros(N, H, dtype=dtype, device=device)  # Σ_v G_v W_v
         ones = torch.ones(rows, dtype=dtype, device=device)
     for v0 in range(0, V, vblock):
@@ -215,20 +208,19 @@ def backward(
             r1 = min(N, r0 + rows)
             beta = 0 if r0 == 0 else 1  # beta=0 ignores the (uninitialised) slice
             h = h_all[r0:r1]
-            z = _logits_block(buf, h, w, bias, v0, v1, scale2, dtype, sliced=True)
-            z.sub_(lse2[r0:r1])  # log2 p
+            z = _logits_block(buf, h, w, bias, v0, v1, inv_t, dtype, sliced=True)
+            z.sub_(lse[r0:r1])  # log p
             if ge is None:
-                p = z.exp2_()
+                p = z.mul_(_LOG2E).exp2_()
                 acc[r0:r1].addmm_(p, w)
                 if gw is not None:
                     torch.addmm(gw, p.T, neg_gh[r0:r1], beta=beta, out=gw)
                 if gb is not None:
                     torch.addmv(gb, p.T, neg_g[r0:r1], beta=beta, out=gb)
             else:
-                # G = −p (g + ge (log p + H)) = −p (ge·ln2·log2 p + (g + ge·H)), formed in
-                # place while the block is in cache.
-                p = torch.exp2(z)
-                coef = z.mul_(ge_ln2[r0:r1]).add_(c0[r0:r1])
+                # G = −p (g + ge (log p + H)), formed in place while the block is in cache.
+                p = torch.mul(z, _LOG2E).exp2_()
+                coef = z.add_(ent[r0:r1]).mul_(ge_c[r0:r1]).add_(g_col[r0:r1])
                 G = p.mul_(coef).neg_()
                 acc[r0:r1].addmm_(G, w)
                 if gw is not None:
