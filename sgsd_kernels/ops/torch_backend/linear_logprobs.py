@@ -109,20 +109,26 @@ def forward(
             picked[r0:r1] = logp.gather(1, t).squeeze(1)
             lse[r0:r1] = z_t - picked[r0:r1]
         return *zero_ignored(valid, picked), lse
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        h = hidden[r0:r1].to(dtype)
-        t = safe_t[r0:r1]
-        run_max = run_sum = run_acc = None
-        tgt = torch.zeros(r1 - r0, dtype=dtype, device=device)
-        for v0 in range(0, V, vblock):
-            v1 = min(V, v0 + vblock)
-            z = _logits_block(buf, h, weight, bias, v0, v1, inv_t, dtype)
+    # Vocabulary blocks outermost, as in the backward: each block of W is cast once; the
+    # per-row online state (max, Σexp, Σexp·(z−max), target logit) is N-sized.
+    h_all = hidden.to(dtype)
+    run_max = torch.empty(N, dtype=dtype, device=device)
+    run_sum = torch.empty(N, dtype=dtype, device=device)
+    run_acc = torch.empty(N, dtype=dtype, device=device) if with_entropy else None
+    tgt = torch.zeros(N, dtype=dtype, device=device)
+    for v0 in range(0, V, vblock):
+        v1 = min(V, v0 + vblock)
+        w = weight[v0:v1].to(dtype)
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            t = safe_t[r0:r1]
+            z = _logits_block(buf, h_all[r0:r1], w, bias, v0, v1, inv_t, dtype, sliced=True)
             inside = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
-            tgt = torch.where(inside, z.gather(1, local).squeeze(1), tgt)
+            tgt[r0:r1] = torch.where(inside, z.gather(1, local).squeeze(1), tgt[r0:r1])
             blk_max = z.amax(1)
-            new_max = blk_max if run_max is None else torch.maximum(run_max, blk_max)
+            old_max = run_max[r0:r1]
+            new_max = blk_max if v0 == 0 else torch.maximum(old_max, blk_max)
             z.sub_(new_max.unsqueeze(1))  # z ← z − m  (≤ 0)
             if with_entropy:
                 e = torch.mul(z, _LOG2E).exp2_()
@@ -131,25 +137,26 @@ def forward(
                 del e
             else:
                 blk_sum = z.mul_(_LOG2E).exp2_().sum(1)
-            if run_max is None:
-                run_sum = blk_sum
-                run_acc = blk_acc if with_entropy else None
+            if v0 == 0:
+                run_sum[r0:r1] = blk_sum
+                if with_entropy:
+                    run_acc[r0:r1] = blk_acc
             else:
                 # Rescale the running sums to the new max: Σe' = c·Σe, with c = exp(m − m').
-                shift = run_max - new_max
+                shift = old_max - new_max
                 c = torch.exp(shift)
                 if with_entropy:
-                    run_acc = c * (run_acc + shift * run_sum) + blk_acc
-                run_sum = c * run_sum + blk_sum
-            run_max = new_max
+                    run_acc[r0:r1] = c * (run_acc[r0:r1] + shift * run_sum[r0:r1]) + blk_acc
+                run_sum[r0:r1] = c * run_sum[r0:r1] + blk_sum
+            run_max[r0:r1] = new_max
             del z
-        log_sum = torch.log(run_sum)
-        lse[r0:r1] = run_max + log_sum
-        # (z_t − max) − log Σ like eager log_softmax: z_t − lse loses eps·|z| to rounding.
-        picked[r0:r1] = (tgt - run_max) - log_sum
-        if with_entropy:
-            # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
-            entropy[r0:r1] = log_sum - run_acc / run_sum
+    log_sum = torch.log(run_sum)
+    lse = run_max + log_sum
+    # (z_t − max) − log Σ like eager log_softmax: z_t − lse loses eps·|z| to rounding.
+    picked = (tgt - run_max) - log_sum
+    if with_entropy:
+        # H = lse − Σ p z = log Σe − (Σ e(z − m)) / Σe
+        entropy = log_sum - run_acc / run_sum
     return *zero_ignored(valid, picked, entropy), lse
 
 
