@@ -38,7 +38,10 @@ HEADERS = ("tiles.h", "engines.h")  # part of the cache key
 CFLAGS = (
     "-O3",
     "-march=native",
-    "-fopenmp-simd",
+    # at::parallel_for's OpenMP body is inlined from ATen's headers: without -fopenmp its
+    # `#pragma omp parallel` compiles away and every task runs on one thread. The library
+    # links libgomp.so.1, the soname torch has already loaded, so no second runtime starts.
+    "-fopenmp",
     "-fno-trapping-math",
     "-fno-math-errno",
     "-DNDEBUG",
@@ -166,6 +169,7 @@ def build(verbose: bool = False) -> Path:
                 name=NAME,
                 sources=[str(s) for s in _sources()],
                 extra_cflags=list(CFLAGS),
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
                 is_python_module=False,
                 verbose=verbose,

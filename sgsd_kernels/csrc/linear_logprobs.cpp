@@ -17,9 +17,9 @@
 // GEMM runs at ~103 GFLOP/s in fp32 (MKL) and ~232 in bf16 (oneDNN brgemm), against ~58
 // for the whole N=1024, V=32768, H=256 fp32 GEMM (its 128 MiB output leaves cache).
 //
-// Threads come from at::parallel_for (torch's own OpenMP runtime): compiling this file
-// with -fopenmp would load a second libgomp next to the one bundled with torch. The
-// elementwise loops are vectorised by the compiler (-O3 -march=native -fopenmp-simd
+// Threads come from at::parallel_for, whose OpenMP body is inlined from ATen's headers, so
+// this file is built with -fopenmp (sgsd_kernels/native.py); it links libgomp.so.1, the
+// runtime torch has already loaded. The elementwise loops are vectorised by the compiler (-O3 -march=native -fopenmp-simd
 // -fno-trapping-math: without the last flag GCC 12 keeps the exp loop scalar, 14 ns per
 // element instead of 1.6 on the loaded dev box);
 // exp uses a polynomial that vectorises (below).
