@@ -40,7 +40,7 @@ import triton.language as tl
 
 from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Streams
 from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
-from sgsd_kernels.ops.triton_backend import tl_compute_dtype, triton_configs
+from sgsd_kernels.ops.triton_backend import inv_temperature, tl_compute_dtype, triton_configs
 from sgsd_kernels.runtime import interpreting, is_deterministic
 
 
@@ -130,7 +130,7 @@ def _fwd_kernel(
     stride1,
     stride2,
     stride_w,
-    inv_t,
+    InvT,
     cols_per_split,
     HAS_BIAS: tl.constexpr,
     TWO_STREAMS: tl.constexpr,
@@ -142,6 +142,7 @@ def _fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    inv_t = tl.load(InvT)  # 1/T in ACC (``inv_temperature``)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -229,6 +230,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     n = n1 + (0 if x2 is None else x2.shape[0])
     V, H = weight.shape
     f32 = dict(dtype=compute_dtype(x1), device=x1.device)
+    inv_t = inv_temperature(temperature, x1)
 
     def run(cfg):
         splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
@@ -256,7 +258,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
             x1.stride(0),
             x1.stride(0) if x2 is None else x2.stride(0),
             weight.stride(0),
-            1.0 / temperature,
+            inv_t,
             cols_per_split,
             HAS_BIAS=bias is not None,
             TWO_STREAMS=x2 is not None,
@@ -312,7 +314,7 @@ def _bwd_kernel(
     H,
     stride_x,
     stride_w,
-    inv_t,
+    InvT,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     NEED_W: tl.constexpr,
@@ -329,6 +331,7 @@ def _bwd_kernel(
     GRAD_LOGITS (chunked, deterministic): store the tile into DX, an [N, V] workspace (DW
     and DB unused). Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with
     fp32 atomics."""
+    inv_t = tl.load(InvT)  # 1/T in ACC (``inv_temperature``)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -419,9 +422,9 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     hidden, weight, bias = linear.hidden, linear.weight, linear.bias
     N, H = hidden.shape
     V = weight.shape[0]
-    inv_t = 1.0 / grad_rows.temperature
     acc = compute_dtype(hidden)
-    safe_t, g, ge = grad_rows.scales(acc, inv_t)
+    safe_t, g, ge = grad_rows.scales(acc, 1.0 / grad_rows.temperature)
+    inv_t = inv_temperature(grad_rows.temperature, hidden)
     with_entropy = ge is not None
     ge = ge if with_entropy else g
     ent = grad_rows.entropy.to(acc) if with_entropy else g
