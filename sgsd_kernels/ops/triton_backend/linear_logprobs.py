@@ -81,7 +81,7 @@ def _logits_tile(
     stride1,
     stride2,
     stride_w,
-    inv_t,
+    InvT,
     HAS_BIAS: tl.constexpr,
     TWO_STREAMS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -92,7 +92,8 @@ def _logits_tile(
     BLOCK_H: tl.constexpr,
 ):
     """z = (x·Wᵀ + b) / T for one [BLOCK_N, BLOCK_V] tile, accumulated in ACC (fp32;
-    fp64 for fp64 inputs)."""
+    fp64 for fp64 inputs). 1/T is read from InvT (``inv_temperature``) after the dot
+    loop, so that it holds no register across it."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
@@ -109,7 +110,7 @@ def _logits_tile(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    return acc * inv_t
+    return acc * tl.load(InvT)
 
 
 @triton.jit
@@ -142,7 +143,6 @@ def _fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    inv_t = tl.load(InvT)  # 1/T in ACC (``inv_temperature``)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -171,7 +171,7 @@ def _fwd_kernel(
             stride1,
             stride2,
             stride_w,
-            inv_t,
+            InvT,
             HAS_BIAS,
             TWO_STREAMS,
             UPCAST,
@@ -331,7 +331,6 @@ def _bwd_kernel(
     GRAD_LOGITS (chunked, deterministic): store the tile into DX, an [N, V] workspace (DW
     and DB unused). Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with
     fp32 atomics."""
-    inv_t = tl.load(InvT)  # 1/T in ACC (``inv_temperature``)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -350,7 +349,7 @@ def _bwd_kernel(
         stride_x,
         stride_x,
         stride_w,
-        inv_t,
+        InvT,
         HAS_BIAS,
         False,
         UPCAST,
