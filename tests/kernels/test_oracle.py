@@ -131,6 +131,34 @@ def test_logprobs_from_logits_matches_oracle(backend, dtype, entropy, temperatur
     assert (gg[0, 2] == 0).all()
 
 
+def test_triton_logprob_kernels_get_no_float_argument(monkeypatch):
+    """A compiled Triton kernel receives a Python float as an fp32 scalar, which would
+    round 1/T in the fp64 kernels; the interpreter the CPU runs use does not, so the oracle
+    tests above cannot show it. The launch arguments can: 1/T is a tensor, never a float.
+    (The compiled fp64 signatures: test_triton_aot.py.)"""
+    from sgsd_kernels.ops.triton_backend import linear_logprobs, logprobs_from_logits
+
+    floats = {}
+    for module in (linear_logprobs, logprobs_from_logits):
+        for name in ("_fwd_kernel", "_bwd_kernel"):
+            kernel, key = getattr(module, name), f"{module.__name__}.{name}"
+
+            def run(*args, _run=kernel.run, _key=key, **kwargs):
+                floats[_key] = [a for a in (*args, *kwargs.values()) if isinstance(a, float)]
+                return _run(*args, **kwargs)
+
+            monkeypatch.setattr(kernel, "run", run)
+    h = torch.randn(6, 32, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, 32, dtype=torch.float64, device=DEVICE)
+    t = torch.randint(0, 32, (6,), device=DEVICE)  # < V of both: 40 and 32 (h as logits)
+    kw = dict(temperature=1.3, return_entropy=True, backend="triton")
+    lp, ent = sk.linear_logprobs(h, w, t, **kw)
+    (lp.sum() + ent.sum()).backward()
+    lp, ent = sk.logprobs_from_logits(h, t, **kw)
+    (lp.sum() + ent.sum()).backward()
+    assert len(floats) == 4 and not any(floats.values()), floats
+
+
 def _gated_case(B, K, T, dtype, *, all_masked_row=True, absent_teacher=True):
     s = torch.randn(B, T, dtype=torch.float64) - 2.0
     u = s.unsqueeze(1) + torch.randn(B, K, T, dtype=torch.float64) * 1.5

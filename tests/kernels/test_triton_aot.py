@@ -36,6 +36,8 @@ KERNELS = {
     "linear_divergence._grad_kernel",
 }
 DOT_KERNELS = {k for k in KERNELS if k.startswith(("linear_logprobs.", "linear_divergence."))}
+# Kernels whose fp64 variant does all float math in fp64, scalars included.
+FP64_SCALAR_KERNELS = {k for k in KERNELS if not k.startswith("gated_kd.")}
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.machine() != "x86_64",
@@ -122,10 +124,13 @@ def test_no_spills_at_sm90_default_configs(aot):
     assert not spills, "spills at sm_90:\n" + "\n".join(spills)
 
 
-def _mma_lines(out, row) -> list[str]:
+def _ptx(out, row) -> str:
     name = "__".join(row[c] for c in ("kernel", "arch", "dtype", "variant", "config"))
-    ptx = (out / "ptx" / f"{name}.ptx").read_text()
-    return [line for line in ptx.splitlines() if re.search(r"\b(wg)?mma\.", line)]
+    return (out / "ptx" / f"{name}.ptx").read_text()
+
+
+def _mma_lines(out, row) -> list[str]:
+    return [line for line in _ptx(out, row).splitlines() if re.search(r"\b(wg)?mma\.", line)]
 
 
 def test_fp32_runs_ieee_unless_tf32_is_enabled(aot):
@@ -148,6 +153,22 @@ def test_fp64_dots_stay_fp64(aot):
     for r in fp64:
         assert r["operand_precision"] == "fp64"
         assert all(".f64" in x for x in _mma_lines(out, r)), r
+
+
+def test_fp64_kernels_take_no_fp32_scalar(aot):
+    """A Python float reaches a compiled kernel as an fp32 scalar (a ``.param .f32`` of the
+    PTX entry), which would round 1/T, log β or the clip to ~1e-7 in fp64 math; these
+    kernels take them from a tensor in the accumulation dtype. Triton's interpreter, which
+    the CPU oracle tests run, does not show the rounding. The gated loss's kernels are not
+    in the list: their hyperparameters (tau, delta, eps, log 2) are float arguments."""
+    out, rows = aot
+    fp64 = [r for r in rows if r["dtype"] == "fp64" and _kernel_name(r) in FP64_SCALAR_KERNELS]
+    assert {_kernel_name(r) for r in fp64} == FP64_SCALAR_KERNELS
+    for r in fp64:
+        entry = re.search(r"\.entry\s+\w+\s*\(([^)]*)\)", _ptx(out, r))
+        assert entry, f"no .entry in the PTX of {r}"
+        params = [p.strip() for p in entry.group(1).split(",")]
+        assert not [p for p in params if ".f32" in p], f"fp32 scalar parameter in {r}: {params}"
 
 
 def test_tool_rejects_a_bad_arch_with_a_message():

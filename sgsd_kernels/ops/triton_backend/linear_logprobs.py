@@ -40,7 +40,7 @@ import triton.language as tl
 
 from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Streams
 from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
-from sgsd_kernels.ops.triton_backend import tl_compute_dtype, triton_configs
+from sgsd_kernels.ops.triton_backend import inv_temperature, tl_compute_dtype, triton_configs
 from sgsd_kernels.runtime import interpreting, is_deterministic
 
 
@@ -81,7 +81,7 @@ def _logits_tile(
     stride1,
     stride2,
     stride_w,
-    inv_t,
+    InvT,
     HAS_BIAS: tl.constexpr,
     TWO_STREAMS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -92,7 +92,8 @@ def _logits_tile(
     BLOCK_H: tl.constexpr,
 ):
     """z = (x·Wᵀ + b) / T for one [BLOCK_N, BLOCK_V] tile, accumulated in ACC (fp32;
-    fp64 for fp64 inputs)."""
+    fp64 for fp64 inputs). 1/T is read from InvT (``inv_temperature``) after the dot
+    loop, so that it holds no register across it."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
@@ -109,7 +110,7 @@ def _logits_tile(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    return acc * inv_t
+    return acc * tl.load(InvT)
 
 
 @triton.jit
@@ -130,7 +131,7 @@ def _fwd_kernel(
     stride1,
     stride2,
     stride_w,
-    inv_t,
+    InvT,
     cols_per_split,
     HAS_BIAS: tl.constexpr,
     TWO_STREAMS: tl.constexpr,
@@ -170,7 +171,7 @@ def _fwd_kernel(
             stride1,
             stride2,
             stride_w,
-            inv_t,
+            InvT,
             HAS_BIAS,
             TWO_STREAMS,
             UPCAST,
@@ -229,6 +230,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
     n = n1 + (0 if x2 is None else x2.shape[0])
     V, H = weight.shape
     f32 = dict(dtype=compute_dtype(x1), device=x1.device)
+    inv_t = inv_temperature(temperature, x1)
 
     def run(cfg):
         splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
@@ -256,7 +258,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
             x1.stride(0),
             x1.stride(0) if x2 is None else x2.stride(0),
             weight.stride(0),
-            1.0 / temperature,
+            inv_t,
             cols_per_split,
             HAS_BIAS=bias is not None,
             TWO_STREAMS=x2 is not None,
@@ -312,7 +314,7 @@ def _bwd_kernel(
     H,
     stride_x,
     stride_w,
-    inv_t,
+    InvT,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     NEED_W: tl.constexpr,
@@ -347,7 +349,7 @@ def _bwd_kernel(
         stride_x,
         stride_x,
         stride_w,
-        inv_t,
+        InvT,
         HAS_BIAS,
         False,
         UPCAST,
@@ -419,9 +421,9 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     hidden, weight, bias = linear.hidden, linear.weight, linear.bias
     N, H = hidden.shape
     V = weight.shape[0]
-    inv_t = 1.0 / grad_rows.temperature
     acc = compute_dtype(hidden)
-    safe_t, g, ge = grad_rows.scales(acc, inv_t)
+    safe_t, g, ge = grad_rows.scales(acc, 1.0 / grad_rows.temperature)
+    inv_t = inv_temperature(grad_rows.temperature, hidden)
     with_entropy = ge is not None
     ge = ge if with_entropy else g
     ent = grad_rows.entropy.to(acc) if with_entropy else g

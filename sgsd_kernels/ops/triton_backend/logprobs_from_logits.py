@@ -14,7 +14,7 @@ import triton.language as tl
 
 from sgsd_kernels.ops.arguments import RowGrads, RowTargets
 from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
-from sgsd_kernels.ops.triton_backend import tl_compute_dtype
+from sgsd_kernels.ops.triton_backend import inv_temperature, tl_compute_dtype
 from sgsd_kernels.runtime import interpreting
 
 
@@ -32,12 +32,13 @@ def _fwd_kernel(
     Ent,
     V,
     stride_z,
-    inv_t,
+    InvT,
     WITH_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(InvT)  # 1/T in ACC (``inv_temperature``)
     # The target logit, read once (the safe target is always in [0, V)) instead of picked
     # out of every block: 76 -> 59 registers per thread for fp32 on sm_90 (ptxas, through
     # tools/triton_aot.py --quick), the same value to the bit.
@@ -77,7 +78,7 @@ def _bwd_kernel(
     V,
     stride_z,
     stride_o,
-    inv_t,
+    InvT,
     WITH_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -88,6 +89,7 @@ def _bwd_kernel(
     tgt = tl.load(Tgt + row)
     lse = tl.load(Lse + row)
     g = tl.load(G + row)
+    inv_t = tl.load(InvT)  # 1/T in ACC (``inv_temperature``)
     z = tl.load(Z + row * stride_z + cols, mask=ok, other=0.0).to(ACC) * inv_t
     logp = z - lse
     p = tl.exp(logp)
@@ -115,7 +117,7 @@ def forward(row_targets: RowTargets, logits):
             ent,
             V,
             logits.stride(0),
-            1.0 / temperature,
+            inv_temperature(temperature, logits),
             WITH_ENTROPY=with_entropy,
             ACC=tl_compute_dtype(logits),
             BLOCK_V=_block_v(V),
@@ -146,7 +148,7 @@ def backward(grad_rows: RowGrads, logits):
             V,
             logits.stride(0),
             out.stride(0),
-            1.0 / temperature,
+            inv_temperature(temperature, logits),
             WITH_ENTROPY=with_entropy,
             ACC=tl_compute_dtype(logits),
             BLOCK_V=block,
