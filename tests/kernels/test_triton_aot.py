@@ -36,8 +36,6 @@ KERNELS = {
     "linear_divergence._grad_kernel",
 }
 DOT_KERNELS = {k for k in KERNELS if k.startswith(("linear_logprobs.", "linear_divergence."))}
-# Kernels whose fp64 variant does all float math in fp64, scalars included.
-FP64_SCALAR_KERNELS = {k for k in KERNELS if not k.startswith("gated_kd.")}
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.machine() != "x86_64",
@@ -159,11 +157,10 @@ def test_fp64_kernels_take_no_fp32_scalar(aot):
     """A Python float reaches a compiled kernel as an fp32 scalar (a ``.param .f32`` of the
     PTX entry), which would round 1/T, log β or the clip to ~1e-7 in fp64 math; these
     kernels take them from a tensor in the accumulation dtype. Triton's interpreter, which
-    the CPU oracle tests run, does not show the rounding. The gated loss's kernels are not
-    in the list: their hyperparameters (tau, delta, eps, log 2) are float arguments."""
+    the CPU oracle tests run, does not show the rounding."""
     out, rows = aot
-    fp64 = [r for r in rows if r["dtype"] == "fp64" and _kernel_name(r) in FP64_SCALAR_KERNELS]
-    assert {_kernel_name(r) for r in fp64} == FP64_SCALAR_KERNELS
+    fp64 = [r for r in rows if r["dtype"] == "fp64" and _kernel_name(r) in KERNELS]
+    assert {_kernel_name(r) for r in fp64} == KERNELS
     for r in fp64:
         entry = re.search(r"\.entry\s+\w+\s*\(([^)]*)\)", _ptx(out, r))
         assert entry, f"no .entry in the PTX of {r}"

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgsd_kernels.ops.common import compute_dtype
 from sgsd_kernels.ops.triton_backend import tl_compute_dtype
 from sgsd_kernels.runtime import interpreting
 
@@ -35,15 +36,16 @@ def _fwd_kernel(
     Clipped,
     K,
     T,
-    tau,
-    delta,
-    eps,
-    log2,
+    Hypers,
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64)
+    tau = tl.load(Hypers)
+    delta = tl.load(Hypers + 1)
+    eps = tl.load(Hypers + 2)
+    log2 = tl.load(Hypers + 3)
     sup = tl.zeros((), ACC)
     gate = tl.zeros((), ACC)
     kept = tl.zeros((), ACC)
@@ -77,8 +79,9 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(GradLoss, S, U, M, Wt, Polarity, Nrow, Out, B, K, T, tau, BLOCK_T: tl.constexpr):
+def _bwd_kernel(GradLoss, S, U, M, Wt, Polarity, Nrow, Out, B, K, T, Hypers, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    tau = tl.load(Hypers)
     t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = t < T
     m = tl.load(M + b * T + t, mask=ok, other=0) != 0
@@ -104,6 +107,14 @@ def _block_t(T: int) -> int:
     return min(256 if interpreting() else 1024, triton.next_power_of_2(max(T, 128)))
 
 
+def _hypers(tau, delta, eps, like: torch.Tensor) -> torch.Tensor:
+    """(τ, δ, ε, log 2) as a tensor in the compute dtype of ``like`` for the kernels to load:
+    a Python float reaches a compiled kernel as an fp32 scalar, which would round them in
+    the fp64 kernels."""
+    values = (tau, delta, eps, _LOG2)
+    return torch.tensor(values, dtype=compute_dtype(like), device=like.device)
+
+
 def forward(s, u, mask, rewards, weights, tau, delta, eps):
     B, K, T = u.shape
     dev, dt = s.device, s.dtype
@@ -126,10 +137,7 @@ def forward(s, u, mask, rewards, weights, tau, delta, eps):
             clipped,
             K,
             T,
-            tau,
-            delta,
-            eps,
-            _LOG2,
+            _hypers(tau, delta, eps, s),
             ACC=tl_compute_dtype(s),
             BLOCK_T=_block_t(T),
         )
@@ -155,7 +163,7 @@ def backward(grad_loss, s, u, mask, weights, polarity, tau):
             B,
             K,
             T,
-            tau,
+            _hypers(tau, 0.0, 0.0, s),
             BLOCK_T=block,
         )
     return out
