@@ -111,8 +111,8 @@ def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t,
 @triton.jit
 def _load_scalars(Scalars):
     """1/T, log β, log(1 − β) and the clip, stored by ``_scalars`` in the accumulation
-    dtype. A tensor, not float arguments: Triton passes a Python float as fp32 (so does
-    its interpreter), which would round 1/T and log β to ~1e-7 in the fp64 kernels."""
+    dtype. A tensor, not float arguments: a compiled Triton kernel receives a Python float
+    as an fp32 scalar, which would round 1/T and log β to ~1e-7 in the fp64 kernels."""
     return tl.load(Scalars), tl.load(Scalars + 1), tl.load(Scalars + 2), tl.load(Scalars + 3)
 
 
