@@ -41,6 +41,8 @@ if __name__ == "__main__":  # python sgsd/train.py, python -m sgsd.train, torchr
 
     raise SystemExit(_cli_main())
 
+import faulthandler
+import gc
 import logging
 import math
 import sys
@@ -492,6 +494,12 @@ def finish(t: Trainer) -> None:
     if t.metrics_log is not None:
         t.metrics_log.close()
     t.engine.close()  # vLLM's shutdown may also destroy the default process group
+    # The DDP reducer and FSDP2's state hold the process group. Released here, nothing that
+    # owns a gloo backend outlives destroy_process_group into interpreter exit, where a
+    # backend torn down late can abort the rank ("terminate called without an active
+    # exception") after a successful run.
+    t.model = t.policy = t.optimizer = t.scheduler = t.params = t.teacher = None
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -500,6 +508,8 @@ def finish(t: Trainer) -> None:
 def run(cfg: TrainConfig, plan: RunPlan) -> int:
     """Train with validated options (:func:`sgsd.cli.main` validates and calls this)."""
     env = setup_distributed()
+    if env.world_size > 1:
+        faulthandler.enable()  # a rank killed by a native abort prints every thread's stack
     console.configure_logging(env.rank, cfg.verbose)
     t = setup(cfg, env, plan)
     stop = GracefulStop()
