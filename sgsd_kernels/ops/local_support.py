@@ -5,10 +5,11 @@ hidden states, W and b) and the support size; the gated epilogue on these small 
 tensors runs as plain PyTorch in :func:`sgsd_kernels.reference.local_support_gated_rows`.
 
 Rows with ``valid`` False (masked positions, absent teachers) are dropped before the
-kernels run and give 0. Every backend runs ``ops/torch_backend/local_support.py``: the
-teacher side is a top-k pass of GEMMs over V (cuBLAS on CUDA), the student side sparse
-kernels over the k + 1 support columns, far below the cost of the full student pass they
-replace.
+kernels run and give 0. ``backend="native"`` runs ``ops/native_backend/local_support.py``
+(C++ top-k sweep and student kernels); every other backend runs
+``ops/torch_backend/local_support.py``: the teacher side is a top-k pass of GEMMs over V
+(cuBLAS on CUDA), the student side sparse kernels over the k + 1 support columns, far
+below the cost of the full student pass they replace.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from __future__ import annotations
 import torch
 
 from sgsd_kernels.ops import common, head_grads
+from sgsd_kernels.ops.native_backend import local_support as native_kernels
 from sgsd_kernels.ops.torch_backend import local_support as torch_kernels
+
+
+def _kernels(backend: str):
+    """The kernel module of a resolved backend (native has its own; the rest use torch's)."""
+    return native_kernels if backend == "native" else torch_kernels
 
 
 def _take(rows: torch.Tensor, *tensors: torch.Tensor):
@@ -52,7 +59,7 @@ def local_support_op(student_hidden, weight, bias, teacher_hidden, student_row, 
     rows = valid.nonzero().squeeze(1)
     if rows.numel() == 0:
         return delta, local_kl, size, columns, t_local
-    d, kl, sz, cols, _, t_loc = torch_kernels.forward(
+    d, kl, sz, cols, _, t_loc = _kernels(backend).forward(
         student_hidden, weight, bias, *_take(rows, teacher_hidden, student_row, targets), top_k,
         temperature, dtype,
     )  # fmt: skip
@@ -85,7 +92,7 @@ def local_support_backward_op(grad, student_hidden, weight, bias, student_row, c
     rows = in_support.any(-1).nonzero().squeeze(1)
     dh = dw = db = None
     if rows.numel():
-        dh, dw, db = torch_kernels.backward(
+        dh, dw, db = _kernels(backend).backward(
             *_take(rows, grad), student_hidden, weight, bias,
             *_take(rows, student_row, columns, in_support, t_local), temperature, dtype,
             need_weight_grad,

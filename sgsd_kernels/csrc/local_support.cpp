@@ -1,0 +1,448 @@
+// Native CPU kernels for the top-k local support terms (docs/design.md §3.2, the "native"
+// backend of linear_gated_kd_loss(..., local_support_top_k=k)). The teacher logits GEMMs
+// stay in Python (torch.mm over row chunks, ops/native_backend/local_support.py); these
+// kernels replace everything around them:
+//
+//   local_support_teacher   per row of a teacher logits chunk, ONE sweep over V keeps the
+//                           running top-k (a threshold and a small candidate buffer), then
+//                           adds y_t to the support and writes the teacher's local
+//                           log-probs: no torch.topk, no merge of per-block top-k lists,
+//                           no element-wise passes over the chunk;
+//   local_support_student   the student's k + 1 support logits (gathered dot products),
+//                           its local log-softmax, Δ̃ and the local KL, per row;
+//   local_support_backward  recomputes the support logits, forms the logit gradient
+//                           g/T·(p̃_S − p̃_T), then dh, dW, db by gather/scatter sums.
+//
+// Top-k order: larger value first, NaN above every number (as torch.topk), equal values by
+// lower vocabulary index. torch.topk leaves the order of equal values unspecified (on CPU
+// it depends on k/V through partial_sort vs nth_element), so the lower-index rule is this
+// backend's definition of ties at the k-th place; it does not depend on chunking or
+// threads.
+//
+// Sweep cost: an element enters the candidate buffer only when it beats the current k-th
+// value, about k·ln(V/k) times per row for logits in random order, so the sweep is one
+// vectorised compare per element (blocks of 32: one OR-reduced compare, the scalar path
+// only for a block holding a candidate).
+//
+// Determinism: every row is computed by one thread with the same code, and the backward's
+// sums run per output row (dh per student row, dW/db per vocabulary row) over its entries
+// in a fixed order (a stable counting sort), so results are bitwise identical whatever the
+// thread count.
+//
+// Dtypes: the teacher chunk arrives in the compute dtype (fp32 for fp32/bf16/fp16 inputs,
+// fp64 for fp64); the student kernels read hidden states and W in their own dtype and
+// accumulate in that compute dtype (at::opmath_type).
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+struct Cand {
+  T v;
+  int64_t i;
+};
+
+// True when a ranks above b in the top-k order (see the header comment).
+template <typename T>
+inline bool ranks_above(const Cand<T>& a, const Cand<T>& b) {
+  const bool an = std::isnan(a.v), bn = std::isnan(b.v);
+  if (an != bn) return an;
+  if (!an && a.v != b.v) return a.v > b.v;
+  return a.i < b.i;
+}
+
+// The top-k of row z[0:V] (k < V) into buf[0:k], sorted by rank. buf holds cap > k
+// entries. Candidates are appended while they beat buf's k-th entry as of the last
+// compaction; a full buffer is cut back to its k best (nth_element), which raises the bar.
+template <typename T>
+void row_top_k(const T* z, int64_t V, int64_t k, Cand<T>* buf, int64_t cap) {
+  const auto by_rank = [](const Cand<T>& a, const Cand<T>& b) { return ranks_above(a, b); };
+  int64_t n = 0;
+  for (; n < k; ++n) buf[n] = {z[n], n};
+  std::nth_element(buf, buf + k - 1, buf + k, by_rank);
+  Cand<T> kth = buf[k - 1];
+  T bar = kth.v;
+  const auto offer = [&](int64_t j) {
+    const Cand<T> c{z[j], j};
+    if (!ranks_above(c, kth)) return;
+    buf[n++] = c;
+    if (n == cap) {
+      std::nth_element(buf, buf + k - 1, buf + n, by_rank);
+      n = k;
+      kth = buf[k - 1];
+      bar = kth.v;
+    }
+  };
+  constexpr int64_t kBlock = 32;
+  int64_t j = k;
+  for (; j + kBlock <= V; j += kBlock) {
+    const T* zb = z + j;
+    int hit = 0;
+    // !(x <= bar): true for x > bar and for NaN (either side), which offer() sorts out.
+#pragma omp simd reduction(| : hit)
+    for (int64_t u = 0; u < kBlock; ++u) hit |= !(zb[u] <= bar);
+    if (hit)
+      for (int64_t u = 0; u < kBlock; ++u)
+        if (!(zb[u] <= bar)) offer(j + u);
+  }
+  for (; j < V; ++j)
+    if (!(z[j] <= bar)) offer(j);
+  std::nth_element(buf, buf + k - 1, buf + n, by_rank);
+  std::sort(buf, buf + k, by_rank);
+}
+
+// Local log-softmax of x[0:n] over the entries with keep set (−inf elsewhere), written
+// like torch.log_softmax: x − max − log Σ exp(x − max).
+template <typename T>
+void local_log_softmax(const T* x, const bool* keep, int64_t n, T* out) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < n; ++c)
+    if (keep[c] && !(x[c] <= m)) m = x[c];  // NaN propagates as in torch.max
+  T s = 0;
+  for (int64_t c = 0; c < n; ++c)
+    if (keep[c]) s += std::exp(x[c] - m);
+  const T log_s = std::log(s);
+  for (int64_t c = 0; c < n; ++c)
+    out[c] = keep[c] ? (x[c] - m) - log_s : -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+void teacher_impl(const Tensor& logits, const Tensor& targets, int64_t k, double inv_temperature,
+                  const Tensor& columns, const Tensor& t_local, const Tensor& in_support) {
+  const int64_t R = logits.size(0), V = logits.size(1), k1 = k + 1;
+  const T* zp = logits.const_data_ptr<T>();
+  const int64_t* yp = targets.const_data_ptr<int64_t>();
+  int64_t* cp = columns.data_ptr<int64_t>();
+  T* tp = t_local.data_ptr<T>();
+  bool* sp = in_support.data_ptr<bool>();
+  const T inv_t = static_cast<T>(inv_temperature);
+  const int64_t cap = k < V ? std::max<int64_t>(2 * k, k + 64) : V;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Cand<T>> buf(cap);
+    std::vector<T> tz(k1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* z = zp + r * V;
+      if (k < V) {
+        row_top_k(z, V, k, buf.data(), cap);
+      } else {  // k = V: every column, in rank order
+        for (int64_t j = 0; j < V; ++j) buf[j] = {z[j], j};
+        std::sort(buf.begin(), buf.begin() + V,
+                  [](const Cand<T>& a, const Cand<T>& b) { return ranks_above(a, b); });
+      }
+      const int64_t y = yp[r];
+      int64_t* col = cp + r * k1;
+      bool* keep = sp + r * k1;
+      bool y_in_top = false;
+      for (int64_t c = 0; c < k; ++c) {
+        col[c] = buf[c].i;
+        tz[c] = buf[c].v * inv_t;
+        keep[c] = true;
+        y_in_top |= buf[c].i == y;
+      }
+      col[k] = y;
+      tz[k] = z[y] * inv_t;
+      keep[k] = !y_in_top;
+      local_log_softmax(tz.data(), keep, k1, tp + r * k1);
+    }
+  });
+}
+
+// local_support_teacher(logits [R, V], targets [R], k, inv_t) -> (columns [R, k+1] int64:
+// the top-k then y_t; teacher local log-probs [R, k+1], −inf off the support; in_support
+// [R, k+1] bool: all but the last slot, which is off when y_t is among the top-k).
+std::tuple<Tensor, Tensor, Tensor> local_support_teacher(const Tensor& logits_in,
+                                                         const Tensor& targets_in, int64_t k,
+                                                         double inv_temperature) {
+  TORCH_CHECK(logits_in.dim() == 2, "local_support_teacher: logits must be [R, V], got ",
+              logits_in.sizes());
+  TORCH_CHECK(logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kDouble,
+              "local_support_teacher: logits must be float32 or float64, got ",
+              logits_in.scalar_type());
+  const int64_t R = logits_in.size(0), V = logits_in.size(1);
+  TORCH_CHECK(V >= 1, "local_support_teacher: the vocabulary is empty");
+  TORCH_CHECK(k >= 1 && k <= V, "local_support_teacher: k must be in [1, V] = [1, ", V,
+              "], got ", k);
+  TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == R,
+              "local_support_teacher: targets must be [R] = [", R, "], got ", targets_in.sizes());
+  TORCH_CHECK(inv_temperature > 0, "local_support_teacher: inv_temperature must be > 0");
+  const Tensor logits = logits_in.detach().contiguous();
+  const Tensor targets = targets_in.detach().to(at::kLong).contiguous();
+  if (R > 0) {
+    const auto [lo, hi] = at::aminmax(targets);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < V,
+                "local_support_teacher: targets must be in [0, V) = [0, ", V, ")");
+  }
+  Tensor columns = at::empty({R, k + 1}, targets.options());
+  Tensor t_local = at::empty({R, k + 1}, logits.options());
+  Tensor in_support = at::empty({R, k + 1}, logits.options().dtype(at::kBool));
+  if (logits.scalar_type() == at::kDouble)
+    teacher_impl<double>(logits, targets, k, inv_temperature, columns, t_local, in_support);
+  else
+    teacher_impl<float>(logits, targets, k, inv_temperature, columns, t_local, in_support);
+  return {columns, t_local, in_support};
+}
+
+// f(scalar_t{}) for the input dtype: a plain switch, not AT_DISPATCH (a macro argument
+// cannot hold the `#pragma omp simd` lines of the kernel bodies).
+template <typename F>
+void dispatch_input(at::ScalarType type, const F& f) {
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "sgsd native local support: unsupported dtype ", type);
+  }
+}
+
+// The arguments the student kernels share, checked once.
+struct StudentArgs {
+  Tensor hidden, weight, bias, rows, columns, t_local, in_support;
+  int64_t N = 0, H = 0, V = 0, M = 0, k1 = 0;
+};
+
+StudentArgs student_args(const char* name, const Tensor& hidden, const Tensor& weight,
+                         const std::optional<Tensor>& bias, const Tensor& student_row,
+                         const Tensor& columns, const Tensor& t_local,
+                         const Tensor& in_support) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), name,
+              ": hidden [N, H] and weight [V, H] must share H, got ", hidden.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), name,
+              ": hidden and weight must share a dtype, got ", hidden.scalar_type(), " and ",
+              weight.scalar_type());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), name,
+              ": hidden must be floating point, got ", hidden.scalar_type());
+  StudentArgs a;
+  a.N = hidden.size(0), a.H = hidden.size(1), a.V = weight.size(0);
+  a.M = columns.size(0), a.k1 = columns.dim() == 2 ? columns.size(1) : 0;
+  const auto acc = at::toOpMathType(hidden.scalar_type());
+  TORCH_CHECK(columns.dim() == 2 && columns.scalar_type() == at::kLong, name,
+              ": columns must be [M, k+1] int64");
+  TORCH_CHECK(t_local.sizes() == columns.sizes() && t_local.scalar_type() == acc, name,
+              ": t_local must be [M, k+1] in ", acc, ", got ", t_local.sizes(), " ",
+              t_local.scalar_type());
+  TORCH_CHECK(in_support.sizes() == columns.sizes() && in_support.scalar_type() == at::kBool,
+              name, ": in_support must be [M, k+1] bool");
+  TORCH_CHECK(student_row.dim() == 1 && student_row.size(0) == a.M, name,
+              ": student_row must be [M] = [", a.M, "]");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == a.V, name, ": bias must be [V] = [", a.V,
+                "]");
+  a.hidden = hidden.detach().contiguous();
+  a.weight = weight.detach().contiguous();
+  if (bias.has_value()) a.bias = bias->detach().to(acc).contiguous();
+  a.rows = student_row.detach().to(at::kLong).contiguous();
+  a.columns = columns.detach().contiguous();
+  a.t_local = t_local.detach().contiguous();
+  a.in_support = in_support.detach().contiguous();
+  if (a.M > 0) {
+    const auto [rlo, rhi] = at::aminmax(a.rows);
+    TORCH_CHECK(rlo.item<int64_t>() >= 0 && rhi.item<int64_t>() < a.N, name,
+                ": student_row must be in [0, N) = [0, ", a.N, ")");
+    const auto [clo, chi] = at::aminmax(a.columns);
+    TORCH_CHECK(clo.item<int64_t>() >= 0 && chi.item<int64_t>() < a.V, name,
+                ": columns must be in [0, V) = [0, ", a.V, ")");
+  }
+  return a;
+}
+
+// z[c] = (h · W[col[c]] + b[col[c]]) / T for the support entries of one row.
+template <typename scalar_t, typename acc_t>
+void support_logits(const scalar_t* h, const scalar_t* w, const acc_t* b, int64_t H,
+                    const int64_t* col, const bool* keep, int64_t k1, acc_t inv_t, acc_t* z) {
+  for (int64_t c = 0; c < k1; ++c) {
+    if (!keep[c]) {
+      z[c] = -std::numeric_limits<acc_t>::infinity();
+      continue;
+    }
+    const scalar_t* wr = w + col[c] * H;
+    acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < H; ++i) dot += static_cast<acc_t>(h[i]) * static_cast<acc_t>(wr[i]);
+    z[c] = (b ? dot + b[col[c]] : dot) * inv_t;
+  }
+}
+
+// local_support_student(...) -> (Δ̃ [M], local KL [M]) in the compute dtype.
+std::tuple<Tensor, Tensor> local_support_student(const Tensor& hidden, const Tensor& weight,
+                                                 const std::optional<Tensor>& bias,
+                                                 const Tensor& student_row, const Tensor& columns,
+                                                 const Tensor& t_local, const Tensor& in_support,
+                                                 double inv_temperature) {
+  const StudentArgs a = student_args("local_support_student", hidden, weight, bias, student_row,
+                                     columns, t_local, in_support);
+  Tensor delta = at::empty({a.M}, a.t_local.options());
+  Tensor kl = at::empty({a.M}, a.t_local.options());
+  dispatch_input(a.hidden.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* hp = a.hidden.const_data_ptr<scalar_t>();
+    const scalar_t* wp = a.weight.const_data_ptr<scalar_t>();
+    const acc_t* bp = a.bias.defined() ? a.bias.const_data_ptr<acc_t>() : nullptr;
+    const int64_t *rp = a.rows.const_data_ptr<int64_t>(), *cp = a.columns.const_data_ptr<int64_t>();
+    const acc_t* tp = a.t_local.const_data_ptr<acc_t>();
+    const bool* sp = a.in_support.const_data_ptr<bool>();
+    acc_t *dp = delta.data_ptr<acc_t>(), *kp = kl.data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    const int64_t k1 = a.k1, H = a.H;
+    at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) {
+      std::vector<acc_t> z(k1), s(k1);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t *col = cp + m * k1;
+        const bool* keep = sp + m * k1;
+        const acc_t* t = tp + m * k1;
+        support_logits(hp + rp[m] * H, wp, bp, H, col, keep, k1, inv_t, z.data());
+        local_log_softmax(z.data(), keep, k1, s.data());
+        // y_t is the last column; when it is among the top-k its slot is off and the
+        // top-k entry holding it counts (as the reference's is_sampled mask).
+        const int64_t y = col[k1 - 1];
+        acc_t d = 0, sum = 0;
+        for (int64_t c = 0; c < k1; ++c) {
+          if (!keep[c]) continue;
+          if (col[c] == y) d += t[c] - s[c];
+          sum += std::exp(t[c]) * (t[c] - s[c]);
+        }
+        dp[m] = d, kp[m] = sum;
+      }
+    });
+  });
+  return {delta, kl};
+}
+
+// Stable counting sort of keys [n] in [0, buckets): (offsets [buckets + 1], order [n]).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> group_by(const int64_t* key, int64_t n,
+                                                               int64_t buckets,
+                                                               const bool* keep) {
+  std::vector<int64_t> off(buckets + 1, 0), order;
+  for (int64_t e = 0; e < n; ++e)
+    if (keep == nullptr || keep[e]) ++off[key[e] + 1];
+  for (int64_t v = 0; v < buckets; ++v) off[v + 1] += off[v];
+  order.resize(off[buckets]);
+  std::vector<int64_t> next(off.begin(), off.end() - 1);
+  for (int64_t e = 0; e < n; ++e)
+    if (keep == nullptr || keep[e]) order[next[key[e]]++] = e;
+  return {std::move(off), std::move(order)};
+}
+
+// local_support_backward(grad [M], ...) -> (dh [N, H], dW [V, H] or [0], db [V] or [0]) in
+// the compute dtype, for Σ_m grad[m]·KL̃[m].
+std::tuple<Tensor, Tensor, Tensor> local_support_backward(
+    const Tensor& grad, const Tensor& hidden, const Tensor& weight,
+    const std::optional<Tensor>& bias, const Tensor& student_row, const Tensor& columns,
+    const Tensor& t_local, const Tensor& in_support, double inv_temperature,
+    bool need_weight_grad) {
+  const StudentArgs a = student_args("local_support_backward", hidden, weight, bias, student_row,
+                                     columns, t_local, in_support);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == a.M,
+              "local_support_backward: grad must be [M] = [", a.M, "]");
+  const auto opts = a.t_local.options();
+  const Tensor g = grad.detach().to(opts.dtype()).contiguous();
+  const int64_t M = a.M, k1 = a.k1, H = a.H, V = a.V, N = a.N;
+  Tensor gz = at::empty({M, k1}, opts);
+  Tensor gh = at::empty({N, H}, opts);
+  Tensor gw = need_weight_grad ? at::empty({V, H}, opts) : at::empty({0}, opts);
+  Tensor gb = need_weight_grad && a.bias.defined() ? at::empty({V}, opts) : at::empty({0}, opts);
+  dispatch_input(a.hidden.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* hp = a.hidden.const_data_ptr<scalar_t>();
+    const scalar_t* wp = a.weight.const_data_ptr<scalar_t>();
+    const acc_t* bp = a.bias.defined() ? a.bias.const_data_ptr<acc_t>() : nullptr;
+    const int64_t *rp = a.rows.const_data_ptr<int64_t>(), *cp = a.columns.const_data_ptr<int64_t>();
+    const acc_t *tp = a.t_local.const_data_ptr<acc_t>(), *gp = g.const_data_ptr<acc_t>();
+    const bool* sp = a.in_support.const_data_ptr<bool>();
+    acc_t* gzp = gz.data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    // gz = grad/T · (p̃_S − p̃_T) on the support, 0 off it.
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      std::vector<acc_t> z(k1), s(k1);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t* col = cp + m * k1;
+        const bool* keep = sp + m * k1;
+        const acc_t* t = tp + m * k1;
+        acc_t* out = gzp + m * k1;
+        support_logits(hp + rp[m] * H, wp, bp, H, col, keep, k1, inv_t, z.data());
+        local_log_softmax(z.data(), keep, k1, s.data());
+        const acc_t scale = gp[m] * inv_t;
+        for (int64_t c = 0; c < k1; ++c)
+          out[c] = keep[c] ? scale * (std::exp(s[c]) - std::exp(t[c])) : acc_t(0);
+      }
+    });
+    // dh[n] = Σ over its rows m (in order) of Σ_c gz[m, c]·W[col[m, c]].
+    const auto [row_off, row_order] = group_by(rp, M, N, nullptr);
+    acc_t* ghp = gh.data_ptr<acc_t>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        acc_t* out = ghp + n * H;
+        std::fill(out, out + H, acc_t(0));
+        for (int64_t e = row_off[n]; e < row_off[n + 1]; ++e) {
+          const int64_t m = row_order[e];
+          for (int64_t c = 0; c < k1; ++c) {
+            const acc_t gv = gzp[m * k1 + c];
+            if (!sp[m * k1 + c]) continue;
+            const scalar_t* wr = wp + cp[m * k1 + c] * H;
+#pragma omp simd
+            for (int64_t i = 0; i < H; ++i) out[i] += gv * static_cast<acc_t>(wr[i]);
+          }
+        }
+      }
+    });
+    if (!need_weight_grad) return;
+    // dW[v] = Σ over the support entries (m, c) holding v (in order) of gz·h[row m].
+    const auto [col_off, col_order] = group_by(cp, M * k1, V, sp);
+    acc_t* gwp = gw.data_ptr<acc_t>();
+    acc_t* gbp = gb.numel() ? gb.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
+      for (int64_t v = v0; v < v1; ++v) {
+        acc_t* out = gwp + v * H;
+        std::fill(out, out + H, acc_t(0));
+        acc_t bsum = 0;
+        for (int64_t e = col_off[v]; e < col_off[v + 1]; ++e) {
+          const int64_t entry = col_order[e];
+          const acc_t gv = gzp[entry];
+          const scalar_t* hr = hp + rp[entry / k1] * H;
+          bsum += gv;
+#pragma omp simd
+          for (int64_t i = 0; i < H; ++i) out[i] += gv * static_cast<acc_t>(hr[i]);
+        }
+        if (gbp) gbp[v] = bsum;
+      }
+    });
+  });
+  return {gh, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sgsd_native, m) {
+  m.def(
+      "local_support_teacher(Tensor logits, Tensor targets, int k, float inv_temperature) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "local_support_student(Tensor hidden, Tensor weight, Tensor? bias, Tensor student_row, "
+      "Tensor columns, Tensor t_local, Tensor in_support, float inv_temperature) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "local_support_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor student_row, Tensor columns, Tensor t_local, Tensor in_support, "
+      "float inv_temperature, bool need_weight_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sgsd_native, CPU, m) {
+  m.impl("local_support_teacher", &local_support_teacher);
+  m.impl("local_support_student", &local_support_student);
+  m.impl("local_support_backward", &local_support_backward);
+}
