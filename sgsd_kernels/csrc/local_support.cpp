@@ -3,15 +3,20 @@
 // stay in Python (torch.mm over row chunks, ops/native_backend/local_support.py); these
 // kernels replace everything around them:
 //
-//   local_support_teacher   per row of a teacher logits chunk, ONE sweep over V keeps the
-//                           running top-k (a threshold and a small candidate buffer), then
-//                           adds y_t to the support and writes the teacher's local
-//                           log-probs: no torch.topk, no merge of per-block top-k lists,
-//                           no element-wise passes over the chunk;
+//   local_support_teacher   per chunk of teacher logits, stored vocabulary-major
+//                           ([V, R] = W·hᵀ, the faster GEMM layout here), ONE sweep over V
+//                           keeps every row's running top-k (a per-row bar and a small
+//                           candidate buffer), then adds y_t to the support and writes the
+//                           teacher's local log-probs: no torch.topk, no merge of per-block
+//                           top-k lists, no element-wise passes over the chunk;
 //   local_support_student   the student's k + 1 support logits (gathered dot products),
 //                           its local log-softmax, Δ̃ and the local KL, per row;
 //   local_support_backward  recomputes the support logits, forms the logit gradient
 //                           g/T·(p̃_S − p̃_T), then dh, dW, db by gather/scatter sums.
+//
+// Measured on the loaded 2-core AMD EPYC dev box (N = 1024, V = 32768, H = 256, k = 100,
+// fp32, 2 threads, interleaved in one process): the whole native forward 137 ms against
+// 134 ms for the bare full teacher GEMM and 198 ms for the torch backend's forward.
 //
 // Top-k order: larger value first, NaN above every number (as torch.topk), equal values by
 // lower vocabulary index. torch.topk leaves the order of equal values unspecified (on CPU
@@ -19,10 +24,10 @@
 // backend's definition of ties at the k-th place; it does not depend on chunking or
 // threads.
 //
-// Sweep cost: an element enters the candidate buffer only when it beats the current k-th
-// value, about k·ln(V/k) times per row for logits in random order, so the sweep is one
-// vectorised compare per element (blocks of 32: one OR-reduced compare, the scalar path
-// only for a block holding a candidate).
+// Sweep cost: an element enters the candidate buffer only when it beats its row's k-th
+// value as of the last compaction (~850 times per row at V = 32768, k = 100 for logits in
+// random order), so the sweep is one vectorised compare per element, with a bit mask of
+// the rows that pass going to the scalar path.
 //
 // Determinism: every row is computed by one thread with the same code, and the backward's
 // sums run per output row (dh per student row, dW/db per vocabulary row) over its entries
@@ -39,6 +44,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -48,59 +55,114 @@ namespace {
 
 using at::Tensor;
 
-template <typename T>
+// fp64 candidates: (value, index), ranked by ranks_above.
 struct Cand {
-  T v;
+  double v;
   int64_t i;
 };
 
 // True when a ranks above b in the top-k order (see the header comment).
-template <typename T>
-inline bool ranks_above(const Cand<T>& a, const Cand<T>& b) {
+inline bool ranks_above(const Cand& a, const Cand& b) {
   const bool an = std::isnan(a.v), bn = std::isnan(b.v);
   if (an != bn) return an;
   if (!an && a.v != b.v) return a.v > b.v;
   return a.i < b.i;
 }
 
-// The top-k of row z[0:V] (k < V) into buf[0:k], sorted by rank. buf holds cap > k
-// entries. Candidates are appended while they beat buf's k-th entry as of the last
-// compaction; a full buffer is cut back to its k best (nth_element), which raises the bar.
+// How candidates of a dtype are stored and ranked. fp32 packs (value, index) into one
+// uint64 whose unsigned order IS the rank order (value bits mapped to an order-preserving
+// uint32, NaN above +inf, −0 as +0; then the complemented index, so the lower index is the
+// larger key): nth_element and sort then compare plain integers. With the (value, index)
+// comparator the compactions took most of the sweep (2.2 ns per element against 0.13 for a
+// row max, 1 thread on the loaded 2-core AMD EPYC, V = 32768, k = 100). fp64 keeps the
+// comparator: its 64 value bits leave no room for the index.
 template <typename T>
-void row_top_k(const T* z, int64_t V, int64_t k, Cand<T>* buf, int64_t cap) {
-  const auto by_rank = [](const Cand<T>& a, const Cand<T>& b) { return ranks_above(a, b); };
-  int64_t n = 0;
-  for (; n < k; ++n) buf[n] = {z[n], n};
-  std::nth_element(buf, buf + k - 1, buf + k, by_rank);
-  Cand<T> kth = buf[k - 1];
-  T bar = kth.v;
-  const auto offer = [&](int64_t j) {
-    const Cand<T> c{z[j], j};
-    if (!ranks_above(c, kth)) return;
-    buf[n++] = c;
-    if (n == cap) {
-      std::nth_element(buf, buf + k - 1, buf + n, by_rank);
-      n = k;
-      kth = buf[k - 1];
-      bar = kth.v;
+struct Keys;
+
+template <>
+struct Keys<float> {
+  using key_t = uint64_t;
+  static key_t make(float v, int64_t i) {
+    uint32_t b;
+    if (std::isnan(v)) {
+      b = 0xFFFFFFFFu;
+    } else {
+      if (v == 0.0f) v = 0.0f;  // −0 ranks as +0 (they compare equal)
+      std::memcpy(&b, &v, sizeof(b));
+      b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    }
+    return (uint64_t(b) << 32) | uint64_t(~uint32_t(i));
+  }
+  static int64_t index(key_t key) { return int64_t(~uint32_t(key)); }
+  static bool above(key_t a, key_t b) { return a > b; }
+};
+
+template <>
+struct Keys<double> {
+  using key_t = Cand;
+  static key_t make(double v, int64_t i) { return {v, i}; }
+  static int64_t index(const key_t& key) { return key.i; }
+  static bool above(const key_t& a, const key_t& b) { return ranks_above(a, b); }
+};
+
+// Running top-k of rows [r0, r1) of a vocabulary-major logits chunk zt [V, R] (k < V):
+// row r's buffer buf[r·cap, r·cap + cap) ends with its k best entries first, sorted by
+// rank. Per vocabulary entry v the row segment zt[v, r0:r1] is compared against the rows'
+// bars at once (vectorised across rows, as both are contiguous); only rows that pass go
+// to the scalar path, which appends a candidate while it beats the row's k-th entry as of
+// its last compaction, and cuts a full buffer back to its k best (nth_element), raising
+// the bar.
+template <typename T>
+void chunk_top_k(const T* zt, int64_t V, int64_t R, int64_t r0, int64_t r1, int64_t k,
+                 int64_t cap, typename Keys<T>::key_t* buf) {
+  using K = Keys<T>;
+  using key_t = typename K::key_t;
+  const auto by_rank = [](const key_t& a, const key_t& b) { return K::above(a, b); };
+  const int64_t nr = r1 - r0;
+  std::vector<int64_t> fill(nr, k);
+  std::vector<key_t> kth(nr);
+  std::vector<T> bar(nr);
+  for (int64_t i = 0; i < nr; ++i) {
+    key_t* b = buf + i * cap;
+    for (int64_t v = 0; v < k; ++v) b[v] = K::make(zt[v * R + r0 + i], v);
+    std::nth_element(b, b + k - 1, b + k, by_rank);
+    kth[i] = b[k - 1];
+    bar[i] = zt[K::index(kth[i]) * R + r0 + i];
+  }
+  const auto offer = [&](int64_t i, int64_t v) {
+    const key_t c = K::make(zt[v * R + r0 + i], v);
+    if (!K::above(c, kth[i])) return;
+    key_t* b = buf + i * cap;
+    b[fill[i]++] = c;
+    if (fill[i] == cap) {
+      std::nth_element(b, b + k - 1, b + cap, by_rank);
+      fill[i] = k;
+      kth[i] = b[k - 1];
+      bar[i] = zt[K::index(kth[i]) * R + r0 + i];
     }
   };
   constexpr int64_t kBlock = 32;
-  int64_t j = k;
-  for (; j + kBlock <= V; j += kBlock) {
-    const T* zb = z + j;
-    int hit = 0;
-    // !(x <= bar): true for x > bar and for NaN (either side), which offer() sorts out.
-#pragma omp simd reduction(| : hit)
-    for (int64_t u = 0; u < kBlock; ++u) hit |= !(zb[u] <= bar);
-    if (hit)
-      for (int64_t u = 0; u < kBlock; ++u)
-        if (!(zb[u] <= bar)) offer(j + u);
+  const T* bars = bar.data();
+  for (int64_t v = k; v < V; ++v) {
+    const T* zv = zt + v * R + r0;
+    for (int64_t i0 = 0; i0 < nr; i0 += kBlock) {
+      const int64_t w = std::min(kBlock, nr - i0);
+      // Bit u set when !(z <= bar): z > bar, or a NaN on either side (offer() sorts it out).
+      uint32_t hits = 0;
+#pragma omp simd reduction(| : hits)
+      for (int64_t u = 0; u < w; ++u) hits |= uint32_t(!(zv[i0 + u] <= bars[i0 + u])) << u;
+      while (hits != 0) {
+        const int u = __builtin_ctz(hits);
+        hits &= hits - 1;
+        offer(i0 + u, v);
+      }
+    }
   }
-  for (; j < V; ++j)
-    if (!(z[j] <= bar)) offer(j);
-  std::nth_element(buf, buf + k - 1, buf + n, by_rank);
-  std::sort(buf, buf + k, by_rank);
+  for (int64_t i = 0; i < nr; ++i) {
+    key_t* b = buf + i * cap;
+    std::nth_element(b, b + k - 1, b + fill[i], by_rank);
+    std::sort(b, b + k, by_rank);
+  }
 }
 
 // Local log-softmax of x[0:n] over the entries with keep set (−inf elsewhere), written
@@ -119,10 +181,11 @@ void local_log_softmax(const T* x, const bool* keep, int64_t n, T* out) {
 }
 
 template <typename T>
-void teacher_impl(const Tensor& logits, const Tensor& targets, int64_t k, double inv_temperature,
+void teacher_impl(const Tensor& logits_t, const Tensor& targets, int64_t k, double inv_temperature,
                   const Tensor& columns, const Tensor& t_local, const Tensor& in_support) {
-  const int64_t R = logits.size(0), V = logits.size(1), k1 = k + 1;
-  const T* zp = logits.const_data_ptr<T>();
+  using K = Keys<T>;
+  const int64_t V = logits_t.size(0), R = logits_t.size(1), k1 = k + 1;
+  const T* zt = logits_t.const_data_ptr<T>();
   const int64_t* yp = targets.const_data_ptr<int64_t>();
   int64_t* cp = columns.data_ptr<int64_t>();
   T* tp = t_local.data_ptr<T>();
@@ -130,48 +193,52 @@ void teacher_impl(const Tensor& logits, const Tensor& targets, int64_t k, double
   const T inv_t = static_cast<T>(inv_temperature);
   const int64_t cap = k < V ? std::max<int64_t>(2 * k, k + 64) : V;
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<Cand<T>> buf(cap);
+    std::vector<typename K::key_t> buf((r1 - r0) * cap);
+    if (k < V) {
+      chunk_top_k(zt, V, R, r0, r1, k, cap, buf.data());
+    } else {  // k = V: every column, in rank order
+      for (int64_t i = 0; i < r1 - r0; ++i) {
+        auto* b = buf.data() + i * cap;
+        for (int64_t v = 0; v < V; ++v) b[v] = K::make(zt[v * R + r0 + i], v);
+        std::sort(b, b + V, [](const auto& x, const auto& y) { return K::above(x, y); });
+      }
+    }
     std::vector<T> tz(k1);
     for (int64_t r = r0; r < r1; ++r) {
-      const T* z = zp + r * V;
-      if (k < V) {
-        row_top_k(z, V, k, buf.data(), cap);
-      } else {  // k = V: every column, in rank order
-        for (int64_t j = 0; j < V; ++j) buf[j] = {z[j], j};
-        std::sort(buf.begin(), buf.begin() + V,
-                  [](const Cand<T>& a, const Cand<T>& b) { return ranks_above(a, b); });
-      }
+      const auto* b = buf.data() + (r - r0) * cap;
       const int64_t y = yp[r];
       int64_t* col = cp + r * k1;
       bool* keep = sp + r * k1;
       bool y_in_top = false;
       for (int64_t c = 0; c < k; ++c) {
-        col[c] = buf[c].i;
-        tz[c] = buf[c].v * inv_t;
+        col[c] = K::index(b[c]);
+        tz[c] = zt[col[c] * R + r] * inv_t;
         keep[c] = true;
-        y_in_top |= buf[c].i == y;
+        y_in_top |= col[c] == y;
       }
       col[k] = y;
-      tz[k] = z[y] * inv_t;
+      tz[k] = zt[y * R + r] * inv_t;
       keep[k] = !y_in_top;
       local_log_softmax(tz.data(), keep, k1, tp + r * k1);
     }
   });
 }
 
-// local_support_teacher(logits [R, V], targets [R], k, inv_t) -> (columns [R, k+1] int64:
-// the top-k then y_t; teacher local log-probs [R, k+1], −inf off the support; in_support
-// [R, k+1] bool: all but the last slot, which is off when y_t is among the top-k).
+// local_support_teacher(logits_t [V, R] (a chunk of teacher logits, vocabulary-major),
+// targets [R], k, inv_t) -> (columns [R, k+1] int64: the top-k then y_t; teacher local
+// log-probs [R, k+1], −inf off the support; in_support [R, k+1] bool: all but the last
+// slot, which is off when y_t is among the top-k).
 std::tuple<Tensor, Tensor, Tensor> local_support_teacher(const Tensor& logits_in,
                                                          const Tensor& targets_in, int64_t k,
                                                          double inv_temperature) {
-  TORCH_CHECK(logits_in.dim() == 2, "local_support_teacher: logits must be [R, V], got ",
+  TORCH_CHECK(logits_in.dim() == 2, "local_support_teacher: logits must be [V, R], got ",
               logits_in.sizes());
   TORCH_CHECK(logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kDouble,
               "local_support_teacher: logits must be float32 or float64, got ",
               logits_in.scalar_type());
-  const int64_t R = logits_in.size(0), V = logits_in.size(1);
-  TORCH_CHECK(V >= 1, "local_support_teacher: the vocabulary is empty");
+  const int64_t V = logits_in.size(0), R = logits_in.size(1);
+  TORCH_CHECK(V >= 1 && V < (int64_t(1) << 32),
+              "local_support_teacher: the vocabulary size must be in [1, 2^32), got ", V);
   TORCH_CHECK(k >= 1 && k <= V, "local_support_teacher: k must be in [1, V] = [1, ", V,
               "], got ", k);
   TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == R,

@@ -45,22 +45,22 @@ def forward(hs, w, b, ht, student_row, targets, top_k, temperature, dtype, works
     M, V = ht.shape[0], w.shape[0]
     k = min(top_k, V)
     inv_t = 1.0 / temperature
-    w_t = w.detach().to(dtype).T  # converted once, not per chunk (a view for fp32/fp64)
-    b_c = None if b is None else b.detach().to(dtype)
+    w_c = w.detach().to(dtype)  # converted once, not per chunk (no copy for fp32/fp64)
+    b_c = None if b is None else b.detach().to(dtype)[:, None]
     rows = chunk_rows(M, V, workspace)
-    buf = torch.empty(rows, V, dtype=dtype, device=ht.device)
+    buf = torch.empty(V * rows, dtype=dtype, device=ht.device)
     columns = torch.empty(M, k + 1, dtype=torch.long, device=ht.device)
     t_local = torch.empty(M, k + 1, dtype=dtype, device=ht.device)
     in_support = torch.empty(M, k + 1, dtype=torch.bool, device=ht.device)
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
-        z = buf[: r1 - r0]
-        h = ht[r0:r1].detach().to(dtype)
+        zt = buf[: V * (r1 - r0)].view(V, r1 - r0)  # vocabulary-major: W · hᵀ
+        h_t = ht[r0:r1].detach().to(dtype).T
         if b_c is None:
-            torch.mm(h, w_t, out=z)
+            torch.mm(w_c, h_t, out=zt)
         else:
-            torch.addmm(b_c, h, w_t, out=z)
-        cols, t_loc, keep = ops.local_support_teacher(z, targets[r0:r1], k, inv_t)
+            torch.addmm(b_c, w_c, h_t, out=zt)
+        cols, t_loc, keep = ops.local_support_teacher(zt, targets[r0:r1], k, inv_t)
         columns[r0:r1], t_local[r0:r1], in_support[r0:r1] = cols, t_loc, keep
     delta, local_kl = ops.local_support_student(
         hs.detach(), w.detach(), b, student_row, columns, t_local, in_support, inv_t
