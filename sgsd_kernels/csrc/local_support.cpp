@@ -326,11 +326,26 @@ StudentArgs student_args(const char* name, const Tensor& hidden, const Tensor& w
   return a;
 }
 
+// Asks for the W row `row` (H entries) ahead of its use: the support columns are scattered
+// over W, and without it each gathered row stalls on its first cache lines. Four columns
+// ahead took the student kernel from 11.3 to 7.7 ms (best of 15, 1 thread, M = 1024,
+// k = 100, V = 32768, H = 256, fp32, interleaved with other distances on the loaded
+// 2-core AMD EPYC; 2 and 8 ahead were within 0.9 ms of 4).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* w, int64_t row, int64_t H) {
+  const char* p = reinterpret_cast<const char*>(w + row * H);
+  const int64_t bytes = H * int64_t(sizeof(scalar_t));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+}
+
 // z[c] = (h · W[col[c]] + b[col[c]]) / T for the support entries of one row.
 template <typename scalar_t, typename acc_t>
 void support_logits(const scalar_t* h, const scalar_t* w, const acc_t* b, int64_t H,
                     const int64_t* col, const bool* keep, int64_t k1, acc_t inv_t, acc_t* z) {
+  constexpr int64_t kAhead = 4;
+  for (int64_t c = 0; c < std::min(kAhead, k1); ++c) prefetch_row(w, col[c], H);
   for (int64_t c = 0; c < k1; ++c) {
+    if (c + kAhead < k1) prefetch_row(w, col[c + kAhead], H);
     if (!keep[c]) {
       z[c] = -std::numeric_limits<acc_t>::infinity();
       continue;
@@ -458,6 +473,7 @@ std::tuple<Tensor, Tensor, Tensor> local_support_backward(
         for (int64_t e = row_off[n]; e < row_off[n + 1]; ++e) {
           const int64_t m = row_order[e];
           for (int64_t c = 0; c < k1; ++c) {
+            if (c + 4 < k1) prefetch_row(wp, cp[m * k1 + c + 4], H);
             const acc_t gv = gzp[m * k1 + c];
             if (!sp[m * k1 + c]) continue;
             const scalar_t* wr = wp + cp[m * k1 + c] * H;
