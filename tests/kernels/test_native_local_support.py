@@ -167,6 +167,7 @@ def test_many_chunks_match_one(dtype, monkeypatch, one_thread):
     whole, leaves = _native(*case, 7, 1.3)
     g_whole = _grads(whole[1], leaves)
     monkeypatch.setattr(native_kernels, "TOPK_ELEMENTS", 2 * 1007)
+    monkeypatch.setattr(native_kernels, "MIN_ROWS", 1)
     assert native_kernels.chunk_rows(27, 1007) == 2
     chunked, leaves = _native(*case, 7, 1.3)
     g_chunked = _grads(chunked[1], leaves)
@@ -181,6 +182,13 @@ def threads():
     previous = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(previous)
+
+
+def test_chunk_rows():
+    assert native_kernels.chunk_rows(1024, 32768) == 128  # 2**22 elements
+    assert native_kernels.chunk_rows(1024, 151936) == native_kernels.MIN_ROWS
+    assert native_kernels.chunk_rows(5, 151936) == 5
+    assert native_kernels.chunk_rows(100, 7, workspace=20, min_rows=1) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
