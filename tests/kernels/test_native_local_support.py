@@ -247,3 +247,38 @@ def test_oracle_is_the_reference_without_ties():
     torch.testing.assert_close(delta, (t_y - s_y).detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kl, r_kl.detach(), rtol=1e-12, atol=1e-12)
     assert torch.equal(size, r_size)
+
+
+def test_opcheck():
+    hs, w, b, ht, row, targets, valid = _case(9, 3, 16, 40, torch.float32, with_bias=True)
+    leaves = [x.requires_grad_(True) for x in (hs, w, b)]
+    torch.library.opcheck(local_support_op, (*leaves, ht, row, targets, valid, 5, 1.1, "native"))
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_matches_eager(fullgraph):
+    """torch.compile traces the op as one node; the native kernels run inside it."""
+    import sgsd_kernels as sk
+
+    B, K, T, H, V = 2, 2, 5, 16, 40
+    g = torch.Generator().manual_seed(0)
+    hs, w = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    th = hs.unsqueeze(1) + 0.5 * torch.randn(B, K, T, H, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    rewards, tw = torch.tensor([1.0, -1.0]), torch.rand(B, K, generator=g)
+
+    def loss(hs, w):
+        return sk.linear_gated_kd_loss(
+            hs, w, targets, mask, rewards, tw, teacher_hidden=th, local_support_top_k=5,
+            confidence_threshold=0.0, backend="native",
+        ).loss  # fmt: skip
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=fullgraph)
+    results = []
+    for fn in (loss, compiled):
+        leaves = [hs.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        value = fn(*leaves)
+        results.append((value.detach(), *torch.autograd.grad(value, leaves)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
