@@ -161,6 +161,18 @@ def test_ties_go_to_the_lower_index():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_nan_and_inf_rank_as_torch_topk(dtype):
+    """NaN above every number, −inf below (as torch.topk); equal −inf by lower index."""
+    z = torch.tensor([[0.5, float("-inf"), float("nan"), 2.0, float("-inf"), -1.0]], dtype=dtype)
+    cols, t_local, _ = native.ops().local_support_teacher(
+        z.T.contiguous(), torch.tensor([3]), 5, 1.0
+    )
+    assert cols.tolist() == [[2, 3, 0, 5, 1, 3]]
+    assert torch.equal(torch.topk(z, 4).indices, cols[:, :4])
+    assert t_local[0, :5].isnan().all()  # a NaN logit in the support: NaN like log_softmax
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_many_chunks_match_one(dtype, monkeypatch, one_thread):
     """Teacher rows in chunks of 2 give the op's results of one chunk."""
     case = _case(9, 3, 61, 1007, dtype, with_bias=True)
