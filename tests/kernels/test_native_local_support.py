@@ -294,3 +294,18 @@ def test_compiled_matches_eager(fullgraph):
         results.append((value.detach(), *torch.autograd.grad(value, leaves)))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_allocates_nothing_proportional_to_n_times_v():
+    """Peak memory of the native local-support loss in a fresh subprocess (the harness of
+    test_divergence_memory.py): flat in N, far below the materialising reference's."""
+    from .test_divergence_memory import N_BIG, N_SMALL, V, _peak
+
+    one_nv = N_BIG * V * 4  # one fp32 N×V tensor
+    small = min(_peak("local_support", "native", N_SMALL) for _ in range(2))
+    big = min(_peak("local_support", "native", N_BIG) for _ in range(2))
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    growth = big - small
+    assert growth < (N_BIG - N_SMALL) * V * 4 / 8, f"grew {mib(growth)}: {mib(small)}->{mib(big)}"
+    assert big < one_nv / 8, f"native peak {mib(big)}"
