@@ -195,7 +195,9 @@ void teacher_impl(const Tensor& logits_t, const Tensor& targets, int64_t k, doub
   T* tp = t_local.data_ptr<T>();
   bool* sp = in_support.data_ptr<bool>();
   const T inv_t = static_cast<T>(inv_temperature);
-  const int64_t cap = k < V ? std::max<int64_t>(2 * k, k + 64) : V;
+  // Never more than V slots: a row offers at most V candidates in all, so a larger buffer
+  // (2k for k near V) would only waste memory (2·V keys per row instead of V).
+  const int64_t cap = k < V ? std::min<int64_t>(std::max<int64_t>(2 * k, k + 64), V) : V;
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     std::vector<typename K::key_t> buf((r1 - r0) * cap);
     if (k < V) {
@@ -247,7 +249,15 @@ std::tuple<Tensor, Tensor, Tensor> local_support_teacher(const Tensor& logits_in
               "], got ", k);
   TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == R,
               "local_support_teacher: targets must be [R] = [", R, "], got ", targets_in.sizes());
-  TORCH_CHECK(inv_temperature > 0, "local_support_teacher: inv_temperature must be > 0");
+  // Finite too: an infinite 1/T turns every logit into ±inf or NaN.
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+              "local_support_teacher: inv_temperature must be finite and > 0, got ",
+              inv_temperature);
+  // Integer ids only: .to(kLong) would silently truncate float ids (2.9 -> 2) and read
+  // bools as 0/1.
+  TORCH_CHECK(at::isIntegralType(targets_in.scalar_type(), /*includeBool=*/false),
+              "local_support_teacher: targets must be an integer tensor, got ",
+              targets_in.scalar_type());
   const Tensor logits = logits_in.detach().contiguous();
   const Tensor targets = targets_in.detach().to(at::kLong).contiguous();
   if (R > 0) {
@@ -287,7 +297,9 @@ struct StudentArgs {
 StudentArgs student_args(const char* name, const Tensor& hidden, const Tensor& weight,
                          const std::optional<Tensor>& bias, const Tensor& student_row,
                          const Tensor& columns, const Tensor& t_local,
-                         const Tensor& in_support) {
+                         const Tensor& in_support, double inv_temperature) {
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0, name,
+              ": inv_temperature must be finite and > 0, got ", inv_temperature);
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), name,
               ": hidden [N, H] and weight [V, H] must share H, got ", hidden.sizes(), " and ",
               weight.sizes());
@@ -296,12 +308,15 @@ StudentArgs student_args(const char* name, const Tensor& hidden, const Tensor& w
               weight.scalar_type());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), name,
               ": hidden must be floating point, got ", hidden.scalar_type());
+  // The kernels read column k (y_t's slot) of every row, so k + 1 >= 1 columns are
+  // required; the dim check comes before any size() so a wrong rank gets this message.
+  TORCH_CHECK(columns.dim() == 2 && columns.size(1) >= 1 && columns.scalar_type() == at::kLong,
+              name, ": columns must be [M, k+1] int64 with k + 1 >= 1, got ", columns.sizes(),
+              " ", columns.scalar_type());
   StudentArgs a;
   a.N = hidden.size(0), a.H = hidden.size(1), a.V = weight.size(0);
-  a.M = columns.size(0), a.k1 = columns.dim() == 2 ? columns.size(1) : 0;
+  a.M = columns.size(0), a.k1 = columns.size(1);
   const auto acc = at::toOpMathType(hidden.scalar_type());
-  TORCH_CHECK(columns.dim() == 2 && columns.scalar_type() == at::kLong, name,
-              ": columns must be [M, k+1] int64");
   TORCH_CHECK(t_local.sizes() == columns.sizes() && t_local.scalar_type() == acc, name,
               ": t_local must be [M, k+1] in ", acc, ", got ", t_local.sizes(), " ",
               t_local.scalar_type());
@@ -309,6 +324,9 @@ StudentArgs student_args(const char* name, const Tensor& hidden, const Tensor& w
               name, ": in_support must be [M, k+1] bool");
   TORCH_CHECK(student_row.dim() == 1 && student_row.size(0) == a.M, name,
               ": student_row must be [M] = [", a.M, "]");
+  // As for the teacher's targets: float row ids would be truncated silently.
+  TORCH_CHECK(at::isIntegralType(student_row.scalar_type(), /*includeBool=*/false), name,
+              ": student_row must be an integer tensor, got ", student_row.scalar_type());
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == a.V, name, ": bias must be [V] = [", a.V,
                 "]");
@@ -369,7 +387,7 @@ std::tuple<Tensor, Tensor> local_support_student(const Tensor& hidden, const Ten
                                                  const Tensor& t_local, const Tensor& in_support,
                                                  double inv_temperature) {
   const StudentArgs a = student_args("local_support_student", hidden, weight, bias, student_row,
-                                     columns, t_local, in_support);
+                                     columns, t_local, in_support, inv_temperature);
   Tensor delta = at::empty({a.M}, a.t_local.options());
   Tensor kl = at::empty({a.M}, a.t_local.options());
   dispatch_input(a.hidden.scalar_type(), [&](auto tag) {
@@ -431,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor> local_support_backward(
     const Tensor& t_local, const Tensor& in_support, double inv_temperature,
     bool need_weight_grad) {
   const StudentArgs a = student_args("local_support_backward", hidden, weight, bias, student_row,
-                                     columns, t_local, in_support);
+                                     columns, t_local, in_support, inv_temperature);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == a.M,
               "local_support_backward: grad must be [M] = [", a.M, "]");
   const auto opts = a.t_local.options();

@@ -228,7 +228,7 @@ def test_rejects_bad_inputs():
         ops.local_support_teacher(z, y[:2], 3, 1.0)
     with pytest.raises(RuntimeError, match="logits must be float32 or float64, got Half"):
         ops.local_support_teacher(z.half(), y, 3, 1.0)
-    with pytest.raises(RuntimeError, match="inv_temperature must be > 0"):
+    with pytest.raises(RuntimeError, match="inv_temperature must be finite and > 0, got 0"):
         ops.local_support_teacher(z, y, 3, 0.0)
     h, w = torch.randn(2, 8), torch.randn(40, 8)
     cols, t_loc, keep = ops.local_support_teacher(z, y, 3, 1.0)
