@@ -348,3 +348,31 @@ def test_inductor_dynamic_matches_eager():
         results.append((value.detach(), *torch.autograd.grad(value, leaves)))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+_TEACHER_PEAK = textwrap.dedent(
+    """
+    import resource, torch
+    from sgsd_kernels import native
+    ops = native.ops()
+    torch.set_num_threads(1)
+    V, R = 1 << 20, 16
+    z, y = torch.randn(V, R), torch.zeros(R, dtype=torch.long)
+    ops.local_support_teacher(z[:1000, :2].contiguous(), y[:2], 999, 1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ops.local_support_teacher(z, y, V - 1, 1.0)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """
+)
+
+
+def test_teacher_buffer_is_at_most_v_slots_per_row():
+    """k = V − 1: the outputs ([R, V] int64 + fp32 + bool) plus the candidate buffer, which
+    must hold at most V packed 8-byte keys per row (2·k slots would be 2·V)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _TEACHER_PEAK], capture_output=True, text=True, timeout=600
+    )
+    growth = int(out.stdout.strip() or -1)
+    R, V = 16, 1 << 20
+    outputs, buffer = R * (V + 1) * (8 + 4 + 1), R * V * 8
+    assert 0 < growth < outputs + 1.5 * buffer, (growth, out.stderr[-2000:])
