@@ -21,6 +21,8 @@ from sgsd_kernels import native
 from sgsd_kernels.ops.local_support import local_support_op
 from sgsd_kernels.reference import local_support_terms_ref
 
+from .conftest import REL_ATOL
+
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
@@ -319,12 +321,6 @@ def test_dispatch_when_the_extension_is_not_built(tmp_path):
     assert "no C++ compiler: '/nonexistent/bin/c++' is not on PATH" in lines[2]
 
 
-def test_auto_runs_native_once_built():
-    from sgsd_kernels.runtime import resolve_backend
-
-    assert resolve_backend("auto", torch.device("cpu")) == "native"
-
-
 def test_inductor_dynamic_matches_eager():
     B, K, T, H, V = 2, 2, 5, 16, 40
     g = torch.Generator().manual_seed(0)
@@ -376,3 +372,79 @@ def test_teacher_buffer_is_at_most_v_slots_per_row():
     R, V = 16, 1 << 20
     outputs, buffer = R * (V + 1) * (8 + 4 + 1), R * V * 8
     assert 0 < growth < outputs + 1.5 * buffer, (growth, out.stderr[-2000:])
+
+
+def test_concurrent_calls_match_a_serial_one():
+    """Four Python threads in the kernels at once (they release the GIL): no shared state,
+    every result bitwise equal to a serial call."""
+    import threading
+
+    case = _case(64, 2, 61, 4099, dtype=torch.float32)
+
+    def once():
+        leaves = [x.detach().clone().requires_grad_(True) for x in case[:3]]
+        out = local_support_op(*leaves, *case[3:], 100, 1.1, "native")
+        return (*out, *torch.autograd.grad(out[1].sum(), leaves))
+
+    serial = once()
+    results = [None] * 4
+
+    def work(i):
+        results[i] = once()
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for got in results:
+        assert got is not None
+        for a, b in zip(got, serial):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_public_calls_against_the_float64_reference(seed, one_thread):
+    """The public loss (``local_support_top_k``) on seeded random shapes, dtypes, k (up to
+    beyond V), temperatures, bias, masks and ignored targets: native against the float64
+    reference under the docs/design.md §8 rule (eager reference in the same dtype as the
+    yardstick)."""
+    import random
+
+    rng = random.Random(seed)
+    B, K, T = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 6)
+    H, V = rng.choice([1, 3, 16, 61]), rng.choice([1, 2, 7, 40, 257, 1007])
+    k = rng.choice([1, 2, 7, 100, V, V + 5])
+    temperature = rng.choice([0.7, 1.0, 1.1, 2.5])
+    dtype = (torch.float64, torch.float32, torch.bfloat16, torch.float16)[seed % 4]
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64, generator=g)
+    hs, w = torch.randn(B, T, H, **f64), torch.randn(V, H, **f64) * 0.5
+    b = torch.randn(V, **f64) if seed % 3 else None
+    th = hs.unsqueeze(1) + 0.5 * torch.randn(B, K, T, H, **f64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    targets[~mask & (torch.rand(B, T, generator=g) > 0.5)] = -100
+    rewards, tw = torch.randn(B, **f64).sign(), torch.rand(B, K, **f64)
+
+    def run(dt, backend):
+        leaves = [None if x is None else x.to(dt).requires_grad_(True) for x in (hs, w, b)]
+        out = sk.linear_gated_kd_loss(
+            leaves[0], leaves[1], targets, mask, rewards.to(dt), tw.to(dt),
+            teacher_hidden=th.to(dt), bias=leaves[2], temperature=temperature,
+            local_support_top_k=k, confidence_threshold=0.0, backend=backend,
+        )  # fmt: skip
+        live = [x for x in leaves if x is not None]
+        return (out.loss.detach(), *torch.autograd.grad(out.loss, live))
+
+    oracle, eager, got = (
+        run(torch.float64, "reference"),
+        run(dtype, "reference"),
+        run(dtype, "native"),
+    )
+    for name, a, e, o in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, eager, oracle):
+        err = (a.double() - o).abs().max().item()
+        bound = 2 * (e.double() - o).abs().max().item() + REL_ATOL[dtype] * max(
+            o.abs().max().item(), 1
+        )
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
