@@ -1,14 +1,131 @@
-"""The native backend of ``sgsd::linear_divergence``: the blockwise torch kernels.
+"""The native backend of ``sgsd::linear_divergence`` (docs/design.md §3.1): the torch backend's
+row chunks and GEMMs (``ops/torch_backend/linear_divergence.py``), with every element-wise
+pass over a chunk's logits replaced by one fused C++ kernel (``csrc/divergence.cpp``):
+both log-normalisers, D and Σe per row, and in place the student-logit gradient.
 
-The native C++ kernels cover the linear log-prob op. The divergence's element-wise terms
-run in place in ATen's vectorised kernels between ATen GEMMs (``ops/torch_backend/
-linear_divergence.py``), so ``backend="native"`` uses those unchanged.
+The GEMMs stay ATen calls (torch.mm/addmm run near the GEMM rate), so the extension only
+sees the chunk's scaled logits, [V, r] vocabulary-major as the GEMM writes them. Only
+the student and teacher logit buffers are needed (the torch backend needs three or
+four), so the same workspace budget holds chunks 1.5-2× taller.
+
+The fused kernel covers the case where the whole vocabulary fits one block of the
+workspace (V up to 2**22 / 16 = 262144 at the default budget). A larger vocabulary runs
+the torch backend's two-pass blockwise functions unchanged (``forward``, ``backward``)
+and has no unit-gradient forward, as there.
 """
 
-from sgsd_kernels.ops.torch_backend.linear_divergence import (
-    backward,
-    forward,
-    forward_with_unit_grads,
-)
+from __future__ import annotations
 
-__all__ = ["backward", "forward", "forward_with_unit_grads"]
+import torch
+
+from sgsd_kernels.ops.torch_backend import linear_divergence as blockwise
+
+# Logit buffers per chunk: student and teacher (the kernel works on them in place).
+_BUFFERS = 2
+
+
+def _ops():
+    # Imported here, not at module level: `python -m sgsd_kernels.native` must not find the
+    # module already imported by the package (runpy warns about that).
+    from sgsd_kernels import native
+
+    return native.ops()
+
+
+def _rows(N: int, V: int, workspace: int | None, unit: bool = False) -> int | None:
+    """Rows per chunk with the whole vocabulary in one block, or None when it does not fit
+    (then the torch backend's blockwise functions run). The budgets are read from the
+    torch backend at call time (tests shrink them)."""
+    default = blockwise.UNIT_WORKSPACE_ELEMENTS if unit else blockwise.WORKSPACE_ELEMENTS
+    rows, vblock = blockwise.plan_blocks(N, V, workspace or default, _BUFFERS)
+    return rows if vblock == V else None
+
+
+def _logits(head, scratch, V):
+    """The chunk's scaled student and teacher logits as [V, r] views (stride 1 across rows)."""
+    r = head.rows
+    _, _, outs = scratch.logits(r, V, head.fused)
+    head.fill(outs, 0, V)
+    if head.fused:
+        return outs[0][:, :r], outs[0][:, r:]
+    return outs
+
+
+def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
+    """Rows [N, H] (all valid) -> (D, Σe, lse_S, lse_T), each [N] in ``dtype``."""
+    if _rows(hs.shape[0], w.shape[0], workspace) is None:
+        return blockwise.forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype,
+                                 workspace)  # fmt: skip
+    return _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace)[:4]
+
+
+def forward_with_unit_grads(
+    hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace=None
+):  # fmt: skip
+    """:func:`forward` plus the gradients of Σ_n D_n, as the torch backend's
+    ``forward_with_unit_grads``: (D, Σe, lse_S, lse_T, dh_unit [N, H] or None, dW_unit
+    [V, H] or None, db_unit [V] or None)."""
+    N, V = hs.shape[0], w.shape[0]
+    if _rows(N, V, workspace, unit=True) is None:
+        return blockwise.forward_with_unit_grads(
+            hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace
+        )  # fmt: skip
+    return _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
+                    hidden, weight)  # fmt: skip
+
+
+def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
+             unit_hidden=False, unit_weight=False):  # fmt: skip
+    N, V = hs.shape[0], w.shape[0]
+    inv_t = 1.0 / temperature
+    unit = blockwise._UnitGrads(hs, w, b, dtype, unit_hidden, unit_weight)
+    rows = _rows(N, V, workspace, unit=unit.wanted)
+    out = torch.empty(4, N, dtype=dtype, device=hs.device)
+    scratch = blockwise.Scratch(rows * V, _BUFFERS, dtype, hs.device, None)
+    kernel = _ops().divergence_forward
+    for r0 in range(0, N, rows):
+        sl = slice(r0, min(N, r0 + rows))
+        hs_c, head, top = blockwise._chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, V)
+        zs, zt = _logits(head, scratch, V)
+        out[:, sl] = kernel(zs, zt, top, beta, clip, unit.wanted)
+        if unit.wanted:  # zs now holds ∂D/∂(z/T); ∂z/∂(z/T) = 1/T
+            unit.add(zs.T, inv_t, hs_c, sl)
+    return out[0], out[1], out[2], out[3], unit.dh, unit.dw, unit.db
+
+
+def backward(
+    grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k, dtype,
+    need_weight_grad, workspace=None, need_hidden_grad=True,
+):  # fmt: skip
+    """∂(Σ grad·D) w.r.t. the student rows, W and b: (gh [N, H] | None, gw [V, H] | None,
+    gb [V] | None) in ``dtype``. Recomputes both logits (and the teacher top-k) per chunk;
+    the kernel turns the student logits into g_z = e − Σe·p_S in one sweep, and the row
+    factor grad/T is applied to the small GEMM operands."""
+    N, V = hs.shape[0], w.shape[0]
+    rows = _rows(N, V, workspace)
+    if rows is None:
+        return blockwise.backward(
+            grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k,
+            dtype, need_weight_grad, workspace, need_hidden_grad,
+        )  # fmt: skip
+    inv_t = 1.0 / temperature
+    new = lambda shape: torch.zeros(shape, dtype=dtype, device=hs.device)  # noqa: E731
+    gh = new(hs.shape) if need_hidden_grad else None
+    gw = new(w.shape) if need_weight_grad else None
+    gb = new(V) if need_weight_grad and b is not None else None
+    w_c = w.to(dtype) if gh is not None else None
+    scratch = blockwise.Scratch(rows * V, _BUFFERS, dtype, hs.device, None)
+    kernel = _ops().divergence_grad
+    for r0 in range(0, N, rows):
+        sl = slice(r0, min(N, r0 + rows))
+        hs_c, head, top = blockwise._chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, V)
+        zs, zt = _logits(head, scratch, V)
+        kernel(zs, zt, top, lse_s[sl], lse_t[sl], sum_e[sl], beta, clip)
+        g = grad[sl].to(dtype) * inv_t
+        if gh is not None:
+            gh[sl] = (zs.T @ w_c).mul_(g[:, None])
+        if gw is not None:
+            gw.addmm_(zs, hs_c * g[:, None])
+        if gb is not None:
+            gb.addmv_(zs, g)
+    return gh, gw, gb
