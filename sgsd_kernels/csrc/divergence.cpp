@@ -17,10 +17,11 @@
 //            it is in L1) -> lse_S, lse_T;
 //   sweep 2: a = z_S − lse_S, c = z_T − lse_T, the element terms d and e = ∂d/∂a (β = 0,
 //            β = 1, or the general-β mixture), the element clip, the teacher top-k mask;
-//            D = Σd and Σe per row; optionally e -> zs and p_S -> zt in place;
-//   then, for the unit-gradient forward, a light axpy over the chunk (zs = e − Σe·p_S: Σe
-//   is only known after sweep 2). The recompute backward (lse and Σe saved) writes the
-//   student-logit gradient e − Σe·p_S in sweep 2 directly.
+//            D = Σd and Σe per row; for the unit-gradient forward also e -> zt in place;
+//   then, for the unit-gradient forward only, zs = e − Σe·p_S (Σe is known only after
+//   sweep 2; p_S = exp(a) is recomputed from zs rather than stored, which saves one
+//   write of the chunk and costs no exp at β = 0, where sweep 2 does not need p_S). The
+//   recompute backward (lse and Σe saved) writes e − Σe·p_S in sweep 2 directly.
 // Column sums are cascaded: fp32 partials over a block of kLines entries, added into
 // fp64 row totals (a plain fp32 running sum over V = 32768 terms drifts ~1e-5 relative).
 // Columns outside the teacher's top-k count as z = −inf: no mass, d = e = p_S = 0.
@@ -86,7 +87,8 @@ inline double log1p_unit(double t) { return std::log1p(t); }
 
 // Which element formula: β = 0 (forward KL), β = 1 (reverse KL), 0 < β < 1 (mixture).
 enum Mode : int { kForwardKL = 0, kReverseKL = 1, kMixture = 2 };
-// What sweep 2 writes back: nothing, e -> zs and p_S -> zt, or the gradient -> zs.
+// What sweep 2 writes back: nothing, e -> zt (then the gradient -> zs), or the gradient
+// -> zs.
 enum Write : int { kNone = 0, kUnit = 1, kGrad = 2 };
 
 template <typename T>
@@ -227,7 +229,7 @@ void row_terms(T* zs, T* zt, const Args& a, int64_t g_dyn, const uint8_t* keep,
           s[i] = e - se[i] * ps;
         } else {
           bd[i] += d, be[i] += e;
-          if constexpr (kWrite == kUnit) s[i] = e, t[i] = ps;
+          if constexpr (kWrite == kUnit) t[i] = e;
         }
       }
     }
@@ -236,13 +238,17 @@ void row_terms(T* zs, T* zt, const Args& a, int64_t g_dyn, const uint8_t* keep,
   }
   if constexpr (kWrite == kGrad) return;
   for (int64_t i = 0; i < g; ++i) d_out[i] = static_cast<T>(dt[i]), sum_e[i] = static_cast<T>(et[i]);
-  if constexpr (kWrite == kUnit) {  // zs = e − Σe·p_S (p_S in zt)
+  if constexpr (kWrite == kUnit) {  // zs = e − Σe·p_S, e in zt, p_S recomputed from zs
     for (int64_t i = 0; i < g; ++i) se[i] = sum_e[i];
     for (int64_t v = 0; v < a.V; ++v) {
-      T *s = zs + v * a.ld_s;
+      T* s = zs + v * a.ld_s;
       const T* t = zt + v * a.ld_t;
 #pragma omp simd
-      for (int64_t i = 0; i < g; ++i) s[i] -= se[i] * t[i];
+      for (int64_t i = 0; i < g; ++i) {
+        T ps = exp_acc(s[i] - ls[i]);
+        if constexpr (kTopK) ps = keep[v * g + i] ? ps : T(0);
+        s[i] = t[i] - se[i] * ps;
+      }
     }
   }
 }
@@ -339,7 +345,7 @@ Hypers<T> hypers(double beta, std::optional<double> clip) {
 
 // -> [4, r]: D, Σe (= Σ_v ∂D/∂a_v), lse_S, lse_T. With unit_grad, zs receives the student
 // logit gradient of D for a unit upstream gradient, ∂D/∂(z/T) = e − Σe·p_S (zt is
-// overwritten with p_S).
+// overwritten with e).
 Tensor divergence_forward(Tensor zs, Tensor zt, const std::optional<Tensor>& top, double beta,
                           std::optional<double> clip, bool unit_grad) {
   const Args a = check(zs, zt, top, beta, clip);
