@@ -36,8 +36,9 @@ def built():
 
 @pytest.fixture
 def twenty_row_chunks(monkeypatch):
-    """Chunks of 20 rows with the whole V = 1007 in one block: N = 37 runs as 20 + 17 rows,
-    i.e. a full 16-row group plus ragged groups of 4 and 1."""
+    """A workspace of 20 rows at V = 1007, whole vocabulary in one block: the native
+    backend rounds chunks to its 16-row groups, so N = 37 runs as 16 + 16 + 5 rows (the
+    last a ragged group, at an offset that is not a multiple of 16 floats)."""
     monkeypatch.setattr(torch_kernels, "WORKSPACE_ELEMENTS", 2 * 20 * 1007)
     monkeypatch.setattr(torch_kernels, "UNIT_WORKSPACE_ELEMENTS", 2 * 20 * 1007)
 

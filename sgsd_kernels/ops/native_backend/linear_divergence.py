@@ -22,6 +22,8 @@ from sgsd_kernels.ops.torch_backend import linear_divergence as blockwise
 
 # Logit buffers per chunk: student and teacher (the kernel works on them in place).
 _BUFFERS = 2
+# Rows per task of the kernel (kGroup in csrc/divergence.cpp).
+_GROUP = 16
 
 
 def _ops():
@@ -40,11 +42,17 @@ def _rows(N: int, V: int, workspace: int | None, unit: bool = False) -> int | No
     rows, vblock = blockwise.plan_blocks(N, V, workspace or default, _BUFFERS)
     if vblock != V:
         return None
-    # Chunks of equal height: at N = 1024 eight of 128 rows rather than seven of 144 and
-    # one of 16, whose GEMMs ran at ~half the rate (fp32, H = 256, 1 thread, EPYC dev box:
-    # ~90 GFLOP/s at 144 rows, 50-65 at 64 rows).
-    chunks = -(-N // rows)
-    return -(-N // chunks)
+    if rows == N:  # one chunk
+        return rows
+    # A multiple of the kernel's 16-row group: each group's 16 logits per vocabulary entry
+    # are then one 64-byte line (the buffers are 64-byte aligned); at 142 rows the kernel
+    # took 2.2x as long per row as at 128 or 144 (fp32, V = 32768, 1 thread, EPYC dev box).
+    rows = max(_GROUP, rows - rows % _GROUP)
+    # Chunks of about equal height: at N = 1024 eight of 128 rows rather than seven of 144
+    # and one of 16, whose GEMMs run at about half the rate (same box: ~90 GFLOP/s at 144
+    # rows, 50-65 at 64).
+    even = -(-N // -(-N // rows))
+    return min(rows, -(-even // _GROUP) * _GROUP)
 
 
 def _logits(head, scratch, V):
