@@ -88,11 +88,41 @@ def forward_with_unit_grads(
                     hidden, weight)  # fmt: skip
 
 
+class _UnitGrads:
+    """Accumulators of the unit-upstream-gradient gradients, as the torch backend's, but
+    written by the first chunk's GEMM instead of zero-filled first (dW_unit is V×H), with
+    1/T applied inside the GEMMs (no separate scaling pass)."""
+
+    def __init__(self, hs, w, b, dtype, hidden, weight):
+        N, (V, H) = hs.shape[0], w.shape
+        self.dh = torch.empty(N, H, dtype=dtype, device=hs.device) if hidden else None
+        self.dw = torch.empty(V, H, dtype=dtype, device=hs.device) if weight else None
+        self.db = (
+            torch.zeros(V, dtype=dtype, device=hs.device) if weight and b is not None else None
+        )
+        self.w = w.to(dtype) if hidden else None  # dh GEMM operand (a copy for bf16/fp16 only)
+        self.first = True
+
+    @property
+    def wanted(self) -> bool:
+        return self.dh is not None or self.dw is not None
+
+    def add(self, gz, alpha, hs_c, sl):
+        """Accumulate one row chunk's whole-vocabulary logit gradient alpha·gz [r, V]."""
+        if self.dh is not None:  # beta = 0: the uninitialised rows are not read
+            torch.addmm(self.dh[sl], gz, self.w, beta=0.0, alpha=alpha, out=self.dh[sl])
+        if self.dw is not None:
+            self.dw.addmm_(gz.T, hs_c, beta=0.0 if self.first else 1.0, alpha=alpha)
+        if self.db is not None:
+            self.db.add_(gz.sum(0), alpha=alpha)
+        self.first = False
+
+
 def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
              unit_hidden=False, unit_weight=False):  # fmt: skip
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
-    unit = blockwise._UnitGrads(hs, w, b, dtype, unit_hidden, unit_weight)
+    unit = _UnitGrads(hs, w, b, dtype, unit_hidden, unit_weight)
     rows = _rows(N, V, workspace, unit=unit.wanted)
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
     scratch = blockwise.Scratch(rows * V, _BUFFERS, dtype, hs.device, None)
