@@ -55,14 +55,60 @@ def _rows(N: int, V: int, workspace: int | None, unit: bool = False) -> int | No
     return min(rows, -(-even // _GROUP) * _GROUP)
 
 
-def _logits(head, scratch, V):
-    """The chunk's scaled student and teacher logits as [V, r] views (stride 1 across rows)."""
-    r = head.rows
-    _, _, outs = scratch.logits(r, V, head.fused)
-    head.fill(outs, 0, V)
-    if head.fused:
-        return outs[0][:, :r], outs[0][:, r:]
-    return outs
+class _Operands:
+    """The logits GEMMs' operands for every row chunk, built with a few whole-tensor ops:
+    per-chunk concatenation and scaling, as in the torch backend's ``_Head``, are two
+    parallel ATen ops per chunk on tiny tensors, and with 2 threads on the loaded 2-core
+    EPYC box they cost ~20 ms per chunk (~160 ms of ~1430 ms CPU time at N = 1024, V =
+    32768, H = 256), about what the chunk's element-wise kernel costs. The hidden states
+    are prescaled by 1/T (and the biases), so the GEMM output is z / T; with a shared head
+    the student and teacher rows of a chunk are one [2r, H] operand and one GEMM."""
+
+    def __init__(self, hs, w, b, ht, tw, tb, inv_t, dtype, rows):
+        self.fused = blockwise._same(w, tw) and blockwise._same(b, tb)
+        self.w, self.tw, self.dtype, self.rows = w, tw, dtype, rows
+        scale = lambda x: None if x is None else x.to(dtype) * inv_t  # noqa: E731
+        self.b, self.tb = scale(b), scale(tb)
+        N, H = hs.shape
+        if not self.fused:
+            self.hs, self.ht = scale(hs), scale(ht)
+            return
+        k = N // rows  # full chunks: [k, 2, rows, H], chunk c's operand is [c].view(2 rows, H)
+        full = lambda x: x[: k * rows].view(k, rows, H)  # noqa: E731
+        self.full = torch.stack([full(hs), full(ht)], 1).to(dtype).mul_(inv_t) if k else None
+        tail = slice(k * rows, N)
+        self.tail = torch.cat([hs[tail], ht[tail]]).to(dtype).mul_(inv_t) if k * rows < N else None
+
+    def logits(self, scratch, sl):
+        """Fill the scratch with the scaled logits of rows ``sl`` and return them as [V, r]
+        views (stride 1 across rows)."""
+        r, V = sl.stop - sl.start, self.w.shape[0]
+        _, _, outs = scratch.logits(r, V, self.fused)
+        if self.fused:
+            c = sl.start // self.rows
+            full = self.full is not None and c < self.full.shape[0]
+            h2 = self.full[c].view(2 * r, -1) if full else self.tail
+            _mm(self.w, self.b, h2.T, outs[0])
+            return outs[0][:, :r], outs[0][:, r:]
+        _mm(self.w, self.b, self.hs[sl].T, outs[0])
+        _mm(self.tw, self.tb, self.ht[sl].T, outs[1])
+        return outs
+
+
+def _mm(w, bias, ht, out):
+    """out [V, r] = W·hᵀ (+ b), W converted to the compute dtype (a copy for bf16/fp16)."""
+    wb = w.to(out.dtype)
+    if bias is None:
+        return torch.mm(wb, ht, out=out)
+    return torch.addmm(bias[:, None], wb, ht, out=out)
+
+
+def _top(ht, tw, tb, sl, top_k, inv_t, dtype):
+    """The teacher's top-k token indices of rows ``sl`` ([r, k] int64), or None."""
+    if top_k is None:
+        return None
+    V = tw.shape[0]
+    return blockwise.teacher_top_k(ht[sl].to(dtype), tw, tb, top_k, inv_t, dtype, V)[0]
 
 
 def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
@@ -127,10 +173,11 @@ def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, worksp
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
     scratch = blockwise.Scratch(rows * V, _BUFFERS, dtype, hs.device, None)
     kernel = _ops().divergence_forward
+    ops = _Operands(hs, w, b, ht, tw, tb, inv_t, dtype, rows)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, head, top = blockwise._chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, V)
-        zs, zt = _logits(head, scratch, V)
+        hs_c, top = hs[sl].to(dtype), _top(ht, tw, tb, sl, top_k, inv_t, dtype)
+        zs, zt = ops.logits(scratch, sl)
         out[:, sl] = kernel(zs, zt, top, beta, clip, unit.wanted)
         if unit.wanted:  # zs now holds ∂D/∂(z/T); ∂z/∂(z/T) = 1/T
             unit.add(zs.T, inv_t, hs_c, sl)
@@ -160,10 +207,11 @@ def backward(
     w_c = w.to(dtype) if gh is not None else None
     scratch = blockwise.Scratch(rows * V, _BUFFERS, dtype, hs.device, None)
     kernel = _ops().divergence_grad
+    ops = _Operands(hs, w, b, ht, tw, tb, inv_t, dtype, rows)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, head, top = blockwise._chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, V)
-        zs, zt = _logits(head, scratch, V)
+        hs_c, top = hs[sl].to(dtype), _top(ht, tw, tb, sl, top_k, inv_t, dtype)
+        zs, zt = ops.logits(scratch, sl)
         kernel(zs, zt, top, lse_s[sl], lse_t[sl], sum_e[sl], beta, clip)
         g = grad[sl].to(dtype) * inv_t
         if gh is not None:
