@@ -112,6 +112,8 @@ def test_native_divergence_matches_oracle(
         ((17, 9, 2), 0.3, 0.05, "V", True, True, 1.1),
         ((33, 13, 129), 1.0, 0.02, 1, False, True, 0.7),
         ((16, 70, 300), 0.0, None, 7, True, False, 1.1),
+        ((150, 17, 300), 0.5, 0.05, None, False, True, 1.1),  # one chunk, padded to 160 rows
+        ((150, 17, 300), 0.0, None, 7, True, True, 1.0),
     ],
     ids=str,
 )
@@ -122,6 +124,18 @@ def test_native_divergence_odd_shapes(
     for speculate in (True, False):
         _check(dtype, shape, beta, clip, top_k, sep, with_bias, shape[0] > 1, temperature,
                speculate, monkeypatch)  # fmt: skip
+
+
+@pytest.mark.parametrize("sep", [False, True], ids=["shared", "sep"])
+@pytest.mark.parametrize("beta", [0.0, 0.5], ids=str)
+def test_native_divergence_padded_tail_chunk(beta, sep, no_blockwise, monkeypatch):
+    """Chunks of 80 rows: N = 230 runs as 80 + 80 + 70, the last padded to 80 rows."""
+    monkeypatch.setattr(torch_kernels, "WORKSPACE_ELEMENTS", 2 * 80 * 211)
+    monkeypatch.setattr(torch_kernels, "UNIT_WORKSPACE_ELEMENTS", 2 * 80 * 211)
+    assert native_kernels._rows(230, 211, None) == 80
+    for speculate in (True, False):
+        _check(torch.float32, (230, 19, 211), beta, 0.05, 7, sep, True, False, 1.1, speculate,
+               monkeypatch)  # fmt: skip
 
 
 def _logits(V, r, dtype, fused, seed=0):
