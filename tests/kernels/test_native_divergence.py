@@ -3,7 +3,8 @@ the op on ``backend="native"`` against the float64 oracle for values and gradien
 unit-gradient forward and the recompute backward), odd shapes, every β, clip on/off, top-k
 in {1, 7, V}, masks, several row chunks and a ragged row group; the kernel itself against
 a per-element formulation; bitwise determinism at 1 and 2 threads; the fallback to the
-torch backend when the vocabulary does not fit one block; and the kernel's messages.
+torch backend when the vocabulary does not fit one block; peak memory (slow); and the
+kernel's messages.
 """
 
 from __future__ import annotations
@@ -264,6 +265,20 @@ def test_falls_back_to_blockwise_when_vocabulary_needs_several_blocks(beta, monk
         res[backend] = (d, *_grads(d, leaves))
     for x, y in zip(res["torch"], res["native"]):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_native_path_allocates_nothing_proportional_to_n_times_v():
+    """Peak memory in a fresh subprocess, as for the torch path in test_divergence_memory."""
+    from .test_divergence_memory import N_BIG, N_SMALL, V, _peak
+
+    one_nv = N_BIG * V * 4  # one fp32 N×V tensor
+    small = min(_peak("divergence", "native", N_SMALL) for _ in range(2))
+    big = min(_peak("divergence", "native", N_BIG) for _ in range(2))
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    growth = big - small
+    assert growth < (N_BIG - N_SMALL) * V * 4 / 8, f"grew {mib(growth)}: {mib(small)}->{mib(big)}"
+    assert big < one_nv / 2, f"native path peak {mib(big)}"
 
 
 def _bad(zs, zt, top=None, beta=0.0, clip=None):
