@@ -56,7 +56,7 @@ def run_worker(spec: dict) -> None:
 
     import torch
 
-    from sgsd_bench import measure
+    from sgsd_bench import measure, yardstick
     from sgsd_bench.inputs import dtype_of, make_inputs
     from sgsd_bench.presets import Case, Preset
     from sgsd_bench.providers import NotAvailable, build_provider, get
@@ -71,10 +71,11 @@ def run_worker(spec: dict) -> None:
     cuda = measure.on_cuda(device)
     x = make_inputs(case, case.N, device, dtype_of(case.dtype), seed=0)
     go = measure.upstream_grad(case, x)
-    tile = measure.gemm_tile(case, device)
-    gemm = {"call": measure.gemm_timer(case, device), "samples": []}
+    shapes, call = yardstick.gemm_timer(case, device)
+    gemm = {"call": call, "samples": []}
     if cuda:  # measure now and free its buffers before the providers run
-        gemm["samples"] = gemm.pop("call")()
+        gemm["samples"].append(gemm.pop("call")())
+        del call
         torch.cuda.empty_cache()
     entries = []
 
@@ -159,8 +160,7 @@ def run_worker(spec: dict) -> None:
             res["reps"] = len(e["tf"])
         if not gemm["samples"]:
             gemm["samples"].append(gemm["call"]())
-    summary = measure.gemm_summary(gemm["samples"], cuda)
-    summary["tile"] = list(tile)
+    summary = yardstick.gemm_summary(gemm["samples"], shapes, cuda)
     _emit({"provider": "gemm", "case": spec["case"], "status": "ok", "gemm": summary})
     for e in entries:
         _emit(e["row"])

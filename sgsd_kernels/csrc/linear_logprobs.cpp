@@ -410,6 +410,37 @@ std::vector<int64_t> tile_plan(int64_t N, int64_t V, int64_t H) {
   return {p.rows, p.vblock};
 }
 
+// Best seconds per call of this machine's engine for hidden/weight's dtype, its logits
+// GEMM and its two gradient GEMMs (dh + dW), at one [M, H] row tile against a [Vb, H]
+// vocabulary block, every thread at once (engines.h, time_engine_gemms): the engine's own
+// GEMM rate, one of the benchmark's yardsticks.
+std::vector<double> tile_gemm_seconds(const Tensor& hidden, const Tensor& weight, int64_t reps) {
+  check_inputs(hidden, weight, std::nullopt, at::empty({hidden.size(0)}, at::kLong));
+  TORCH_CHECK(hidden.scalar_type() != at::kDouble,
+              "sgsd native: tile_gemm_seconds takes fp32, bf16 or fp16 inputs");
+  TORCH_CHECK(hidden.size(0) >= 1 && reps >= 1,
+              "sgsd native: tile_gemm_seconds needs M >= 1 rows and reps >= 1");
+  const Tensor h = hidden.detach().contiguous(), w = weight.detach().contiguous();
+  const int64_t M = h.size(0), H = h.size(1);
+  Plan p;
+  p.rows = M, p.vblock = w.size(0), p.nvb = p.tasks = at::get_num_threads();
+  const Path path = choose_path<float>(h, w);
+  if (path == Path::kBf16) {
+    const Bf16Hidden hid(h, p, true);
+    return time_engine_gemms(p, H, reps, [&](float* gw) {
+      return Bf16Tiles(hid, w, reinterpret_cast<uint16_t*>(gw), p);
+    });
+  }
+  if (path == Path::kF32) {
+    const float* hp = h.const_data_ptr<float>();
+    const std::vector<float> ht = transposed_row_tiles(hp, M, H, M);
+    return time_engine_gemms(
+        p, H, reps, [&](float* gw) { return F32Tiles(hp, ht.data(), M, w, gw, p); });
+  }
+  const Tensor hf = h.to(at::kFloat).contiguous();
+  return time_engine_gemms(p, H, reps, [&](float* gw) { return BlasTiles<float>(hf, w, gw, p); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sgsd_native, m) {
@@ -417,6 +448,9 @@ TORCH_LIBRARY(sgsd_native, m) {
   m.def("bf16_gemms() -> bool", &bf16_gemms);
   // (rows, vocabulary entries) of one tile at this shape: the benchmark's GEMM yardstick.
   m.def("tile_plan(int N, int V, int H) -> int[]", &tile_plan);
+  // Seconds per call of the engine's logits GEMM and gradient GEMMs at one tile (above).
+  m.def("tile_gemm_seconds(Tensor hidden, Tensor weight, int reps) -> float[]",
+        &tile_gemm_seconds);
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "float inv_temperature, int ignore_index, bool with_entropy) -> (Tensor, Tensor, Tensor)");
