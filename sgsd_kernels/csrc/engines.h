@@ -47,8 +47,6 @@ class BlasTiles {
                   ? Tensor()
                   : at::empty({p.vblock, h.size(1)}, h.options())) {}
 
-  static constexpr bool kDhTransposed = false;  // dh partials are [N, H]
-
   void set_block(int64_t v0, int64_t nv, bool /*backward*/) {
     v0_ = v0, nv_ = nv;
     w_ = weight_block<acc_t>(weight_, wbuf_, v0, nv);
@@ -131,13 +129,18 @@ class F32Tiles {
         grad_w_(grad_w),
         N_(N),
         H_(weight.size(1)),
-        wt_(static_cast<size_t>(p.vblock * weight.size(1))) {}
+        dh_t_(dh_transposed(N, weight.size(1))),
+        wt_(dh_t_ ? static_cast<size_t>(p.vblock * weight.size(1)) : 0),
+        gtt_(dh_t_ ? 0 : static_cast<size_t>(p.vblock * p.rows)) {}
 
-  static constexpr bool kDhTransposed = true;  // dh partials are [H, N]
+  // The dh GEMM needs one operand transposed: either the W block (once per block, nv·H
+  // elements; dh partials are then dhᵀ [H, N]) or each gradient tile (nv·nr per row tile,
+  // nv·N per block; dh partials are [N, H]). The smaller of the two: W while N ≥ H.
+  static bool dh_transposed(int64_t N, int64_t H) { return N >= H; }
 
   void set_block(int64_t v0, int64_t nv, bool backward) {
     v0_ = v0, nv_ = nv;
-    if (backward) transpose(w_ + v0 * H_, H_, nv, H_, wt_.data(), nv);  // Wᵀ [H, nv]
+    if (backward && dh_t_) transpose(w_ + v0 * H_, H_, nv, H_, wt_.data(), nv);  // Wᵀ [H, nv]
   }
 
   void logits(int64_t r0, int64_t nr, float* zt) {
@@ -145,10 +148,18 @@ class F32Tiles {
                                 zt, false);
   }
 
-  void grads(int64_t r0, int64_t nr, const float* gt, bool first, float* dht) {
-    // dhᵀ[:, r0:r0+nr] += Wᵀ·gt  (M = H, N = nr, K = nv)
-    at::native::cpublas::brgemm(H_, nr, nv_, nv_, nr, N_, true, wt_.data(), gt, dht + r0,
-                                false);
+  // dh: the task's partial, [H, N] when dh_transposed(N, H), else [N, H].
+  void grads(int64_t r0, int64_t nr, const float* gt, bool first, float* dh) {
+    if (dh_t_) {
+      // dhᵀ[:, r0:r0+nr] += Wᵀ·gt  (M = H, N = nr, K = nv)
+      at::native::cpublas::brgemm(H_, nr, nv_, nv_, nr, N_, true, wt_.data(), gt, dh + r0,
+                                  false);
+    } else {
+      // dh[r0:r0+nr] += gtᵀ·W_blk  (M = nr, N = H, K = nv)
+      transpose(gt, nr, nv_, nr, gtt_.data(), nv_);
+      at::native::cpublas::brgemm(nr, H_, nv_, nv_, H_, H_, true, gtt_.data(), w_ + v0_ * H_,
+                                  dh + r0 * H_, false);
+    }
     // dW_blk (+)= gt·h_tile  (M = nv, N = H, K = nr)
     if (grad_w_ != nullptr)
       at::native::cpublas::brgemm(nv_, H_, nr, nr, H_, H_, !first, gt, h_ + r0 * H_,
@@ -162,7 +173,8 @@ class F32Tiles {
   const float *h_, *ht_, *w_;
   float* grad_w_;
   int64_t N_, H_, v0_ = 0, nv_ = 0;
-  std::vector<float> wt_;
+  bool dh_t_;
+  std::vector<float> wt_, gtt_;
 };
 
 // ---------------------------------------------------------------- bf16 via oneDNN brgemm
@@ -239,8 +251,7 @@ class Bf16Tiles {
         gt_(p.vblock * (p.rows + 1)),
         gtv_((p.vblock + 1) * p.rows) {}
 
-  static constexpr bool kDhTransposed = true;  // dh partials are [H, N]
-
+  // dh partials are dhᵀ [H, N]
   void set_block(int64_t v0, int64_t nv, bool backward) {
     v0_ = v0, nv_ = nv, nvp_ = nv + (nv & 1);
     const int64_t H = hid_.H, Hp = hid_.Hp;

@@ -330,9 +330,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   const Plan p = make_plan(std::max<int64_t>(N, 1), V, H);
   acc_t* gbp = need_bias_grad ? grad_b.data_ptr<acc_t>() : nullptr;
 
-  // One dh partial per task (tasks split the vocabulary, dh sums over it); the brgemm
-  // engines accumulate dhᵀ.
-  const bool dh_t = path != Path::kBlas;
+  // One dh partial per task (tasks split the vocabulary, dh sums over it); the bf16
+  // engine accumulates dhᵀ, the fp32 one dhᵀ or dh (F32Tiles::dh_transposed).
+  const bool dh_t = path == Path::kBf16 || (path == Path::kF32 && F32Tiles::dh_transposed(N, H));
   Tensor dh_part = at::zeros(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
   acc_t* dhp = dh_part.data_ptr<acc_t>();
   if constexpr (std::is_same_v<acc_t, float>) {
