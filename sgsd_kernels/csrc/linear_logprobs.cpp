@@ -31,6 +31,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -197,7 +198,11 @@ void backward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V
                        [&](auto& eng, Scratch<acc_t>& sc, int64_t task, int64_t v0,
                            int64_t nv, int64_t r0, int64_t nr) {
                          backward_tile(sc.tile.data(), nv, nr, v0, r0, in, grad_b);
-                         eng.grads(r0, nr, sc.tile.data(), r0 == 0, dh_part + task * N * H);
+                         acc_t* dh = dh_part + task * N * H;
+                         // the task's first tile: its partial zeroed (first touch) here
+                         if (r0 == 0 && v0 == block_begin(p, task) * p.vblock)
+                           std::fill(dh, dh + N * H, acc_t(0));
+                         eng.grads(r0, nr, sc.tile.data(), r0 == 0, dh);
                        });
 }
 
@@ -333,7 +338,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   // One dh partial per task (tasks split the vocabulary, dh sums over it); the bf16
   // engine accumulates dhᵀ, the fp32 one dhᵀ or dh (F32Tiles::dh_transposed).
   const bool dh_t = path == Path::kBf16 || (path == Path::kF32 && F32Tiles::dh_transposed(N, H));
-  Tensor dh_part = at::zeros(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
+  Tensor dh_part = at::empty(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
   acc_t* dhp = dh_part.data_ptr<acc_t>();
   if constexpr (std::is_same_v<acc_t, float>) {
     if (N > 0 && path == Path::kBf16) {
@@ -358,10 +363,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
                           dhp, gbp);
   }
 
-  Tensor grad_h = dh_part[0];
-  for (int64_t task = 1; task < p.tasks; ++task) grad_h.add_(dh_part[task]);
-  if (dh_t) grad_h = grad_h.t();
-  grad_h = grad_h.to(hidden_in.scalar_type()).contiguous();
+  Tensor grad_h = at::empty({N, H}, hidden_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_h.scalar_type(), "combine", [&] {
+      combine_partials(dhp, p.tasks, N, H, dh_t, grad_h.data_ptr<scalar_t>());
+    });
+  }
   if (need_weight_grad) grad_w = grad_w.to(weight.scalar_type());
   else grad_w = at::empty({0}, weight.options());
   if (need_bias_grad) grad_b = grad_b.to(bias_in->scalar_type());
