@@ -21,6 +21,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <chrono>
 #include <cstdint>
@@ -83,16 +86,56 @@ class BlasTiles {
 
 // ---------------------------------------------------------------- fp32 via oneDNN brgemm
 
-// dst[c * ld_dst + r] = src[r * ld_src + c] for a rows × cols block, through 16×16 tiles
-// (contiguous reads and writes).
+#if defined(__AVX512F__)
+// One full 16×16 block of 32-bit elements through registers: rows in, unpack 32- and 64-bit
+// pairs, then two 128-bit-lane shuffles leave column k in register k.
+inline void transpose16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));      // column 4L   of rows i..i+3
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));  // column 4L+1
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));  // column 4L+2
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));  // column 4L+3
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd));
+  }
+}
+#endif
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for a rows × cols block of 32-bit elements,
+// through 16×16 blocks: in AVX-512 registers where the block is full (a 256×256 fp32 W
+// block took 3 ns per element through the scalar path, 16% of the fp32 backward at N=256,
+// H=256 on the AMD EPYC dev box), else element by element (contiguous reads and writes).
 template <typename T>
 inline void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
                       int64_t ld_dst) {
+  static_assert(sizeof(T) == 4, "transpose moves 32-bit elements");
   T blk[16][16];
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - r0);
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const int64_t nc = std::min<int64_t>(16, cols - c0);
+#if defined(__AVX512F__)
+      if (nr == 16 && nc == 16) {
+        transpose16x16(reinterpret_cast<const float*>(src + r0 * ld_src + c0), ld_src,
+                       reinterpret_cast<float*>(dst + c0 * ld_dst + r0), ld_dst);
+        continue;
+      }
+#endif
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t c = 0; c < nc; ++c) blk[r][c] = src[(r0 + r) * ld_src + c0 + c];
       for (int64_t c = 0; c < nc; ++c)
@@ -284,6 +327,13 @@ class Bf16Tiles {
             for (int64_t k = 0; k < nk; ++k) blk[q][k] = uint32_t(lo[k]);
           }
         }
+#if defined(__AVX512F__)
+        if (np == 16 && nk == 16) {
+          transpose16x16(reinterpret_cast<const float*>(&blk[0][0]), 16,
+                         reinterpret_cast<float*>(wt + k0 * half + p0), half);
+          continue;
+        }
+#endif
         for (int64_t k = 0; k < nk; ++k) {
           uint32_t* out = wt + (k0 + k) * half + p0;
 #pragma omp simd
