@@ -90,8 +90,9 @@ struct Plan {
 // H=256: 256×256 tiles ~103 GFLOP/s for all three GEMMs (64-row tiles ~97);
 // H=1024: 128 rows × 128 vocabulary: logits 117, dh + dW 111 GFLOP/s per core, against
 // 115 / 105 at 256 × 128 and 115 / 100 at 256 × 256 (the W block is 4 KiB per entry, so
-// 128 entries keep it in L2 next to a 128-row tile). At N=256, V=151936 the 128-row tiles
-// cut the fwd+bwd CPU time to 0.91× of 256 × 128 (interleaved, loaded box).
+// 128 entries keep it in L2 next to a 128-row tile). At N=256, V=151936 fwd+bwd took
+// 0.91× the CPU time of 256 × 128 tiles with the W-block transpose (interleaved, loaded
+// box; the dh GEMM there now transposes the gradient tile, F32Tiles::dh_transposed).
 inline Plan make_plan(int64_t N, int64_t V, int64_t H) {
   Plan p;
   p.vblock = std::min<int64_t>(V, H <= 512 ? 256 : 128);
