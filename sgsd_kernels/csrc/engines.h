@@ -25,10 +25,10 @@
 #include <immintrin.h>
 #endif
 
-#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tiles.h"
@@ -416,46 +416,20 @@ class Bf16Tiles {
   int64_t v0_ = 0, nv_ = 0, nvp_ = 0;
 };
 
-// ---------------------------------------------------------------- GEMM rate probe
+// ---------------------------------------------------------------- engine choice
 
-// The benchmark's yardstick for an engine: every thread builds its own engine over the
-// same hidden [M, H] and weight [Vb, H] (one vocabulary block, one row tile) and times
-// `reps` calls of its logits GEMM and of its gradient GEMMs (dh and dW together), all
-// threads at once as in the kernels. Returns, for each of the two, the slowest thread's
-// best seconds per call (the machine then does threads × the GEMM's FLOPs in that time).
-// make_engine(grad_w) builds an engine writing dW into that thread's own [Vb, H] buffer.
-template <typename Make>
-std::vector<double> time_engine_gemms(const Plan& p, int64_t H, int64_t reps,
-                                      const Make& make_engine) {
-  std::vector<double> best(2 * p.tasks, std::numeric_limits<double>::infinity());
-  at::parallel_for(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    OneBlasThread one_blas_thread;
-    std::vector<float> grad_w(static_cast<size_t>(p.vblock * H));
-    auto engine = make_engine(grad_w.data());
-    std::vector<float> tile(static_cast<size_t>(p.rows * p.vblock));
-    std::vector<float> dh(static_cast<size_t>(p.rows * H));
-    for (int64_t task = t0; task < t1; ++task) {
-      engine.set_block(0, p.vblock, true);
-      for (int64_t rep = 0; rep <= reps; ++rep) {  // rep 0 is the warm-up
-        const auto a = std::chrono::steady_clock::now();
-        engine.logits(0, p.rows, tile.data());
-        const auto b = std::chrono::steady_clock::now();
-        engine.grads(0, p.rows, tile.data(), true, dh.data());
-        const auto c = std::chrono::steady_clock::now();
-        if (rep == 0) continue;
-        best[2 * task] = std::min(best[2 * task], std::chrono::duration<double>(b - a).count());
-        best[2 * task + 1] =
-            std::min(best[2 * task + 1], std::chrono::duration<double>(c - b).count());
-      }
-      engine.end_block();
-    }
-    engine.finish();
-  });
-  std::vector<double> out{0.0, 0.0};
-  for (int64_t task = 0; task < p.tasks; ++task)
-    for (int k = 0; k < 2; ++k) out[k] = std::max(out[k], best[2 * task + k]);
-  return out;
+// Which engine runs a call: bf16 GEMMs for bf16 where the CPU has them, oneDNN fp32
+// brgemm for fp32, ATen BLAS on fp32 copies for fp16 (and bf16 elsewhere), fp64 BLAS.
+enum class Path { kBf16, kF32, kBlas };
+
+template <typename acc_t>
+Path choose_path(const Tensor& hidden, const Tensor& weight) {
+  if (!std::is_same_v<acc_t, float>) return Path::kBlas;
+  if (hidden.scalar_type() == at::kFloat) return Path::kF32;
+  if (hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+      bf16_tiles_available())
+    return Path::kBf16;
+  return Path::kBlas;
 }
 
 }  // namespace sgsd_native

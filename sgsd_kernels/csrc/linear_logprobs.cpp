@@ -19,10 +19,11 @@
 //
 // Threads come from at::parallel_for, whose OpenMP body is inlined from ATen's headers, so
 // this file is built with -fopenmp (sgsd_kernels/native.py); it links libgomp.so.1, the
-// runtime torch has already loaded. The elementwise loops are vectorised by the compiler (-O3 -march=native -fopenmp-simd
-// -fno-trapping-math: without the last flag GCC 12 keeps the exp loop scalar, 14 ns per
-// element instead of 1.6 on the loaded dev box);
-// exp uses a polynomial that vectorises (below).
+// runtime torch has already loaded. The elementwise loops are vectorised by the compiler
+// (-O3 -march=native -fopenmp-simd -fno-trapping-math: without the last flag GCC 12 keeps
+// the exp loop scalar, 14 ns per element instead of 1.6 on the loaded dev box); exp uses a
+// polynomial that vectorises (tiles.h). The GEMM-rate probe the benchmark times is in
+// probe.h.
 //
 // Inputs: fp32/fp16 are computed in fp32, fp64 in fp64, bf16 in fp32 from bf16 operands
 // (Bf16Tiles) where the CPU has bf16 dot products, else converted like fp16 (hidden once,
@@ -40,6 +41,7 @@
 #include <vector>
 
 #include "engines.h"
+#include "probe.h"
 #include "tiles.h"
 
 namespace {
@@ -206,20 +208,6 @@ void backward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V
                        });
 }
 
-// Which engine runs a call: bf16 GEMMs for bf16 where the CPU has them, oneDNN fp32
-// brgemm for fp32, ATen BLAS on fp32 copies for fp16 (and bf16 elsewhere), fp64 BLAS.
-enum class Path { kBf16, kF32, kBlas };
-
-template <typename acc_t>
-Path choose_path(const Tensor& hidden, const Tensor& weight) {
-  if (!std::is_same_v<acc_t, float>) return Path::kBlas;
-  if (hidden.scalar_type() == at::kFloat) return Path::kF32;
-  if (hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
-      bf16_tiles_available())
-    return Path::kBf16;
-  return Path::kBlas;
-}
-
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight,
                                                 const std::optional<Tensor>& bias_in,
@@ -337,8 +325,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
 
   // One dh partial per task (tasks split the vocabulary, dh sums over it); the bf16
   // engine accumulates dhᵀ, the fp32 one dhᵀ or dh (F32Tiles::dh_transposed).
-  const bool dh_t = path == Path::kBf16 || (path == Path::kF32 && F32Tiles::dh_transposed(N, H));
-  Tensor dh_part = at::empty(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
+  const bool dh_t =
+      path == Path::kBf16 || (path == Path::kF32 && F32Tiles::dh_transposed(N, H));
+  Tensor dh_part =
+      at::empty(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
   acc_t* dhp = dh_part.data_ptr<acc_t>();
   if constexpr (std::is_same_v<acc_t, float>) {
     if (N > 0 && path == Path::kBf16) {
@@ -363,11 +353,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
                           dhp, gbp);
   }
 
-  Tensor grad_h = at::empty({N, H}, hidden_in.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor grad_h = at::empty({N, H}, hidden_in.options());  // contiguous
   if (N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_h.scalar_type(), "combine", [&] {
-      combine_partials(dhp, p.tasks, N, H, dh_t, grad_h.data_ptr<scalar_t>());
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_h.scalar_type(), "combine",
+                                    [&] {
+                                      combine_partials(dhp, p.tasks, N, H, dh_t,
+                                                       grad_h.data_ptr<scalar_t>());
+                                    });
   }
   if (need_weight_grad) grad_w = grad_w.to(weight.scalar_type());
   else grad_w = at::empty({0}, weight.options());
@@ -417,37 +409,6 @@ std::vector<int64_t> tile_plan(int64_t N, int64_t V, int64_t H) {
   return {p.rows, p.vblock};
 }
 
-// Best seconds per call of this machine's engine for hidden/weight's dtype, its logits
-// GEMM and its two gradient GEMMs (dh + dW), at one [M, H] row tile against a [Vb, H]
-// vocabulary block, every thread at once (engines.h, time_engine_gemms): the engine's own
-// GEMM rate, one of the benchmark's yardsticks.
-std::vector<double> tile_gemm_seconds(const Tensor& hidden, const Tensor& weight, int64_t reps) {
-  check_inputs(hidden, weight, std::nullopt, at::empty({hidden.size(0)}, at::kLong));
-  TORCH_CHECK(hidden.scalar_type() != at::kDouble,
-              "sgsd native: tile_gemm_seconds takes fp32, bf16 or fp16 inputs");
-  TORCH_CHECK(hidden.size(0) >= 1 && reps >= 1,
-              "sgsd native: tile_gemm_seconds needs M >= 1 rows and reps >= 1");
-  const Tensor h = hidden.detach().contiguous(), w = weight.detach().contiguous();
-  const int64_t M = h.size(0), H = h.size(1);
-  Plan p;
-  p.rows = M, p.vblock = w.size(0), p.nvb = p.tasks = at::get_num_threads();
-  const Path path = choose_path<float>(h, w);
-  if (path == Path::kBf16) {
-    const Bf16Hidden hid(h, p, true);
-    return time_engine_gemms(p, H, reps, [&](float* gw) {
-      return Bf16Tiles(hid, w, reinterpret_cast<uint16_t*>(gw), p);
-    });
-  }
-  if (path == Path::kF32) {
-    const float* hp = h.const_data_ptr<float>();
-    const std::vector<float> ht = transposed_row_tiles(hp, M, H, M);
-    return time_engine_gemms(
-        p, H, reps, [&](float* gw) { return F32Tiles(hp, ht.data(), M, w, gw, p); });
-  }
-  const Tensor hf = h.to(at::kFloat).contiguous();
-  return time_engine_gemms(p, H, reps, [&](float* gw) { return BlasTiles<float>(hf, w, gw, p); });
-}
-
 }  // namespace
 
 TORCH_LIBRARY(sgsd_native, m) {
@@ -457,7 +418,7 @@ TORCH_LIBRARY(sgsd_native, m) {
   m.def("tile_plan(int N, int V, int H) -> int[]", &tile_plan);
   // Seconds per call of the engine's logits GEMM and gradient GEMMs at one tile (above).
   m.def("tile_gemm_seconds(Tensor hidden, Tensor weight, int reps) -> float[]",
-        &tile_gemm_seconds);
+        &sgsd_native::tile_gemm_seconds);
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "float inv_temperature, int ignore_index, bool with_entropy) -> (Tensor, Tensor, Tensor)");
