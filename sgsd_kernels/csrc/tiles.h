@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -77,6 +80,24 @@ class OneBlasThread {
   static inline const SetLocal set_local_ = lookup();
   int previous_ = 0;
 };
+
+// Fault in [data, data + bytes) of a fresh output before the GEMMs write it: one
+// madvise(MADV_POPULATE_WRITE) per task (Linux ≥ 5.14), else zeros written. Left to the
+// dW GEMM's stores, first-touch page faults cost ~12 ms per thread of the fp32 backward at
+// N=256, V=32768, H=256 (grads 51 → 39 ms per thread with dW pre-faulted; AMD EPYC dev
+// box; 0.97× the fp32 backward's CPU time there, 0.98× at V=151936, H=1024). madvise
+// faults in whole pages (one shared with the neighbouring task's rows is faulted in, never
+// written); the fallback zeroes exactly the task's bytes.
+inline void prefault(void* data, size_t bytes) {
+  if (bytes == 0) return;
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(data) & ~(kPage - 1);
+  const uintptr_t e = reinterpret_cast<uintptr_t>(data) + bytes;
+  if (madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_WRITE) == 0) return;
+#endif
+  std::memset(data, 0, bytes);
+}
 
 struct Plan {
   int64_t rows;    // rows per tile
