@@ -1,4 +1,4 @@
-"""Correctness check, peak memory, timing and the GEMM yardstick of one row.
+"""Correctness check, peak memory and timing of one row (the GEMM yardstick: yardstick.py).
 
 The check compares each provider with a float64 oracle built from ``sgsd_kernels.reference``
 (the one published-style implementation). Peak memory is measured for real: CUDA through
@@ -10,7 +10,6 @@ worker's environment sets MALLOC_MMAP_THRESHOLD_) so that RSS follows the live t
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import time
 
@@ -310,138 +309,3 @@ def cpu_interleaved_times(
             e["tb"].append(t2 - t1)
         if gemm is not None:
             gemm["samples"].append(gemm["call"]())
-
-
-def gemm_m(case: Case) -> int:
-    """Rows of the stream the row's GEMMs cover: N for log-probs; (K+1)·N for SGSD, the
-    student+teacher stream over the shared W (most of the (K+4)·G floor)."""
-    if case.workload == "divergence":
-        return 2 * case.N  # student and teacher rows over the shared W
-    if case.workload == "local_support":
-        return case.N * case.K  # the teachers' top-k pass
-    if case.workload != "sgsd":
-        return case.N
-    # capped: at N = 16384, K = 8 on a 151936 vocabulary the full stream's output alone
-    # would be 45 GB; 16384 rows already run at the device's GEMM rate
-    return min(case.N * (case.K + 1), max(case.N, 16384))
-
-
-def _plan_blocks():
-    """The torch backend's tiling function ``plan_blocks(rows, vocab) -> (row chunk, vocab
-    block)``, wherever under ``sgsd_kernels.ops`` the library keeps it (None: not found)."""
-    import pkgutil
-
-    try:
-        ops = importlib.import_module("sgsd_kernels.ops")
-    except ImportError:
-        return None
-    names = ["sgsd_kernels.ops.blockwise"]
-    names += [m.name for m in pkgutil.walk_packages(ops.__path__, "sgsd_kernels.ops.")]
-    for name in names:
-        if "triton" in name:
-            continue
-        try:
-            fn = getattr(importlib.import_module(name), "plan_blocks", None)
-        except ImportError:
-            continue
-        if fn is not None:
-            return fn
-    return None
-
-
-def _native_plan():
-    """The native kernels' ``tile_plan(rows, vocab, hidden) -> (rows, vocab block)`` when
-    the extension is already built (``backend="auto"`` then runs it on CPU), else None."""
-    try:
-        native = importlib.import_module("sgsd_kernels.native")
-        if native.load_if_built():
-            return native.tile_plan
-    except (ImportError, AttributeError, RuntimeError):
-        pass
-    return None
-
-
-def gemm_tile(case: Case, device) -> tuple[int, int, int]:
-    """(M, H, Vb): the GEMM shape the yardstick times.
-
-    CPU: the tile of the backend ``auto`` runs: the native kernels' ``tile_plan`` when they
-    are built, otherwise the torch backend's ``plan_blocks(gemm_m, V)`` (row chunk × vocab
-    block); a yardstick at another shape can be slower than the backend's own GEMMs and
-    push "floor %" past 100 (the torch tile, 128×256·256×32768 fp32, runs at ~65 GFLOP/s
-    per core on the AMD EPYC dev box, the native 256×256·256×256 tile at ~104).
-    CUDA: the whole [M, H] @ [H, V], the device rate.
-    """
-    M = gemm_m(case)
-    if not on_cuda(device):
-        native_plan = _native_plan()
-        if native_plan is not None:
-            rows, vblock = native_plan(M, case.V, case.H)
-            return rows, case.H, vblock
-    plan = None if on_cuda(device) else _plan_blocks()
-    if plan is None:
-        return M, case.H, case.V
-    rows, vblock = plan(M, case.V)
-    return rows, case.H, vblock
-
-
-def gemm_flops(tile: tuple[int, int, int]) -> float:
-    m, h, v = tile
-    return 2.0 * m * h * v
-
-
-def gemm_timer(case: Case, device):
-    """torch.mm(a, b, out=preallocated) at :func:`gemm_tile`, same dtype and device.
-
-    CPU: returns a callable giving one sample in ms, the faster of b contiguous [H, Vb] and
-    b the transposed view of W[:Vb] (the backend's layout), so that the yardstick is the best
-    rate either layout reaches; at the native tile it is timed on one thread and divided by
-    the thread count (each thread runs its own tiles). CUDA: a callable giving do_bench's
-    [min, p20, p50, p80].
-    """
-    dt = dtype_of(case.dtype)
-    m, h, v = gemm_tile(case, device)
-    a = torch.randn(m, h, device=device).to(dt)
-    w = torch.randn(v, h, device=device).to(dt)
-    layouts = (w.T, w.T.contiguous())
-    c = torch.empty(m, v, device=device, dtype=dt)
-    for b in layouts:  # warm-up
-        torch.mm(a, b, out=c)
-    if on_cuda(device):
-        import triton.testing as tt
-
-        def bench() -> list[float]:
-            runs = [
-                tt.do_bench(lambda b=b: torch.mm(a, b, out=c), quantiles=[0.0, 0.2, 0.5, 0.8])
-                for b in layouts
-            ]
-            return list(min(runs, key=lambda r: r[0]))
-
-        return bench
-
-    # At the native tile each thread runs its own tiles, so the machine's rate is one
-    # thread's rate times the threads: a 256×256·256×256 torch.mm split over 2 threads ran
-    # at ~2 GFLOP/s on the loaded 2-core dev box (fork-join per 0.3 ms GEMM), 103 on one.
-    per_thread = _native_plan() is not None
-
-    def one() -> float:
-        best = float("inf")
-        threads = torch.get_num_threads()
-        if per_thread:
-            torch.set_num_threads(1)
-        try:
-            for b in layouts:
-                t0 = time.perf_counter()
-                torch.mm(a, b, out=c)
-                best = min(best, time.perf_counter() - t0)
-        finally:
-            torch.set_num_threads(threads)
-        return best * 1e3 / (threads if per_thread else 1)
-
-    return one
-
-
-def gemm_summary(samples: list[float], cuda: bool) -> dict:
-    """{"time_ms": [p20, p50, p80], "best_ms": fastest} from the GEMM samples."""
-    if cuda:
-        return {"best_ms": samples[0], "time_ms": list(samples[1:])}
-    return {"best_ms": min(samples), "time_ms": percentiles(samples)}

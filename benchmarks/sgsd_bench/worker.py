@@ -56,7 +56,7 @@ def run_worker(spec: dict) -> None:
 
     import torch
 
-    from sgsd_bench import measure
+    from sgsd_bench import measure, yardstick
     from sgsd_bench.inputs import dtype_of, make_inputs
     from sgsd_bench.presets import Case, Preset
     from sgsd_bench.providers import NotAvailable, build_provider, get
@@ -71,10 +71,11 @@ def run_worker(spec: dict) -> None:
     cuda = measure.on_cuda(device)
     x = make_inputs(case, case.N, device, dtype_of(case.dtype), seed=0)
     go = measure.upstream_grad(case, x)
-    tile = measure.gemm_tile(case, device)
-    gemm = {"call": measure.gemm_timer(case, device), "samples": []}
+    gemm = {"samples": []}
     if cuda:  # measure now and free its buffers before the providers run
-        gemm["samples"] = gemm.pop("call")()
+        gemm["shapes"], call = yardstick.gemm_timer(case, device)
+        gemm["samples"].append(call())
+        del call
         torch.cuda.empty_cache()
     entries = []
 
@@ -119,6 +120,11 @@ def run_worker(spec: dict) -> None:
             _emit(row)
         gc.collect()
 
+    # CPU: the yardstick's candidates once the providers are built (building the native
+    # provider may have compiled the extension whose own tile GEMMs are one of them)
+    if not cuda:
+        gemm["shapes"], gemm["call"] = yardstick.gemm_timer(case, device)
+
     # 2. memory pass, one provider after the other (timed: the first sample when ≥ 0.5 s)
     for e in list(entries):
         _start_line(e["provider"])
@@ -159,8 +165,7 @@ def run_worker(spec: dict) -> None:
             res["reps"] = len(e["tf"])
         if not gemm["samples"]:
             gemm["samples"].append(gemm["call"]())
-    summary = measure.gemm_summary(gemm["samples"], cuda)
-    summary["tile"] = list(tile)
+    summary = yardstick.gemm_summary(gemm["samples"], gemm["shapes"], cuda)
     _emit({"provider": "gemm", "case": spec["case"], "status": "ok", "gemm": summary})
     for e in entries:
         _emit(e["row"])

@@ -19,10 +19,11 @@
 //
 // Threads come from at::parallel_for, whose OpenMP body is inlined from ATen's headers, so
 // this file is built with -fopenmp (sgsd_kernels/native.py); it links libgomp.so.1, the
-// runtime torch has already loaded. The elementwise loops are vectorised by the compiler (-O3 -march=native -fopenmp-simd
-// -fno-trapping-math: without the last flag GCC 12 keeps the exp loop scalar, 14 ns per
-// element instead of 1.6 on the loaded dev box);
-// exp uses a polynomial that vectorises (below).
+// runtime torch has already loaded. The elementwise loops are vectorised by the compiler
+// (-O3 -march=native -fopenmp-simd -fno-trapping-math: without the last flag GCC 12 keeps
+// the exp loop scalar, 14 ns per element instead of 1.6 on the loaded dev box); exp uses a
+// polynomial that vectorises (tiles.h). The GEMM-rate probe the benchmark times is in
+// probe.h.
 //
 // Inputs: fp32/fp16 are computed in fp32, fp64 in fp64, bf16 in fp32 from bf16 operands
 // (Bf16Tiles) where the CPU has bf16 dot products, else converted like fp16 (hidden once,
@@ -31,6 +32,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "engines.h"
+#include "probe.h"
 #include "tiles.h"
 
 namespace {
@@ -190,29 +193,27 @@ void forward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V,
 }
 
 // dh partials: [tasks, N, H], or [tasks, H, N] for engines that accumulate dhᵀ.
+// grad_w: the fresh dW [V, H] the engines write (row_bytes per vocabulary entry), or null.
 template <typename acc_t, typename Make>
 void backward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V, int64_t H,
-                    const RowInputs<acc_t>& in, acc_t* dh_part, acc_t* grad_b) {
-  for_each_tile<acc_t>(p, N, V, true, make_engine,
-                       [&](auto& eng, Scratch<acc_t>& sc, int64_t task, int64_t v0,
-                           int64_t nv, int64_t r0, int64_t nr) {
-                         backward_tile(sc.tile.data(), nv, nr, v0, r0, in, grad_b);
-                         eng.grads(r0, nr, sc.tile.data(), r0 == 0, dh_part + task * N * H);
-                       });
-}
-
-// Which engine runs a call: bf16 GEMMs for bf16 where the CPU has them, oneDNN fp32
-// brgemm for fp32, ATen BLAS on fp32 copies for fp16 (and bf16 elsewhere), fp64 BLAS.
-enum class Path { kBf16, kF32, kBlas };
-
-template <typename acc_t>
-Path choose_path(const Tensor& hidden, const Tensor& weight) {
-  if (!std::is_same_v<acc_t, float>) return Path::kBlas;
-  if (hidden.scalar_type() == at::kFloat) return Path::kF32;
-  if (hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
-      bf16_tiles_available())
-    return Path::kBf16;
-  return Path::kBlas;
+                    const RowInputs<acc_t>& in, acc_t* dh_part, acc_t* grad_b, void* grad_w,
+                    size_t row_bytes) {
+  for_each_tile<acc_t>(
+      p, N, V, true, make_engine,
+      [&](auto& eng, Scratch<acc_t>& sc, int64_t task, int64_t v0, int64_t nv, int64_t r0,
+          int64_t nr) {
+        backward_tile(sc.tile.data(), nv, nr, v0, r0, in, grad_b);
+        acc_t* dh = dh_part + task * N * H;
+        // the task's first tile: its dh partial zeroed and its dW rows faulted in, here
+        if (r0 == 0 && v0 == block_begin(p, task) * p.vblock) {
+          std::fill(dh, dh + N * H, acc_t(0));
+          if (grad_w != nullptr) {
+            const int64_t v1 = std::min(V, block_begin(p, task + 1) * p.vblock);
+            prefault(static_cast<char*>(grad_w) + v0 * row_bytes, (v1 - v0) * row_bytes);
+          }
+        }
+        eng.grads(r0, nr, sc.tile.data(), r0 == 0, dh);
+      });
 }
 
 template <typename acc_t>
@@ -330,38 +331,46 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   const Plan p = make_plan(std::max<int64_t>(N, 1), V, H);
   acc_t* gbp = need_bias_grad ? grad_b.data_ptr<acc_t>() : nullptr;
 
-  // One dh partial per task (tasks split the vocabulary, dh sums over it); the brgemm
-  // engines accumulate dhᵀ.
-  const bool dh_t = path != Path::kBlas;
-  Tensor dh_part = at::zeros(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
+  // One dh partial per task (tasks split the vocabulary, dh sums over it); the bf16
+  // engine accumulates dhᵀ, the fp32 one dhᵀ or dh (F32Tiles::dh_transposed).
+  const bool dh_t =
+      path == Path::kBf16 || (path == Path::kF32 && F32Tiles::dh_transposed(N, H));
+  Tensor dh_part =
+      at::empty(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
   acc_t* dhp = dh_part.data_ptr<acc_t>();
   if constexpr (std::is_same_v<acc_t, float>) {
     if (N > 0 && path == Path::kBf16) {
       const Bf16Hidden hid(hidden_in.contiguous(), p, need_weight_grad);
       uint16_t* gwp =
           need_weight_grad ? reinterpret_cast<uint16_t*>(grad_w.data_ptr()) : nullptr;
+      // dW rows are written by end_block's rounding loop, which takes its page faults
+      // more cheaply than a GEMM does: no prefault (it measured 1.5% slower at N=256).
       backward_tiles<acc_t>(p, [&] { return Bf16Tiles(hid, weight, gwp, p); }, N, V, H, in,
-                            dhp, gbp);
+                            dhp, gbp, nullptr, 0);
     } else if (N > 0 && path == Path::kF32) {
       const Tensor h = hidden_in.contiguous();
       const float* hp = h.const_data_ptr<float>();
       const std::vector<float> ht = transposed_row_tiles(hp, N, H, p.rows);
       float* gwp = need_weight_grad ? grad_w.data_ptr<float>() : nullptr;
       backward_tiles<acc_t>(p, [&] { return F32Tiles(hp, ht.data(), N, weight, gwp, p); }, N,
-                            V, H, in, dhp, gbp);
+                            V, H, in, dhp, gbp, gwp, H * sizeof(float));
     }
   }
   if (N > 0 && path == Path::kBlas) {
     const Tensor h = hidden_in.to(dt).contiguous();
     acc_t* gwp = need_weight_grad ? grad_w.data_ptr<acc_t>() : nullptr;
     backward_tiles<acc_t>(p, [&] { return BlasTiles<acc_t>(h, weight, gwp, p); }, N, V, H, in,
-                          dhp, gbp);
+                          dhp, gbp, gwp, H * sizeof(acc_t));
   }
 
-  Tensor grad_h = dh_part[0];
-  for (int64_t task = 1; task < p.tasks; ++task) grad_h.add_(dh_part[task]);
-  if (dh_t) grad_h = grad_h.t();
-  grad_h = grad_h.to(hidden_in.scalar_type()).contiguous();
+  Tensor grad_h = at::empty({N, H}, hidden_in.options());  // contiguous
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_h.scalar_type(), "combine",
+                                    [&] {
+                                      combine_partials(dhp, p.tasks, N, H, dh_t,
+                                                       grad_h.data_ptr<scalar_t>());
+                                    });
+  }
   if (need_weight_grad) grad_w = grad_w.to(weight.scalar_type());
   else grad_w = at::empty({0}, weight.options());
   if (need_bias_grad) grad_b = grad_b.to(bias_in->scalar_type());
@@ -417,6 +426,9 @@ TORCH_LIBRARY(sgsd_native, m) {
   m.def("bf16_gemms() -> bool", &bf16_gemms);
   // (rows, vocabulary entries) of one tile at this shape: the benchmark's GEMM yardstick.
   m.def("tile_plan(int N, int V, int H) -> int[]", &tile_plan);
+  // Seconds per call of the engine's logits GEMM and gradient GEMMs at one tile (above).
+  m.def("tile_gemm_seconds(Tensor hidden, Tensor weight, int reps) -> float[]",
+        &sgsd_native::tile_gemm_seconds);
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "float inv_temperature, int ignore_index, bool with_entropy) -> (Tensor, Tensor, Tensor)");

@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -78,6 +81,24 @@ class OneBlasThread {
   int previous_ = 0;
 };
 
+// Fault in [data, data + bytes) of a fresh output before the GEMMs write it: one
+// madvise(MADV_POPULATE_WRITE) per task (Linux ≥ 5.14), else zeros written. Left to the
+// dW GEMM's stores, first-touch page faults cost ~12 ms per thread of the fp32 backward at
+// N=256, V=32768, H=256 (grads 51 → 39 ms per thread with dW pre-faulted; AMD EPYC dev
+// box; 0.97× the fp32 backward's CPU time there, 0.98× at V=151936, H=1024). madvise
+// faults in whole pages (one shared with the neighbouring task's rows is faulted in, never
+// written); the fallback zeroes exactly the task's bytes.
+inline void prefault(void* data, size_t bytes) {
+  if (bytes == 0) return;
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(data) & ~(kPage - 1);
+  const uintptr_t e = reinterpret_cast<uintptr_t>(data) + bytes;
+  if (madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_WRITE) == 0) return;
+#endif
+  std::memset(data, 0, bytes);
+}
+
 struct Plan {
   int64_t rows;    // rows per tile
   int64_t vblock;  // vocabulary entries per tile
@@ -85,13 +106,18 @@ struct Plan {
   int64_t tasks;   // parallel tasks (each owns a contiguous range of vocabulary blocks)
 };
 
-// Tile sizes from the single-thread tile-GEMM sweep on the dev box (fp32, MKL):
+// Tile sizes from single-thread sweeps of the engines' own GEMMs (tile_gemm_seconds) on
+// the AMD EPYC dev box (Zen 4, 1 MiB L2 per core), fp32 brgemm:
 // H=256: 256×256 tiles ~103 GFLOP/s for all three GEMMs (64-row tiles ~97);
-// H=1024: 256×128 ~100 GFLOP/s with the W block (128 KiB·H/256) still in the 1 MiB L2.
+// H=1024: 128 rows × 128 vocabulary: logits 117, dh + dW 111 GFLOP/s per core, against
+// 115 / 105 at 256 × 128 and 115 / 100 at 256 × 256 (the W block is 4 KiB per entry, so
+// 128 entries keep it in L2 next to a 128-row tile). At N=256, V=151936 fwd+bwd took
+// 0.91× the CPU time of 256 × 128 tiles with the W-block transpose (interleaved, loaded
+// box; the dh GEMM there now transposes the gradient tile, F32Tiles::dh_transposed).
 inline Plan make_plan(int64_t N, int64_t V, int64_t H) {
   Plan p;
   p.vblock = std::min<int64_t>(V, H <= 512 ? 256 : 128);
-  p.rows = std::max<int64_t>(1, std::min<int64_t>(N, 256));
+  p.rows = std::max<int64_t>(1, std::min<int64_t>(N, H <= 512 ? 256 : 128));
   p.nvb = (V + p.vblock - 1) / p.vblock;
   p.tasks = std::max<int64_t>(1, std::min<int64_t>(p.nvb, at::get_num_threads()));
   return p;
@@ -146,6 +172,39 @@ inline Tensor weight_block(const Tensor& weight, Tensor& buf, int64_t v0, int64_
     TORCH_CHECK(false, "sgsd native: unsupported weight dtype ", weight.scalar_type());
   }
   return w;
+}
+
+// grad_h [N, H] (out_t) = Σ_task part[task] in task order (deterministic), part being
+// [tasks, N, H], or [tasks, H, N] when transposed. One pass, rounded once into out_t;
+// parallel over row chunks only when large (at N = 256, H = 256 the three ATen ops it
+// replaces each forked the OpenMP team: ~4 ms per backward of bf16 on the loaded dev box).
+template <typename acc_t, typename out_t>
+void combine_partials(const acc_t* part, int64_t tasks, int64_t N, int64_t H, bool transposed,
+                      out_t* out) {
+  constexpr int64_t kRows = 64;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (kRows * H));
+  const int64_t chunks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    const int64_t r0 = c0 * kRows, r1 = std::min(N, c1 * kRows);
+    if (!transposed) {
+      for (int64_t i = r0 * H; i < r1 * H; ++i) {
+        acc_t acc = part[i];
+        for (int64_t t = 1; t < tasks; ++t) acc += part[t * N * H + i];
+        out[i] = static_cast<out_t>(acc);
+      }
+      return;
+    }
+    for (int64_t b = r0; b < r1; b += kRows) {
+      const int64_t e = std::min(r1, b + kRows);
+      for (int64_t k = 0; k < H; ++k) {
+        for (int64_t r = b; r < e; ++r) {
+          acc_t acc = part[k * N + r];
+          for (int64_t t = 1; t < tasks; ++t) acc += part[t * N * H + k * N + r];
+          out[r * H + k] = static_cast<out_t>(acc);
+        }
+      }
+    }
+  });
 }
 
 // Merge a partial (m2, s2, a2) into (m, s, a): s = Σexp(z − m), a = Σexp(z − m)·(z − m).

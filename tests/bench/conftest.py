@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+from sgsd_bench.yardstick import gemm_summary
+
 # (dtype, V, H): the preset dtypes, odd vocabulary and hidden sizes included.
 SHAPES = [("float32", 4103, 61), ("bfloat16", 151936, 1024), ("float16", 32768, 255)]
 
 
 def _case(workload, N, V, H, K, dtype):
     return {"workload": workload, "N": N, "V": V, "H": H, "K": K, "dtype": dtype}
+
+
+def _gemm(M: int, V: int, H: int, whole_ms: list[float]) -> dict:
+    """A CPU yardstick summary from canned samples: a 64×H·H×64 tile at 1 ms per GEMM for
+    torch.mm (slower than the whole shape) and 0.5 ms for the native engine."""
+    shapes = {"mm-tile": (64, H, 64), "native-tile": (64, H, 64), "mm-whole": (M, H, V)}
+    samples = [{"mm-tile": 1.0, "native-tile": 0.5, "mm-whole": t} for t in whole_ms]
+    return gemm_summary(samples, shapes, cuda=False)
 
 
 def canned_results(dtype: str, V: int, H: int) -> tuple[list[dict], dict]:
@@ -46,11 +56,7 @@ def canned_results(dtype: str, V: int, H: int) -> tuple[list[dict], dict]:
         results.append(
             {"provider": "liger", "case": c, "status": "n/a", "note": "needs a CUDA device"}
         )
-        gemm[f"logprobs|{N}|{V}|{H}|0|{dtype}"] = {
-            "time_ms": [1.0, 1.1, 1.3],
-            "best_ms": 0.8,
-            "tile": [N, H, V],
-        }
+        gemm[f"logprobs|{N}|{V}|{H}|0|{dtype}"] = _gemm(N, V, H, [1.0, 0.8, 1.3])
     for N, K in ((64, 1), (64, 4), (128, 4)):
         c = _case("sgsd", N, V, H, K, dtype)
         for prov, t in (("reference", 40.0 * K), ("torch", 10.0 * K)):
@@ -68,11 +74,7 @@ def canned_results(dtype: str, V: int, H: int) -> tuple[list[dict], dict]:
                     "result": res,
                 }
             )
-        gemm[f"sgsd|{N}|{V}|{H}|{K}|{dtype}"] = {
-            "time_ms": [2.0, 2.5, 3.0],
-            "best_ms": 2.0,
-            "tile": [N * (K + 1), H, V],
-        }
+        gemm[f"sgsd|{N}|{V}|{H}|{K}|{dtype}"] = _gemm(N * (K + 1), V, H, [2.0, 2.5, 3.0])
     return results, gemm
 
 

@@ -83,7 +83,8 @@ def test_end_to_end_tiny(tmp_path):
     assert "tiny_float32_cpu_vs_N.png" in files and "tiny_float32_cpu_vs_K.png" in files
     with open(tmp_path / "tiny_float32_cpu.csv") as f:
         recs = list(csv.DictReader(f))
-    assert {"reference", "torch", "torch.mm", "liger", "native"} <= {r["provider"] for r in recs}
+    want = {"reference", "torch", "liger", "native", "yardstick", "mm-tile", "mm-whole"}
+    assert want | {"native-tile"} <= {r["provider"] for r in recs}
     liger = [r for r in recs if r["provider"] == "liger"]
     assert liger and all(r["metric"] == "status" and r["status"] == "n/a" for r in liger)
     bad = [r for r in recs if r["metric"] == "status" and r["status"] not in ("n/a",)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sgsd_bench import measure, providers, report
+from sgsd_bench import measure, providers, report, yardstick
 from sgsd_bench.inputs import dtype_of, input_bytes, make_inputs
 from sgsd_bench.presets import PRESETS, Case, cases_for, split_bt
 from sgsd_bench.providers import BASELINE
@@ -95,8 +95,8 @@ def test_check_catches_a_wrong_provider(workload):
 
 
 def test_gemm_m_counts_the_streamed_rows():
-    assert measure.gemm_m(Case("divergence", 512, V, H, 0, "float32")) == 1024
-    assert measure.gemm_m(Case("local_support", 512, V, H, 4, "float32")) == 2048
+    assert yardstick.gemm_m(Case("divergence", 512, V, H, 0, "float32")) == 1024
+    assert yardstick.gemm_m(Case("local_support", 512, V, H, 4, "float32")) == 2048
 
 
 def _canned(workload, K):

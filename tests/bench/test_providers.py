@@ -121,23 +121,6 @@ def test_split_bt_covers_n(N):
     assert B * T == N and B in (1, 2, 4)
 
 
-def test_gemm_tile_is_the_backend_tile_on_cpu():
-    c = Case("sgsd", 1024, 32768, 256, 8, "float32")
-    m, h, v = measure.gemm_tile(c, "cpu")
-    assert measure._plan_blocks() is not None, "the torch backend's plan_blocks is not found"
-    assert h == 256 and m * v <= 1 << 24 and m <= measure.gemm_m(c) == 9216
-    big = Case("logprobs", 256, 151936, 1024, 0, "float32")
-    assert measure.gemm_tile(big, "cuda") == (256, 1024, 151936)
-
-
-def test_gemm_timer_gives_a_positive_sample():
-    c = Case("logprobs", 40, V, H, 0, "float32")
-    one = measure.gemm_timer(c, "cpu")
-    samples = [one() for _ in range(3)]
-    summary = measure.gemm_summary(samples, cuda=False)
-    assert 0 < summary["best_ms"] == min(samples) <= summary["time_ms"][1]
-
-
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_are_consistent(preset):
     p = PRESETS[preset]

@@ -170,10 +170,32 @@ def test_without_onednn_matches_oracle(dtype, shape):
 
 def test_tile_plan_is_the_kernel_tile_and_checks_its_input():
     assert native.tile_plan(1024, 32768, 256) == (256, 256)
-    assert native.tile_plan(256, 151936, 1024) == (256, 128)  # H > 512: narrower W blocks
+    assert native.tile_plan(256, 151936, 1024) == (128, 128)  # H > 512: smaller tiles
     assert native.tile_plan(5, 100, 1024) == (5, 100)
     with pytest.raises(RuntimeError, match="tile_plan needs N, V, H >= 1"):
         native.tile_plan(0, 10, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("M", "H", "Vb"), [(1, 61, 1007), (37, 61, 256), (256, 1024, 128)])
+def test_tile_gemm_seconds_times_the_engine_gemms(dtype, M, H, Vb):
+    # the benchmark's native yardstick: best seconds per call of the logits GEMM and of the
+    # two gradient GEMMs, positive and finite (no timing assertion beyond that)
+    h, w = torch.randn(M, H).to(dtype), torch.randn(Vb, H).to(dtype)
+    s = native.ops().tile_gemm_seconds(h.T.contiguous().T, w, 2)  # strided hidden is fine
+    assert len(s) == 2 and all(0 < x < float("inf") for x in s)
+
+
+def test_tile_gemm_seconds_checks_its_input():
+    h, w = torch.randn(4, 8), torch.randn(16, 8)
+    with pytest.raises(RuntimeError, match="tile_gemm_seconds takes fp32, bf16 or fp16"):
+        native.ops().tile_gemm_seconds(h.double(), w.double(), 1)
+    with pytest.raises(RuntimeError, match="needs M >= 1 rows and reps >= 1"):
+        native.ops().tile_gemm_seconds(h, w, 0)
+    with pytest.raises(RuntimeError, match="needs M >= 1 rows and reps >= 1"):
+        native.ops().tile_gemm_seconds(h[:0], w, 1)
+    with pytest.raises(RuntimeError, match="hidden and weight dtypes differ"):
+        native.ops().tile_gemm_seconds(h, w.bfloat16(), 1)
 
 
 def test_frozen_head_skips_weight_gradient():
