@@ -88,7 +88,9 @@ def local_support_backward_op(grad, student_hidden, weight, bias, student_row, c
                               temperature, need_weight_grad, backend):  # fmt: skip
     """-> (grad student_hidden, grad weight (or [0]), grad bias (or [0])), input dtypes."""
     dtype = common.compute_dtype(student_hidden)
-    in_support = torch.isfinite(t_local)
+    # outside the support t_local is -inf; a NaN teacher row stays in it, so its gradient
+    # is NaN like its forward value (as in the reference), not a silent zero
+    in_support = t_local != float("-inf")
     rows = in_support.any(-1).nonzero().squeeze(1)
     dh = dw = db = None
     if rows.numel():

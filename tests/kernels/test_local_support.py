@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import sgsd_kernels as sk
+from sgsd_kernels import native
 
-from .conftest import BACKENDS, DEVICE, REL_ATOL, assert_close_to_oracle
+from .conftest import BACKENDS, DEVICE, EAGER_BACKENDS, REL_ATOL, assert_close_to_oracle
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (B, K, T, H, V): odd V and H, K = 1, T = 1.
@@ -187,6 +188,28 @@ def test_gradient_reaches_only_the_student():
     assert th.grad is None
     assert hs.grad.abs().sum() > 0
     assert (hs.grad[~(mask & (targets != -100))] == 0).all()
+
+
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_nan_teacher_row_gives_nan_gradient_as_the_reference(backend):
+    """A NaN teacher row keeps its support in the backward: its loss and its student
+    gradient are NaN (as in the reference), never a silent zero."""
+    if backend == "native" and not native.is_built():
+        pytest.skip("the native extension is not built (python -m sgsd_kernels.native build)")
+    B, K, T, H, V = 1, 1, 4, 8, 50
+    hs, w, th, _, targets, mask, rewards, tw = make_case(B, K, T, H, V, torch.float64, False)
+    th, mask = th.clone(), mask.clone()
+    mask[0, 2] = True  # a valid position (position 1 is ignore_index)
+    th[0, 0, 2] = float("nan")
+    hs = hs.clone().requires_grad_(True)
+    out = sk.linear_gated_kd_loss(
+        hs, w, targets, mask, rewards, tw, teacher_hidden=th, local_support_top_k=5,
+        confidence_threshold=0.0, backend=backend,
+    )  # fmt: skip
+    out.loss.backward()
+    assert out.loss.isnan()
+    assert hs.grad[0, 2].isnan().any()
+    assert not hs.grad[0, 0].isnan().any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
