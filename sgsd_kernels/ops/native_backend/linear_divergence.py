@@ -137,6 +137,18 @@ def _top(ht, tw, tb, sl, top_k, inv_t, dtype):
     return blockwise.teacher_top_k(ht[sl].to(dtype), tw, tb, top_k, inv_t, dtype, V)[0]
 
 
+def _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows):
+    """Per row chunk: (rows slice, student rows in ``dtype``, teacher top-k mask or None,
+    student and teacher logit views [V, r]); the two logit buffers are reused across chunks."""
+    N, V = hs.shape[0], w.shape[0]
+    scratch = blockwise.Scratch(_padded(rows) * V, _BUFFERS, dtype, hs.device, None)
+    ops = _Operands(hs, w, b, ht, tw, tb, inv_t, dtype, rows)
+    for r0 in range(0, N, rows):
+        sl = slice(r0, min(N, r0 + rows))
+        zs, zt = ops.logits(scratch, sl)
+        yield sl, hs[sl].to(dtype), _top(ht, tw, tb, sl, top_k, inv_t, dtype), zs, zt
+
+
 def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
     """Rows [N, H] (all valid) -> (D, Σe, lse_S, lse_T), each [N] in ``dtype``."""
     if _rows(hs.shape[0], w.shape[0], workspace) is None:
@@ -197,13 +209,8 @@ def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, worksp
     unit = _UnitGrads(hs, w, b, dtype, unit_hidden, unit_weight)
     rows = _rows(N, V, workspace, unit=unit.wanted)
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
-    scratch = blockwise.Scratch(_padded(rows) * V, _BUFFERS, dtype, hs.device, None)
     kernel = _ops().divergence_forward
-    ops = _Operands(hs, w, b, ht, tw, tb, inv_t, dtype, rows)
-    for r0 in range(0, N, rows):
-        sl = slice(r0, min(N, r0 + rows))
-        hs_c, top = hs[sl].to(dtype), _top(ht, tw, tb, sl, top_k, inv_t, dtype)
-        zs, zt = ops.logits(scratch, sl)
+    for sl, hs_c, top, zs, zt in _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows):
         out[:, sl] = kernel(zs, zt, top, beta, clip, unit.wanted)
         if unit.wanted:  # zs now holds ∂D/∂(z/T); ∂z/∂(z/T) = 1/T
             unit.add(zs.T, inv_t, hs_c, sl)
@@ -231,13 +238,8 @@ def backward(
     gw = new(w.shape) if need_weight_grad else None
     gb = new(V) if need_weight_grad and b is not None else None
     w_c = w.to(dtype) if gh is not None else None
-    scratch = blockwise.Scratch(_padded(rows) * V, _BUFFERS, dtype, hs.device, None)
     kernel = _ops().divergence_grad
-    ops = _Operands(hs, w, b, ht, tw, tb, inv_t, dtype, rows)
-    for r0 in range(0, N, rows):
-        sl = slice(r0, min(N, r0 + rows))
-        hs_c, top = hs[sl].to(dtype), _top(ht, tw, tb, sl, top_k, inv_t, dtype)
-        zs, zt = ops.logits(scratch, sl)
+    for sl, hs_c, top, zs, zt in _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows):
         kernel(zs, zt, top, lse_s[sl], lse_t[sl], sum_e[sl], beta, clip)
         g = grad[sl].to(dtype) * inv_t
         if gh is not None:
