@@ -364,8 +364,11 @@ _TEACHER_PEAK = textwrap.dedent(
     before = status_kib("VmRSS")
     # "5" resets this process's peak RSS (VmHWM) to its current RSS, so the peak read
     # after the call is this call's, whatever torch's import or randn peaked at before.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise SystemExit(f"SKIP {e}")
     out = ops.local_support_teacher(z, y, V - 1, 1.0)
     print((status_kib("VmHWM") - before) * 1024)
     """
@@ -380,6 +383,8 @@ def test_teacher_buffer_is_at_most_v_slots_per_row():
     out = subprocess.run(
         [sys.executable, "-c", _TEACHER_PEAK], capture_output=True, text=True, timeout=600
     )
+    if "SKIP" in out.stderr:
+        pytest.skip(f"cannot reset the peak RSS here: {out.stderr.strip()[-200:]}")
     growth = int(out.stdout.strip() or -1)
     R, V = 16, 1 << 20
     outputs, buffer = R * (V + 1) * (8 + 4 + 1), R * V * 8
