@@ -70,3 +70,14 @@ REL_ATOL = {
     torch.bfloat16: 2e-2,
     torch.float16: 4e-3,
 }
+
+
+@pytest.fixture(scope="session")
+def native_built():
+    """The native extension, built once per session; the native test modules use it."""
+    from sgsd_kernels import native
+
+    try:
+        native.build()
+    except native.NativeUnavailable as exc:  # CI has a compiler: this must not happen
+        pytest.fail(f"the native extension did not build: {exc}")

@@ -29,12 +29,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 61, 1007), (37, 61, 1007), (300, 32, 3000), (5, 600, 263)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    try:
-        native.build()
-    except native.NativeUnavailable as exc:  # CI has a compiler: this must not happen
-        pytest.fail(f"the native extension did not build: {exc}")
+pytestmark = pytest.mark.usefixtures("native_built")
 
 
 def _case(N, H, V, dtype, with_bias, seed=0):

@@ -27,12 +27,7 @@ CLIPS = [None, 0.05]
 TOP_KS = [None, 1, 7, "V"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    try:
-        native.build()
-    except native.NativeUnavailable as exc:  # CI has a compiler: this must not happen
-        pytest.fail(f"the native extension did not build: {exc}")
+pytestmark = pytest.mark.usefixtures("native_built")
 
 
 @pytest.fixture

@@ -24,12 +24,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 61, 1007), (9, 3, 61, 1007), (5, 2, 16, 40)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    try:
-        native.build()
-    except native.NativeUnavailable as exc:  # CI has a compiler: this must not happen
-        pytest.fail(f"the native extension did not build: {exc}")
+pytestmark = pytest.mark.usefixtures("native_built")
 
 
 def _case(N, K, H, V, dtype, with_bias, ties=False, seed=0):
@@ -267,8 +262,16 @@ def test_opcheck():
     torch.library.opcheck(local_support_op, (*leaves, ht, row, targets, valid, 5, 1.1, "native"))
 
 
-@pytest.mark.parametrize("fullgraph", [False, True])
-def test_compiled_matches_eager(fullgraph):
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(backend="aot_eager", fullgraph=False),
+        dict(backend="aot_eager", fullgraph=True),
+        dict(backend="inductor", dynamic=True),
+    ],
+    ids=["aot_eager", "aot_eager-fullgraph", "inductor-dynamic"],
+)
+def test_compiled_matches_eager(options):
     """torch.compile traces the op as one node; the native kernels run inside it."""
     import sgsd_kernels as sk
 
@@ -286,7 +289,7 @@ def test_compiled_matches_eager(fullgraph):
             confidence_threshold=0.0, backend="native",
         ).loss  # fmt: skip
 
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=fullgraph)
+    compiled = torch.compile(loss, **options)
     results = []
     for fn in (loss, compiled):
         leaves = [hs.clone().requires_grad_(True), w.clone().requires_grad_(True)]
