@@ -33,8 +33,8 @@ import torch
 
 NAME = "sgsd_native"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("linear_logprobs.cpp", "divergence.cpp", "local_support.cpp")
-HEADERS = ("tiles.h", "engines.h", "probe.h")  # part of the cache key
+SOURCES = ("registration.cpp", "linear_logprobs.cpp", "divergence.cpp", "local_support.cpp")
+HEADERS = ("ops.h", "tiles.h", "engines.h", "probe.h")  # part of the cache key
 CFLAGS = (
     "-O3",
     "-march=native",

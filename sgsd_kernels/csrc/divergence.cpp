@@ -39,7 +39,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -48,6 +47,7 @@
 #include <optional>
 #include <vector>
 
+#include "ops.h"
 #include "tiles.h"
 
 namespace {
@@ -353,6 +353,10 @@ Hypers<T> hypers(double beta, std::optional<double> clip) {
           static_cast<T>(std::log(beta)), static_cast<T>(clip.value_or(inf))};
 }
 
+}  // namespace
+
+namespace sgsd_native {
+
 // -> [4, r]: D, Σe (= Σ_v ∂D/∂a_v), lse_S, lse_T. With unit_grad, zs receives the student
 // logit gradient of D for a unit upstream gradient, ∂D/∂(z/T) = e − Σe·p_S (zt is
 // overwritten with e).
@@ -397,18 +401,4 @@ void divergence_grad(Tensor zs, const Tensor& zt, const std::optional<Tensor>& t
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(sgsd_native, m) {
-  m.def(
-      "divergence_forward(Tensor(a!) zs, Tensor(b!) zt, Tensor? top, float beta, float? clip, "
-      "bool unit_grad) -> Tensor");
-  m.def(
-      "divergence_grad(Tensor(a!) zs, Tensor zt, Tensor? top, Tensor lse_s, Tensor lse_t, "
-      "Tensor sum_e, float beta, float? clip) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(sgsd_native, CPU, m) {
-  m.impl("divergence_forward", &divergence_forward);
-  m.impl("divergence_grad", &divergence_grad);
-}
+}  // namespace sgsd_native

@@ -34,7 +34,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/library.h>
 
 #include <tuple>
 #include <type_traits>
@@ -42,6 +41,7 @@
 
 #include "engines.h"
 #include "probe.h"
+#include "ops.h"
 #include "tiles.h"
 
 namespace {
@@ -378,6 +378,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   return {grad_h, grad_w, grad_b};
 }
 
+}  // namespace
+
+namespace sgsd_native {
+
 std::tuple<Tensor, Tensor, Tensor> linear_logprobs_forward(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& targets, double inv_temperature, int64_t ignore_index, bool with_entropy) {
@@ -419,27 +423,4 @@ std::vector<int64_t> tile_plan(int64_t N, int64_t V, int64_t H) {
   return {p.rows, p.vblock};
 }
 
-}  // namespace
-
-TORCH_LIBRARY(sgsd_native, m) {
-  // True when bf16 inputs run on bf16 GEMMs here (engines.h, Bf16Tiles).
-  m.def("bf16_gemms() -> bool", &bf16_gemms);
-  // (rows, vocabulary entries) of one tile at this shape: the benchmark's GEMM yardstick.
-  m.def("tile_plan(int N, int V, int H) -> int[]", &tile_plan);
-  // Seconds per call of the engine's logits GEMM and gradient GEMMs at one tile (above).
-  m.def("tile_gemm_seconds(Tensor hidden, Tensor weight, int reps) -> float[]",
-        &sgsd_native::tile_gemm_seconds);
-  m.def(
-      "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "float inv_temperature, int ignore_index, bool with_entropy) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
-      "Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor? entropy, "
-      "float inv_temperature, int ignore_index, bool need_weight_grad) "
-      "-> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(sgsd_native, CPU, m) {
-  m.impl("linear_logprobs_forward", &linear_logprobs_forward);
-  m.impl("linear_logprobs_backward", &linear_logprobs_backward);
-}
+}  // namespace sgsd_native

@@ -15,8 +15,8 @@
 //                           g/T·(p̃_S − p̃_T), then dh, dW, db by gather/scatter sums.
 //
 // One file over ~450 lines on purpose: the three kernels share the support helpers (local
-// log-softmax, argument checks) and are registered together; a second source would also
-// need a shared header in native.py's cache key.
+// log-softmax, argument checks, StudentView); splitting them would move those helpers into
+// a header of their own.
 //
 // Measured on the loaded 2-core AMD EPYC dev box (N = 1024, V = 32768, H = 256, k = 100,
 // fp32, 2 threads, interleaved in one process): the whole native forward 137 ms against
@@ -45,7 +45,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -54,6 +53,8 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include "ops.h"
 
 namespace {
 
@@ -230,51 +231,6 @@ void teacher_impl(const Tensor& logits_t, const Tensor& targets, int64_t k, doub
   });
 }
 
-// local_support_teacher(logits_t [V, R] (a chunk of teacher logits, vocabulary-major),
-// targets [R], k, inv_t) -> (columns [R, k+1] int64: the top-k then y_t; teacher local
-// log-probs [R, k+1], −inf off the support; in_support [R, k+1] bool: all but the last
-// slot, which is off when y_t is among the top-k).
-std::tuple<Tensor, Tensor, Tensor> local_support_teacher(const Tensor& logits_in,
-                                                         const Tensor& targets_in, int64_t k,
-                                                         double inv_temperature) {
-  TORCH_CHECK(logits_in.dim() == 2, "local_support_teacher: logits must be [V, R], got ",
-              logits_in.sizes());
-  TORCH_CHECK(logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kDouble,
-              "local_support_teacher: logits must be float32 or float64, got ",
-              logits_in.scalar_type());
-  const int64_t V = logits_in.size(0), R = logits_in.size(1);
-  TORCH_CHECK(V >= 1 && V < (int64_t(1) << 32),
-              "local_support_teacher: the vocabulary size must be in [1, 2^32), got ", V);
-  TORCH_CHECK(k >= 1 && k <= V, "local_support_teacher: k must be in [1, V] = [1, ", V,
-              "], got ", k);
-  TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == R,
-              "local_support_teacher: targets must be [R] = [", R, "], got ", targets_in.sizes());
-  // Finite too: an infinite 1/T turns every logit into ±inf or NaN.
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
-              "local_support_teacher: inv_temperature must be finite and > 0, got ",
-              inv_temperature);
-  // Integer ids only: .to(kLong) would silently truncate float ids (2.9 -> 2) and read
-  // bools as 0/1.
-  TORCH_CHECK(at::isIntegralType(targets_in.scalar_type(), /*includeBool=*/false),
-              "local_support_teacher: targets must be an integer tensor, got ",
-              targets_in.scalar_type());
-  const Tensor logits = logits_in.detach().contiguous();
-  const Tensor targets = targets_in.detach().to(at::kLong).contiguous();
-  if (R > 0) {
-    const auto [lo, hi] = at::aminmax(targets);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < V,
-                "local_support_teacher: targets must be in [0, V) = [0, ", V, ")");
-  }
-  Tensor columns = at::empty({R, k + 1}, targets.options());
-  Tensor t_local = at::empty({R, k + 1}, logits.options());
-  Tensor in_support = at::empty({R, k + 1}, logits.options().dtype(at::kBool));
-  if (logits.scalar_type() == at::kDouble)
-    teacher_impl<double>(logits, targets, k, inv_temperature, columns, t_local, in_support);
-  else
-    teacher_impl<float>(logits, targets, k, inv_temperature, columns, t_local, in_support);
-  return {columns, t_local, in_support};
-}
-
 // f(scalar_t{}) for the input dtype: a plain switch, not AT_DISPATCH (a macro argument
 // cannot hold the `#pragma omp simd` lines of the kernel bodies).
 template <typename F>
@@ -292,6 +248,7 @@ void dispatch_input(at::ScalarType type, const F& f) {
 struct StudentArgs {
   Tensor hidden, weight, bias, rows, columns, t_local, in_support;
   int64_t N = 0, H = 0, V = 0, M = 0, k1 = 0;
+  double inv_temperature = 1.0;
 };
 
 StudentArgs student_args(const char* name, const Tensor& hidden, const Tensor& weight,
@@ -316,6 +273,7 @@ StudentArgs student_args(const char* name, const Tensor& hidden, const Tensor& w
   StudentArgs a;
   a.N = hidden.size(0), a.H = hidden.size(1), a.V = weight.size(0);
   a.M = columns.size(0), a.k1 = columns.size(1);
+  a.inv_temperature = inv_temperature;
   const auto acc = at::toOpMathType(hidden.scalar_type());
   TORCH_CHECK(t_local.sizes() == columns.sizes() && t_local.scalar_type() == acc, name,
               ": t_local must be [M, k+1] in ", acc, ", got ", t_local.sizes(), " ",
@@ -380,51 +338,41 @@ void support_logits(const scalar_t* h, const scalar_t* w, const acc_t* b, int64_
   }
 }
 
-// local_support_student(...) -> (Δ̃ [M], local KL [M]) in the compute dtype.
-std::tuple<Tensor, Tensor> local_support_student(const Tensor& hidden, const Tensor& weight,
-                                                 const std::optional<Tensor>& bias,
-                                                 const Tensor& student_row, const Tensor& columns,
-                                                 const Tensor& t_local, const Tensor& in_support,
-                                                 double inv_temperature) {
-  const StudentArgs a = student_args("local_support_student", hidden, weight, bias, student_row,
-                                     columns, t_local, in_support, inv_temperature);
-  Tensor delta = at::empty({a.M}, a.t_local.options());
-  Tensor kl = at::empty({a.M}, a.t_local.options());
-  dispatch_input(a.hidden.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* hp = a.hidden.const_data_ptr<scalar_t>();
-    const scalar_t* wp = a.weight.const_data_ptr<scalar_t>();
-    const acc_t* bp = a.bias.defined() ? a.bias.const_data_ptr<acc_t>() : nullptr;
-    const int64_t *rp = a.rows.const_data_ptr<int64_t>(), *cp = a.columns.const_data_ptr<int64_t>();
-    const acc_t* tp = a.t_local.const_data_ptr<acc_t>();
-    const bool* sp = a.in_support.const_data_ptr<bool>();
-    acc_t *dp = delta.data_ptr<acc_t>(), *kp = kl.data_ptr<acc_t>();
-    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    const int64_t k1 = a.k1, H = a.H;
-    at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) {
-      std::vector<acc_t> z(k1), s(k1);
-      for (int64_t m = m0; m < m1; ++m) {
-        const int64_t *col = cp + m * k1;
-        const bool* keep = sp + m * k1;
-        const acc_t* t = tp + m * k1;
-        support_logits(hp + rp[m] * H, wp, bp, H, col, keep, k1, inv_t, z.data());
-        local_log_softmax(z.data(), keep, k1, s.data());
-        // y_t is the last column; when it is among the top-k its slot is off and the
-        // top-k entry holding it counts (as the reference's is_sampled mask).
-        const int64_t y = col[k1 - 1];
-        acc_t d = 0, sum = 0;
-        for (int64_t c = 0; c < k1; ++c) {
-          if (!keep[c]) continue;
-          if (col[c] == y) d += t[c] - s[c];
-          sum += std::exp(t[c]) * (t[c] - s[c]);
-        }
-        dp[m] = d, kp[m] = sum;
-      }
-    });
-  });
-  return {delta, kl};
-}
+// The student kernels' view of checked StudentArgs in one input dtype: raw pointers, the
+// per-row slices, and row m's student local log-probs over its k + 1 support columns.
+template <typename scalar_t>
+struct StudentView {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *h, *w;
+  const acc_t* b;
+  const int64_t *rows, *cols;
+  const acc_t* t_local;
+  const bool* keep;
+  int64_t H, k1;
+  acc_t inv_t;
+
+  explicit StudentView(const StudentArgs& a)
+      : h(a.hidden.const_data_ptr<scalar_t>()),
+        w(a.weight.const_data_ptr<scalar_t>()),
+        b(a.bias.defined() ? a.bias.const_data_ptr<acc_t>() : nullptr),
+        rows(a.rows.const_data_ptr<int64_t>()),
+        cols(a.columns.const_data_ptr<int64_t>()),
+        t_local(a.t_local.const_data_ptr<acc_t>()),
+        keep(a.in_support.const_data_ptr<bool>()),
+        H(a.H),
+        k1(a.k1),
+        inv_t(static_cast<acc_t>(a.inv_temperature)) {}
+
+  const int64_t* columns(int64_t m) const { return cols + m * k1; }
+  const bool* kept(int64_t m) const { return keep + m * k1; }
+  const acc_t* teacher(int64_t m) const { return t_local + m * k1; }
+
+  // s = the student's local log-softmax over row m's support (z: [k1] scratch).
+  void student_log_probs(int64_t m, acc_t* z, acc_t* s) const {
+    support_logits(h + rows[m] * H, w, b, H, columns(m), kept(m), k1, inv_t, z);
+    local_log_softmax(z, kept(m), k1, s);
+  }
+};
 
 // Stable counting sort of keys [n] in [0, buckets): (offsets [buckets + 1], order [n]).
 std::pair<std::vector<int64_t>, std::vector<int64_t>> group_by(const int64_t* key, int64_t n,
@@ -439,6 +387,94 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> group_by(const int64_t* ke
   for (int64_t e = 0; e < n; ++e)
     if (keep == nullptr || keep[e]) order[next[key[e]]++] = e;
   return {std::move(off), std::move(order)};
+}
+
+}  // namespace
+
+namespace sgsd_native {
+
+// local_support_teacher(logits_t [V, R] (a chunk of teacher logits, vocabulary-major),
+// targets [R], k, inv_t) -> (columns [R, k+1] int64: the top-k then y_t; teacher local
+// log-probs [R, k+1], −inf off the support; in_support [R, k+1] bool: all but the last
+// slot, which is off when y_t is among the top-k).
+std::tuple<Tensor, Tensor, Tensor> local_support_teacher(const Tensor& logits_in,
+                                                         const Tensor& targets_in, int64_t k,
+                                                         double inv_temperature) {
+  TORCH_CHECK(logits_in.dim() == 2, "local_support_teacher: logits must be [V, R], got ",
+              logits_in.sizes());
+  TORCH_CHECK(logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kDouble,
+              "local_support_teacher: logits must be float32 or float64, got ",
+              logits_in.scalar_type());
+  const int64_t V = logits_in.size(0), R = logits_in.size(1);
+  TORCH_CHECK(V >= 1 && V < (int64_t(1) << 32),
+              "local_support_teacher: the vocabulary size must be in [1, 2^32), got ", V);
+  TORCH_CHECK(k >= 1 && k <= V, "local_support_teacher: k must be in [1, V] = [1, ", V,
+              "], got ", k);
+  TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == R,
+              "local_support_teacher: targets must be [R] = [", R, "], got ", targets_in.sizes());
+  // Finite too: an infinite 1/T turns every logit into ±inf or NaN.
+  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+              "local_support_teacher: inv_temperature must be finite and > 0, got ",
+              inv_temperature);
+  // Integer ids only: .to(kLong) would silently truncate float ids (2.9 -> 2) and read
+  // bools as 0/1.
+  TORCH_CHECK(at::isIntegralType(targets_in.scalar_type(), /*includeBool=*/false),
+              "local_support_teacher: targets must be an integer tensor, got ",
+              targets_in.scalar_type());
+  const Tensor logits = logits_in.detach().contiguous();
+  const Tensor targets = targets_in.detach().to(at::kLong).contiguous();
+  if (R > 0) {
+    const auto [lo, hi] = at::aminmax(targets);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < V,
+                "local_support_teacher: targets must be in [0, V) = [0, ", V, ")");
+  }
+  Tensor columns = at::empty({R, k + 1}, targets.options());
+  Tensor t_local = at::empty({R, k + 1}, logits.options());
+  Tensor in_support = at::empty({R, k + 1}, logits.options().dtype(at::kBool));
+  if (logits.scalar_type() == at::kDouble)
+    teacher_impl<double>(logits, targets, k, inv_temperature, columns, t_local, in_support);
+  else
+    teacher_impl<float>(logits, targets, k, inv_temperature, columns, t_local, in_support);
+  return {columns, t_local, in_support};
+}
+
+// local_support_student(...) -> (Δ̃ [M], local KL [M]) in the compute dtype.
+std::tuple<Tensor, Tensor> local_support_student(const Tensor& hidden, const Tensor& weight,
+                                                 const std::optional<Tensor>& bias,
+                                                 const Tensor& student_row, const Tensor& columns,
+                                                 const Tensor& t_local, const Tensor& in_support,
+                                                 double inv_temperature) {
+  const StudentArgs a = student_args("local_support_student", hidden, weight, bias, student_row,
+                                     columns, t_local, in_support, inv_temperature);
+  Tensor delta = at::empty({a.M}, a.t_local.options());
+  Tensor kl = at::empty({a.M}, a.t_local.options());
+  dispatch_input(a.hidden.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const StudentView<scalar_t> view(a);
+    acc_t *dp = delta.data_ptr<acc_t>(), *kp = kl.data_ptr<acc_t>();
+    const int64_t k1 = a.k1;
+    at::parallel_for(0, a.M, 16, [&](int64_t m0, int64_t m1) {
+      std::vector<acc_t> z(k1), s(k1);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t* col = view.columns(m);
+        const bool* keep = view.kept(m);
+        const acc_t* t = view.teacher(m);
+        view.student_log_probs(m, z.data(), s.data());
+        // y_t is the last column; when it is among the top-k its slot is off and the
+        // top-k entry holding it counts (as the reference's is_sampled mask).
+        const int64_t y = col[k1 - 1];
+        acc_t d = 0, sum = 0;
+        for (int64_t c = 0; c < k1; ++c) {
+          if (!keep[c]) continue;
+          if (col[c] == y) d += t[c] - s[c];
+          sum += std::exp(t[c]) * (t[c] - s[c]);
+        }
+        dp[m] = d, kp[m] = sum;
+      }
+    });
+  });
+  return {delta, kl};
 }
 
 // local_support_backward(grad [M], ...) -> (dh [N, H], dW [V, H] or [0], db [V] or [0]) in
@@ -462,25 +498,21 @@ std::tuple<Tensor, Tensor, Tensor> local_support_backward(
   dispatch_input(a.hidden.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* hp = a.hidden.const_data_ptr<scalar_t>();
-    const scalar_t* wp = a.weight.const_data_ptr<scalar_t>();
-    const acc_t* bp = a.bias.defined() ? a.bias.const_data_ptr<acc_t>() : nullptr;
-    const int64_t *rp = a.rows.const_data_ptr<int64_t>(), *cp = a.columns.const_data_ptr<int64_t>();
-    const acc_t *tp = a.t_local.const_data_ptr<acc_t>(), *gp = g.const_data_ptr<acc_t>();
-    const bool* sp = a.in_support.const_data_ptr<bool>();
+    const StudentView<scalar_t> view(a);
+    const scalar_t *hp = view.h, *wp = view.w;
+    const int64_t *rp = view.rows, *cp = view.cols;
+    const bool* sp = view.keep;
+    const acc_t* gp = g.const_data_ptr<acc_t>();
     acc_t* gzp = gz.data_ptr<acc_t>();
-    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
     // gz = grad/T · (p̃_S − p̃_T) on the support, 0 off it.
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       std::vector<acc_t> z(k1), s(k1);
       for (int64_t m = m0; m < m1; ++m) {
-        const int64_t* col = cp + m * k1;
-        const bool* keep = sp + m * k1;
-        const acc_t* t = tp + m * k1;
+        const bool* keep = view.kept(m);
+        const acc_t* t = view.teacher(m);
         acc_t* out = gzp + m * k1;
-        support_logits(hp + rp[m] * H, wp, bp, H, col, keep, k1, inv_t, z.data());
-        local_log_softmax(z.data(), keep, k1, s.data());
-        const acc_t scale = gp[m] * inv_t;
+        view.student_log_probs(m, z.data(), s.data());
+        const acc_t scale = gp[m] * view.inv_t;
         for (int64_t c = 0; c < k1; ++c)
           out[c] = keep[c] ? scale * (std::exp(s[c]) - std::exp(t[c])) : acc_t(0);
       }
@@ -530,24 +562,4 @@ std::tuple<Tensor, Tensor, Tensor> local_support_backward(
   return {gh, gw, gb};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(sgsd_native, m) {
-  m.def(
-      "local_support_teacher(Tensor logits, Tensor targets, int k, float inv_temperature) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "local_support_student(Tensor hidden, Tensor weight, Tensor? bias, Tensor student_row, "
-      "Tensor columns, Tensor t_local, Tensor in_support, float inv_temperature) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "local_support_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, "
-      "Tensor student_row, Tensor columns, Tensor t_local, Tensor in_support, "
-      "float inv_temperature, bool need_weight_grad) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(sgsd_native, CPU, m) {
-  m.impl("local_support_teacher", &local_support_teacher);
-  m.impl("local_support_student", &local_support_student);
-  m.impl("local_support_backward", &local_support_backward);
-}
+}  // namespace sgsd_native
