@@ -111,6 +111,25 @@ def _eager(hs, w, ht, tw, b, tb, beta, temperature, clip, top_k, mask):
     )  # fmt: skip
 
 
+def three_ways(case, kw, backend):
+    """D on one ``make_case`` case three ways, each with the leaves its gradients go to:
+    ((the float64 reference, leaves), (PyTorch in the input dtype, leaves), (``backend``,
+    leaves)); ``kw`` holds beta, temperature, elementwise_clip and teacher_top_k."""
+    hs, w, ht, tw, b, tb, mask = case
+    oracle, o = oracle_divergence(hs, w, ht, tw, b, tb, mask, kw)
+    e = [_leaf(x) for x in (hs, w, b)]
+    eager = _eager(
+        e[0], e[1], ht, tw, e[2], tb, kw["beta"], kw["temperature"], kw["elementwise_clip"],
+        kw["teacher_top_k"], mask,
+    )  # fmt: skip
+    gl = [_leaf(x) for x in (hs, w, b)]
+    got = sk.linear_divergence(
+        gl[0], gl[1], ht, teacher_weight=tw, bias=gl[2], teacher_bias=tb, mask=mask,
+        backend=backend, **kw,
+    )  # fmt: skip
+    return (oracle, o), (eager, e), (got, gl)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-V{}".format(*s))
@@ -121,22 +140,11 @@ def test_linear_divergence_matches_oracle(backend, dtype, shape, config, small_d
     beta, clip, top_k, sep, with_bias, temperature, with_mask = config
     N, H, V = shape
     top_k = V if top_k == "V" else top_k
-    hs, w, ht, tw, b, tb, mask = make_case(N, H, V, dtype, sep, with_bias, with_mask)
+    case = make_case(N, H, V, dtype, sep, with_bias, with_mask)
+    mask = case[-1]
     kw = dict(beta=beta, temperature=temperature, elementwise_clip=clip, teacher_top_k=top_k)
-
-    oracle, o = oracle_divergence(hs, w, ht, tw, b, tb, mask, kw)
-    oracle_grads = _grads(oracle, o)
-
-    e = [_leaf(x) for x in (hs, w, b)]
-    eager = _eager(e[0], e[1], ht, tw, e[2], tb, beta, temperature, clip, top_k, mask)
-    eager_grads = _grads(eager, e)
-
-    gl = [_leaf(x) for x in (hs, w, b)]
-    got = sk.linear_divergence(
-        gl[0], gl[1], ht, teacher_weight=tw, bias=gl[2], teacher_bias=tb, mask=mask,
-        backend=backend, **kw,
-    )  # fmt: skip
-    got_grads = _grads(got, gl)
+    (oracle, o), (eager, e), (got, gl) = three_ways(case, kw, backend)
+    oracle_grads, eager_grads, got_grads = _grads(oracle, o), _grads(eager, e), _grads(got, gl)
 
     expected = torch.float64 if dtype == torch.float64 else torch.float32
     assert got.dtype == expected and got.shape == (N,)

@@ -14,7 +14,7 @@ from sgsd_kernels.ops import linear_divergence as op
 from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
 
 from .conftest import REL_ATOL, assert_close_to_oracle
-from .test_divergence_oracle import _eager, _leaf, make_case, oracle_divergence
+from .test_divergence_oracle import make_case, three_ways
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 # (beta, clip, top_k, separate teacher head, bias, temperature, mask)
@@ -52,18 +52,10 @@ def test_gradients_match_oracle(config, shape, dtype, upstream, speculate, monke
     beta, clip, top_k, sep, with_bias, temperature, with_mask = config
     N, H, V = shape
     assert torch_kernels.single_block(V, beta)  # the unit-gradient path runs
-    hs, w, ht, tw, b, tb, mask = make_case(N, H, V, dtype, sep, with_bias, with_mask)
+    case = make_case(N, H, V, dtype, sep, with_bias, with_mask)
     kw = dict(beta=beta, temperature=temperature, elementwise_clip=clip, teacher_top_k=top_k)
-    up = _upstream(upstream, mask, N)
-
-    oracle, o = oracle_divergence(hs, w, ht, tw, b, tb, mask, kw)
-    e = [_leaf(x) for x in (hs, w, b)]
-    eager = _eager(e[0], e[1], ht, tw, e[2], tb, beta, temperature, clip, top_k, mask)
-    gl = [_leaf(x) for x in (hs, w, b)]
-    got = sk.linear_divergence(
-        gl[0], gl[1], ht, teacher_weight=tw, bias=gl[2], teacher_bias=tb, mask=mask,
-        backend="torch", **kw,
-    )  # fmt: skip
+    up = _upstream(upstream, case[-1], N)
+    (oracle, o), (eager, e), (got, gl) = three_ways(case, kw, "torch")
     for name, g_, e_, o_ in zip(
         ("d_hidden", "d_weight", "d_bias"),
         _grads(got, gl, up),

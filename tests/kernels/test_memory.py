@@ -88,15 +88,21 @@ SCRIPT = (
 )
 
 
-def _peak_delta(workload: str, backend: str, n: int) -> int:
+def run_peak_script(script: str, *args) -> int:
+    """The peak-memory delta (bytes) that ``script`` (PRELUDE + setup + MEASURE) prints when
+    run in a fresh interpreter with ``args`` as its argv."""
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, workload, backend, str(n), str(V), str(H)],
+        [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=600,
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["delta"]
+
+
+def _peak_delta(workload: str, backend: str, n: int) -> int:
+    return run_peak_script(SCRIPT, workload, backend, n, V, H)
 
 
 def _ours(workload: str, n: int) -> int:

@@ -19,7 +19,7 @@ from sgsd_kernels.ops.native_backend import linear_divergence as native_kernels
 from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
 
 from .conftest import REL_ATOL, assert_close_to_oracle
-from .test_divergence_oracle import _eager, _grads, _leaf, make_case, oracle_divergence
+from .test_divergence_oracle import _grads, _leaf, make_case, three_ways
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 BETAS = [0.0, 0.5, 1.0]
@@ -55,16 +55,10 @@ def _check(dtype, shape, beta, clip, top_k, sep, with_bias, with_mask, temperatu
     monkeypatch.setattr(op_module, "SPECULATE", speculate)
     N, H, V = shape
     top_k = V if top_k == "V" else top_k
-    hs, w, ht, tw, b, tb, mask = make_case(N, H, V, dtype, sep, with_bias, with_mask)
+    case = make_case(N, H, V, dtype, sep, with_bias, with_mask)
+    mask = case[-1]
     kw = dict(beta=beta, temperature=temperature, elementwise_clip=clip, teacher_top_k=top_k)
-    oracle, o = oracle_divergence(hs, w, ht, tw, b, tb, mask, kw)
-    e = [_leaf(x) for x in (hs, w, b)]
-    eager = _eager(e[0], e[1], ht, tw, e[2], tb, beta, temperature, clip, top_k, mask)
-    gl = [_leaf(x) for x in (hs, w, b)]
-    got = sk.linear_divergence(
-        gl[0], gl[1], ht, teacher_weight=tw, bias=gl[2], teacher_bias=tb, mask=mask,
-        backend="native", **kw,
-    )  # fmt: skip
+    (oracle, o), (eager, e), (got, gl) = three_ways(case, kw, "native")
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got.shape == (N,)
     assert_close_to_oracle("D", got, eager, oracle, rel_atol=REL_ATOL[dtype])
@@ -265,15 +259,9 @@ def test_falls_back_to_blockwise_when_vocabulary_needs_several_blocks(beta, monk
 @pytest.mark.slow
 def test_native_path_allocates_nothing_proportional_to_n_times_v():
     """Peak memory in a fresh subprocess, as for the torch path in test_divergence_memory."""
-    from .test_divergence_memory import N_BIG, N_SMALL, V, _peak
+    from .test_divergence_memory import flat_peaks
 
-    one_nv = N_BIG * V * 4  # one fp32 N×V tensor
-    small = min(_peak("divergence", "native", N_SMALL) for _ in range(2))
-    big = min(_peak("divergence", "native", N_BIG) for _ in range(2))
-    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
-    growth = big - small
-    assert growth < (N_BIG - N_SMALL) * V * 4 / 8, f"grew {mib(growth)}: {mib(small)}->{mib(big)}"
-    assert big < one_nv / 2, f"native path peak {mib(big)}"
+    flat_peaks("divergence", "native", 1 / 2)
 
 
 def _bad(zs, zt, top=None, beta=0.0, clip=None):
