@@ -97,6 +97,22 @@ void for_each_tile(const Plan& p, int64_t N, int64_t V, bool backward, const Mak
   });
 }
 
+// zt ← (zt + b)·(1/T) in place, rounded once per operation, when there is a bias or T ≠ 1.
+// Forward and backward both scale this way, in a pass of its own, so that the backward's
+// log p = z − lse sees the very logits the forward's lse came from (a fused multiply-add
+// of the backward's scale into its subtraction rounds differently: with V = 1 that left
+// p = 1 − 1e-7 and gradients of 1e-5 where they are exactly 0).
+template <typename acc_t>
+void scale_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, const RowInputs<acc_t>& in) {
+  if (in.bias == nullptr && in.inv_t == acc_t(1)) return;
+  for (int64_t j = 0; j < nv; ++j) {
+    const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0), it = in.inv_t;
+    acc_t* zj = zt + j * nr;
+#pragma omp simd
+    for (int64_t i = 0; i < nr; ++i) zj[i] = (zj[i] + bj) * it;
+  }
+}
+
 // Σexp(z − sh) (bs), Σexp(z − sh)·(z − sh) (ba, with_entropy; a −inf logit adds 0, not
 // 0·(−inf)) per row of zt[nv, nr], and with track_max the tile's max (bm; NaN ignored;
 // bm is left alone without track_max).
@@ -166,14 +182,7 @@ void forward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t kMaxGap = 64;  // 256 terms of at most e^64 stay far below FLT_MAX
   acc_t *bm = sc.bm.data(), *sh = sc.shift.data(), *bs = sc.bs.data(), *ba = sc.ba.data();
-  if (in.bias != nullptr || in.inv_t != acc_t(1)) {
-    for (int64_t j = 0; j < nv; ++j) {
-      const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0), it = in.inv_t;
-      acc_t* zj = zt + j * nr;
-#pragma omp simd
-      for (int64_t i = 0; i < nr; ++i) zj[i] = (zj[i] + bj) * it;
-    }
-  }
+  scale_tile(zt, nv, nr, v0, in);
   bool shifted = true;
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t tr = in.targets[r0 + i];
@@ -215,19 +224,18 @@ void forward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
 template <typename acc_t>
 void backward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
                    const RowInputs<acc_t>& in, acc_t* db) {
-  const acc_t *l = in.lse + r0, *g = in.g + r0, it = in.inv_t;
+  const acc_t *l = in.lse + r0, *g = in.g + r0;
+  scale_tile(zt, nv, nr, v0, in);
   for (int64_t j = 0; j < nv; ++j) {
-    const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0);
     acc_t* zj = zt + j * nr;
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<acc_t, float>) {  // exp16: see tiles.h
       if (in.ge == nullptr) {
         constexpr int kSign = static_cast<int>(0x80000000u);
-        const __m512 b = _mm512_set1_ps(bj), t = _mm512_set1_ps(it);
         for (int64_t i = 0; i < nr; i += 16) {
           const __mmask16 k = lanes_from(i, nr);
-          const __m512 lp = _mm512_fmsub_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(k, zj + i), b),
-                                            t, _mm512_maskz_loadu_ps(k, l + i));
+          const __m512 lp =
+              _mm512_sub_ps(_mm512_maskz_loadu_ps(k, zj + i), _mm512_maskz_loadu_ps(k, l + i));
           const __m512i neg_g = _mm512_xor_si512(  // −g: the sign bit flipped, as −g[i]
               _mm512_castps_si512(_mm512_maskz_loadu_ps(k, g + i)), _mm512_set1_epi32(kSign));
           _mm512_mask_storeu_ps(zj + i, k, _mm512_mul_ps(_mm512_castsi512_ps(neg_g), exp16(lp)));
@@ -241,12 +249,12 @@ void backward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
       const acc_t *ge = in.ge + r0, *hr = in.ent + r0;
 #pragma omp simd
       for (int64_t i = 0; i < nr; ++i) {
-        const acc_t lp = (zj[i] + bj) * it - l[i];
+        const acc_t lp = zj[i] - l[i];
         zj[i] = -exp_acc(lp) * (g[i] + ge[i] * (lp + hr[i]));
       }
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < nr; ++i) zj[i] = -g[i] * exp_acc((zj[i] + bj) * it - l[i]);
+      for (int64_t i = 0; i < nr; ++i) zj[i] = -g[i] * exp_acc(zj[i] - l[i]);
     }
   }
   for (int64_t i = 0; i < nr; ++i) {

@@ -117,6 +117,21 @@ def test_logits_jumping_between_vocabulary_blocks_match_oracle(dtype, gap):
         assert_close_to_oracle(f"d{name}", g, e, o, rel_atol=REL_ATOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_one_vocabulary_entry_gives_log_prob_and_gradients_of_exactly_zero(
+    dtype, with_bias, temperature
+):
+    # p = 1 exactly: the backward's log p = z − lse must see the logits the forward's lse
+    # came from, rounded the same way (a fused multiply-add there left gradients of 1e-5).
+    h, w, b, t = _case(257, 3, 1, dtype, with_bias)
+    (lp, ent), grads = _run(h, w, b, t, "native", temperature=temperature, entropy=True)
+    assert (lp == 0).all() and (ent == 0).all()
+    for g in grads:
+        assert (g == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_inputs_match_contiguous(dtype):
     h, w, b, t = _case(41, 48, 700, dtype, True)
