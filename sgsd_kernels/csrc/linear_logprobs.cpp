@@ -113,6 +113,34 @@ void scale_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, const RowInputs<a
   }
 }
 
+#if defined(__AVX512F__)
+// exp_sums for fp32 on 16 rows at a time, their sums and max held in registers across the
+// whole vocabulary block (same order of additions as a row-vector sweep per entry).
+template <bool kEntropy, bool kMax>
+void exp_sums16(const float* zt, int64_t nv, int64_t nr, const float* sh, float* bm, float* bs,
+                float* ba) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nr; i += 16) {
+    const __mmask16 k = lanes_from(i, nr);
+    const __m512 shift = _mm512_maskz_loadu_ps(k, sh + i);
+    __m512 sum = zero, acc = zero, mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < nv; ++j) {
+      const __m512 z = _mm512_maskz_loadu_ps(k, zt + j * nr + i);
+      const __m512 d = _mm512_sub_ps(z, shift);
+      const __m512 e = exp16(d);
+      sum = _mm512_add_ps(sum, e);
+      if constexpr (kEntropy)  // a −inf logit adds 0, not 0·(−inf)
+        acc = _mm512_add_ps(acc,
+                            _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(e, zero, _CMP_NEQ_UQ), e, d));
+      if constexpr (kMax) mx = _mm512_max_ps(z, mx);  // z first: a NaN z keeps the max
+    }
+    _mm512_mask_storeu_ps(bs + i, k, sum);
+    if constexpr (kEntropy) _mm512_mask_storeu_ps(ba + i, k, acc);
+    if constexpr (kMax) _mm512_mask_storeu_ps(bm + i, k, mx);
+  }
+}
+#endif
+
 // Σexp(z − sh) (bs), Σexp(z − sh)·(z − sh) (ba, with_entropy; a −inf logit adds 0, not
 // 0·(−inf)) per row of zt[nv, nr], and with track_max the tile's max (bm; NaN ignored;
 // bm is left alone without track_max).
@@ -125,23 +153,12 @@ void exp_sums(const acc_t* zt, int64_t nv, int64_t nr, const acc_t* sh, bool wit
     for (int64_t i = 0; i < nr; ++i) bm[i] = ninf;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 zero = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nv; ++j) {
-      const float* zj = zt + j * nr;
-      for (int64_t i = 0; i < nr; i += 16) {
-        const __mmask16 k = lanes_from(i, nr);
-        const __m512 z = _mm512_maskz_loadu_ps(k, zj + i);
-        const __m512 d = _mm512_sub_ps(z, _mm512_maskz_loadu_ps(k, sh + i));
-        const __m512 e = exp16(d);
-        _mm512_mask_storeu_ps(bs + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, bs + i), e));
-        if (with_entropy) {
-          const __m512 ed = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(e, zero, _CMP_NEQ_UQ), e, d);
-          _mm512_mask_storeu_ps(ba + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, ba + i), ed));
-        }
-        if (track_max)  // z first: a NaN z keeps the running max
-          _mm512_mask_storeu_ps(bm + i, k, _mm512_max_ps(z, _mm512_maskz_loadu_ps(k, bm + i)));
-      }
-    }
+    if (with_entropy)
+      track_max ? exp_sums16<true, true>(zt, nv, nr, sh, bm, bs, ba)
+                : exp_sums16<true, false>(zt, nv, nr, sh, bm, bs, ba);
+    else
+      track_max ? exp_sums16<false, true>(zt, nv, nr, sh, bm, bs, ba)
+                : exp_sums16<false, false>(zt, nv, nr, sh, bm, bs, ba);
     return;
   }
 #endif
