@@ -10,6 +10,10 @@
 first) or a trainer checkpoint directory (its merged ``model/`` export, else its
 ``adapter/``).
 
+A little over 450 lines on purpose: the command line, loading (vLLM or HF), sampling,
+grading and the three output files are one command's flow; the metrics live in
+``sgsd.eval_metrics``.
+
 ``--datasets`` is a comma list of ``demo`` (the held-out ``test`` split of the bundled
 demo set, disjoint from what the trainer trains on), ``aime24``, ``aime25``, ``hmmt25``,
 ``math500`` or any file :func:`sgsd.data.load_problems` reads. A short name is first

@@ -1,5 +1,9 @@
 """A tiny, offline, deterministic Qwen3-architecture model and tokenizer.
 
+(A little over 450 lines on purpose: the tokenizer corpus, the model config, the cache
+key and the save/load path of one artefact; the warm start lives in
+``sgsd.tiny_warm_start``.)
+
 The trainer and the test-suite need a real causal LM that runs anywhere (CPU, no hub
 access). :func:`build_tiny_model` builds one from scratch:
 

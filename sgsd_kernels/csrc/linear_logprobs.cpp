@@ -29,6 +29,10 @@
 // (Bf16Tiles) where the CPU has bf16 dot products, else converted like fp16 (hidden once,
 // W per block into a per-task buffer). A strided W is made contiguous once (a copy, in
 // its own dtype).
+//
+// One file over ~450 lines on purpose: the forward and backward epilogues, their tile walk
+// and the two entry points share RowInputs, Scratch and for_each_tile; the GEMM engines
+// (engines.h), the shared helpers (tiles.h) and the schemas (registration.cpp) live apart.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
