@@ -103,9 +103,9 @@ void for_each_tile(const Plan& p, int64_t N, int64_t V, bool backward, const Mak
 
 // zt ← (zt + b)·(1/T) in place, rounded once per operation, when there is a bias or T ≠ 1.
 // Forward and backward both scale this way, in a pass of its own, so that the backward's
-// log p = z − lse sees the very logits the forward's lse came from (a fused multiply-add
-// of the backward's scale into its subtraction rounds differently: with V = 1 that left
-// p = 1 − 1e-7 and gradients of 1e-5 where they are exactly 0).
+// log p = z − lse sees the very logits the forward's lse came from (a multiply-add fused
+// into the subtraction would round differently: with V = 1, p would come out 1 − 1e-7 and
+// the gradients 1e-5 where they are exactly 0).
 template <typename acc_t>
 void scale_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, const RowInputs<acc_t>& in) {
   if (in.bias == nullptr && in.inv_t == acc_t(1)) return;

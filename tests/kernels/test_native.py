@@ -124,7 +124,7 @@ def test_one_vocabulary_entry_gives_log_prob_and_gradients_of_exactly_zero(
     dtype, with_bias, temperature
 ):
     # p = 1 exactly: the backward's log p = z − lse must see the logits the forward's lse
-    # came from, rounded the same way (a fused multiply-add there left gradients of 1e-5).
+    # came from, rounded the same way (a fused multiply-add there gives gradients of 1e-5).
     h, w, b, t = _case(257, 3, 1, dtype, with_bias)
     (lp, ent), grads = _run(h, w, b, t, "native", temperature=temperature, entropy=True)
     assert (lp == 0).all() and (ent == 0).all()
