@@ -59,6 +59,12 @@ def parse_args(argv=None):
         help="comma list from logprobs,logprobs-fwd,logprobs-bwd,logprobs-fwdbwd,sgsd,"
         "divergence,local-support or 'all'",
     )
+    p.add_argument(
+        "--tokens",
+        default=None,
+        help="comma list of N (tokens, B·T) to keep from the preset's shapes, e.g. 8192 "
+        "(default: all of them)",
+    )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: preset's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument(
@@ -107,6 +113,17 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(f"bench_gated_kd.py: {e}") from None
     cases = cases_for(preset, dtype, do_lp, scalar_workloads)
+    if args.tokens:
+        try:
+            keep = {int(n) for n in args.tokens.split(",")}
+        except ValueError:
+            raise SystemExit(f"bench_gated_kd.py: --tokens wants integers, got {args.tokens!r}")
+        cases = [c for c in cases if c.N in keep]
+        if not cases:
+            raise SystemExit(
+                f"bench_gated_kd.py: --tokens {args.tokens} matches none of the {preset.name} "
+                "shapes for these workloads"
+            )
     if args.mem_limit_gb is not None:
         mem_limit = int(args.mem_limit_gb * 2**30)
     else:  # CUDA: try, report OOM

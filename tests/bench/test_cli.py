@@ -69,6 +69,19 @@ def test_cli_rejects_a_bad_flag(tmp_path):
     assert "bench_gated_kd.py: unknown workload 'logits'" in r.stderr
 
 
+@pytest.mark.parametrize(
+    "tokens, msg",
+    [
+        ("x", "bench_gated_kd.py: --tokens wants integers, got 'x'"),
+        ("5", "bench_gated_kd.py: --tokens 5 matches none of the tiny shapes"),
+    ],
+)
+def test_cli_rejects_bad_tokens(tmp_path, tokens, msg):
+    r = _run(["--preset", "tiny", "--tokens", tokens], tmp_path)
+    assert r.returncode != 0
+    assert msg in r.stderr
+
+
 @pytest.mark.slow
 def test_end_to_end_tiny(tmp_path):
     """The script on a cut-down tiny preset: subprocess workers, table, CSV, plots."""

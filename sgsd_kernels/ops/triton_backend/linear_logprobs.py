@@ -107,7 +107,8 @@ def _logits_tile(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        # out_dtype spelled out: Triton 3.6 defaults it to fp32 and rejects an fp64 acc.
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     return acc * tl.load(InvT)
@@ -392,7 +393,7 @@ def _bwd_kernel(
             )
             if UPCAST:
                 w = w.to(tl.float32)
-            dx = tl.dot(grad_lp, w, input_precision=PRECISION)
+            dx = tl.dot(grad_lp, w, input_precision=PRECISION, out_dtype=ACC)
             tl.atomic_add(
                 DX + rows[:, None] * H + hk[None, :], dx, mask=row_ok[:, None] & h_ok[None, :]
             )
@@ -404,7 +405,7 @@ def _bwd_kernel(
                 )
                 if UPCAST:
                     x = x.to(tl.float32)
-                dw = tl.dot(tl.trans(grad_lp), x, input_precision=PRECISION)
+                dw = tl.dot(tl.trans(grad_lp), x, input_precision=PRECISION, out_dtype=ACC)
                 tl.atomic_add(
                     DW + cols[:, None] * H + hk[None, :],
                     dw,

@@ -19,4 +19,5 @@ def dot_w_block(acc, x, W, cols, col_ok, hk, h_ok, stride_w, UPCAST: tl.constexp
     if UPCAST:
         x = x.to(tl.float32)
         w = w.to(tl.float32)
-    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    # out_dtype spelled out: Triton 3.6 defaults it to fp32 and rejects an fp64 acc.
+    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=acc.dtype)

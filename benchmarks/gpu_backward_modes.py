@@ -1,0 +1,141 @@
+"""The card's two ceilings, and the Triton log-prob backward in its two modes, on CUDA.
+
+    python benchmarks/gpu_backward_modes.py OUT_DIR [--tokens 8192]
+
+Part of ``benchmarks/gpu_check.sh`` (docs/design.md §8). It prints and writes to
+OUT_DIR/backward-modes.csv:
+
+1. the ceilings the floor percentages are read against: a device-to-device copy (bytes read
+   plus written per second) and a bf16 8192³ ``torch.mm`` on random data (TFLOP/s);
+2. ``linear_logprobs(backend="triton")`` forward+backward at the qwen3-1.7b head
+   (V=151936, H=2048) in bf16, fp32 with full-precision dots and fp32 with TF32 dots,
+   each with the fused backward (fp32 atomics) and the deterministic one (row chunks and
+   two GEMMs): median of 5 event-timed calls after one warm-up, the achieved rate over the
+   4-GEMM floor, and the largest difference between the two modes' gradients;
+3. registers, spills and shared memory of every kernel as the driver loaded it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import pkgutil
+
+import torch
+
+import sgsd_kernels as sk
+
+
+def event_ms(fn, reps: int = 5) -> float:
+    """Median of ``reps`` event-timed calls after one untimed warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings() -> list[dict]:
+    n = 1 << 30  # 1 GiB each way
+    src = torch.randn(n // 4, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = event_ms(lambda: dst.copy_(src), reps=10)
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = event_ms(lambda: torch.mm(a, b, out=c), reps=10)
+    return [
+        dict(what="d2d copy 1 GiB", ms=round(copy_ms, 3), rate=round(2 * n / copy_ms / 1e9, 1),
+             unit="GB/s read+written"),
+        dict(what="bf16 mm 8192^3", ms=round(mm_ms, 3), rate=round(2 * 8192**3 / mm_ms / 1e9, 1),
+             unit="TFLOP/s"),
+    ]  # fmt: skip
+
+
+def backward_modes(N: int, V: int = 151936, H: int = 2048) -> list[dict]:
+    rows = []
+    for label, dtype, tf32 in (
+        ("bf16", torch.bfloat16, False),
+        ("fp32", torch.float32, False),
+        ("fp32+tf32", torch.float32, True),
+    ):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.manual_seed(0)
+        h = (torch.randn(N, H, device="cuda") * 0.5).to(dtype).requires_grad_()
+        w = (torch.randn(V, H, device="cuda") * 0.02).to(dtype).requires_grad_()
+        t = torch.randint(0, V, (N,), device="cuda")
+        grads = {}
+        for det in (False, True):
+
+            def step():
+                h.grad = w.grad = None
+                with sk.deterministic(det):
+                    sk.linear_logprobs(h, w, t, backend="triton").sum().backward()
+
+            ms = event_ms(step)
+            grads[det] = (h.grad.float(), w.grad.float())
+            rows.append(dict(dtype=label, mode="deterministic" if det else "atomic", N=N, V=V,
+                             H=H, fwd_bwd_ms=round(ms, 2),
+                             tflops=round(8 * N * V * H / ms / 1e9, 1)))  # fmt: skip
+            print(rows[-1], flush=True)
+        dh = (grads[True][0] - grads[False][0]).abs().max().item()
+        dw = (grads[True][1] - grads[False][1]).abs().max().item()
+        print(f"{label}: max |deterministic - atomic| dh {dh:.2e} dW {dw:.2e}", flush=True)
+        del h, w, t, grads
+        torch.cuda.empty_cache()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return rows
+
+
+def loaded_kernels() -> None:
+    from triton.runtime.jit import JITFunction
+
+    import sgsd_kernels.ops as ops
+
+    for info in pkgutil.walk_packages(ops.__path__, "sgsd_kernels.ops."):
+        mod = importlib.import_module(info.name)
+        for name, fn in vars(mod).items():
+            if not isinstance(fn, JITFunction):
+                continue
+            for cache in fn.device_caches.values():
+                for kernel in cache[0].values():
+                    kernel._init_handles()
+                    print(f"loaded {info.name.rsplit('.', 1)[-1]}.{name}: {kernel.n_regs} "
+                          f"registers, {kernel.n_spills} spills, {kernel.metadata.shared} B "
+                          "shared")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out")
+    p.add_argument("--tokens", type=int, default=8192)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_backward_modes.py: needs a CUDA device")
+    os.makedirs(args.out, exist_ok=True)
+    for row in ceilings():
+        print("ceiling", row, flush=True)
+    rows = backward_modes(args.tokens)
+    with open(os.path.join(args.out, "backward-modes.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:  # Triton's loaded-kernel attributes are not a stable API
+        loaded_kernels()
+    except Exception as e:  # noqa: BLE001
+        print(f"loaded kernels: not readable with this Triton ({type(e).__name__}: {e})")
+    from sgsd_kernels.ops.triton_backend import triton_configs
+
+    print("family", triton_configs.family())
+
+
+if __name__ == "__main__":
+    main()
