@@ -117,7 +117,9 @@ def main(argv=None) -> int:
         try:
             keep = {int(n) for n in args.tokens.split(",")}
         except ValueError:
-            raise SystemExit(f"bench_gated_kd.py: --tokens wants integers, got {args.tokens!r}")
+            raise SystemExit(
+                f"bench_gated_kd.py: --tokens wants integers, got {args.tokens!r}"
+            ) from None
         cases = [c for c in cases if c.N in keep]
         if not cases:
             raise SystemExit(

@@ -42,22 +42,54 @@ def event_ms(fn, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def ceilings() -> list[dict]:
-    n = 1 << 30  # 1 GiB each way
+def copy_ms(n: int) -> float:
     src = torch.randn(n // 4, device="cuda")
     dst = torch.empty_like(src)
-    copy_ms = event_ms(lambda: dst.copy_(src), reps=10)
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = event_ms(lambda: torch.mm(a, b, out=c), reps=10)
+    return event_ms(lambda: dst.copy_(src), reps=10)
+
+
+def mm_ms(n: int) -> float:
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    return event_ms(lambda: torch.mm(a, b, out=c), reps=10)
+
+
+def ceilings() -> list[dict]:
+    n = 1 << 30  # 1 GiB each way
+    copy = copy_ms(n)
+    mm = mm_ms(8192)
     return [
-        dict(what="d2d copy 1 GiB", ms=round(copy_ms, 3), rate=round(2 * n / copy_ms / 1e9, 1),
+        dict(what="d2d copy 1 GiB", ms=round(copy, 3), rate=round(2 * n / copy / 1e6, 1),
              unit="GB/s read+written"),
-        dict(what="bf16 mm 8192^3", ms=round(mm_ms, 3), rate=round(2 * 8192**3 / mm_ms / 1e9, 1),
+        dict(what="bf16 mm 8192^3", ms=round(mm, 3), rate=round(2 * 8192**3 / mm / 1e9, 1),
              unit="TFLOP/s"),
     ]  # fmt: skip
+
+
+def fwd_bwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, det: bool) -> None:
+    h.grad = w.grad = None
+    with sk.deterministic(det):
+        sk.linear_logprobs(h, w, t, backend="triton").sum().backward()
+
+
+def one_dtype(label: str, dtype: torch.dtype, N: int, V: int, H: int) -> list[dict]:
+    torch.manual_seed(0)
+    h = (torch.randn(N, H, device="cuda") * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, device="cuda") * 0.02).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    rows, grads = [], {}
+    for det in (False, True):
+        ms = event_ms(lambda det=det: fwd_bwd(h, w, t, det))
+        grads[det] = (h.grad.float(), w.grad.float())
+        mode = "deterministic" if det else "atomic"
+        tflops = round(8 * N * V * H / ms / 1e9, 1)
+        ms = round(ms, 2)
+        rows.append(dict(dtype=label, mode=mode, N=N, V=V, H=H, fwd_bwd_ms=ms, tflops=tflops))
+        print(rows[-1], flush=True)
+    dh = (grads[True][0] - grads[False][0]).abs().max().item()
+    dw = (grads[True][1] - grads[False][1]).abs().max().item()
+    print(f"{label}: max |deterministic - atomic| dh {dh:.2e} dW {dw:.2e}", flush=True)
+    return rows
 
 
 def backward_modes(N: int, V: int = 151936, H: int = 2048) -> list[dict]:
@@ -68,28 +100,7 @@ def backward_modes(N: int, V: int = 151936, H: int = 2048) -> list[dict]:
         ("fp32+tf32", torch.float32, True),
     ):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.manual_seed(0)
-        h = (torch.randn(N, H, device="cuda") * 0.5).to(dtype).requires_grad_()
-        w = (torch.randn(V, H, device="cuda") * 0.02).to(dtype).requires_grad_()
-        t = torch.randint(0, V, (N,), device="cuda")
-        grads = {}
-        for det in (False, True):
-
-            def step():
-                h.grad = w.grad = None
-                with sk.deterministic(det):
-                    sk.linear_logprobs(h, w, t, backend="triton").sum().backward()
-
-            ms = event_ms(step)
-            grads[det] = (h.grad.float(), w.grad.float())
-            rows.append(dict(dtype=label, mode="deterministic" if det else "atomic", N=N, V=V,
-                             H=H, fwd_bwd_ms=round(ms, 2),
-                             tflops=round(8 * N * V * H / ms / 1e9, 1)))  # fmt: skip
-            print(rows[-1], flush=True)
-        dh = (grads[True][0] - grads[False][0]).abs().max().item()
-        dw = (grads[True][1] - grads[False][1]).abs().max().item()
-        print(f"{label}: max |deterministic - atomic| dh {dh:.2e} dW {dw:.2e}", flush=True)
-        del h, w, t, grads
+        rows += one_dtype(label, dtype, N, V, H)
         torch.cuda.empty_cache()
     torch.backends.cuda.matmul.allow_tf32 = False
     return rows
