@@ -56,3 +56,31 @@ def test_deterministic_context_restores_previous_state():
         assert is_deterministic()
     finally:
         sk.set_deterministic(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_chunked_backward_over_several_vocabulary_chunks_matches_torch(monkeypatch, dtype):
+    """The chunked backward with a workspace of 64 columns over V = 203: three full chunks
+    and a ragged one, with bias, entropy and temperature, against the torch backend."""
+    from sgsd_kernels.ops.triton_backend import linear_logprobs as lp
+
+    N, V, H = 37, 203, 40
+    monkeypatch.setattr(lp, "_WORKSPACE_BYTES", 64 * N * dtype.itemsize)
+    torch.manual_seed(0)
+    h = (torch.randn(N, H) * 0.5).to(dtype).to(DEVICE).requires_grad_()
+    w = (torch.randn(V, H) * 0.3).to(dtype).to(DEVICE).requires_grad_()
+    b = (torch.randn(V) * 0.1).to(dtype).to(DEVICE).requires_grad_()
+    t = torch.randint(0, V, (N,), device=DEVICE)
+    t[3] = -100
+    got = {}
+    for backend in ("torch", "triton"):
+        with sk.deterministic():
+            lp_, ent = sk.linear_logprobs(
+                h, w, t, bias=b, temperature=1.3, return_entropy=True, backend=backend
+            )
+        grads = torch.autograd.grad((lp_ * 1.5 + ent * 0.5).sum(), [h, w, b])
+        got[backend] = (lp_, ent, *grads)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    for name, a, want in zip(("lp", "ent", "dh", "dW", "db"), got["triton"], got["torch"]):
+        assert a.dtype == want.dtype, name
+        torch.testing.assert_close(a, want, **tol, msg=name)

@@ -34,7 +34,7 @@ def test_beta_jsd_with_disjoint_distributions(dtype, beta, clip):
     def run(backend, h, weight, teacher):
         leaf = h.detach().clone().requires_grad_(True)
         d = sk.linear_divergence(leaf, weight, teacher, backend=backend, **kw)
-        (grad,) = torch.autograd.grad((d.double() * torch.arange(1.0, 4.0)).sum(), leaf)
+        (grad,) = torch.autograd.grad((d.double() * torch.arange(1.0, 4.0, device=d.device)).sum(), leaf)
         return d.detach(), grad
 
     oracle = run("reference", hs.double(), w.double(), ht.double())

@@ -154,7 +154,7 @@ def test_reference_matches_per_token_loop(k):
     valid = mask & (targets != -100)
     loss, support = _loop_oracle(hs, w, th, targets, valid, rewards, tw, k, *hypers.values())
     assert out.loss.item() == pytest.approx(loss, rel=1e-10, abs=1e-12)
-    torch.testing.assert_close(out.support, support, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.support.cpu(), support, rtol=1e-10, atol=1e-12)
 
 
 def test_k_at_least_v_is_full_vocabulary_kl_gate():

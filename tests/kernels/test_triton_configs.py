@@ -137,7 +137,8 @@ def test_autotune_picks_from_the_space_and_matches_torch(autotune, dtype, determ
         got[backend], grads[backend] = lp, (h.grad, w.grad)
     tuned = tc.tuned_configs()
     kind = "grad_logits" if deterministic else "bwd_fused"
-    assert {key[0] for key in tuned} == {"fwd", kind}
+    # a kernel whose space holds one config (e.g. the sm_90 fp32 forward) is not timed
+    assert {key[0] for key in tuned} == {k for k in ("fwd", kind) if len(tc.candidates(k, dtype)) > 1}
     for key, cfg in tuned.items():
         assert cfg in tc.candidates(key[0], dtype), (key, cfg)
     tol = 1e-4 if dtype == torch.float32 else 2e-2

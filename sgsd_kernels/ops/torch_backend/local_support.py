@@ -110,7 +110,11 @@ def backward(grad_kl, hs, w, b, student_row, columns, in_support, t_local, tempe
     p_s = torch.softmax(z.masked_fill_(~in_support, float("-inf")), -1)
     gz = torch.where(in_support, p_s - t_local.exp(), 0.0)
     gz.mul_((grad_kl.to(dtype) * inv_t)[:, None])
-    gh_rows = _support_matrix(columns, gz, V) @ w.to(dtype)
+    if columns.shape[1] > V:  # k = V: dense, and cuSPARSE refuses more entries than M·V
+        dense = torch.zeros(gz.shape[0], V, dtype=dtype, device=gz.device)
+        gh_rows = dense.scatter_add_(1, columns, gz) @ w.to(dtype)
+    else:
+        gh_rows = _support_matrix(columns, gz, V) @ w.to(dtype)
     gh = torch.zeros(hs.shape, dtype=dtype, device=hs.device).index_add_(0, student_row, gh_rows)
     if not need_weight_grad:
         return gh, None, None

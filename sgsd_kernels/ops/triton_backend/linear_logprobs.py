@@ -311,10 +311,12 @@ def _bwd_kernel(
     DW,
     DB,
     N,
+    V0,
     V,
     H,
     stride_x,
     stride_w,
+    stride_ws,
     InvT,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
@@ -329,12 +331,12 @@ def _bwd_kernel(
 ):
     """Both backward strategies over this program's (row block, vocab block) tile of
     ∂loss/∂logits, recomputing the logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T.
-    GRAD_LOGITS (chunked, deterministic): store the tile into DX, an [N, V] workspace (DW
-    and DB unused). Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with
-    fp32 atomics."""
+    The grid covers the vocabulary columns V0..V. GRAD_LOGITS (chunked): store the tile
+    into DX, an [N, V − V0] workspace with row stride ``stride_ws`` (DW and DB unused).
+    Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with fp32 atomics."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = V0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     z = _logits_tile(
         X,
@@ -373,7 +375,7 @@ def _bwd_kernel(
     grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
     if GRAD_LOGITS:
         tl.store(
-            DX + rows[:, None] * V + cols[None, :],
+            DX + rows[:, None] * stride_ws + (cols - V0)[None, :],
             grad.to(DX.dtype.element_ty),
             mask=row_ok[:, None] & col_ok[None, :],
         )
@@ -413,9 +415,11 @@ def _bwd_kernel(
                 )
 
 
-# Deterministic backward: rows per chunk, so that the [chunk, V] gradient workspace stays
-# bounded (2**25 elements = 128 MiB fp32 at most), independent of N.
-_CHUNK_ELEMENTS = 1 << 25
+# Chunked backward: the [N, chunk] gradient workspace is bounded (256 MiB whatever N and
+# V). Chunks run over the vocabulary, so dW of a chunk is one GEMM over all N rows, written
+# once in the weight's dtype (no [V, H] fp32 accumulator), and only the small dh [N, H] is
+# accumulated across chunks.
+_WORKSPACE_BYTES = 1 << 28
 
 
 def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
@@ -439,27 +443,28 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     f32 = dict(dtype=acc, device=hidden.device)
     key = (has_bias, with_entropy, need_weight_grad, V, H)
 
-    def launch(cfg, r0, r1, dx, dw, db, grad_logits):
-        """_bwd_kernel over rows r0:r1; with grad_logits, dx is the [r1 - r0, V] workspace."""
-        x = hidden[r0:r1]
-        grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    def launch(cfg, v0, v1, dx, dw, db, grad_logits):
+        """_bwd_kernel over vocabulary columns v0:v1; with grad_logits, dx is the workspace."""
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, cfg["BLOCK_V"]))
         _bwd_kernel[grid](
-            x,
+            hidden,
             weight,
             bias if has_bias else weight,
-            safe_t[r0:r1],
-            lse32[r0:r1],
-            g[r0:r1],
-            ge[r0:r1],
-            ent[r0:r1],
+            safe_t,
+            lse32,
+            g,
+            ge,
+            ent,
             dx,
             dw,
             db,
-            r1 - r0,
-            V,
+            N,
+            v0,
+            v1,
             H,
-            x.stride(0),
+            hidden.stride(0),
             weight.stride(0),
+            dx.stride(0),
             inv_t,
             HAS_BIAS=has_bias,
             WITH_ENTROPY=with_entropy,
@@ -475,39 +480,56 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
             dx = torch.zeros(N, H, **f32)
             dw = torch.zeros(V, H, **f32) if need_weight_grad else dx
             db = torch.zeros(V, **f32) if need_weight_grad and has_bias else dx
-            launch(cfg, 0, N, dx, dw, db, grad_logits=False)
+            launch(cfg, 0, V, dx, dw, db, grad_logits=False)
             return dx, dw, db
 
         dx, dw, db = run_fused(triton_configs.choose("bwd_fused", hidden.dtype, N, key, run_fused))
-    else:
-        dx = torch.empty(N, H, **f32)
-        dw = torch.zeros(V, H, **f32) if need_weight_grad else None
-        db = torch.zeros(V, **f32) if need_weight_grad and has_bias else None
-        chunk = max(1, min(N, _CHUNK_ELEMENTS // V))
-        # fp32 workspace keeps the GEMM inputs exact; on GPU the GEMMs follow PyTorch's
-        # own fp32 matmul setting (full fp32 unless the user enabled TF32).
-        work = torch.empty(chunk, V, **f32)
-        w32 = weight.to(acc)
-        cfg = triton_configs.choose(
-            "grad_logits",
-            hidden.dtype,
-            chunk,
-            key,
-            lambda c: launch(c, 0, chunk, work, work, work, grad_logits=True),
+        return (
+            dx.to(hidden.dtype),
+            dw.to(weight.dtype) if need_weight_grad else None,
+            db.to(bias.dtype) if need_weight_grad and has_bias else None,
         )
-        for r0 in range(0, N, chunk):
-            r1 = min(N, r0 + chunk)
-            rows = r1 - r0
-            x = hidden[r0:r1]
-            launch(cfg, r0, r1, work, work, work, grad_logits=True)
-            grad_z = work[:rows]
-            torch.mm(grad_z, w32, out=dx[r0:r1])
-            if dw is not None:
-                dw.addmm_(grad_z.T, x.to(acc))
-            if db is not None:
-                db.add_(grad_z.sum(0))
-    return (
-        dx.to(hidden.dtype),
-        dw.to(weight.dtype) if need_weight_grad else None,
-        db.to(bias.dtype) if need_weight_grad and has_bias else None,
+    return _chunked_backward(linear, need_weight_grad, launch, key)
+
+
+def _chunked_backward(linear: LinearInputs, need_weight_grad: bool, launch, key):
+    """dh, dW, db from the gradient of the logits, a vocabulary chunk at a time: a kernel
+    writes G = ∂loss/∂z for all N rows × the chunk, then GEMMs give the chunk's dW rows and
+    its share of dh. 16-bit inputs keep G in their dtype, so the GEMMs run on tensor cores
+    as eager's backward does (fp32 accumulation inside the GEMM, one rounding of dW);
+    fp32/fp64 keep G in fp32/fp64 (the GEMMs follow PyTorch's fp32 matmul setting)."""
+    hidden, weight, bias = linear.hidden, linear.weight, linear.bias
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = compute_dtype(hidden)
+    work_dtype = hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else acc
+    cols = max(1, min(V, _WORKSPACE_BYTES // (work_dtype.itemsize * max(N, 1))))
+    work = torch.empty(N, cols, dtype=work_dtype, device=hidden.device)
+    dx = torch.zeros(N, H, dtype=acc, device=hidden.device)
+    dw = torch.empty(V, H, dtype=weight.dtype, device=weight.device) if need_weight_grad else None
+    need_bias_grad = need_weight_grad and bias is not None
+    db = torch.empty(V, dtype=acc, device=weight.device) if need_bias_grad else None
+    x = hidden.to(work_dtype)
+    cfg = triton_configs.choose(
+        "grad_logits",
+        hidden.dtype,
+        N,
+        key,
+        lambda c: launch(c, 0, cols, work, work, work, grad_logits=True),
     )
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        launch(cfg, v0, v1, work, work, work, grad_logits=True)
+        grad_z = work[:, : v1 - v0]
+        w_chunk = weight[v0:v1].to(work_dtype)
+        if work_dtype == acc:
+            dx.addmm_(grad_z, w_chunk)
+        else:  # 16-bit product (fp32 inside the GEMM), summed over chunks in fp32
+            dx.add_(torch.mm(grad_z, w_chunk))
+        if dw is not None and dw.dtype == work_dtype:
+            torch.mm(grad_z.T, x, out=dw[v0:v1])
+        elif dw is not None:
+            dw[v0:v1] = torch.mm(grad_z.T, x)
+        if db is not None:
+            db[v0:v1] = grad_z.sum(0, dtype=acc)
+    return dx.to(hidden.dtype), dw, None if db is None else db.to(bias.dtype)
