@@ -7,12 +7,13 @@
 # In order: nvidia-smi and versions; the CUDA kernel tests (compiled kernels, every dtype,
 # float64 oracle; the native CPU backend left out) with a per-test timeout; the benchmark
 # at the qwen3-1.7b head (V 151936, H 2048, bf16): log-probs at N=8192 against the
-# published path, torch, Cut Cross-Entropy and Liger, then the SGSD loss (K=8) and the
-# divergence at N=4096/8192; the card's copy and GEMM ceilings and the deterministic vs
-# atomic backward (benchmarks/gpu_backward_modes.py); a one-screen summary. Planned for one
-# H100 in about 7 minutes: each step has a hard time limit (130 + 100 + 90 + 60 s, plus
-# start-up), so a slow step is cut, not the run. Whatever is not installed is skipped with
-# the reason. Without a GPU it says so and exits 0 at once. Python: $PYTHON, else python3.
+# published path, Cut Cross-Entropy and Liger, then the SGSD loss (K=8, N=4096) against
+# the published path; the card's copy and GEMM ceilings and the op in bf16, fp32 and TF32
+# (benchmarks/gpu_precision_modes.py); a one-screen summary. Planned for one H100 in about
+# 5 minutes: each step has a hard time limit (70 + 120 + 50 + 40 s, plus start-up), so a
+# slow step is cut, not the run. Whatever is not installed is skipped with the reason.
+# The benchmark times each phase over $SGSD_BENCH_CUDA_REP_MS (here 500 ms). Without a
+# GPU it says so and exits 0 at once. Python: $PYTHON, else python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -54,36 +55,37 @@ COMMIT=${SGSD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 echo "commit $COMMIT" >>"$OUT/versions.txt"
 note "GPU: $GPU_NAME; $(head -n1 "$OUT/versions.txt"); commit $COMMIT"
 
-# 2. CUDA kernel tests against the float64 oracle (step limit 130 s; 60 s per test; the
+# 2. CUDA kernel tests against the float64 oracle (step limit 70 s; 60 s per test; the
 #    native backend is CPU-only and CI's job).
 TESTS="tests/kernels/test_oracle.py tests/kernels/test_determinism.py
        tests/kernels/test_divergence_oracle.py tests/kernels/test_divergence_triton_mixture.py
        tests/kernels/test_local_support.py tests/kernels/test_triton_configs.py"
 PYTEST_ARGS=(-q -rfE -k "not native" -p no:cacheprovider --durations=10)
 has pytest_timeout && PYTEST_ARGS+=(--timeout=60)
-has xdist && PYTEST_ARGS+=(-n 8)
-timeout 130 "$PY" -m pytest $TESTS "${PYTEST_ARGS[@]}" >"$OUT/kernel-tests.txt" 2>&1
+has xdist && PYTEST_ARGS+=(-n 12)
+timeout 70 "$PY" -m pytest $TESTS "${PYTEST_ARGS[@]}" >"$OUT/kernel-tests.txt" 2>&1
 rc=$?
-note "kernel tests (rc $rc, 124 = cut at 130 s): $(grep -E '(passed|failed|error)' "$OUT/kernel-tests.txt" | tail -n1)"
+note "kernel tests (rc $rc, 124 = cut at 70 s): $(grep -E '(passed|failed|error)' "$OUT/kernel-tests.txt" | tail -n1)"
 
 # 3. Benchmark at the qwen3-1.7b head, two runs with their own limits.
-PROVIDERS="triton,torch,reference"
+PROVIDERS="triton,reference"
 for pkg in cut_cross_entropy:cce liger_kernel:liger; do
     if has "${pkg%%:*}"; then PROVIDERS="$PROVIDERS,${pkg##*:}"; else
         note "benchmark: ${pkg##*:} skipped (${pkg%%:*} not installed)"; fi
 done
+export SGSD_BENCH_CUDA_REP_MS=${SGSD_BENCH_CUDA_REP_MS:-500}
 bench() {  # NAME LIMIT ARGS...
     local name=$1 limit=$2; shift 2
     timeout "$limit" "$PY" benchmarks/bench_gated_kd.py --preset qwen3-1.7b --worker-timeout 60 \
         --out "$OUT/bench-$name" "$@" >"$OUT/bench-$name.txt" 2>&1
     note "benchmark $name: rc $? (124 = cut at $limit s; rows so far in $OUT/bench-$name.txt)"
 }
-bench logprobs 100 --workloads logprobs --tokens 8192 --providers "$PROVIDERS"
-bench sgsd 90 --workloads sgsd,divergence --tokens 4096,8192 --providers triton,torch,reference
+bench logprobs 120 --workloads logprobs-fwd,logprobs-fwdbwd --tokens 8192 --providers "$PROVIDERS"
+bench sgsd 50 --workloads sgsd --tokens 4096 --providers triton,reference
 
-# 4. Ceilings, deterministic vs atomic backward, the kernels as the driver loaded them.
-timeout 60 "$PY" benchmarks/gpu_backward_modes.py "$OUT" >"$OUT/backward-modes.txt" 2>&1
-note "backward modes (rc $?): $(grep -c "'mode'" "$OUT/backward-modes.txt") timings"
+# 4. Ceilings, the op in each operand precision, the kernels as the driver loaded them.
+timeout 40 "$PY" benchmarks/gpu_precision_modes.py "$OUT" --tokens 4096 >"$OUT/precision-modes.txt" 2>&1
+note "precision modes (rc $?): $(grep -c "'mode'" "$OUT/precision-modes.txt") timings"
 
 # 5. One-screen summary.
 {
@@ -94,8 +96,8 @@ note "backward modes (rc $?): $(grep -c "'mode'" "$OUT/backward-modes.txt") timi
     echo '## Kernel tests (failures)'
     grep -E '^(FAILED|ERROR)' "$OUT/kernel-tests.txt" | head -n 12
     echo
-    echo '## Ceilings; backward: atomic vs deterministic'
-    grep -E "^ceiling|^\{|max \|" "$OUT/backward-modes.txt"
+    echo '## Ceilings; the op in bf16, fp32 and TF32'
+    grep -E "^ceiling|^\{" "$OUT/precision-modes.txt"
     echo
     echo '## Benchmark (progress lines)'
     grep -hE '^\[bench' "$OUT"/bench-*.txt | grep -vi warn | tail -n 30

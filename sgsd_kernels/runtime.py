@@ -32,9 +32,13 @@ def triton_available() -> bool:
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Make the Triton backward bit-for-bit reproducible (no float atomics).
+    """Bit-for-bit reproducible results across runs and processes.
 
-    Also follows ``torch.use_deterministic_algorithms(True)``.
+    The kernels themselves have no float atomics, so a fixed configuration always gives the
+    same bits; what can change between processes is the Triton tile an opt-in autotune
+    picks by timing (:func:`sgsd_kernels.ops.triton_backend.triton_configs.set_autotune`).
+    Deterministic mode keeps the default tiles even with autotune on. Also follows
+    ``torch.use_deterministic_algorithms(True)``.
     """
     global _deterministic
     _deterministic = bool(enabled)

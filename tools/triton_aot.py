@@ -165,9 +165,7 @@ def _variant(kwargs) -> str:
             "HAS_TBIAS",
             "WITH_ENTROPY",
             "TWO_STREAMS",
-            "NEED_W",
             "HAS_CLIP",
-            "GRAD_LOGITS",
         )
         if kwargs.get(name) is True
     ]
@@ -277,7 +275,7 @@ def _cases(quick: bool):
     ]
 
 
-def _drive(dtype_name: str, case: dict, deterministic: bool, quick: bool = False):
+def _drive(dtype_name: str, case: dict, quick: bool = False):
     """Run the public API once (forward and backward) with shapes for ``case``."""
     import torch
 
@@ -291,59 +289,56 @@ def _drive(dtype_name: str, case: dict, deterministic: bool, quick: bool = False
     weight = torch.zeros(V, H, dtype=dtype, requires_grad=case["weight_grad"])
     hidden = torch.zeros(n, H, dtype=dtype, requires_grad=True)
     targets = torch.zeros(n, dtype=torch.long)
-    with sk.deterministic(deterministic):
-        out = sk.linear_logprobs(
-            hidden, weight, targets, bias=bias, return_entropy=case["entropy"], backend="triton"
-        )
-        loss = sum(t.sum() for t in out) if isinstance(out, tuple) else out.sum()
-        loss.backward()
-        # Logits and the gated loss: their block sizes grow with V and T up to a cap
-        # (4096 and 1024 on GPU); N = 256 drives the caps, smaller N smaller blocks.
-        v_logits, t_gate = (8192, 1024) if n >= 256 else (V, n)
-        logits = torch.zeros(n, v_logits, dtype=dtype, requires_grad=True)
-        out = sk.logprobs_from_logits(
-            logits, targets, return_entropy=case["entropy"], backend="triton"
-        )
-        (sum(t.sum() for t in out) if isinstance(out, tuple) else out.sum()).backward()
-        with torch.no_grad():  # the two-stream forward (its backward is linear_logprobs')
-            sk.linear_gated_kd_loss(
-                hidden[None],
-                weight,
-                targets[None],
-                torch.ones(1, n, dtype=torch.bool),
-                torch.ones(1),
-                torch.full((1, K), 0.5),
-                teacher_hidden=torch.zeros(1, K, n, H, dtype=dtype),
-                bias=bias,
-                backend="triton",
-            )
-        # The full-vocabulary divergence: forward KL with the element clip (the OPSD
-        # default), the β-JSD with and without the clip and the reverse KL. The three
-        # BETA_MODEs are different element-wise code, so --quick drives them all.
-        for beta, clip in ((0.0, 0.05), (0.5, None), (0.5, 0.05), (1.0, None)):
-            student = torch.zeros(n, H, dtype=dtype, requires_grad=True)
-            d = sk.linear_divergence(
-                student,
-                weight,
-                torch.zeros(n, H, dtype=dtype),
-                bias=bias,
-                teacher_bias=None if bias is None else bias.detach(),
-                beta=beta,
-                elementwise_clip=clip,
-                backend="triton",
-            )
-            d.sum().backward()
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        s = torch.zeros(1, t_gate, dtype=acc, requires_grad=True)
-        res = sk.gated_kd_loss(
-            s,
-            torch.zeros(1, K, t_gate, dtype=acc),
-            torch.ones(1, t_gate, dtype=torch.bool),
+    out = sk.linear_logprobs(
+        hidden, weight, targets, bias=bias, return_entropy=case["entropy"], backend="triton"
+    )
+    loss = sum(t.sum() for t in out) if isinstance(out, tuple) else out.sum()
+    loss.backward()
+    # Logits and the gated loss: their block sizes grow with V and T up to a cap
+    # (4096 and 1024 on GPU); N = 256 drives the caps, smaller N smaller blocks.
+    v_logits, t_gate = (8192, 1024) if n >= 256 else (V, n)
+    logits = torch.zeros(n, v_logits, dtype=dtype, requires_grad=True)
+    out = sk.logprobs_from_logits(logits, targets, return_entropy=case["entropy"], backend="triton")
+    (sum(t.sum() for t in out) if isinstance(out, tuple) else out.sum()).backward()
+    with torch.no_grad():  # the two-stream forward (its backward is linear_logprobs')
+        sk.linear_gated_kd_loss(
+            hidden[None],
+            weight,
+            targets[None],
+            torch.ones(1, n, dtype=torch.bool),
             torch.ones(1),
             torch.full((1, K), 0.5),
+            teacher_hidden=torch.zeros(1, K, n, H, dtype=dtype),
+            bias=bias,
             backend="triton",
         )
-        res.loss.backward()
+    # The full-vocabulary divergence: forward KL with the element clip (the OPSD
+    # default), the β-JSD with and without the clip and the reverse KL. The three
+    # BETA_MODEs are different element-wise code, so --quick drives them all.
+    for beta, clip in ((0.0, 0.05), (0.5, None), (0.5, 0.05), (1.0, None)):
+        student = torch.zeros(n, H, dtype=dtype, requires_grad=True)
+        d = sk.linear_divergence(
+            student,
+            weight,
+            torch.zeros(n, H, dtype=dtype),
+            bias=bias,
+            teacher_bias=None if bias is None else bias.detach(),
+            beta=beta,
+            elementwise_clip=clip,
+            backend="triton",
+        )
+        d.sum().backward()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.zeros(1, t_gate, dtype=acc, requires_grad=True)
+    res = sk.gated_kd_loss(
+        s,
+        torch.zeros(1, K, t_gate, dtype=acc),
+        torch.ones(1, t_gate, dtype=torch.bool),
+        torch.ones(1),
+        torch.full((1, K), 0.5),
+        backend="triton",
+    )
+    res.loss.backward()
 
 
 def compile_all(archs: list[int], quick: bool, only: str | None = None, dtypes=DTYPES) -> Recorder:
@@ -370,16 +365,14 @@ def compile_all(archs: list[int], quick: bool, only: str | None = None, dtypes=D
                     for case in _cases(quick):
                         if autotune and case["n"] != 256:
                             continue  # the space does not depend on N
-                        for deterministic in (False, True):
-                            before = len(recorder.failures)
-                            try:
-                                _drive(dtype_name, case, deterministic, quick)
-                            except Exception as exc:
-                                if len(recorder.failures) == before:  # not a compile error
-                                    recorder.failures.append(
-                                        f"driving {dtype_name} {case} det={deterministic}: "
-                                        f"{type(exc).__name__}: {exc}"
-                                    )
+                        before = len(recorder.failures)
+                        try:
+                            _drive(dtype_name, case, quick)
+                        except Exception as exc:
+                            if len(recorder.failures) == before:  # not a compile error
+                                recorder.failures.append(
+                                    f"driving {dtype_name} {case}: {type(exc).__name__}: {exc}"
+                                )
     finally:
         with contextlib.suppress(RuntimeError):  # no real driver on a machine without a GPU
             driver.reset_active()

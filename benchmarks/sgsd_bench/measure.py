@@ -243,11 +243,13 @@ def memory_pass(fn, x: dict, case: Case, device) -> tuple[dict, float, float]:
 
 
 def cuda_times(fn, x: dict, case: Case, phases: list[str], res: dict) -> None:
-    """triton.testing.do_bench p20/p50/p80 for the requested phases (into ``res``)."""
+    """triton.testing.do_bench p20/p50/p80 for the requested phases (into ``res``), over
+    $SGSD_BENCH_CUDA_REP_MS milliseconds of repetitions per phase (default 2000)."""
     import triton.testing as tt
 
     go = upstream_grad(case, x)
-    kw = {"quantiles": [0.2, 0.5, 0.8], "warmup": 200, "rep": 2000}
+    rep_ms = float(os.environ.get("SGSD_BENCH_CUDA_REP_MS", "2000"))
+    kw = {"quantiles": [0.2, 0.5, 0.8], "warmup": min(200.0, rep_ms / 4), "rep": rep_ms}
 
     def fwdbwd():
         grads(fn(x), x, go)

@@ -34,7 +34,8 @@ def test_beta_jsd_with_disjoint_distributions(dtype, beta, clip):
     def run(backend, h, weight, teacher):
         leaf = h.detach().clone().requires_grad_(True)
         d = sk.linear_divergence(leaf, weight, teacher, backend=backend, **kw)
-        (grad,) = torch.autograd.grad((d.double() * torch.arange(1.0, 4.0, device=d.device)).sum(), leaf)
+        scale = torch.arange(1.0, 4.0, device=d.device)
+        (grad,) = torch.autograd.grad((d.double() * scale).sum(), leaf)
         return d.detach(), grad
 
     oracle = run("reference", hs.double(), w.double(), ht.double())

@@ -139,8 +139,12 @@ def test_triton_logprob_kernels_get_no_float_argument(monkeypatch):
     from sgsd_kernels.ops.triton_backend import linear_logprobs, logprobs_from_logits
 
     floats = {}
-    for module in (linear_logprobs, logprobs_from_logits):
-        for name in ("_fwd_kernel", "_bwd_kernel"):
+    kernels = {
+        linear_logprobs: ("_fwd_kernel", "_grad_logits_kernel"),
+        logprobs_from_logits: ("_fwd_kernel", "_bwd_kernel"),
+    }
+    for module, names in kernels.items():
+        for name in names:
             kernel, key = getattr(module, name), f"{module.__name__}.{name}"
 
             def run(*args, _run=kernel.run, _key=key, **kwargs):

@@ -1,7 +1,7 @@
 """Fused Triton kernels for log-probs from hidden states (the `triton` backend).
 
 Longer than ~450 lines on purpose: the layout keeps one file per op and backend, and this
-op's forward, its two backward strategies and the jit helper they share (``_logits_tile``)
+op's forward, its backward kernel and the jit helper they share (``_logits_tile``)
 are one unit that is tuned together.
 
 Forward (``_fwd_kernel``): grid = (token blocks, vocab splits). Each program tiles
@@ -14,14 +14,14 @@ are few token blocks (small N), without atomics.
 Two input streams share one launch (rows < N1 come from X1, the rest from X2): the
 student and its K teachers run as one stream of (K+1)·N rows over W.
 
-Backward, two strategies, one kernel (``_bwd_kernel``, constexpr ``GRAD_LOGITS``):
-  * fused (default): grid = (token blocks, vocab blocks). Each program recomputes its
-    logits tile, forms G = g·(onehot − p) (+ the entropy term) and accumulates
-    dh += G·W and dW += Gᵀ·h with fp32 atomics (Cut-Cross-Entropy style): no workspace.
-  * chunked (deterministic mode): a kernel writes G for a bounded chunk of rows into a
-    [chunk, V] workspace, then two GEMMs give dh and dW — bit-reproducible.
-The fused path is the default because it needs no workspace and makes one pass; it has
-not been timed against the chunked path on a GPU: ``benchmarks/gpu_check.sh`` times both.
+Backward (``_grad_logits_kernel`` + GEMMs), a vocabulary chunk at a time: the kernel
+recomputes the logits tiles of all N rows × a column chunk and writes G = ∂loss/∂z into a
+bounded workspace (256 MiB); cuBLAS then gives the chunk's dW rows (one GEMM over all N,
+written once) and its share of dh. It has no atomics, so it is bit-reproducible. On an
+H100 (bf16, V=151936, H=2048, N=8192) it runs forward+backward in 45 ms where a fused
+CCE-style backward that recomputes each tile and accumulates dh and dW with fp32 atomics
+took 532 ms (benchmarks/results/h100-20261126/gpu-tune.csv): the atomics, not the
+arithmetic, bound that design, so this backward is the only one.
 
 Tile sizes per architecture and the dots' ``input_precision`` (the constexpr ``PRECISION``:
 "ieee" for fp32 unless the user enabled TF32 in PyTorch) come from ``triton_configs``.
@@ -41,7 +41,7 @@ import triton.language as tl
 from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Streams
 from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 from sgsd_kernels.ops.triton_backend import inv_temperature, tl_compute_dtype, triton_configs
-from sgsd_kernels.runtime import interpreting, is_deterministic
+from sgsd_kernels.runtime import interpreting
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -298,7 +298,7 @@ def forward_streams(streams: Streams):
 
 
 @triton.jit
-def _bwd_kernel(
+def _grad_logits_kernel(
     X,
     W,
     Bias,
@@ -307,21 +307,17 @@ def _bwd_kernel(
     G,
     GE,
     Ent,
-    DX,
-    DW,
-    DB,
+    Out,
     N,
     V0,
     V,
     H,
     stride_x,
     stride_w,
-    stride_ws,
+    stride_out,
     InvT,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
-    NEED_W: tl.constexpr,
-    GRAD_LOGITS: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -329,11 +325,9 @@ def _bwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Both backward strategies over this program's (row block, vocab block) tile of
-    ∂loss/∂logits, recomputing the logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T.
-    The grid covers the vocabulary columns V0..V. GRAD_LOGITS (chunked): store the tile
-    into DX, an [N, V − V0] workspace with row stride ``stride_ws`` (DW and DB unused).
-    Otherwise (fused): accumulate dX [N,H], dW [V,H] (NEED_W) and db with fp32 atomics."""
+    """This program's (row block, vocabulary block) tile of ∂loss/∂z, recomputing the
+    logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T, stored into Out, the
+    [N, V − V0] workspace of the vocabulary columns V0..V (row stride ``stride_out``)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = V0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -372,57 +366,27 @@ def _bwd_kernel(
         ge = tl.load(GE + rows, mask=row_ok, other=0.0)
         ent = tl.load(Ent + rows, mask=row_ok, other=0.0)
         grad -= ge[:, None] * p * (logp + ent[:, None])
-    grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
-    if GRAD_LOGITS:
-        tl.store(
-            DX + rows[:, None] * stride_ws + (cols - V0)[None, :],
-            grad.to(DX.dtype.element_ty),
-            mask=row_ok[:, None] & col_ok[None, :],
-        )
-    else:
-        if NEED_W and HAS_BIAS:
-            tl.atomic_add(DB + cols, tl.sum(grad, axis=0), mask=col_ok)
-        grad_lp = grad.to(X.dtype.element_ty)
-        if UPCAST:
-            grad_lp = grad
-        for h0 in range(0, H, BLOCK_H):
-            hk = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hk < H
-            w = tl.load(
-                W + cols[:, None] * stride_w + hk[None, :],
-                mask=col_ok[:, None] & h_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
-            dx = tl.dot(grad_lp, w, input_precision=PRECISION, out_dtype=ACC)
-            tl.atomic_add(
-                DX + rows[:, None] * H + hk[None, :], dx, mask=row_ok[:, None] & h_ok[None, :]
-            )
-            if NEED_W:
-                x = tl.load(
-                    X + rows[:, None] * stride_x + hk[None, :],
-                    mask=row_ok[:, None] & h_ok[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    x = x.to(tl.float32)
-                dw = tl.dot(tl.trans(grad_lp), x, input_precision=PRECISION, out_dtype=ACC)
-                tl.atomic_add(
-                    DW + cols[:, None] * H + hk[None, :],
-                    dw,
-                    mask=col_ok[:, None] & h_ok[None, :],
-                )
+    tl.store(
+        Out + rows[:, None] * stride_out + (cols - V0)[None, :],
+        grad.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
-# Chunked backward: the [N, chunk] gradient workspace is bounded (256 MiB whatever N and
-# V). Chunks run over the vocabulary, so dW of a chunk is one GEMM over all N rows, written
-# once in the weight's dtype (no [V, H] fp32 accumulator), and only the small dh [N, H] is
+# The [N, chunk] gradient workspace is bounded (256 MiB whatever N and V). Chunks run over
+# the vocabulary, so the dW rows of a chunk are one GEMM over all N rows, written once in
+# the weight's dtype (no [V, H] fp32 accumulator), and only the small dh [N, H] is
 # accumulated across chunks.
 _WORKSPACE_BYTES = 1 << 28
 
 
 def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
+    """dh, dW, db, a vocabulary chunk at a time: ``_grad_logits_kernel`` writes
+    G = ∂loss/∂z for all N rows × the chunk, then GEMMs give the chunk's dW rows and its
+    share of dh. 16-bit inputs keep G in their dtype, so the GEMMs run on tensor cores as
+    eager's backward does (fp32 accumulation inside the GEMM, one rounding of dW); fp32 and
+    fp64 keep G in fp32/fp64 (the GEMMs follow PyTorch's fp32 matmul setting). No atomics:
+    bit-reproducible run to run."""
     hidden, weight, bias = linear.hidden, linear.weight, linear.bias
     N, H = hidden.shape
     V = weight.shape[0]
@@ -432,94 +396,49 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     with_entropy = ge is not None
     ge = ge if with_entropy else g
     ent = grad_rows.entropy.to(acc) if with_entropy else g
-    lse32 = grad_rows.lse.to(acc)
-    upcast = _upcast(hidden.dtype)
-    consts = dict(
-        UPCAST=upcast,
-        ACC=tl_compute_dtype(hidden),
-        PRECISION=triton_configs.input_precision(hidden.dtype),
-    )
-    has_bias = bias is not None
-    f32 = dict(dtype=acc, device=hidden.device)
-    key = (has_bias, with_entropy, need_weight_grad, V, H)
+    lse = grad_rows.lse.to(acc)
+    work_dtype = hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else acc
+    cols = max(1, min(V, _WORKSPACE_BYTES // (work_dtype.itemsize * max(N, 1))))
+    work = torch.empty(N, cols, dtype=work_dtype, device=hidden.device)
 
-    def launch(cfg, v0, v1, dx, dw, db, grad_logits):
-        """_bwd_kernel over vocabulary columns v0:v1; with grad_logits, dx is the workspace."""
+    def launch(cfg, v0, v1):
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, cfg["BLOCK_V"]))
-        _bwd_kernel[grid](
+        _grad_logits_kernel[grid](
             hidden,
             weight,
-            bias if has_bias else weight,
+            weight if bias is None else bias,
             safe_t,
-            lse32,
+            lse,
             g,
             ge,
             ent,
-            dx,
-            dw,
-            db,
+            work,
             N,
             v0,
             v1,
             H,
             hidden.stride(0),
             weight.stride(0),
-            dx.stride(0),
+            work.stride(0),
             inv_t,
-            HAS_BIAS=has_bias,
+            HAS_BIAS=bias is not None,
             WITH_ENTROPY=with_entropy,
-            NEED_W=need_weight_grad and not grad_logits,
-            GRAD_LOGITS=grad_logits,
-            **consts,
+            UPCAST=_upcast(hidden.dtype),
+            ACC=tl_compute_dtype(hidden),
+            PRECISION=triton_configs.input_precision(hidden.dtype),
             **cfg,
         )
 
-    if not is_deterministic():
-
-        def run_fused(cfg):
-            dx = torch.zeros(N, H, **f32)
-            dw = torch.zeros(V, H, **f32) if need_weight_grad else dx
-            db = torch.zeros(V, **f32) if need_weight_grad and has_bias else dx
-            launch(cfg, 0, V, dx, dw, db, grad_logits=False)
-            return dx, dw, db
-
-        dx, dw, db = run_fused(triton_configs.choose("bwd_fused", hidden.dtype, N, key, run_fused))
-        return (
-            dx.to(hidden.dtype),
-            dw.to(weight.dtype) if need_weight_grad else None,
-            db.to(bias.dtype) if need_weight_grad and has_bias else None,
-        )
-    return _chunked_backward(linear, need_weight_grad, launch, key)
-
-
-def _chunked_backward(linear: LinearInputs, need_weight_grad: bool, launch, key):
-    """dh, dW, db from the gradient of the logits, a vocabulary chunk at a time: a kernel
-    writes G = ∂loss/∂z for all N rows × the chunk, then GEMMs give the chunk's dW rows and
-    its share of dh. 16-bit inputs keep G in their dtype, so the GEMMs run on tensor cores
-    as eager's backward does (fp32 accumulation inside the GEMM, one rounding of dW);
-    fp32/fp64 keep G in fp32/fp64 (the GEMMs follow PyTorch's fp32 matmul setting)."""
-    hidden, weight, bias = linear.hidden, linear.weight, linear.bias
-    N, H = hidden.shape
-    V = weight.shape[0]
-    acc = compute_dtype(hidden)
-    work_dtype = hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else acc
-    cols = max(1, min(V, _WORKSPACE_BYTES // (work_dtype.itemsize * max(N, 1))))
-    work = torch.empty(N, cols, dtype=work_dtype, device=hidden.device)
+    key = (bias is not None, with_entropy, V, H)
+    cfg = triton_configs.choose("grad_logits", hidden.dtype, N, key, lambda c: launch(c, 0, cols))
     dx = torch.zeros(N, H, dtype=acc, device=hidden.device)
     dw = torch.empty(V, H, dtype=weight.dtype, device=weight.device) if need_weight_grad else None
     need_bias_grad = need_weight_grad and bias is not None
     db = torch.empty(V, dtype=acc, device=weight.device) if need_bias_grad else None
     x = hidden.to(work_dtype)
-    cfg = triton_configs.choose(
-        "grad_logits",
-        hidden.dtype,
-        N,
-        key,
-        lambda c: launch(c, 0, cols, work, work, work, grad_logits=True),
-    )
     for v0 in range(0, V, cols):
         v1 = min(V, v0 + cols)
-        launch(cfg, v0, v1, work, work, work, grad_logits=True)
+        launch(cfg, v0, v1)
         grad_z = work[:, : v1 - v0]
         w_chunk = weight[v0:v1].to(work_dtype)
         if work_dtype == acc:

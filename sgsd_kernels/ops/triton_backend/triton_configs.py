@@ -27,7 +27,7 @@ import torch
 import triton
 from triton.runtime import driver
 
-from sgsd_kernels.runtime import interpreting
+from sgsd_kernels.runtime import interpreting, is_deterministic
 
 # Opt-in shared memory per block (bytes), CUDA C Programming Guide, "Technical
 # Specifications per Compute Capability": A100 163 KB, consumer Ampere/Ada 99 KB, H100/B200
@@ -35,7 +35,7 @@ from sgsd_kernels.runtime import interpreting
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448}
 _SMALL_SHARED = 101_376
 
-KINDS = ("fwd", "bwd_fused", "grad_logits")
+KINDS = ("fwd", "grad_logits")
 
 # The interpreter runs each program in numpy: fewer, larger tiles are faster, and tl.dot
 # needs every dimension >= 16.
@@ -48,38 +48,41 @@ _INTERPRET_SPACE = [_INTERPRET, dict(_INTERPRET, BLOCK_V=32)]
 # BLOCK_NxBLOCK_VxBLOCK_H/warps/stages. operands: "16" (fp16/bf16), "fp32" (ieee dots),
 # "tf32" (fp32 with TF32 enabled by the user), "fp64". The budgets (registers, spills,
 # shared bytes) are those of benchmarks/results/triton-aot/triton-aot.md, compiled with
-# Triton 3.9's bundled ptxas; no GPU timing chose any of them. sm_90: H100, 227 KB shared
+# Triton 3.9's bundled ptxas; only the sm_90 16-bit tiles were chosen by GPU timings (on an
+# H100, below), the rest by those budgets alone. sm_90: H100, 227 KB shared
 # per block, 255 registers per thread, wgmma. sm_80: A100, 163 KB shared, mma.sync with
 # the accumulators in registers. "#" lines give the reasons.
 _TILES = """
-# 16-bit on sm_90: 64x128 output tiles, 64-deep K steps, 8 warps (two warpgroups of
-# wgmma). Rejected for spills in the forward: 128x128x64 (255 regs, 4-148 B spilled),
-# 64x256x64 (16 B), 64x128x64 at 4 warps (120 B). On sm_80 the fused backward at 2 stages
-# is at the edge (254 registers) and 64x64x64 at 4 warps spilled 16 B there.
-fwd          16    64x128x64/8/3 64x128x64/8/4 | 64x128x64/8/3 64x64x64/4/3
-bwd_fused    16    64x128x64/8/3 64x128x64/8/2 | 64x128x64/8/2
-grad_logits  16    64x128x64/8/3 128x64x64/4/3 | 64x128x64/8/3 128x64x64/4/3
-# fp32 (ieee): no tensor cores, FMA dots. The fused backward holds a [64, 64] gradient
-# tile plus the dx and dW products: on sm_90 64x128x32 at 8 warps spilled 2.8 KB and
-# 64x64x32 at 4 warps collapsed to 32 registers with 11 KB of spills; 16-deep H steps fit.
-# 64x64x32 at 4 warps spilled 16 B in the sm_90 entropy forward (no second candidate). On
-# sm_80 the forward at 64x128x32/8/2 is at the edge (255 registers), and the fused
-# backward at 64x64x16 spilled 4 B at 4 warps (168 registers) and uses 116 at 8.
+# 16-bit on sm_90, timed on an H100 (Triton 3.6, bf16, V=151936, H=2048, N=8192;
+# benchmarks/results/h100-20261126/gpu-tune.csv). Forward 64x256x64 at 8 warps (two
+# warpgroups of wgmma): 12.2 ms against 18.0 for 64x128x64, 14.2 for 128x128x64 and 12.6
+# for 256x128x64; no spills with Triton 3.6, 4-16 B with 3.9 (128x128x64 spills 12-152 B
+# there, 128x256x64 and 256x128x64 spill 0.3-1.3 KB). Gradient tile 64x128x64: forward+
+# backward 45.5 ms, within 6 % of 128x256x64 (43.0) and 256x128x64 (43.5), which spill up to
+# 600 B with bias and entropy; it spills nowhere. On sm_80 64x64x64 at 4 warps spilled 16 B.
+fwd          16    64x256x64/8/3 64x128x64/8/3 128x128x64/8/3 | 64x128x64/8/3 64x64x64/4/3
+grad_logits  16    64x128x64/8/3 256x128x64/8/3 128x64x64/4/3 | 64x128x64/8/3 128x64x64/4/3
+# fp32 (ieee): no tensor cores, FMA dots. 64x64x32 at 4 warps spilled 16 B in the sm_90
+# entropy forward (no second candidate). On sm_80 the forward at 64x128x32/8/2 is at the
+# edge (255 registers).
 fwd          fp32  64x128x32/8/3               | 64x128x32/8/2 64x64x32/4/2
-bwd_fused    fp32  64x64x16/4/2 32x64x32/4/2   | 64x64x16/8/2 32x64x16/4/2
 grad_logits  fp32  64x128x32/8/3 64x64x32/4/3  | 64x128x32/8/2 64x64x32/4/3
 # tf32 (user opt-in): tensor-core tf32 at the fp32 tile shapes, 32-deep K steps; none
 # spills.
 fwd          tf32  64x128x32/8/3               | 64x128x32/8/2
-bwd_fused    tf32  64x128x32/8/2               | 64x64x32/4/2
 grad_logits  tf32  64x128x32/8/3               | 64x128x32/8/2
 # fp64: DMMA (mma.m8n8k4.f64); small tiles, an fp64 accumulator is two registers. The
 # sm_90 chunked backward's gradient tile at 32x64 spilled 4 B (bias + entropy); 32x32 does
 # not.
 fwd          fp64  32x64x16/4/2                | 32x64x16/4/2
-bwd_fused    fp64  32x64x16/4/2                | 32x64x16/4/2
 grad_logits  fp64  32x32x16/4/2                | 32x64x16/4/2
 """
+
+# Spill stores per thread a default tile may have at sm_90 before the AOT report and its CI
+# test call it a problem. The 16-bit forward tile sits at the register edge: 4-16 B with
+# Triton 3.9's ptxas, none with 3.6, and it timed 32 % faster than the next tile that
+# spills nowhere (64x128x64) on an H100. Spilling kernels that matter spill kilobytes.
+SPILL_ALLOWANCE_BYTES = 32
 
 # (family, kind, operands) -> default config, and the opt-in autotune space per key (the
 # default is always its first entry).
@@ -114,9 +117,6 @@ for _row in _TILES.strip().splitlines():
 for (_fam, _kind, _ops), _cfg in list(DEFAULTS.items()):
     if _fam == "sm80":
         _table("sm86", _kind, _ops, [dict(_cfg, num_stages=min(2, _cfg["num_stages"]))])
-# Except the fp32 fused backward: the sm_80 tile spilled 16 B on sm_86; 32x64x16 at 4 warps
-# uses 96 registers.
-_table("sm86", "bwd_fused", "fp32", [parse_tile("32x64x16/4/2")])
 
 
 def arch() -> int:
@@ -241,12 +241,13 @@ def _elapsed(fn) -> float:
 
 
 def choose(kind: str, dtype: torch.dtype, n_rows: int, key: tuple, run) -> dict:
-    """The config to launch: the default, or with autotune on the fastest of the space for
-    this key (``run(cfg)`` launches once with ``cfg`` on fresh outputs). Shapes are bucketed
-    by the next power of two of N; ``key`` carries the rest (flags, V, H)."""
+    """The config to launch: the default, or with autotune on (and deterministic mode off)
+    the fastest of the space for this key (``run(cfg)`` launches once with ``cfg`` on fresh
+    outputs). Shapes are bucketed by the next power of two of N; ``key`` carries the rest
+    (flags, V, H)."""
     space = candidates(kind, dtype)
-    if not _autotune or len(space) == 1:
-        return space[0]
+    if not _autotune or len(space) == 1 or is_deterministic():
+        return space[0]  # a tile picked by timing could differ between processes
     full = (
         kind,
         family() if not interpreting() else "interp",

@@ -1,17 +1,16 @@
-"""The card's two ceilings, and the Triton log-prob backward in its two modes, on CUDA.
+"""The card's two ceilings, and the Triton log-prob op in each operand precision, on CUDA.
 
-    python benchmarks/gpu_backward_modes.py OUT_DIR [--tokens 8192]
+    python benchmarks/gpu_precision_modes.py OUT_DIR [--tokens 8192]
 
 Part of ``benchmarks/gpu_check.sh`` (docs/design.md §8). It prints and writes to
-OUT_DIR/backward-modes.csv:
+OUT_DIR/precision-modes.csv:
 
 1. the ceilings the floor percentages are read against: a device-to-device copy (bytes read
    plus written per second) and a bf16 8192³ ``torch.mm`` on random data (TFLOP/s);
 2. ``linear_logprobs(backend="triton")`` forward+backward at the qwen3-1.7b head
-   (V=151936, H=2048) in bf16, fp32 with full-precision dots and fp32 with TF32 dots,
-   each with the fused backward (fp32 atomics) and the deterministic one (row chunks and
-   two GEMMs): median of 5 event-timed calls after one warm-up, the achieved rate over the
-   4-GEMM floor, and the largest difference between the two modes' gradients;
+   (V=151936, H=2048) in bf16, fp32 with full-precision dots and fp32 with TF32 dots:
+   median of 5 event-timed calls after one warm-up, the rate over the 4-GEMM floor, and
+   whether a second call gives bitwise the same gradients;
 3. registers, spills and shared memory of every kernel as the driver loaded it.
 """
 
@@ -66,33 +65,28 @@ def ceilings() -> list[dict]:
     ]  # fmt: skip
 
 
-def fwd_bwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, det: bool) -> None:
+def fwd_bwd(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
     h.grad = w.grad = None
-    with sk.deterministic(det):
-        sk.linear_logprobs(h, w, t, backend="triton").sum().backward()
+    sk.linear_logprobs(h, w, t, backend="triton").sum().backward()
 
 
-def one_dtype(label: str, dtype: torch.dtype, N: int, V: int, H: int) -> list[dict]:
+def one_mode(label: str, dtype: torch.dtype, N: int, V: int, H: int) -> dict:
     torch.manual_seed(0)
     h = (torch.randn(N, H, device="cuda") * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(V, H, device="cuda") * 0.02).to(dtype).requires_grad_()
     t = torch.randint(0, V, (N,), device="cuda")
-    rows, grads = [], {}
-    for det in (False, True):
-        ms = event_ms(lambda det=det: fwd_bwd(h, w, t, det))
-        grads[det] = (h.grad.float(), w.grad.float())
-        mode = "deterministic" if det else "atomic"
-        tflops = round(8 * N * V * H / ms / 1e9, 1)
-        ms = round(ms, 2)
-        rows.append(dict(dtype=label, mode=mode, N=N, V=V, H=H, fwd_bwd_ms=ms, tflops=tflops))
-        print(rows[-1], flush=True)
-    dh = (grads[True][0] - grads[False][0]).abs().max().item()
-    dw = (grads[True][1] - grads[False][1]).abs().max().item()
-    print(f"{label}: max |deterministic - atomic| dh {dh:.2e} dW {dw:.2e}", flush=True)
-    return rows
+    ms = event_ms(lambda: fwd_bwd(h, w, t))
+    first = (h.grad.clone(), w.grad.clone())
+    fwd_bwd(h, w, t)
+    same = torch.equal(first[0], h.grad) and torch.equal(first[1], w.grad)
+    tflops = round(8 * N * V * H / ms / 1e9, 1)
+    row = dict(mode=label, N=N, V=V, H=H, fwd_bwd_ms=round(ms, 2), tflops=tflops,
+               bitwise_reproducible=same)  # fmt: skip
+    print(row, flush=True)
+    return row
 
 
-def backward_modes(N: int, V: int = 151936, H: int = 2048) -> list[dict]:
+def precision_modes(N: int, V: int = 151936, H: int = 2048) -> list[dict]:
     rows = []
     for label, dtype, tf32 in (
         ("bf16", torch.bfloat16, False),
@@ -100,7 +94,7 @@ def backward_modes(N: int, V: int = 151936, H: int = 2048) -> list[dict]:
         ("fp32+tf32", torch.float32, True),
     ):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        rows += one_dtype(label, dtype, N, V, H)
+        rows.append(one_mode(label, dtype, N, V, H))
         torch.cuda.empty_cache()
     torch.backends.cuda.matmul.allow_tf32 = False
     return rows
@@ -130,12 +124,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("gpu_backward_modes.py: needs a CUDA device")
+        raise SystemExit("gpu_precision_modes.py: needs a CUDA device")
     os.makedirs(args.out, exist_ok=True)
     for row in ceilings():
         print("ceiling", row, flush=True)
-    rows = backward_modes(args.tokens)
-    with open(os.path.join(args.out, "backward-modes.csv"), "w", newline="") as f:
+    rows = precision_modes(args.tokens)
+    with open(os.path.join(args.out, "precision-modes.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
