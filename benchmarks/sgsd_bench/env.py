@@ -28,7 +28,11 @@ def _git(*args: str) -> str:
 
 
 def git_version() -> str:
-    """Short HEAD, "+dirty" when sgsd_kernels has uncommitted changes; "unknown" outside git."""
+    """Short HEAD, "+dirty" when sgsd_kernels has uncommitted changes; "unknown" outside git.
+    $SGSD_COMMIT wins: a copy of the tree on another machine names its commit there (its
+    .git, if any, may be older than the files)."""
+    if os.environ.get("SGSD_COMMIT"):
+        return os.environ["SGSD_COMMIT"]
     try:
         sha = _git("rev-parse", "--short", "HEAD")
         dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "sgsd_kernels")
