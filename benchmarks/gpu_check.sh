@@ -10,13 +10,18 @@
 # published path, Cut Cross-Entropy and Liger, then the SGSD loss (K=8, N=4096) against
 # the published path; the card's copy and GEMM ceilings and the op in bf16, fp32 and TF32
 # (benchmarks/gpu_precision_modes.py); a one-screen summary. Planned for one H100 in about
-# 5 minutes: each step has a hard time limit (70 + 120 + 50 + 40 s, plus start-up), so a
-# slow step is cut, not the run. Whatever is not installed is skipped with the reason.
-# The benchmark times each phase over $SGSD_BENCH_CUDA_REP_MS (here 500 ms). Without a
-# GPU it says so and exits 0 at once. Python: $PYTHON, else python3.
+# 4 minutes (194 s on an H100): each step has a hard time limit (70 + 120 + 50 + 40 s, plus
+# start-up), so a slow step is cut, not the run. Whatever is not installed is skipped with
+# the reason. The benchmark times each phase over $SGSD_BENCH_CUDA_REP_MS (here 500 ms).
+# Exits with the kernel tests' status; without a GPU it says so and exits 0 at once.
+# Python: $PYTHON, else python3.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Paths given relative to the caller's directory, made absolute before the cd (a venv's
+# python keeps its own path: realpath would follow its symlink out of the venv).
+if [[ "$PY" == */* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
+if [[ $# -ge 1 ]]; then set -- "$(realpath -m "$1")"; fi
+cd "$(dirname "$0")/.."
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "gpu_check: no GPU here (nvidia-smi is missing or lists no device): nothing to check."
@@ -64,7 +69,8 @@ PYTEST_ARGS=(-q -rfE -k "not native" -p no:cacheprovider --durations=10)
 has pytest_timeout && PYTEST_ARGS+=(--timeout=60)
 has xdist && PYTEST_ARGS+=(-n 12)
 timeout 70 "$PY" -m pytest $TESTS "${PYTEST_ARGS[@]}" >"$OUT/kernel-tests.txt" 2>&1
-rc=$?
+TESTS_RC=$?
+rc=$TESTS_RC
 note "kernel tests (rc $rc, 124 = cut at 70 s): $(grep -E '(passed|failed|error)' "$OUT/kernel-tests.txt" | tail -n1)"
 
 # 3. Benchmark at the qwen3-1.7b head, two runs with their own limits.
@@ -103,3 +109,4 @@ note "precision modes (rc $?): $(grep -c "'mode'" "$OUT/precision-modes.txt") ti
     grep -hE '^\[bench' "$OUT"/bench-*.txt | grep -vi warn | tail -n 30
 } | tee "$OUT/summary.md"
 echo "[gpu_check] everything is under $OUT"
+exit "$TESTS_RC"

@@ -6,11 +6,11 @@ timed alongside (docs/design.md §8).
 At the qwen3-1.7b head (V=151936, H=2048, bf16), every number the median of
 ``triton.testing.do_bench`` (CUDA events), written to OUT_DIR/gpu-tune.csv as it comes:
 
-1. forward+backward at N=8192 with the default tiles, fused (atomic) vs chunked backward,
-   next to eager PyTorch, Cut Cross-Entropy and Liger (when installed);
-2. the SGSD loss (K=8, N=4096) fused vs chunked;
+1. forward+backward at N=8192 with the default tiles, next to eager PyTorch, Cut
+   Cross-Entropy and Liger (when installed);
+2. the SGSD loss (K=8, N=4096);
 3. forward without grad at N=8192 for each candidate forward tile;
-4. forward+backward at N=8192 with the chunked backward for each candidate gradient tile;
+4. forward+backward at N=8192 for each candidate gradient tile;
 5. step 1 at N=2048.
 
 The sweeps compile each tile once; a tile that fails to compile or launch gets its error
@@ -104,11 +104,10 @@ def inputs(N: int):
     return h, w, t
 
 
-def fwd_bwd(h, w, t, deterministic: bool):
+def fwd_bwd(h, w, t):
     def step():
-        with sk.deterministic(deterministic):
-            lp = sk.linear_logprobs(h, w, t, backend="triton")
-            torch.autograd.grad(lp.sum(), [h, w])
+        lp = sk.linear_logprobs(h, w, t, backend="triton")
+        torch.autograd.grad(lp.sum(), [h, w])
 
     return step
 
@@ -133,21 +132,18 @@ def sweep_grad(s: Sweep, N: int = 8192):
             return
         try:
             with with_tile("grad_logits", tile):
-                ms = bench(fwd_bwd(h, w, t, deterministic=True))
-            s.row("chunked fwd+bwd, grad tile", tile, N, ms, 4.0)
+                ms = bench(fwd_bwd(h, w, t))
+            s.row("fwd+bwd, grad tile", tile, N, ms, 4.0)
         except Exception as e:  # noqa: BLE001
-            s.row("chunked fwd+bwd, grad tile", tile, N, note=f"{type(e).__name__}: {e}")
+            s.row("fwd+bwd, grad tile", tile, N, note=f"{type(e).__name__}: {e}")
 
 
 def strategies_and_peers(s: Sweep, N: int):
     h, w, t = inputs(N)
-    for label, det in (("triton fused", False), ("triton chunked", True)):
-        if s.over():
-            return
-        try:
-            s.row("fwd+bwd", label, N, bench(fwd_bwd(h, w, t, det)), 4.0)
-        except Exception as e:  # noqa: BLE001
-            s.row("fwd+bwd", label, N, note=f"{type(e).__name__}: {e}")
+    try:
+        s.row("fwd+bwd", "triton", N, bench(fwd_bwd(h, w, t)), 4.0)
+    except Exception as e:  # noqa: BLE001
+        s.row("fwd+bwd", "triton", N, note=f"{type(e).__name__}: {e}")
     del h, w, t
     case = Case("logprobs", N, V, H, 0, "bfloat16")
     x = make_inputs(case, N, "cuda", torch.bfloat16, seed=0)
@@ -167,22 +163,16 @@ def strategies_and_peers(s: Sweep, N: int):
 
 
 def sgsd(s: Sweep, N: int = 4096, K: int = 8):
+    if s.over():
+        return
     case = Case("sgsd", N, V, H, K, "bfloat16")
     x = make_inputs(case, N, "cuda", torch.bfloat16, seed=0)
     go = upstream_grad(case, x)
     fn = build_provider("triton", "sgsd", "cuda")
-    for label, det in (("sgsd K=8 fused", False), ("sgsd K=8 chunked", True)):
-        if s.over():
-            return
-
-        def step(det=det):
-            with sk.deterministic(det):
-                grads(fn(x), x, go)
-
-        try:
-            s.row("sgsd", label, N, bench(step), K + 4.0)
-        except Exception as e:  # noqa: BLE001
-            s.row("sgsd", label, N, note=f"{type(e).__name__}: {e}")
+    try:
+        s.row("sgsd", f"sgsd K={K}", N, bench(lambda: grads(fn(x), x, go)), K + 4.0)
+    except Exception as e:  # noqa: BLE001
+        s.row("sgsd", f"sgsd K={K}", N, note=f"{type(e).__name__}: {e}")
 
 
 def main() -> None:

@@ -34,11 +34,14 @@ def triton_available() -> bool:
 def set_deterministic(enabled: bool) -> None:
     """Bit-for-bit reproducible results across runs and processes.
 
-    The kernels themselves have no float atomics, so a fixed configuration always gives the
-    same bits; what can change between processes is the Triton tile an opt-in autotune
+    The Triton and native kernels have no float atomics, so a fixed configuration gives
+    the same bits; what can change between processes is the Triton tile an opt-in autotune
     picks by timing (:func:`sgsd_kernels.ops.triton_backend.triton_configs.set_autotune`).
-    Deterministic mode keeps the default tiles even with autotune on. Also follows
-    ``torch.use_deterministic_algorithms(True)``.
+    Deterministic mode keeps the default tiles even with autotune on. The ``torch``
+    backend on CUDA adds the target columns with ``index_add_`` (and the local-support op
+    scatters), which CUDA runs with atomics unless PyTorch's own switch is on: turn on
+    ``torch.use_deterministic_algorithms(True)`` for that backend, which this mode also
+    follows.
     """
     global _deterministic
     _deterministic = bool(enabled)

@@ -323,6 +323,25 @@ def test_frozen_weight_and_non_contiguous_inputs(backend):
     assert max_err(g1, g2) < 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens_give_zero_weight_and_bias_gradients(backend):
+    """N = 0: empty outputs, and dW and db exactly zero (not uninitialised memory)."""
+    if backend == "native" and DEVICE.type != "cpu":
+        pytest.skip("the native backend is CPU-only")
+    torch.manual_seed(0)
+    h = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, 16, device=DEVICE).add_(7.0).requires_grad_()
+    b = torch.randn(40, device=DEVICE).add_(7.0).requires_grad_()
+    t = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    for _ in range(3):  # fresh gradient buffers may reuse freed, non-zero memory
+        w.grad = b.grad = None
+        lp, ent = sk.linear_logprobs(h, w, t, bias=b, return_entropy=True, backend=backend)
+        (lp.sum() + ent.sum()).backward()
+        assert lp.shape == ent.shape == (0,)
+        assert torch.equal(w.grad, torch.zeros_like(w)), backend
+        assert torch.equal(b.grad, torch.zeros_like(b)), backend
+
+
 def test_leading_dims_are_kept():
     h = torch.randn(2, 3, 5, 16)
     w = torch.randn(40, 16)

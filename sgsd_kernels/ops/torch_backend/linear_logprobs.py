@@ -202,6 +202,10 @@ def backward(
     grad_w = torch.empty(V, H, dtype=dtype, device=device) if need_weight_grad else None
     need_bias_grad = need_weight_grad and bias is not None
     grad_b = torch.empty(V, dtype=dtype, device=device) if need_bias_grad else None
+    if N == 0:  # no row chunk runs to write the uninitialised slices
+        for grad in (grad_w, grad_b):
+            if grad is not None:
+                grad.zero_()
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
     if ge is None:

@@ -18,10 +18,11 @@ Backward (``_grad_logits_kernel`` + GEMMs), a vocabulary chunk at a time: the ke
 recomputes the logits tiles of all N rows × a column chunk and writes G = ∂loss/∂z into a
 bounded workspace (256 MiB); cuBLAS then gives the chunk's dW rows (one GEMM over all N,
 written once) and its share of dh. It has no atomics, so it is bit-reproducible. On an
-H100 (bf16, V=151936, H=2048, N=8192) it runs forward+backward in 45 ms where a fused
-CCE-style backward that recomputes each tile and accumulates dh and dW with fp32 atomics
-took 532 ms (benchmarks/results/h100-20261126/gpu-tune.csv): the atomics, not the
-arithmetic, bound that design, so this backward is the only one.
+H100 (bf16, V=151936, H=2048, N=8192, benchmarks/results/h100-20261126/gpu-tune.csv, both
+with a 64x128 forward tile) forward+backward took 45 ms with this backward and 532 ms
+with a fused CCE-style one that recomputes each tile and accumulates dh and dW with fp32
+atomics: the atomics, not the arithmetic, bound that design, so this backward is the only
+one. With the 64x256 forward tile it is 39.6 ms.
 
 Tile sizes per architecture and the dots' ``input_precision`` (the constexpr ``PRECISION``:
 "ieee" for fp32 unless the user enabled TF32 in PyTorch) come from ``triton_configs``.
@@ -378,15 +379,16 @@ def _grad_logits_kernel(
 # the weight's dtype (no [V, H] fp32 accumulator), and only the small dh [N, H] is
 # accumulated across chunks.
 _WORKSPACE_BYTES = 1 << 28
+_CHUNK_ALIGN = 256  # columns: 16-byte aligned workspace rows, no ragged tile per chunk
 
 
 def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     """dh, dW, db, a vocabulary chunk at a time: ``_grad_logits_kernel`` writes
     G = ∂loss/∂z for all N rows × the chunk, then GEMMs give the chunk's dW rows and its
     share of dh. 16-bit inputs keep G in their dtype, so the GEMMs run on tensor cores as
-    eager's backward does (fp32 accumulation inside the GEMM, one rounding of dW); fp32 and
-    fp64 keep G in fp32/fp64 (the GEMMs follow PyTorch's fp32 matmul setting). No atomics:
-    bit-reproducible run to run."""
+    eager's backward does (fp32 accumulation inside the GEMM, one rounding of dW); fp16,
+    fp32 and fp64 keep G in fp32/fp64 (the GEMMs follow PyTorch's fp32 matmul setting).
+    No atomics: bit-reproducible run to run."""
     hidden, weight, bias = linear.hidden, linear.weight, linear.bias
     N, H = hidden.shape
     V = weight.shape[0]
@@ -397,8 +399,11 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     ge = ge if with_entropy else g
     ent = grad_rows.entropy.to(acc) if with_entropy else g
     lse = grad_rows.lse.to(acc)
-    work_dtype = hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else acc
-    cols = max(1, min(V, _WORKSPACE_BYTES // (work_dtype.itemsize * max(N, 1))))
+    # bf16 has fp32's exponent range; fp16's would flush g·p to zero for a mean-reduced loss
+    # (g ≈ 1/N): with N = 64, V = 4096, g = 1/8192, dW off the targets was 34 % off.
+    work_dtype = torch.bfloat16 if hidden.dtype == torch.bfloat16 else acc
+    cols = _WORKSPACE_BYTES // (work_dtype.itemsize * max(N, 1))
+    cols = V if cols >= V else max(_CHUNK_ALIGN, cols // _CHUNK_ALIGN * _CHUNK_ALIGN)
     work = torch.empty(N, cols, dtype=work_dtype, device=hidden.device)
 
     def launch(cfg, v0, v1):
@@ -443,7 +448,7 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
         w_chunk = weight[v0:v1].to(work_dtype)
         if work_dtype == acc:
             dx.addmm_(grad_z, w_chunk)
-        else:  # 16-bit product (fp32 inside the GEMM), summed over chunks in fp32
+        else:  # bf16 product (fp32 inside the GEMM), summed over chunks in fp32
             dx.add_(torch.mm(grad_z, w_chunk))
         if dw is not None and dw.dtype == work_dtype:
             torch.mm(grad_z.T, x, out=dw[v0:v1])
