@@ -20,7 +20,9 @@ as its row. The run stops starting new rows after ``--budget-s`` seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import os
 import sys
 import time
@@ -69,6 +71,20 @@ class Sweep:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields).writerow(rec)
 
+    def timed(self, part, what, N, make_step, floor_g, *contexts):
+        """Times the step ``make_step()`` returns, inside ``contexts``, and records its row;
+        a provider that is not installed or a tile that fails gets the reason as its note."""
+        try:
+            with contextlib.ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context)
+                ms = bench(make_step())
+            self.row(part, what, N, ms, floor_g)
+        except NotAvailable as e:
+            self.row(part, what, N, note=f"n/a: {e}")
+        except Exception as e:  # noqa: BLE001
+            self.row(part, what, N, note=f"{type(e).__name__}: {e}")
+
     def measure_gemm(self):
         a = torch.randn(8192, H, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(V, H, device="cuda", dtype=torch.bfloat16)
@@ -81,19 +97,16 @@ def bench(fn) -> float:
     return tt.do_bench(fn, warmup=30, rep=300, return_mode="median")
 
 
+@contextlib.contextmanager
 def with_tile(kind: str, tile: str):
-    """Context: the default ``kind`` tile for 16-bit operands replaced by ``tile``."""
+    """The default ``kind`` tile for 16-bit operands replaced by ``tile``."""
     key = (tc.family(), kind, "16")
-
-    class _Ctx:
-        def __enter__(self):
-            self.saved = tc.SPACE[key]
-            tc.SPACE[key] = [tc.parse_tile(tile)]
-
-        def __exit__(self, *exc):
-            tc.SPACE[key] = self.saved
-
-    return _Ctx()
+    saved = tc.SPACE[key]
+    tc.SPACE[key] = [tc.parse_tile(tile)]
+    try:
+        yield
+    finally:
+        tc.SPACE[key] = saved
 
 
 def inputs(N: int):
@@ -104,6 +117,10 @@ def inputs(N: int):
     return h, w, t
 
 
+def forward(h, w, t):
+    return lambda: sk.linear_logprobs(h, w, t, backend="triton")
+
+
 def fwd_bwd(h, w, t):
     def step():
         lp = sk.linear_logprobs(h, w, t, backend="triton")
@@ -112,38 +129,24 @@ def fwd_bwd(h, w, t):
     return step
 
 
-def sweep_forward(s: Sweep, N: int = 8192):
+def sweep_tiles(s: Sweep, N: int = 8192):
+    """The forward (no grad) over FWD_TILES, then forward+backward over GRAD_TILES."""
     h, w, t = inputs(N)
-    for tile in FWD_TILES:
-        if s.over():
-            return
-        try:
-            with with_tile("fwd", tile), torch.no_grad():
-                ms = bench(lambda: sk.linear_logprobs(h, w, t, backend="triton"))
-            s.row("fwd tile", tile, N, ms, 1.0)
-        except Exception as e:  # noqa: BLE001
-            s.row("fwd tile", tile, N, note=f"{type(e).__name__}: {e}")
-
-
-def sweep_grad(s: Sweep, N: int = 8192):
-    h, w, t = inputs(N)
-    for tile in GRAD_TILES:
-        if s.over():
-            return
-        try:
-            with with_tile("grad_logits", tile):
-                ms = bench(fwd_bwd(h, w, t))
-            s.row("fwd+bwd, grad tile", tile, N, ms, 4.0)
-        except Exception as e:  # noqa: BLE001
-            s.row("fwd+bwd, grad tile", tile, N, note=f"{type(e).__name__}: {e}")
+    for kind, tiles, part, make_step, floor_g, no_grad in (
+        ("fwd", FWD_TILES, "fwd tile", forward, 1.0, True),
+        ("grad_logits", GRAD_TILES, "fwd+bwd, grad tile", fwd_bwd, 4.0, False),
+    ):
+        for tile in tiles:
+            if s.over():
+                return
+            grad_mode = torch.no_grad() if no_grad else contextlib.nullcontext()
+            step = functools.partial(make_step, h, w, t)
+            s.timed(part, tile, N, step, floor_g, with_tile(kind, tile), grad_mode)
 
 
 def strategies_and_peers(s: Sweep, N: int):
     h, w, t = inputs(N)
-    try:
-        s.row("fwd+bwd", "triton", N, bench(fwd_bwd(h, w, t)), 4.0)
-    except Exception as e:  # noqa: BLE001
-        s.row("fwd+bwd", "triton", N, note=f"{type(e).__name__}: {e}")
+    s.timed("fwd+bwd", "triton", N, functools.partial(fwd_bwd, h, w, t), 4.0)
     del h, w, t
     case = Case("logprobs", N, V, H, 0, "bfloat16")
     x = make_inputs(case, N, "cuda", torch.bfloat16, seed=0)
@@ -151,14 +154,12 @@ def strategies_and_peers(s: Sweep, N: int):
     for provider in ("reference", "cce", "liger"):
         if s.over():
             return
-        try:
+
+        def make_step(provider=provider):
             fn = build_provider(provider, "logprobs", "cuda")
-            ms = bench(lambda fn=fn: grads(fn(x), x, go))
-            s.row("fwd+bwd", provider, N, ms, 4.0)
-        except NotAvailable as e:
-            s.row("fwd+bwd", provider, N, note=f"n/a: {e}")
-        except Exception as e:  # noqa: BLE001
-            s.row("fwd+bwd", provider, N, note=f"{type(e).__name__}: {e}")
+            return lambda: grads(fn(x), x, go)
+
+        s.timed("fwd+bwd", provider, N, make_step, 4.0)
         torch.cuda.empty_cache()
 
 
@@ -168,11 +169,12 @@ def sgsd(s: Sweep, N: int = 4096, K: int = 8):
     case = Case("sgsd", N, V, H, K, "bfloat16")
     x = make_inputs(case, N, "cuda", torch.bfloat16, seed=0)
     go = upstream_grad(case, x)
-    fn = build_provider("triton", "sgsd", "cuda")
-    try:
-        s.row("sgsd", f"sgsd K={K}", N, bench(lambda: grads(fn(x), x, go)), K + 4.0)
-    except Exception as e:  # noqa: BLE001
-        s.row("sgsd", f"sgsd K={K}", N, note=f"{type(e).__name__}: {e}")
+
+    def make_step():
+        fn = build_provider("triton", "sgsd", "cuda")
+        return lambda: grads(fn(x), x, go)
+
+    s.timed("sgsd", f"sgsd K={K}", N, make_step, K + 4.0)
 
 
 def main() -> None:
@@ -188,8 +190,7 @@ def main() -> None:
     print("triton", triton.__version__, "family", tc.family(), flush=True)
     strategies_and_peers(s, 8192)
     sgsd(s)
-    sweep_forward(s)
-    sweep_grad(s)
+    sweep_tiles(s)
     strategies_and_peers(s, 2048)
     print(f"gpu_tune: done in {time.perf_counter() - s.start:.0f} s; rows in {s.path}")
 

@@ -385,9 +385,9 @@ _CHUNK_ALIGN = 256  # columns: 16-byte aligned workspace rows, no ragged tile pe
 def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     """dh, dW, db, a vocabulary chunk at a time: ``_grad_logits_kernel`` writes
     G = ∂loss/∂z for all N rows × the chunk, then GEMMs give the chunk's dW rows and its
-    share of dh. 16-bit inputs keep G in their dtype, so the GEMMs run on tensor cores as
-    eager's backward does (fp32 accumulation inside the GEMM, one rounding of dW); fp16,
-    fp32 and fp64 keep G in fp32/fp64 (the GEMMs follow PyTorch's fp32 matmul setting).
+    share of dh. bf16 inputs keep G in bf16, so the GEMMs run on tensor cores as eager's
+    backward does (fp32 accumulation inside the GEMM, one rounding of dW); fp16, fp32 and
+    fp64 keep G in fp32/fp64 (the GEMMs follow PyTorch's fp32 matmul setting).
     No atomics: bit-reproducible run to run."""
     hidden, weight, bias = linear.hidden, linear.weight, linear.bias
     N, H = hidden.shape
