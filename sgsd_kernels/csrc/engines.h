@@ -173,13 +173,22 @@ class F32Tiles {
         N_(N),
         H_(weight.size(1)),
         dh_t_(dh_transposed(N, weight.size(1))),
+        dw_t_(grad_w != nullptr && wide(weight.size(1))),
         wt_(dh_t_ ? static_cast<size_t>(p.vblock * weight.size(1)) : 0),
-        gtt_(dh_t_ ? 0 : static_cast<size_t>(p.vblock * p.rows)) {}
+        gtt_(dh_t_ && !dw_t_ ? 0 : static_cast<size_t>(p.vblock * p.rows)),
+        dwt_(dw_t_ ? static_cast<size_t>(p.vblock * weight.size(1)) : 0) {}
+
+  // A GEMM whose B and C rows are H fp32 apart runs slowly once H ≥ 1024 (4 KiB strides
+  // alias in L1): single-thread brgemm 128×1024×128 (M×N×K, ldb = ldc = 1024) 80–110
+  // GFLOP/s from run to run, against a steady 115 for 1024×128×128 with 128-wide rows
+  // (AMD EPYC dev box). Wide heads therefore keep H as the M side of both gradient GEMMs.
+  static bool wide(int64_t H) { return H > 512; }
 
   // The dh GEMM needs one operand transposed: either the W block (once per block, nv·H
   // elements; dh partials are then dhᵀ [H, N]) or each gradient tile (nv·nr per row tile,
-  // nv·N per block; dh partials are [N, H]). The smaller of the two: W while N ≥ H.
-  static bool dh_transposed(int64_t N, int64_t H) { return N >= H; }
+  // nv·N per block; dh partials are [N, H]). The smaller of the two while N ≥ H; W for a
+  // wide head whatever N (the [N, H] form is the slow wide-row GEMM).
+  static bool dh_transposed(int64_t N, int64_t H) { return N >= H || wide(H); }
 
   void set_block(int64_t v0, int64_t nv, bool backward) {
     v0_ = v0, nv_ = nv;
@@ -203,21 +212,31 @@ class F32Tiles {
       at::native::cpublas::brgemm(nr, H_, nv_, nv_, H_, H_, true, gtt_.data(), w_ + v0_ * H_,
                                   dh + r0 * H_, false);
     }
+    if (grad_w_ == nullptr) return;
+    if (dw_t_) {
+      // dW_blkᵀ (+)= h_tileᵀ·gtᵀ  (M = H, N = nv, K = nr) into the block's [H, nv] scratch,
+      // transposed into grad_w by end_block.
+      if (dh_t_) transpose(gt, nr, nv_, nr, gtt_.data(), nv_);
+      at::native::cpublas::brgemm(H_, nv_, nr, nr, nv_, nv_, !first, ht_ + r0 * H_,
+                                  gtt_.data(), dwt_.data(), false);
+      return;
+    }
     // dW_blk (+)= gt·h_tile  (M = nv, N = H, K = nr)
-    if (grad_w_ != nullptr)
-      at::native::cpublas::brgemm(nv_, H_, nr, nr, H_, H_, !first, gt, h_ + r0 * H_,
-                                  grad_w_ + v0_ * H_, false);
+    at::native::cpublas::brgemm(nv_, H_, nr, nr, H_, H_, !first, gt, h_ + r0 * H_,
+                                grad_w_ + v0_ * H_, false);
   }
 
-  void end_block() {}
+  void end_block() {
+    if (dw_t_) transpose(dwt_.data(), nv_, H_, nv_, grad_w_ + v0_ * H_, H_);
+  }
   void finish() {}
 
  private:
   const float *h_, *ht_, *w_;
   float* grad_w_;
   int64_t N_, H_, v0_ = 0, nv_ = 0;
-  bool dh_t_;
-  std::vector<float> wt_, gtt_;
+  bool dh_t_, dw_t_;
+  std::vector<float> wt_, gtt_, dwt_;
 };
 
 // ---------------------------------------------------------------- bf16 via oneDNN brgemm

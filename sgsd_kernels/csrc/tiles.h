@@ -145,8 +145,9 @@ struct Plan {
 // H=1024: 128 rows × 128 vocabulary: logits 117, dh + dW 111 GFLOP/s per core, against
 // 115 / 105 at 256 × 128 and 115 / 100 at 256 × 256 (the W block is 4 KiB per entry, so
 // 128 entries keep it in L2 next to a 128-row tile). At N=256, V=151936 fwd+bwd took
-// 0.91× the CPU time of 256 × 128 tiles with the W-block transpose (interleaved, loaded
-// box; the dh GEMM there now transposes the gradient tile, F32Tiles::dh_transposed).
+// 0.91× the CPU time of 256 × 128 tiles (interleaved, loaded box). With the wide-head
+// gradient GEMMs of F32Tiles::wide, 256-row and 64-row tiles, and 64- or 256-entry
+// blocks, gave the same time within 1% (1673–1683 ms, quiet box).
 inline Plan make_plan(int64_t N, int64_t V, int64_t H) {
   Plan p;
   p.vblock = std::min<int64_t>(V, H <= 512 ? 256 : 128);

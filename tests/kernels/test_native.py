@@ -25,8 +25,9 @@ from .conftest import REL_ATOL, assert_close_to_oracle
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (N, H, V): N = 1; odd V and H; several row and vocabulary tiles (256 × 256 at H ≤ 512);
-# H > 512 (128-wide vocabulary tiles).
-SHAPES = [(1, 61, 1007), (37, 61, 1007), (300, 32, 3000), (5, 600, 263)]
+# H > 512 (128 × 128 tiles, the wide-head gradient GEMMs): one row tile, then two with a
+# ragged last one (dW accumulated over row tiles in the transposed scratch).
+SHAPES = [(1, 61, 1007), (37, 61, 1007), (300, 32, 3000), (5, 600, 263), (130, 520, 300)]
 
 
 pytestmark = pytest.mark.usefixtures("native_built")
