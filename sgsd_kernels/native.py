@@ -34,7 +34,7 @@ import torch
 NAME = "sgsd_native"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("registration.cpp", "linear_logprobs.cpp", "divergence.cpp", "local_support.cpp")
-HEADERS = ("ops.h", "tiles.h", "engines.h", "probe.h")  # part of the cache key
+HEADERS = ("ops.h", "tiles.h", "reused.h", "engines.h", "probe.h")  # part of the cache key
 CFLAGS = (
     "-O3",
     "-march=native",

@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "reused.h"
 #include "tiles.h"
 
 namespace sgsd_native {
@@ -144,16 +145,13 @@ inline void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, 
   }
 }
 
-// Hidden's row tiles transposed once per call, the B operand of the logits GEMM:
-// tile r0 is [H, nr] at r0·H.
-inline std::vector<float> transposed_row_tiles(const float* h, int64_t N, int64_t H,
-                                               int64_t rows) {
-  std::vector<float> ht(static_cast<size_t>(N * H));
+// Hidden's row tiles transposed once per call into ht [N·H], the B operand of the logits
+// GEMM: tile r0 is [H, nr] at r0·H.
+inline void transpose_row_tiles(const float* h, int64_t N, int64_t H, int64_t rows, float* ht) {
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
-    transpose(h + r0 * H, H, nr, H, ht.data() + r0 * H, nr);
+    transpose(h + r0 * H, H, nr, H, ht + r0 * H, nr);
   }
-  return ht;
 }
 
 // fp32 operands through ATen's oneDNN brgemm micro-kernel (plain row-major B, no packing):
@@ -162,7 +160,7 @@ inline std::vector<float> transposed_row_tiles(const float* h, int64_t N, int64_
 // falls back to ATen's BLAS GEMM with the same operands, so this path is always correct.
 class F32Tiles {
  public:
-  // h: fp32 contiguous [N, H]; ht: transposed_row_tiles(h); weight: fp32 contiguous [V, H];
+  // h: fp32 contiguous [N, H]; ht: transpose_row_tiles of h; weight: fp32 contiguous [V, H];
   // grad_w: fp32 [V, H] or nullptr.
   F32Tiles(const float* h, const float* ht, int64_t N, const Tensor& weight, float* grad_w,
            const Plan& p)
@@ -236,7 +234,7 @@ class F32Tiles {
   float* grad_w_;
   int64_t N_, H_, v0_ = 0, nv_ = 0;
   bool dh_t_, dw_t_;
-  std::vector<float> wt_, gtt_, dwt_;
+  Reused<float> wt_, gtt_, dwt_;
 };
 
 // ---------------------------------------------------------------- bf16 via oneDNN brgemm
@@ -279,13 +277,16 @@ inline bool bf16_tiles_available() {
 // are zeros.
 struct Bf16Hidden {
   int64_t N = 0, H = 0, Hp = 0, rows = 0;
-  std::vector<uint16_t> fwd, bwd;
+  Reused<uint16_t> fwd, bwd;
 
   Bf16Hidden(const Tensor& hidden /*bf16 contiguous*/, const Plan& p, bool need_bwd)
-      : N(hidden.size(0)), H(hidden.size(1)), Hp(H + (H & 1)), rows(p.rows) {
+      : N(hidden.size(0)),
+        H(hidden.size(1)),
+        Hp(H + (H & 1)),
+        rows(p.rows),
+        fwd(static_cast<size_t>(N * Hp), 0),
+        bwd(need_bwd ? static_cast<size_t>((N + 1) * H) : 0, 0) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(hidden.const_data_ptr());
-    fwd.assign(static_cast<size_t>(N * Hp), 0);
-    if (need_bwd) bwd.assign(static_cast<size_t>((N + 1) * H), 0);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);
       uint16_t* f = fwd.data() + r0 * Hp;
@@ -430,8 +431,8 @@ class Bf16Tiles {
   const Bf16Hidden& hid_;
   const uint16_t* w_;
   uint16_t* grad_w_;
-  std::vector<float> dw_;
-  std::vector<uint16_t> wpad_, wt_, gt_, gtv_;
+  Reused<float> dw_;
+  Reused<uint16_t> wpad_, wt_, gt_, gtv_;
   int64_t v0_ = 0, nv_ = 0, nvp_ = 0;
 };
 

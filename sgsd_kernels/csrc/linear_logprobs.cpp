@@ -69,7 +69,7 @@ struct RowInputs {
 // Per-thread scratch of the epilogues: the tile and four row vectors.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> tile, bm, shift, bs, ba;
+  Reused<acc_t> tile, bm, shift, bs, ba;
   explicit Scratch(const Plan& p)
       : tile(p.rows * p.vblock), bm(p.rows), shift(p.rows), bs(p.rows), ba(p.rows) {}
 };
@@ -368,7 +368,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
     } else if (path == Path::kF32) {
       const Tensor h = hidden_in.contiguous();
       const float* hp = h.const_data_ptr<float>();
-      const std::vector<float> ht = transposed_row_tiles(hp, N, H, p.rows);
+      Reused<float> ht(N * H);
+      transpose_row_tiles(hp, N, H, p.rows, ht.data());
       forward_tiles<acc_t>(p, [&] { return F32Tiles(hp, ht.data(), N, weight, nullptr, p); },
                            N, V, in, with_entropy, pmp, psp, pap, tgt_p);
     }
@@ -448,9 +449,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   // engine accumulates dhᵀ, the fp32 one dhᵀ or dh (F32Tiles::dh_transposed).
   const bool dh_t =
       path == Path::kBf16 || (path == Path::kF32 && F32Tiles::dh_transposed(N, H));
-  Tensor dh_part =
-      at::empty(dh_t ? at::IntArrayRef{p.tasks, H, N} : at::IntArrayRef{p.tasks, N, H}, opts);
-  acc_t* dhp = dh_part.data_ptr<acc_t>();
+  Reused<acc_t> dh_part(p.tasks * N * H);  // [tasks, H, N] when dh_t, else [tasks, N, H]
+  acc_t* dhp = dh_part.data();
   if constexpr (std::is_same_v<acc_t, float>) {
     if (N > 0 && path == Path::kBf16) {
       const Bf16Hidden hid(hidden_in.contiguous(), p, need_weight_grad);
@@ -463,7 +463,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     } else if (N > 0 && path == Path::kF32) {
       const Tensor h = hidden_in.contiguous();
       const float* hp = h.const_data_ptr<float>();
-      const std::vector<float> ht = transposed_row_tiles(hp, N, H, p.rows);
+      Reused<float> ht(N * H);
+      transpose_row_tiles(hp, N, H, p.rows, ht.data());
       float* gwp = need_weight_grad ? grad_w.data_ptr<float>() : nullptr;
       backward_tiles<acc_t>(p, [&] { return F32Tiles(hp, ht.data(), N, weight, gwp, p); }, N,
                             V, H, in, dhp, gbp, gwp, H * sizeof(float));

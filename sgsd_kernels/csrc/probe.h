@@ -81,7 +81,8 @@ inline std::vector<double> tile_gemm_seconds(const Tensor& hidden, const Tensor&
   }
   if (path == Path::kF32) {
     const float* hp = h.const_data_ptr<float>();
-    const std::vector<float> ht = transposed_row_tiles(hp, M, H, M);
+    Reused<float> ht(M * H);
+    transpose_row_tiles(hp, M, H, M, ht.data());
     return time_engine_gemms(
         p, H, reps, [&](float* gw) { return F32Tiles(hp, ht.data(), M, w, gw, p); });
   }
