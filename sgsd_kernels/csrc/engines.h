@@ -170,6 +170,7 @@ class F32Tiles {
         grad_w_(grad_w),
         N_(N),
         H_(weight.size(1)),
+        rows_(p.rows),
         dh_t_(dh_transposed(N, weight.size(1))),
         dw_t_(grad_w != nullptr && wide(weight.size(1))),
         wt_(dh_t_ ? static_cast<size_t>(p.vblock * weight.size(1)) : 0),
@@ -190,6 +191,7 @@ class F32Tiles {
 
   void set_block(int64_t v0, int64_t nv, bool backward) {
     v0_ = v0, nv_ = nv;
+    if (N_ <= rows_) prefetch(w_ + v0 * H_, nv * H_ * sizeof(float));
     if (backward && dh_t_) transpose(w_ + v0 * H_, H_, nv, H_, wt_.data(), nv);  // Wᵀ [H, nv]
   }
 
@@ -232,7 +234,7 @@ class F32Tiles {
  private:
   const float *h_, *ht_, *w_;
   float* grad_w_;
-  int64_t N_, H_, v0_ = 0, nv_ = 0;
+  int64_t N_, H_, rows_, v0_ = 0, nv_ = 0;
   bool dh_t_, dw_t_;
   Reused<float> wt_, gtt_, dwt_;
 };

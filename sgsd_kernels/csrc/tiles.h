@@ -132,6 +132,16 @@ inline void prefault(void* data, size_t bytes) {
   std::memset(data, 0, bytes);
 }
 
+// Pull [data, data + bytes) into cache ahead of the GEMM that reads it. For a W block that
+// only one row tile uses (N ≤ rows), the fp32 logits GEMM otherwise takes its A operand's
+// misses one by one: the fp32 forward at N=256, V=32768, H=256 went 21.8 → 21.0 ms with the
+// block prefetched at set_block (AMD EPYC dev box, medians of 7, two runs each). No gain
+// measured for bf16 at that shape, nor with several row tiles per block (N=1024, 4096).
+inline void prefetch(const void* data, size_t bytes) {
+  const char* p = static_cast<const char*>(data);
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 struct Plan {
   int64_t rows;    // rows per tile
   int64_t vblock;  // vocabulary entries per tile
