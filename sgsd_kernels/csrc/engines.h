@@ -191,7 +191,9 @@ class F32Tiles {
 
   void set_block(int64_t v0, int64_t nv, bool backward) {
     v0_ = v0, nv_ = nv;
-    if (N_ <= rows_) prefetch(w_ + v0 * H_, nv * H_ * sizeof(float));
+    // (only blocks that fit in L2 with room to spare: at H = 256 a block is 256 KiB)
+    if (N_ <= rows_ && nv * H_ * sizeof(float) <= (size_t(512) << 10))
+      prefetch(w_ + v0 * H_, nv * H_ * sizeof(float));
     if (backward && dh_t_) transpose(w_ + v0 * H_, H_, nv, H_, wt_.data(), nv);  // Wᵀ [H, nv]
   }
 
