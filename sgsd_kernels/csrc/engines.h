@@ -173,8 +173,9 @@ class F32Tiles {
         rows_(p.rows),
         dh_t_(dh_transposed(N, weight.size(1))),
         dw_t_(grad_w != nullptr && wide(weight.size(1))),
+        gt_t_(!dh_t_ || dw_t_),
         wt_(dh_t_ ? static_cast<size_t>(p.vblock * weight.size(1)) : 0),
-        gtt_(dh_t_ && !dw_t_ ? 0 : static_cast<size_t>(p.vblock * p.rows)),
+        gtt_(gt_t_ ? static_cast<size_t>(p.vblock * p.rows) : 0),
         dwt_(dw_t_ ? static_cast<size_t>(p.vblock * weight.size(1)) : 0) {}
 
   // A GEMM whose B and C rows are H fp32 apart runs slowly once H ≥ 1024 (4 KiB strides
@@ -192,8 +193,8 @@ class F32Tiles {
   void set_block(int64_t v0, int64_t nv, bool backward) {
     v0_ = v0, nv_ = nv;
     // (only blocks that fit in L2 with room to spare: at H = 256 a block is 256 KiB)
-    if (N_ <= rows_ && nv * H_ * sizeof(float) <= (size_t(512) << 10))
-      prefetch(w_ + v0 * H_, nv * H_ * sizeof(float));
+    const size_t block_bytes = nv * H_ * sizeof(float);
+    if (N_ <= rows_ && block_bytes <= (size_t(512) << 10)) prefetch(w_ + v0 * H_, block_bytes);
     if (backward && dh_t_) transpose(w_ + v0 * H_, H_, nv, H_, wt_.data(), nv);  // Wᵀ [H, nv]
   }
 
@@ -204,13 +205,13 @@ class F32Tiles {
 
   // dh: the task's partial, [H, N] when dh_transposed(N, H), else [N, H].
   void grads(int64_t r0, int64_t nr, const float* gt, bool first, float* dh) {
+    if (gt_t_) transpose(gt, nr, nv_, nr, gtt_.data(), nv_);  // gtᵀ [nr, nv]
     if (dh_t_) {
       // dhᵀ[:, r0:r0+nr] += Wᵀ·gt  (M = H, N = nr, K = nv)
       at::native::cpublas::brgemm(H_, nr, nv_, nv_, nr, N_, true, wt_.data(), gt, dh + r0,
                                   false);
     } else {
       // dh[r0:r0+nr] += gtᵀ·W_blk  (M = nr, N = H, K = nv)
-      transpose(gt, nr, nv_, nr, gtt_.data(), nv_);
       at::native::cpublas::brgemm(nr, H_, nv_, nv_, H_, H_, true, gtt_.data(), w_ + v0_ * H_,
                                   dh + r0 * H_, false);
     }
@@ -218,7 +219,6 @@ class F32Tiles {
     if (dw_t_) {
       // dW_blkᵀ (+)= h_tileᵀ·gtᵀ  (M = H, N = nv, K = nr) into the block's [H, nv] scratch,
       // transposed into grad_w by end_block.
-      if (dh_t_) transpose(gt, nr, nv_, nr, gtt_.data(), nv_);
       at::native::cpublas::brgemm(H_, nv_, nr, nr, nv_, nv_, !first, ht_ + r0 * H_,
                                   gtt_.data(), dwt_.data(), false);
       return;
@@ -238,6 +238,7 @@ class F32Tiles {
   float* grad_w_;
   int64_t N_, H_, rows_, v0_ = 0, nv_ = 0;
   bool dh_t_, dw_t_;
+  bool gt_t_;  // the gradient tile is also needed transposed: by the [N, H] dh or by dWᵀ
   Reused<float> wt_, gtt_, dwt_;
 };
 
