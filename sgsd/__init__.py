@@ -1,30 +1,26 @@
 """SGSD trainer: Skill-Conditioned Gated Self-Distillation (arXiv 2605.28791).
 
 Kept deliberately light: importing ``sgsd`` imports nothing heavy (no torch,
-transformers, vLLM, math-verify). Import the submodules you need:
+transformers, vLLM, math-verify). Import the parts you need; the map (docs/design.md,
+"Architecture"):
 
-* :mod:`sgsd.train`       -- the training loop: setup, ``train_step``, finish
-* :mod:`sgsd.cli`         -- the command line: validation before any heavy import, launcher
-* :mod:`sgsd.config`      -- ``TrainConfig``: every option, its default, validation, ``--help``
-* :mod:`sgsd.rundir`      -- one run per output directory: fresh / resume / overwrite, run id
-* :mod:`sgsd.console`     -- quiet console: known third-party noise filtered (``--verbose``)
-* :mod:`sgsd.distributed` -- rank layout from torchrun's environment, seeding
-* :mod:`sgsd.model`       -- the policy (+ LoRA): hidden states and LM head, FSDP2 sharding
-* :mod:`sgsd.rollout`     -- rollout engines: vLLM in process, or HF ``generate``
-* :mod:`sgsd.scoring`     -- rollouts, teacher log-probs, micro-batched forward/backward
-* :mod:`sgsd.losses`      -- the loss-strategy interface and the SGSD loss
-* :mod:`sgsd.metrics`     -- how loss metrics combine; metrics.jsonl, console, TB / W&B
-* :mod:`sgsd.checkpoint`  -- atomic checkpoints, exact resume, graceful stop on a signal
-* :mod:`sgsd.skills`      -- skill bank (published SGSD format), BM25 teacher retrieval
-* :mod:`sgsd.skill_extraction` -- memory records, LLM extraction of skills / mistakes
-* :mod:`sgsd.skill_merge` -- hierarchical LLM merge of skills or mistakes
-* :mod:`sgsd.skill_update` -- online skill-bank update and its trainer hook
-* :mod:`sgsd.build_skill_bank` -- cold-start bank CLI (``python -m sgsd.build_skill_bank``)
-* :mod:`sgsd.json_reply`  -- robust JSON extraction from model replies
-* :mod:`sgsd.prompts`     -- student / teacher prompts, token-aligned rendering, format mask
-* :mod:`sgsd.verify`      -- math-verify based answer checking with a hard timeout
-* :mod:`sgsd.data`        -- problem sets (bundled demo set, local files, HF datasets)
-* :mod:`sgsd.tiny_model`  -- tiny offline Qwen3 model + tokenizer for tests and demos
+* :mod:`sgsd.train`     -- the training loop: setup, ``train_step``, finish
+* :mod:`sgsd.cli`       -- the command line: validation before any heavy import, launcher
+* :mod:`sgsd.config`    -- ``TrainConfig``: every option, its default, validation, ``--help``
+* :mod:`sgsd.prompts`   -- student / teacher / skill-bank prompts, token-aligned rendering
+* :mod:`sgsd.data`      -- problem sets (bundled demo set, local files, HF datasets)
+* :mod:`sgsd.metrics`   -- how loss metrics combine; metrics.jsonl, console, TB / W&B
+* :mod:`sgsd.console`   -- quiet console: known third-party noise filtered (``--verbose``)
+* :mod:`sgsd.methods`   -- training methods (SGSD, GRPO, OPSD, local support) and the registry
+* :mod:`sgsd.skills`    -- the skill bank: format, BM25, extraction, merge, online update,
+  cold start
+* :mod:`sgsd.eval`      -- the verifier, evaluation metrics, the evaluator
+* :mod:`sgsd.engine`    -- what the loop drives: model, rollouts, scoring, teacher weights,
+  checkpoints, run directories, process setup
+* :mod:`sgsd.tiny`      -- the tiny offline model and its warm start
+
+Entry points: ``python -m sgsd.train`` (also ``python sgsd/train.py``, ``torchrun``,
+``sgsd-train``), ``python -m sgsd.evaluate``, ``python -m sgsd.build_skill_bank``.
 """
 
 __version__ = "0.1.0"

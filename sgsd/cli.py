@@ -1,15 +1,19 @@
-"""The trainer's command line: ``sgsd-train``, ``python -m sgsd.train`` and
-``torchrun --module sgsd.train`` all come through :func:`main`.
+"""The trainer's command line, before anything heavy is imported (torch alone takes
+seconds). ``sgsd-train``, ``python sgsd/train.py``, ``python -m sgsd.train`` and
+``torchrun --module sgsd.train`` all go through :func:`sgsd.train.main`, which calls
+:func:`validate` here and then trains.
 
-Before anything heavy is imported (torch alone takes seconds), :func:`main` parses and
-validates every option, checks that the ``train`` extra is installed and plans the run
-directory (:func:`sgsd.rundir.plan_run`). A problem found there is one line on stderr,
-from rank 0 only, in argparse's style, and exit status 2 on every rank: no traceback.
+:func:`validate` parses and validates every option, checks that the ``train`` extra is
+installed and plans the run directory (:func:`sgsd.engine.rundir.plan_run`). A problem
+found there is one line on stderr, from rank 0 only, in argparse's style, and exit status 2
+on every rank: no traceback.
 
-:func:`launch` (the ``sgsd-train`` console script) also takes ``--nproc-per-node N``: it
-validates in this process first, then replaces itself with
-``torchrun --standalone --nproc_per_node=N --module sgsd.train ...``, so a bad option
-costs no worker start and no torchrun failure report.
+:func:`launch` is the ``sgsd-train`` console script; it also takes ``--nproc-per-node N``.
+It validates in this process first, then replaces itself with ``python -m sgsd.train ...``
+(N = 1) or ``torchrun --standalone --nproc_per_node=N --module sgsd.train ...``, so a bad
+option costs no worker start and no torchrun failure report.
+
+This module never imports the loop: the loop imports it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 
 from sgsd.config import ConfigError, TrainConfig, load_config, usage
 
-__all__ = ["PROG", "launch", "main", "missing_requirements", "preflight"]
+__all__ = ["PROG", "launch", "missing_requirements", "preflight", "validate"]
 
 PROG = "sgsd-train"
 _INSTALL = 'pip install "sgsd-kernels[train]"'
@@ -62,9 +66,9 @@ def _local_path(value: str) -> bool:
 
 def preflight(cfg: TrainConfig, world_size: int):
     """Every check that needs no model: paths, ranks, dependencies, the run directory.
-    Returns the :class:`sgsd.rundir.RunPlan`; raises ConfigError, NothingToDo or
+    Returns the :class:`sgsd.engine.rundir.RunPlan`; raises ConfigError, NothingToDo or
     ModuleNotFoundError (with the install command)."""
-    from sgsd.rundir import plan_run
+    from sgsd.engine.rundir import plan_run
 
     if cfg.problems_per_step % world_size:
         raise ConfigError(
@@ -90,10 +94,11 @@ def preflight(cfg: TrainConfig, world_size: int):
     return plan_run(cfg, world_size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Validate, then train (the heavy imports happen only after validation)."""
+def validate(argv: list[str] | None = None):
+    """The options and the run plan ``(TrainConfig, RunPlan)``, or the exit status when
+    there is nothing to train (``--help``: 0; a bad option: 2; nothing left to do: 0)."""
     from sgsd import console
-    from sgsd.rundir import NothingToDo
+    from sgsd.engine.rundir import NothingToDo
 
     argv = sys.argv[1:] if argv is None else list(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -116,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: {e}", flush=True)
         return 0
     console.prepare_environment(cfg.verbose)
-    from sgsd.train import run
-
-    return run(cfg, plan)
+    return cfg, plan
 
 
 def _pop_nproc(argv: list[str]) -> tuple[int, list[str]]:
@@ -145,18 +148,20 @@ def _pop_nproc(argv: list[str]) -> tuple[int, list[str]]:
 
 
 def launch(argv: list[str] | None = None) -> int:
-    """``sgsd-train [--nproc-per-node N] [options]``: validate here, then train in this
-    process (N = 1) or exec torchrun with N workers."""
+    """``sgsd-train [--nproc-per-node N] [options]``: validate here, then replace this
+    process with ``python -m sgsd.train`` (N = 1) or torchrun with N workers. Returns only
+    when there is nothing to start (its exit status)."""
+    from sgsd.engine.rundir import NothingToDo
+
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         nproc, rest = _pop_nproc(argv)
     except ConfigError as e:
         _error(str(e), 0)
         return 2
-    if nproc == 1 or "-h" in rest or "--help" in rest:
-        return main(rest)
-    from sgsd.rundir import NothingToDo
-
+    if "-h" in rest or "--help" in rest:
+        print(usage())
+        return 0
     try:
         preflight(load_config(rest), nproc)
     except (ConfigError, ModuleNotFoundError) as e:
@@ -165,10 +170,13 @@ def launch(argv: list[str] | None = None) -> int:
     except NothingToDo as e:
         print(f"{PROG}: {e}", flush=True)
         return 0
-    # torchrun sets 1 thread per worker anyway, with a banner saying so; set it quietly
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={nproc}", "--module", "sgsd.train", *rest]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sgsd.train", *rest]
+    else:
+        # torchrun sets 1 thread per worker anyway, with a banner saying so; set it quietly
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc_per_node={nproc}", "--module", "sgsd.train", *rest]
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
     return 0  # not reached

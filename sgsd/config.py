@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sgsd.methods.registry import METHODS, method_names
+
 __all__ = [
-    "GRPO_PROFILE",
     "TINY_PROFILE",
     "ConfigError",
     "TrainConfig",
@@ -59,7 +60,7 @@ LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 class TrainConfig:
     # ---- model -------------------------------------------------------------------------
     model: str = "tiny"
-    """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny_model).
+    """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny.model).
     ``Qwen/Qwen3-1.7B`` is the paper's model."""
     finetune: str = "lora"
     """``"lora"`` (PEFT LoRA on every attention and MLP projection) or ``"full"``."""
@@ -101,7 +102,7 @@ class TrainConfig:
     ``compact`` (sgsd.prompts.TEACHER_STYLES)."""
     skill_update_every: int = 25
     """Online skill-bank update every N steps (0 = off), only on steps whose success rate
-    is below skill_update_threshold (sgsd.skill_update; paper: 25)."""
+    is below skill_update_threshold (sgsd.skills.online_update; paper: 25)."""
     skill_update_threshold: float = 0.8
     """Update only when the step's success rate (all ranks) is below this (paper: 0.8)."""
     skill_update_max_new: int = 5
@@ -116,15 +117,16 @@ class TrainConfig:
     teacher_thinking: bool = True
     """Render the teachers' prompts with thinking enabled (published: on)."""
     student_skills: bool = False
-    """"+Skill" variants: put the top ``student_skills_k`` skills and mistakes (BM25) in
-    the student's prompt too (rendered once at start-up from the initial bank)."""
+    """"+Skill" baselines (GRPO+Skill, OPSD+Skill, ...): put the top ``student_skills_k``
+    skills and mistakes (BM25) in the student's prompt too (rendered once at start-up from
+    the initial bank)."""
     student_skills_k: int = 3
     """Skills and mistakes each in the +Skill student prompt (published GRPO+Skill: 3)."""
 
     # ---- loss (docs/design.md §3) ----------------------------------------------------
     loss: str = "sgsd"
-    """Loss strategy (sgsd.losses.LOSSES): ``sgsd`` or ``grpo`` (sgsd.grpo; unset fields then
-    take GRPO_PROFILE, the published GRPO settings)."""
+    """Training method, one of the registry's (sgsd.methods; listed above). A method's own
+    defaults (GRPO: the published settings) apply to the fields you do not set."""
     grpo_clip_eps: float = 0.2
     """GRPO's PPO clip epsilon (published: 0.2)."""
     num_iterations: int = 1
@@ -132,7 +134,7 @@ class TrainConfig:
     ones (GRPO's num_iterations; published GRPO: 2). Each pass is an optimiser step; the
     LR schedule advances once per trainer step."""
     teacher: str = "live"
-    """Teacher weights (sgsd.teachers): ``live`` (current), ``frozen`` (initial; LoRA
+    """Teacher weights (sgsd.engine.teacher_weights): ``live`` (current), ``frozen`` (initial; LoRA
     adapter disabled), ``ema`` or ``periodic``."""
     teacher_ema_decay: float = 0.999
     """EMA decay for ``teacher=ema`` (published: 0.999)."""
@@ -164,9 +166,6 @@ class TrainConfig:
     """OPSD: softmax temperature of student and teacher in the divergence (published 1.1)."""
     divergence_clip: float | None = 0.05
     """OPSD: per-vocabulary-element clip of the divergence terms (published 0.05)."""
-    student_skills: bool = False
-    """"+Skill" baselines (OPSD+Skill): the top-K retrieved skills (K = num_teachers) go
-    into the student prompt."""
 
     # ---- rollouts ----------------------------------------------------------------------
     rollout_backend: str = "auto"
@@ -297,11 +296,16 @@ class TrainConfig:
             0.0 <= self.skill_update_threshold <= 1.0, "skill_update_threshold", "must be in [0, 1]"
         )
         at_least(1, "skill_update_max_tokens")
-        one_of("loss", ("sgsd", "opsd", "grpo"))
+        one_of("loss", method_names())
         need(
             self.local_support_top_k is None or self.local_support_top_k >= 1,
             "local_support_top_k",
             "must be >= 1 (or none)",
+        )
+        need(
+            self.local_support_top_k is None or self.loss == "sgsd",
+            "local_support_top_k",
+            f"is a gate of --loss sgsd, not of --loss {self.loss}",
         )
         need(0.0 <= self.divergence_beta <= 1.0, "divergence_beta", "must be in [0, 1]")
         positive("divergence_temperature")
@@ -422,14 +426,6 @@ TINY_PROFILE: dict[str, Any] = {
     "eval_n": 2,
     "eval_max_tokens": 64,
     "teacher_thinking": False,
-}
-
-#: The published GRPO settings, applied when ``loss == "grpo"`` to the fields the user did
-#: not set (after TINY_PROFILE): G = 8 rollouts at temperature 1.2, two optimiser passes.
-GRPO_PROFILE: dict[str, Any] = {
-    "rollouts_per_problem": 8,
-    "temperature": 1.2,
-    "num_iterations": 2,
 }
 
 
@@ -598,7 +594,19 @@ def usage() -> str:
             88,
         ),
         "",
+        "methods (--loss NAME):",
     ]
+    for m in METHODS.values():
+        own = ", ".join(f"{flag(k)} {v}" for k, v in m.defaults.items())
+        text = m.summary + (f" (defaults: {own})" if own else "")
+        lines += textwrap.wrap(
+            text,
+            88,
+            initial_indent=f"  {m.name:<6}",
+            subsequent_indent=" " * 8,
+            break_on_hyphens=False,
+        )
+    lines.append("")
     types = _field_types()
     for f in fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -637,8 +645,9 @@ def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:
         user_set = set(parsed)
         if parsed.get("model", "tiny") == "tiny":
             parsed = {**{k: v for k, v in TINY_PROFILE.items() if k not in parsed}, **parsed}
-        if parsed.get("loss") == "grpo":
-            parsed.update({k: v for k, v in GRPO_PROFILE.items() if k not in user_set})
+        method = METHODS.get(parsed.get("loss", "sgsd"))
+        if method is not None:  # an unknown name fails validation below
+            parsed.update({k: v for k, v in method.defaults.items() if k not in user_set})
         return TrainConfig(**parsed)
     except ConfigError as e:
         if e.field in typed and not str(e).startswith(typed[e.field]):

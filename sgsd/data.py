@@ -105,7 +105,7 @@ _DAPO_SUFFIX = re.compile(
 @dataclass(frozen=True)
 class Problem:
     """One problem: ``answer`` is the gold final answer (LaTeX or plain text) that
-    :func:`sgsd.verify.verify` compares with; ``solution`` a worked solution or ``""``."""
+    :func:`sgsd.eval.verify.verify` compares with; ``solution`` a worked solution or ``""``."""
 
     id: str
     problem: str
@@ -174,7 +174,7 @@ def _detect_answer(rows: list[Mapping], name: str) -> tuple[str, str]:
         values = [_text(r.get(f)) for r in rows]
         if all(values) and all(_looks_like_final_answer(v) for v in values):
             return "solution", f
-    from sgsd.verify import extract_boxed
+    from sgsd.eval.verify import extract_boxed
 
     for f in _SOLUTION_FIELDS:
         values = [r.get(f) for r in rows]
@@ -205,7 +205,7 @@ def _to_problems(
         how, field = "field", answer_field
     else:
         how, field = _detect_answer(rows, name)
-    from sgsd.verify import extract_boxed
+    from sgsd.eval.verify import extract_boxed
 
     out, seen_pairs, ids = [], set(), set()
     for i, r in enumerate(rows):

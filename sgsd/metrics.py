@@ -178,7 +178,7 @@ class MetricsLogger:
             self.wandb.log(numeric, step=record["step"])
 
     def samples(self, step: int, rollouts: list, tokenizer) -> str:
-        """Append this rank's rollouts (:class:`sgsd.scoring.Rollout`) to samples.jsonl;
+        """Append this rank's rollouts (:class:`sgsd.engine.scoring.Rollout`) to samples.jsonl;
         return one for the console."""
         if not self.enabled:
             return ""

@@ -56,9 +56,9 @@ __all__ = [
     "render_prompt_ids",
     "sgsd_teacher_messages",
     "sgsd_teacher_text",
+    "skill_guided_messages",
     "skill_extraction_messages",
     "skill_merge_messages",
-    "skill_student_messages",
     "student_messages",
     "student_text",
 ]
@@ -85,7 +85,6 @@ _PUBLISHED_HEADER = (
     "You may use the following retrieved math-reasoning skills as soft guidance. "
     "Solve the current problem independently and do not quote the skills verbatim."
 )
-_SKILL_STUDENT_HEADER = "Skills that may help with this problem:"
 _OPSD_HEADER = "A reference solution to this problem:"
 _OPSD_FOOTER = (
     "Using the reference solution as a guide, solve the problem yourself. " + STUDENT_INSTRUCTION
@@ -223,9 +222,9 @@ def sgsd_teacher_messages(
 ) -> list[dict]:
     """An SGSD teacher context: the guidance block (skill + mistake) before the problem.
 
-    ``guidance`` is typically :attr:`sgsd.skills.TeacherSpec.guidance` (retrieved with the
+    ``guidance`` is typically :attr:`sgsd.skills.bank.TeacherSpec.guidance` (retrieved with the
     same ``style``); then the message content equals
-    :attr:`~sgsd.skills.TeacherSpec.context`.
+    :attr:`~sgsd.skills.bank.TeacherSpec.context`.
     """
     return [{"role": "user", "content": sgsd_teacher_text(problem, guidance, style=style)}]
 
@@ -241,24 +240,16 @@ def opsd_teacher_messages(problem: Any, reference_solution: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def skill_student_messages(problem: Any, skills: Sequence[str]) -> list[dict]:
-    """The "+Skill" student prompt: skill texts listed before the plain student prompt.
-
-    ``skills`` are already-rendered strings (e.g. :func:`format_skill` of retrieved
-    items, or :meth:`sgsd.skills.SkillBank.skill_texts`). With no skills this is exactly
-    :func:`student_messages`.
-    """
-    if isinstance(skills, str):
-        raise TypeError("skills must be a sequence of str, not a single str")
-    for s in skills:
-        if not isinstance(s, str):
-            raise TypeError(f"skills must contain only str, found {type(s).__name__}")
-    items = [s.strip() for s in skills if s.strip()]
-    if not items:
-        return student_messages(problem)
-    listed = "\n\n".join(f"{i}. {s}" for i, s in enumerate(items, 1))
-    content = f"{_SKILL_STUDENT_HEADER}\n\n{listed}\n\n{student_text(problem)}"
-    return [{"role": "user", "content": content}]
+def skill_guided_messages(problem: Any, bank: Any, k: int) -> list[dict]:
+    """The "+Skill" prompt (Base+Skill evaluation, the +Skill training baselines): the top
+    ``k`` skills and the top ``k`` mistakes that ``bank`` retrieves for the problem (BM25,
+    :meth:`sgsd.skills.bank.SkillBank.retrieve`) in one guidance block before it."""
+    text = _problem_text(problem)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    skills = [s for s, _ in bank.retrieve(text, k, "skill")]
+    mistakes = [m for m, _ in bank.retrieve(text, k, "mistake")]
+    return sgsd_teacher_messages(problem, format_guidance(skills, mistakes))
 
 
 # --------------------------------------------------------------------------- skill bank

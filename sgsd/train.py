@@ -6,8 +6,8 @@
     sgsd-train --nproc-per-node 2 --max-steps 3 --output-dir runs/demo   # the same
     python -m sgsd.train --resume --output-dir runs/demo   # continue the newest checkpoint
 
-:func:`sgsd.cli.main` validates the options and plans the run directory before anything
-heavy is imported, then calls :func:`run`, which reads top to bottom: :func:`setup` builds
+:func:`sgsd.cli.validate` checks the options and plans the run directory before anything
+heavy is imported, then :func:`run` reads top to bottom: :func:`setup` builds
 a :class:`Trainer` (model, data, skill bank, loss strategy, optimizer, resume, rollout
 engine), the run starts (the first write into its directory), :func:`train_step` takes
 each optimizer step, :func:`finish` releases what setup acquired. One optimizer step:
@@ -22,24 +22,26 @@ each optimizer step, :func:`finish` releases what setup acquired. One optimizer 
 5. ONE student forward with grad per rollout -> the loss strategy (SGSD:
    ``sgsd_kernels.linear_gated_kd_loss``) -> backward, accumulated over micro-batches;
 6. clip the gradient norm, optimizer and scheduler step; every ``skill_update_every``
-   steps, the online skill-bank update (:mod:`sgsd.skill_update`);
+   steps, the online skill-bank update (:mod:`sgsd.skills.online_update`);
 7. metrics over all ranks, the console line;
 8. (in :func:`run`) maybe checkpoint, stop on a signal.
 
-Steps 2-5 live in :mod:`sgsd.scoring`, the loss itself in :mod:`sgsd.losses`, metrics in
-:mod:`sgsd.metrics`. Everything configurable lives in :class:`sgsd.config.TrainConfig`.
-
-Over 450 lines on purpose: the whole loop (setup, one step, checkpoint, finish) reads top to
-bottom in this one file; the pieces that can stand alone already live in the modules above.
+Steps 2-5 live in :mod:`sgsd.engine.scoring`, the loss in the method the registry builds
+(:mod:`sgsd.methods`), metrics in :mod:`sgsd.metrics`; what the loop drives (model,
+rollouts, teacher weights, checkpoints, run directory) in :mod:`sgsd.engine`. Everything
+configurable lives in :class:`sgsd.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":  # python sgsd/train.py, python -m sgsd.train, torchrun --module
-    # Validate the options before the imports below (torch alone takes seconds).
-    from sgsd.cli import main as _cli_main
+    # Validate the options before the imports below (torch alone takes seconds); the run
+    # starts at the bottom of this file.
+    from sgsd.cli import validate as _validate
 
-    raise SystemExit(_cli_main())
+    _PREPARED = _validate()
+    if isinstance(_PREPARED, int):
+        raise SystemExit(_PREPARED)
 
 import faulthandler
 import gc
@@ -53,78 +55,33 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sgsd import console, prompts
-from sgsd.checkpoint import (
+from sgsd import cli, console
+from sgsd.config import TrainConfig
+from sgsd.engine.checkpoint import (
     GracefulStop,
     TrainerState,
     load_checkpoint,
     load_extra,
     save_checkpoint,
 )
-from sgsd.config import TrainConfig
-from sgsd.distributed import Dist, seed_everything, setup_distributed
-from sgsd.losses import LossStrategy, build_loss
+from sgsd.engine.distributed import Dist, reduce_over_ranks, seed_everything, setup_distributed
+from sgsd.engine.model import Policy, gathered, load_policy, model_source, wrap_for_parallelism
+from sgsd.engine.optim import build_optimizer, build_scheduler
+from sgsd.engine.problems import ProblemSampler, load_problem_set
+from sgsd.engine.rollout import RolloutEngine, build_rollout_engine
+from sgsd.engine.rundir import RunPlan, start_run
+from sgsd.engine.scoring import Rollout, forward_backward, make_rollouts
+from sgsd.engine.teacher_weights import TeacherWeights
+from sgsd.eval.during_training import TrainingEval
+from sgsd.methods import build_method
+from sgsd.methods.base import LossStrategy
 from sgsd.metrics import MetricsLogger, format_line, reduce_sums, step_record
-from sgsd.model import Policy, gathered, is_fsdp, load_policy, model_source, shard_fsdp2
-from sgsd.rollout import RolloutEngine, build_rollout_engine
-from sgsd.rundir import RunPlan, start_run
-from sgsd.scoring import Rollout, forward_backward, make_rollouts
-from sgsd.skill_update import OnlineBankUpdater
-from sgsd.teachers import TeacherWeights
-from sgsd.train_eval import TrainingEval
+from sgsd.skills.bank import DEFAULT_BANK_FILE, SkillBank
+from sgsd.skills.online_update import OnlineBankUpdater
 
-__all__ = [
-    "Dist",
-    "ProblemSampler",
-    "Rollout",
-    "Trainer",
-    "build_scheduler",
-    "finish",
-    "forward_backward",
-    "main",
-    "run",
-    "setup",
-    "setup_distributed",
-    "train_step",
-]
+__all__ = ["Trainer", "finish", "main", "run", "setup", "train_step"]
 
 log = logging.getLogger("sgsd.train")
-
-
-class ProblemSampler:
-    """Deterministic problem order: epoch e is a permutation of the problems seeded by
-    (seed, e); every step takes the next ``problems_per_step`` of the global stream and
-    rank r takes its contiguous share. The position in the stream is the data state."""
-
-    def __init__(self, num_problems: int, seed: int):
-        self.n = num_problems
-        self.seed = seed
-
-    def _epoch(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, position: int, count: int) -> list[int]:
-        out = []
-        while len(out) < count:
-            epoch, offset = divmod(position + len(out), self.n)
-            order = self._epoch(epoch)
-            out.extend(order[offset : offset + count - len(out)])
-        return out
-
-
-def build_scheduler(cfg: TrainConfig, optimizer):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
-        if cfg.lr_schedule == "linear":  # step 0 at the full rate, 0 after max_steps
-            return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
@@ -141,7 +98,7 @@ class Trainer:
     problems: list  # sgsd.data.Problem, those whose student prompt fits
     prompt_ids: list[list[int]]  # each problem's rendered student prompt
     sampler: ProblemSampler
-    bank: object  # sgsd.skills.SkillBank
+    bank: SkillBank
     params: list[torch.nn.Parameter]  # trainable parameters (clipped, optimised)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -165,44 +122,9 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- setup
-def load_problem_set(cfg: TrainConfig, tokenizer, strategy: LossStrategy, bank=None):
-    """The problems whose rendered student prompt fits ``max_prompt_tokens``, and those
-    prompts' token ids (``student_skills``: skills and mistakes from ``bank`` before the
-    problem, the "+Skill" baselines)."""
-    from sgsd.data import load_problems
-    from sgsd.evaluate import problem_messages
-
-    loaded = load_problems(
-        cfg.dataset, split=cfg.dataset_split, answer_field=cfg.answer_field, limit=cfg.dataset_limit
-    )
-    problems, prompt_ids = [], []
-    for p in loaded:
-        messages = strategy.student_messages(p)
-        if cfg.student_skills:
-            messages = problem_messages(p, bank, cfg.student_skills_k)
-        ids = prompts.render_prompt_ids(tokenizer, messages, enable_thinking=cfg.enable_thinking)
-        if len(ids) <= cfg.max_prompt_tokens:
-            problems.append(p)
-            prompt_ids.append(ids)
-    if skipped := len(loaded) - len(problems):
-        log.warning(
-            "skipped %d of %d problems: student prompt longer than max_prompt_tokens=%d",
-            skipped,
-            len(loaded),
-            cfg.max_prompt_tokens,
-        )
-    if not problems:
-        raise ValueError(
-            f"no problem in {cfg.dataset!r} fits max_prompt_tokens={cfg.max_prompt_tokens}"
-        )
-    return problems, prompt_ids
-
-
 def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
     """Build the run; all ranks call it. It writes nothing into the run directory (a
     failed setup leaves it as it was). The order matters where noted."""
-    from sgsd.skills import SkillBank
-
     seed_everything(cfg.seed)
 
     # 1. model, data, skills, loss (rank 0 builds/fetches the weights once, then all load)
@@ -211,13 +133,9 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
     if dist.is_initialized():
         dist.barrier()
     policy, tokenizer, source = load_policy(cfg, env.device)
-    strategy = build_loss(cfg)
-    capacity = cfg.skill_online_capacity
-    bank = (
-        SkillBank.load(cfg.skill_bank, online_capacity=capacity)
-        if cfg.skill_bank
-        else SkillBank.default(online_capacity=capacity)
-    )
+    strategy = build_method(cfg)
+    bank_file = cfg.skill_bank or DEFAULT_BANK_FILE
+    bank = SkillBank.load(bank_file, online_capacity=cfg.skill_online_capacity)
     problems, prompt_ids = load_problem_set(cfg, tokenizer, strategy, bank)
     log.info(
         "%d problems, skill bank %s, loss %s, K=%d, %d rank(s)",
@@ -229,17 +147,9 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
     )
 
     # 2. distributed wrapper, then the optimizer (FSDP2 replaces the parameters)
-    model = policy
-    if env.world_size > 1 and cfg.parallelism == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(
-            policy, device_ids=[env.device.index] if env.device.type == "cuda" else None
-        )
-    elif env.world_size > 1 and cfg.parallelism == "fsdp2":
-        model = shard_fsdp2(policy, env.device, env.world_size)
+    model = wrap_for_parallelism(policy, cfg.parallelism, env.device, env.world_size)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
-    )
+    optimizer = build_optimizer(cfg, params)
     scheduler = build_scheduler(cfg, optimizer)
     # Before resuming: `frozen` keeps the initial weights; ema/periodic state is loaded below.
     teacher = None
@@ -280,7 +190,6 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
         world_size=env.world_size,
         resume_step=state.step,
     )
-    threads = torch.get_num_threads()
     engine = build_rollout_engine(
         cfg,
         policy,
@@ -294,15 +203,7 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
             evaluator.max_model_len(),
         ),
     )
-    if torch.get_num_threads() != threads:  # vLLM may lower it for serving
-        torch.set_num_threads(threads)
     log.info("rollouts: %s", engine.name)
-    if is_fsdp(policy) and engine.name != "vllm":
-        engine.close()
-        raise ValueError(
-            "parallelism='fsdp2' needs vLLM rollouts: HF generate would run a "
-            "different number of (collective) forwards on each rank"
-        )
 
     # 5. progress bar (metrics files are opened in run(), once the run has started)
     bar = None
@@ -390,12 +291,13 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
     )
 
     # 7. metrics over all ranks (sums, divided once), console line, samples
+    eos = t.tokenizer.eos_token_id
     local = {
         "loss": loss * len(rollouts),
         "reward": sum(r.reward for r in rollouts),
         "correct": sum(r.reward > 0 for r in rollouts),
         "tokens": sum(len(r.completion_ids) for r in rollouts),
-        "truncated": sum(_truncated(r, cfg, t.tokenizer) for r in rollouts),
+        "truncated": sum(r.truncated(cfg.max_completion_tokens, eos) for r in rollouts),
         **loss_sums.sums,
     }
     sums = reduce_sums(local, env.device)
@@ -411,8 +313,8 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
     )
     record.update(bank_metrics)
     lengths = [len(r.completion_ids) for r in rollouts]
-    record["completion_tokens_min"] = _over_ranks(min(lengths), dist.ReduceOp.MIN, env.device)
-    record["completion_tokens_max"] = _over_ranks(max(lengths), dist.ReduceOp.MAX, env.device)
+    record["completion_tokens_min"] = reduce_over_ranks(min(lengths), "min", env.device)
+    record["completion_tokens_max"] = reduce_over_ranks(max(lengths), "max", env.device)
     record["truncated_frac"] = sums["truncated"] / sums["rollouts"]
     t.metrics_log.step(record)
     sample = ""
@@ -429,23 +331,8 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
     return record, rollouts
 
 
-def _truncated(r: Rollout, cfg: TrainConfig, tokenizer) -> bool:
-    """The completion hit ``max_completion_tokens`` without ending in EOS."""
-    ids = r.completion_ids
-    return len(ids) >= cfg.max_completion_tokens and (not ids or ids[-1] != tokenizer.eos_token_id)
-
-
-def _over_ranks(value: float, op, device: torch.device) -> float:
-    """``value`` reduced over ranks with ``op`` (itself in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    x = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(x, op=op)
-    return float(x.item())
-
-
 def evaluate_now(t: Trainer) -> None:
-    """Evaluation during training (:mod:`sgsd.train_eval`); all ranks call it. The engine
+    """Evaluation during training (:mod:`sgsd.eval.during_training`); all ranks call it. The engine
     gets the weights of this step first."""
     with gathered(t.policy):
         t.engine.sync_weights(t.policy)
@@ -506,7 +393,7 @@ def finish(t: Trainer) -> None:
 
 # ----------------------------------------------------------------------------- run
 def run(cfg: TrainConfig, plan: RunPlan) -> int:
-    """Train with validated options (:func:`sgsd.cli.main` validates and calls this)."""
+    """Train with validated options (:func:`sgsd.cli.validate`'s)."""
     env = setup_distributed()
     if env.world_size > 1:
         faulthandler.enable()  # a rank killed by a native abort prints every thread's stack
@@ -551,7 +438,10 @@ def run(cfg: TrainConfig, plan: RunPlan) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line (:func:`sgsd.cli.main`): validate, then :func:`run`."""
-    from sgsd.cli import main as cli_main
+    """The command line: validate (:func:`sgsd.cli.validate`), then :func:`run`."""
+    prepared = cli.validate(argv)
+    return prepared if isinstance(prepared, int) else run(*prepared)
 
-    return cli_main(argv)
+
+if __name__ == "__main__":
+    raise SystemExit(run(*_PREPARED))

@@ -1,0 +1,206 @@
+"""Policy model: load a causal LM (+ LoRA), expose hidden states and the LM head.
+
+The trainer never calls the model's ``forward`` (which would compute ``[B, T, V]``
+logits). :class:`Policy` runs the backbone and returns last hidden states; the loss
+multiplies them by the LM head inside the fused kernels. ``Policy`` is the module that
+``DistributedDataParallel`` wraps (gradient synchronisation sees every trainable
+parameter, the LM head included when it trains), and the FSDP2 root (its forward gathers
+the embeddings and the head; :func:`shard_fsdp2`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sgsd.config import TrainConfig
+from sgsd_kernels import hf
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Policy",
+    "gathered",
+    "is_fsdp",
+    "load_policy",
+    "merged_weights",
+    "model_source",
+    "resolve_dtype",
+    "shard_fsdp2",
+    "trainable_names",
+    "wrap_for_parallelism",
+]
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def model_source(cfg: TrainConfig) -> str:
+    """A path or hub id that both transformers and vLLM can load (builds the tiny model)."""
+    if cfg.model != "tiny":
+        return cfg.model
+    from sgsd.tiny.model import default_tiny_model_dir, save_tiny_model
+
+    # The warm-started tiny model (right sometimes on the demo set; trained once, cached).
+    return str(save_tiny_model(default_tiny_model_dir(warm_start=True), seed=0, warm_start=True))
+
+
+class Policy(nn.Module):
+    """The trained causal LM, seen as ``hidden = policy(input_ids, attention_mask)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # PEFT-wrapped or plain transformers causal LM
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return hf.last_hidden_states(self.model, input_ids, attention_mask=attention_mask)
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return hf.lm_head_parameters(self.model)
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+
+def load_policy(cfg: TrainConfig, device: torch.device):
+    """``(Policy, tokenizer, source)`` with LoRA applied (or all weights trainable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(cfg)
+    dtype = resolve_dtype(cfg, device)
+    attn = _attn_implementation(cfg, device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+    model.to(device)
+    model.config.use_cache = False
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.finetune == "lora":
+            # inputs must require grad for checkpointed blocks when the embeddings are frozen
+            model.enable_input_require_grads()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model %s (%s, %s, attn=%s): %.2fM / %.2fM parameters trainable",
+        source,
+        cfg.finetune,
+        dtype,
+        attn,
+        n_train / 1e6,
+        n_all / 1e6,
+    )
+    return Policy(model), tokenizer, source
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_fsdp2(policy: Policy, device: torch.device, world_size: int) -> Policy:
+    """FSDP2 (``fully_shard``): each decoder layer is one shard group, the rest (embeddings,
+    final norm, LM head) the root group. ``Policy`` is the root, so its ``forward``
+    gathers the root parameters and ``policy.lm_head()`` is valid right after a forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    layers = getattr(hf.backbone(policy.model), "layers", None)
+    if layers is None:
+        raise TypeError("FSDP2 needs a decoder with a .layers list (one shard group per layer)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    return policy
+
+
+def wrap_for_parallelism(policy: Policy, parallelism: str, device: torch.device, world_size: int):
+    """What the student forward runs through: the policy itself (one rank), a
+    DistributedDataParallel wrapper (``ddp``) or the FSDP2-sharded policy (``fsdp2``)."""
+    if world_size == 1:
+        return policy
+    if parallelism == "fsdp2":
+        return shard_fsdp2(policy, device, world_size)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(policy, device_ids=ids)
+
+
+@contextmanager
+def gathered(policy: Policy):
+    """Inside the block every parameter is full (unsharded) under FSDP2; a no-op otherwise.
+    A collective: all ranks enter together."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+
+
+@torch.no_grad()
+def merged_weights(policy: Policy) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under the base checkpoint's names, LoRA deltas merged in.
+
+    Does not modify the model (merging in place and unmerging would drift the base
+    weights by rounding). This is what gets pushed into vLLM before each generation.
+    Under FSDP2, iterate inside :func:`gathered`.
+    """
+    base = hf.unwrap_causal_lm(policy.model)
+    deltas: dict[str, torch.Tensor] = {}
+    if policy.is_peft:
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                delta = None
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A and adapter not in module.merged_adapters:
+                        d = module.get_delta_weight(adapter)
+                        delta = d if delta is None else delta + d
+                if delta is not None:
+                    deltas[f"{name}.weight"] = delta
+    # named_parameters, not state_dict(): under FSDP2 state_dict() returns the shards
+    for key, tensor in base.named_parameters(remove_duplicate=False):
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        delta = deltas.get(key)
+        yield key, (tensor + delta.to(tensor.dtype)) if delta is not None else tensor
+
+
+def trainable_names(policy: Policy) -> list[str]:
+    return [n for n, p in policy.named_parameters() if p.requires_grad]
