@@ -22,7 +22,7 @@ import importlib.util
 import os
 import sys
 
-from sgsd.config import ConfigError, TrainConfig, load_config, usage
+from sgsd.config import ConfigError, TrainConfig, load_config, usage, user_options
 
 __all__ = ["PROG", "launch", "missing_requirements", "preflight", "validate"]
 
@@ -64,12 +64,17 @@ def _local_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value.endswith((".json", ".jsonl"))
 
 
-def preflight(cfg: TrainConfig, world_size: int):
-    """Every check that needs no model: paths, ranks, dependencies, the run directory.
-    Returns the :class:`sgsd.engine.rundir.RunPlan`; raises ConfigError, NothingToDo or
+def preflight(cfg: TrainConfig, world_size: int, user_set: set[str] | None = None):
+    """Every check that needs no model: the run directory, ranks, paths, dependencies,
+    and the inputs the run reads (the skill bank is parsed and checked, a local or bundled
+    data set read and its answer field found). Returns the
+    :class:`sgsd.engine.rundir.RunPlan` (a resume: with the checkpoint's options,
+    ``user_set`` being those the user gave); raises ConfigError, NothingToDo or
     ModuleNotFoundError (with the install command)."""
     from sgsd.engine.rundir import plan_run
 
+    plan = plan_run(cfg, world_size, user_set)
+    cfg = plan.config
     if cfg.problems_per_step % world_size:
         raise ConfigError(
             f"--problems-per-step must be divisible by the number of ranks ({world_size}), "
@@ -91,7 +96,46 @@ def preflight(cfg: TrainConfig, world_size: int):
         names = ", ".join(name for name, _ in missing)
         hows = sorted({how for _, how in missing})
         raise ModuleNotFoundError(f"the trainer needs {names} (not installed): {'; '.join(hows)}")
-    return plan_run(cfg, world_size)
+    if plan.checkpoint is None:  # a resume takes its bank from the checkpoint
+        check_inputs(cfg)
+    return plan
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Read what the run will read before the model loads: the skill bank (format, and
+    for a method with teachers that it yields one) and a local or bundled data set
+    (readable, with an answer for every problem). Hub data sets are read by the run."""
+    from sgsd.data import load_problems
+    from sgsd.skills.bank import DEFAULT_BANK_FILE, SkillBank, SkillBankError
+
+    problems = []
+    if cfg.dataset == "demo" or _local_path(cfg.dataset) or os.path.exists(cfg.dataset):
+        try:
+            problems = load_problems(
+                cfg.dataset,
+                split=cfg.dataset_split,
+                answer_field=cfg.answer_field,
+                limit=cfg.dataset_limit,
+            )
+        except (ValueError, TypeError, OSError, ImportError) as e:
+            message = str(e).replace("Pass answer_field='<field>'", "Pass --answer-field FIELD")
+            raise ConfigError(f"--dataset {cfg.dataset}: {message}", field="dataset") from None
+        if not problems:
+            raise ConfigError(f"--dataset {cfg.dataset}: holds no problem", field="dataset")
+    try:
+        bank = SkillBank.load(cfg.skill_bank or DEFAULT_BANK_FILE)
+    except (SkillBankError, OSError, ValueError) as e:
+        raise ConfigError(f"--skill-bank {cfg.skill_bank}: {e}", field="skill_bank") from None
+    if cfg.loss == "sgsd" and not cfg.allow_empty_bank:
+        probe = problems[0].problem if problems else "Compute 1 + 1."
+        if not bank.teachers(probe, cfg.num_teachers, mode=cfg.retrieval_mode):
+            raise ConfigError(
+                f"--skill-bank {cfg.skill_bank}: yields no teacher ({len(bank.skills)} general "
+                f"skills, {len(bank.mistakes)} common mistakes): --loss sgsd would train with "
+                "loss 0; add skills and mistakes, or pass --allow-empty-bank to let the "
+                "online update fill it",
+                field="skill_bank",
+            )
 
 
 def validate(argv: list[str] | None = None):
@@ -108,8 +152,7 @@ def validate(argv: list[str] | None = None):
             print(usage())
         return 0
     try:
-        cfg = load_config(argv)
-        plan = preflight(cfg, world_size)
+        plan = preflight(load_config(argv), world_size, user_options(argv))
     except ConfigError as e:
         _error(str(e), rank)
         return 2
@@ -120,8 +163,11 @@ def validate(argv: list[str] | None = None):
         if rank == 0:
             print(f"{PROG}: {e}", flush=True)
         return 0
-    console.prepare_environment(cfg.verbose)
-    return cfg, plan
+    if rank == 0:
+        for note in plan.notes:
+            print(f"{PROG}: {note}", file=sys.stderr, flush=True)
+    console.prepare_environment(plan.config.verbose)
+    return plan.config, plan
 
 
 def _pop_nproc(argv: list[str]) -> tuple[int, list[str]]:
@@ -163,7 +209,7 @@ def launch(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     try:
-        preflight(load_config(rest), nproc)
+        preflight(load_config(rest), nproc, user_options(rest))
     except (ConfigError, ModuleNotFoundError) as e:
         _error(str(e), 0)
         return 2

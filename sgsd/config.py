@@ -30,12 +30,15 @@ from typing import Any
 from sgsd.methods.registry import METHODS, method_names
 
 __all__ = [
+    "RESUMABLE",
     "TINY_PROFILE",
     "ConfigError",
     "TrainConfig",
     "flag",
     "load_config",
     "parse_overrides",
+    "resumed_config",
+    "user_options",
 ]
 
 
@@ -116,6 +119,9 @@ class TrainConfig:
     published SGSD run samples the student in non-thinking mode)."""
     teacher_thinking: bool = True
     """Render the teachers' prompts with thinking enabled (published: on)."""
+    allow_empty_bank: bool = False
+    """Train ``--loss sgsd`` from a skill bank that yields no teacher (loss 0 until the
+    online update fills it); without it such a bank is an error before the model loads."""
     student_skills: bool = False
     """"+Skill" baselines (GRPO+Skill, OPSD+Skill, ...): put the top ``student_skills_k``
     skills and mistakes (BM25) in the student's prompt too (rendered once at start-up from
@@ -620,6 +626,69 @@ def usage() -> str:
             docs.get(f.name, ""), 88, initial_indent="      ", subsequent_indent="      "
         )
     return "\n".join(lines)
+
+
+#: Options that may change when a run is resumed (a change is logged): how long it runs,
+#: where and how often it writes, what it prints, and memory knobs. Every other option
+#: belongs to the experiment and is taken from the checkpoint (docs/training.md, "Resume").
+RESUMABLE = (
+    "max_steps",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "sample_every",
+    "progress_bar",
+    "tensorboard",
+    "wandb_project",
+    "verbose",
+    "micro_batch_size",
+    "teacher_micro_batch_size",
+    "vllm_gpu_memory_utilization",
+)
+
+
+def user_options(argv: list[str] | None = None) -> set[str]:
+    """The fields the user set: on the command line or in the ``--config`` file."""
+    cli = parse_overrides(list(argv or []))
+    config_file = cli.pop("config", (None, ""))[0]
+    return set(cli) | (set(_load_file(config_file)) if config_file else set())
+
+
+def resumed_config(
+    cfg: TrainConfig, saved: dict[str, Any], user_set: set[str]
+) -> tuple[TrainConfig, list[str]]:
+    """The options of a resumed run: the checkpoint's (``saved``), except the
+    :data:`RESUMABLE` ones the user set. Returns the config and the changes, one
+    ``"--flag old -> new"`` each; an experiment option set to another value than the
+    checkpoint's is a :class:`ConfigError` that names it."""
+    types = _field_types()
+    values = {}
+    for name, raw in saved.items():
+        if name in types:  # an option this version no longer has is dropped
+            values[name] = _parse_value(name, raw, types[name])
+    changes, conflicts = [], []
+    for name in sorted(user_set & set(types)):
+        mine = getattr(cfg, name)
+        if name not in values or values[name] == mine or name in ("resume", "overwrite"):
+            values[name] = mine
+        elif name in RESUMABLE:
+            changes.append(f"{flag(name)} {values[name]!r} -> {mine!r}")
+            values[name] = mine
+        else:
+            conflicts.append((name, f"{flag(name)} {mine!r} (the run has {values[name]!r})"))
+    if conflicts:
+        raise ConfigError(
+            f"{', '.join(text for _, text in conflicts)}: a resumed run keeps its "
+            "experiment's options; drop them, or start a new run in another --output-dir. "
+            f"Options that may change on resume: {', '.join(flag(n) for n in RESUMABLE)}",
+            field=conflicts[0][0],
+        )
+    for name in ("resume", "overwrite", "output_dir"):
+        values[name] = getattr(cfg, name)
+    return TrainConfig(**values), changes
 
 
 def load_config(argv: list[str] | None = None, **overrides: Any) -> TrainConfig:

@@ -66,7 +66,7 @@ from sgsd.engine.checkpoint import (
 )
 from sgsd.engine.distributed import Dist, reduce_over_ranks, seed_everything, setup_distributed
 from sgsd.engine.model import Policy, gathered, load_policy, model_source, wrap_for_parallelism
-from sgsd.engine.optim import build_optimizer, build_scheduler
+from sgsd.engine.optim import build_optimizer, build_scheduler, resume_schedule
 from sgsd.engine.problems import ProblemSampler, load_problem_set
 from sgsd.engine.rollout import RolloutEngine, build_rollout_engine
 from sgsd.engine.rundir import RunPlan, start_run
@@ -172,6 +172,7 @@ def setup(cfg: TrainConfig, env: Dist, plan: RunPlan) -> Trainer:
             world_size=env.world_size,
         )
         state.run_id = plan.run_id
+        resume_schedule(scheduler)  # this run's --max-steps may differ from the saved one
         bank = SkillBank.from_state_dict(bank_state)
         if teacher is not None and teacher.mode in ("ema", "periodic"):
             saved = load_extra(ckpt, "teacher")
@@ -399,7 +400,7 @@ def run(cfg: TrainConfig, plan: RunPlan) -> int:
         faulthandler.enable()  # a rank killed by a native abort prints every thread's stack
     console.configure_logging(env.rank, cfg.verbose)
     t = setup(cfg, env, plan)
-    stop = GracefulStop()
+    stop, stopped = GracefulStop(), False
     try:
         # The run has started: the first write into its directory, then the metrics files.
         if env.main:
@@ -425,6 +426,7 @@ def run(cfg: TrainConfig, plan: RunPlan) -> int:
                 save(t, export_model=step >= cfg.max_steps)
             if stop.should_stop(env.device if env.device.type == "cuda" else None):
                 log.warning("stopping at step %d on signal", step)
+                stopped = True
                 break
         if t.last_saved != t.state.step or not t.last_exported:  # last one: with model/
             save(t, export_model=True)
@@ -434,7 +436,7 @@ def run(cfg: TrainConfig, plan: RunPlan) -> int:
         stop.restore()
         finish(t)
     log.info("done: step %d, output in %s", t.state.step, t.out_dir)
-    return 0
+    return 130 if stopped else 0  # 128 + SIGINT: the shell's status for an interrupted job
 
 
 def main(argv: list[str] | None = None) -> int:

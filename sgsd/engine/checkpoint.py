@@ -11,6 +11,8 @@ A checkpoint is a directory ``OUTPUT/checkpoints/step_000025/``::
     rng/rank{r}.pt          python / numpy / torch (+ CUDA) RNG states of every rank
     skill_bank.json         SkillBank.state_dict()
     trainer_state.json      run id, step, data position, world size, config
+    manifest.json           every other file's size and sha256, written last; a resume
+                            verifies it (sgsd.engine.rundir.checkpoint_problem)
 
 It is written into ``.tmp-step_000025`` and renamed into place, so a crash mid-write never
 leaves a directory that looks complete. Model and optimizer states are gathered as *full*
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sgsd.engine.rundir import checkpoints
+from sgsd.engine.rundir import checkpoints, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,7 @@ def save_checkpoint(
     del model_sd, optim_sd
     _barrier()
     if rank == 0:
+        write_manifest(tmp)  # last: it covers every rank's files
         if final.exists():  # re-saving the same step (e.g. stop signal right after a save)
             shutil.rmtree(final)
         os.replace(tmp, final)

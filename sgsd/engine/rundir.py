@@ -15,24 +15,28 @@ resume from an earlier step supersedes, and writes ``config.yaml`` atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sgsd.config import ConfigError, TrainConfig
+from sgsd.config import ConfigError, TrainConfig, resumed_config
 
 __all__ = [
+    "MANIFEST",
     "RUN_FILES",
     "NothingToDo",
     "RunPlan",
     "checkpoints",
+    "checkpoint_problem",
     "new_run_id",
     "plan_run",
     "start_run",
+    "write_manifest",
 ]
 
 #: What a run writes into its output directory. ``--overwrite`` deletes these; a fresh
@@ -42,14 +46,15 @@ RUN_FILES = (
     "checkpoints",
     "metrics.jsonl",
     "samples.jsonl",
-    "banks",
-    "evals",
+    "skill_bank",
     "eval.jsonl",
     "tb",
     "wandb",
     "config.yaml",
 )
 _STEP_PREFIX = "step_"
+#: Written last into every checkpoint: each file's size and sha256 (resume verifies them).
+MANIFEST = "manifest.json"
 
 
 class NothingToDo(Exception):  # noqa: N818 - an outcome, not an error
@@ -63,6 +68,9 @@ class RunPlan:
     checkpoint: Path | None  # resume from here; None: fresh start
     resume_step: int  # the checkpoint's step (0 when fresh)
     overwrite: bool  # delete the earlier run's files in start_run
+    config: TrainConfig | None = None  # the run's options (a resume: the checkpoint's)
+    notes: list[str] = field(default_factory=list)  # what the user should hear: changed
+    # options, damaged checkpoints skipped, an unverified (manifest-less) checkpoint
 
 
 def new_run_id() -> str:
@@ -80,6 +88,50 @@ def checkpoints(out_dir: Path) -> list[Path]:
         if p.is_dir() and p.name.startswith(_STEP_PREFIX) and (p / "trainer_state.json").is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[len(_STEP_PREFIX) :]))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """Record every file under checkpoint directory ``path`` (size, sha256) in
+    :data:`MANIFEST`, written atomically; call it once everything else is written."""
+    files = {
+        f.relative_to(path).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
+    os.replace(tmp, path / MANIFEST)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` against its manifest (a missing, truncated
+    or changed file, named), or None when every file matches. A checkpoint without a
+    manifest (written before manifests existed) is not checked: None."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (changed or corrupt)"
+    return None
 
 
 def _checkpoint_meta(path: Path) -> dict:
@@ -112,25 +164,46 @@ def _describe(out_dir: Path) -> str:
     return ", ".join(held)
 
 
-def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
+def plan_run(cfg: TrainConfig, world_size: int, user_set: set[str] | None = None) -> RunPlan:
     """Validate the run directory against the options; raise :class:`ConfigError` (a
-    one-line message naming the flag) or :class:`NothingToDo`. Writes nothing."""
+    one-line message naming the flag) or :class:`NothingToDo`. Writes nothing.
+
+    A resume verifies the checkpoint against its manifest (``--resume latest`` takes the
+    newest one that verifies) and takes the run's options from it: ``user_set`` (the
+    options the user gave, see :func:`sgsd.config.user_options`) may change only the
+    :data:`sgsd.config.RESUMABLE` ones."""
     out_dir = Path(cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-dir {out_dir}: exists and is not a directory")
     if cfg.overwrite and cfg.resume is not None:
         raise ConfigError("--overwrite starts a new run and --resume continues one: pick one")
 
-    checkpoint = None
+    checkpoint, notes = None, []
     if cfg.resume == "latest":
         found = checkpoints(out_dir)
-        checkpoint = found[-1] if found else None
+        for candidate in reversed(found):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                checkpoint = candidate
+                break
+            notes.append(f"skipped the damaged checkpoint {candidate}: {problem}")
+        if found and checkpoint is None:
+            raise ConfigError(
+                f"--resume: no checkpoint in {out_dir / 'checkpoints'} verifies against its "
+                f"manifest ({'; '.join(notes)}); start again with --overwrite"
+            )
     elif cfg.resume is not None:
         checkpoint = Path(cfg.resume)
         if not (checkpoint / "trainer_state.json").is_file():
             raise ConfigError(
                 f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.json); "
                 "a bare --resume continues the newest checkpoint in --output-dir"
+            )
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ConfigError(
+                f"--resume {cfg.resume}: damaged checkpoint, {problem}; resume from an earlier "
+                "one (a bare --resume takes the newest that verifies)"
             )
 
     if checkpoint is None:  # a fresh start
@@ -140,9 +213,14 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
                 f"--output-dir {out_dir} holds another run ({held}): "
                 "add --resume to continue it or --overwrite to replace it"
             )
-        return RunPlan(out_dir, new_run_id(), None, 0, cfg.overwrite)
+        return RunPlan(out_dir, new_run_id(), None, 0, cfg.overwrite, cfg)
 
     meta = _checkpoint_meta(checkpoint)
+    if not (checkpoint / MANIFEST).is_file():
+        notes.append(f"{checkpoint} has no {MANIFEST} (an older checkpoint): not verified")
+    if isinstance(meta.get("config"), dict):
+        cfg, changes = resumed_config(cfg, meta["config"], set(user_set or ()))
+        notes += [f"changed on resume: {c}" for c in changes]
     step = int(meta["step"])
     if step >= cfg.max_steps:
         raise NothingToDo(
@@ -164,7 +242,7 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
             f"{out_dir} holds run {theirs or sorted(map(str, others))[0]}; resume into that "
             "run's own directory, or into a new one"
         )
-    return RunPlan(out_dir, run_id or new_run_id(), checkpoint, step, False)
+    return RunPlan(out_dir, run_id or new_run_id(), checkpoint, step, False, cfg, notes)
 
 
 def _remove(path: Path) -> None:

@@ -348,6 +348,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--skills-k", type=int, default=8, help="skills and mistakes per prompt")
     ap.add_argument("--output", default="runs/eval", help="output directory")
+    ap.add_argument(
+        "--verbose", action="store_true", help="show third-party logs and known noise too"
+    )
     ap.add_argument("--limit", type=int, default=None, help="first N problems per dataset")
     ap.add_argument("--data-dir", default=None, help="where short dataset names are found")
     ap.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto")
@@ -459,9 +462,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from sgsd import console
+
     try:
         args = parse_args(argv)
+        console.prepare_environment(args.verbose)  # before vLLM / transformers load
+        console.configure_logging(0, args.verbose)
         summary = run(args)
     except EvalError as e:
         print(f"sgsd.evaluate: error: {e}", file=sys.stderr)

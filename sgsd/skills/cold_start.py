@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=42, help="problem sample and sampling seed (published: 42)")
     a("--output", default="skill_bank.json", help="bank JSON to write")
     a("--extractor-model", default=None, help="model for extraction/merge (default: --model)")
+    a("--verbose", action="store_true", help="show third-party logs and known noise too")
     a("--group-size", type=int, default=32, help="items per merge prompt (published: 32)")
     a("--max-layers", type=int, default=16, help="cap on merge layers per kind")
     a("--patience", type=int, default=3, help="stop after this many non-shrinking layers")
@@ -299,8 +300,12 @@ def write_bank(path: Path, skills: list[dict], mistakes: list[dict], metadata: d
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    from sgsd import console
+
     args = build_parser().parse_args(argv)
     _check_args(args)
+    console.prepare_environment(args.verbose)  # before vLLM / transformers load
+    console.configure_logging(0, args.verbose)
     from sgsd.data import load_problems
     from sgsd.prompts import render_prompt_ids, student_messages
     from sgsd.skills.extraction import EngineLLM

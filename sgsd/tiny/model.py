@@ -44,12 +44,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+log = logging.getLogger("sgsd.tiny.model")  # also under `python -m sgsd.tiny.model`
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import sgsd.tiny.model` must be cheap
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -415,6 +418,7 @@ def save_tiny_model(
     if warm_start and path != cache and _is_complete(cache, fingerprint):
         model, tokenizer = build_tiny_model(seed, warm_start=True)  # from the cache
     else:
+        log.info("building the tiny model into %s (once: it is cached)", path)
         model, tokenizer = build_tiny_model(seed)
         if warm_start:
             from sgsd.tiny.warm_start import warm_start as _warm_start
@@ -471,6 +475,9 @@ def _main(argv: list[str] | None = None) -> int:
         help="the supervised warm start on the demo train split (sgsd.tiny.warm_start)",
     )
     args = ap.parse_args(argv)
+    from sgsd import console
+
+    console.configure_logging(0, verbose=False)
     out = save_tiny_model(args.out_dir, seed=args.seed, warm_start=args.warm_start)
     print(out)
     return 0

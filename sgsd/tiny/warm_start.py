@@ -169,6 +169,21 @@ def _settings(config: dict | None) -> dict:
     return cfg
 
 
+def _progress(steps: int):
+    """The warm start's steps, with a log line first and a bar on a terminal."""
+    import logging
+    import sys
+
+    logging.getLogger(__name__).info(
+        "warm-starting the tiny model: %d supervised steps (once: the result is cached)", steps
+    )
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety; the train extra brings tqdm
+        return range(steps)
+    return tqdm(range(steps), desc="tiny warm start", disable=not sys.stderr.isatty())
+
+
 def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -> float:
     """Fine-tune ``model`` in place (see the module docstring); returns the mean loss per
     assistant token of the last 20 steps. Leaves the model in eval mode."""
@@ -200,7 +215,7 @@ def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -
             return picked
 
         model.train()
-        for _ in range(cfg["steps"]):
+        for _ in _progress(cfg["steps"]):
             # Two forwards (student rows, teacher rows) so short rows are not padded to
             # the teacher prompts' length; one loss = mean over all assistant tokens.
             parts = [

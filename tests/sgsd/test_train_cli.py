@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sgsd.config import load_config
+from sgsd.config import load_config, user_options
 from sgsd.console import NoiseFilter
 from sgsd.engine.rundir import plan_run
 
@@ -128,7 +128,8 @@ def test_copied_run_directory_refuses_a_fresh_start_then_overwrite_replaces_it(
 
     res = ok(run([*MODULE, *FAST, "--resume", "--max-steps", "1", "--output-dir", str(copy)]))
     assert res.stdout.startswith("sgsd-train: nothing to do:") and "step 1" in res.stdout
-    plan = plan_run(load_config(["--resume", "--max-steps", "2", "--output-dir", str(copy)]), 2)
+    argv = ["--resume", "--max-steps", "2", "--output-dir", str(copy)]
+    plan = plan_run(load_config(argv), 2, user_options(argv))
     assert plan.checkpoint == copy / "checkpoints" / "step_000001"
     assert plan.run_id == rows[0]["run_id"]
 

@@ -7,7 +7,17 @@ import json
 import pytest
 import yaml
 
-from sgsd.config import TINY_PROFILE, ConfigError, TrainConfig, field_docs, load_config, usage
+from sgsd.config import (
+    RESUMABLE,
+    TINY_PROFILE,
+    ConfigError,
+    TrainConfig,
+    field_docs,
+    load_config,
+    resumed_config,
+    usage,
+    user_options,
+)
 
 
 def test_paper_defaults_when_a_real_model_is_named():
@@ -156,3 +166,80 @@ def test_importing_sgsd_and_its_config_does_not_import_torch():
     code = "import sys, sgsd, sgsd.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- resume
+def _saved(*args: str) -> dict:
+    """What a checkpoint's trainer_state.json holds as its config."""
+    return json.loads(json.dumps(load_config(list(args)).to_dict()))
+
+
+def test_a_resume_takes_the_run_s_options_not_the_defaults():
+    saved = _saved("--num-teachers", "2", "--lr", "1e-4", "--checkpoint-every", "1")
+    argv = ["--max-steps", "4", "--resume"]
+    cfg, changes = resumed_config(load_config(argv), saved, user_options(argv))
+    assert (cfg.num_teachers, cfg.lr, cfg.checkpoint_every) == (2, 1e-4, 1)
+    assert cfg.max_steps == 4 and cfg.resume == "latest"
+    assert changes == [f"--max-steps {saved['max_steps']!r} -> 4"]
+
+
+def test_an_experiment_option_changed_on_resume_is_an_error_naming_it():
+    saved = _saved("--num-teachers", "2")
+    argv = ["--resume", "--num-teachers", "4", "--gate-tau", "2"]
+    with pytest.raises(ConfigError) as info:
+        resumed_config(load_config(argv), saved, user_options(argv))
+    message = str(info.value)
+    assert message.startswith("--gate-tau 2.0 (the run has 1.0), --num-teachers 4 (the run has 2)")
+    assert "\n" not in message and "--max-steps" in message  # lists what may change
+    # given again with the run's own value, it is no change
+    argv = ["--resume", "--num-teachers", "2"]
+    cfg, changes = resumed_config(load_config(argv), saved, user_options(argv))
+    assert cfg.num_teachers == 2 and changes == []
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_every_resumable_option_is_an_option(name):
+    assert name in TrainConfig.__dataclass_fields__
+
+
+def test_options_from_a_config_file_count_as_given(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_teachers: 3\nmax_steps: 9\n")
+    assert user_options(["--config", str(path), "--lr", "1"]) == {
+        "num_teachers",
+        "max_steps",
+        "lr",
+    }
+
+
+def test_the_learning_rate_after_max_steps_is_raised_on_resume():
+    import torch
+
+    from sgsd.engine.optim import build_optimizer, build_scheduler, resume_schedule
+
+    def trained(max_steps: int, steps: int):
+        cfg = load_config(["--max-steps", str(max_steps), "--lr", "1e-3", "--warmup-steps", "0"])
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = build_optimizer(cfg, [param])
+        sched = build_scheduler(cfg, opt)
+        rates = []
+        for _ in range(steps):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return opt, sched, rates
+
+    opt3, sched3, rates = trained(3, 3)
+    assert rates == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3])
+    for max_steps, want in ((3, opt3.param_groups[0]["lr"]), (5, 1e-3 * 2 / 5)):
+        cfg = load_config(["--max-steps", str(max_steps), "--lr", "1e-3", "--warmup-steps", "0"])
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = build_optimizer(cfg, [param])
+        opt.load_state_dict(opt3.state_dict())
+        sched = build_scheduler(cfg, opt)
+        sched.load_state_dict(sched3.state_dict())
+        resume_schedule(sched)
+        assert opt.param_groups[0]["lr"] == want and sched.get_last_lr() == [want]
+        sched.step()
+        if max_steps == 5:
+            assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 5)

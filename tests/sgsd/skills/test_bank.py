@@ -167,6 +167,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.json"]  # no temp left
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_save_creates_the_file_with_the_user_s_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = _bank(1, 1).save(tmp_path / "bank.json")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 # --------------------------------------------------------------------------- online
 def test_online_items_capacity_fifo_and_dedup():
     bank = _bank(2, 2, online_capacity=2)
