@@ -91,6 +91,11 @@ def preflight(cfg: TrainConfig, world_size: int, user_set: set[str] | None = Non
             path = os.path.expanduser(value)
             if not os.path.exists(path):
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: no such file or directory")
+    from sgsd.engine.model_files import remote_code_problem
+
+    problem = remote_code_problem(cfg.model, cfg.trust_remote_code)
+    if problem is not None:
+        raise ConfigError(problem, field="model")
     missing = missing_requirements(cfg)
     if missing:
         names = ", ".join(name for name, _ in missing)
@@ -98,6 +103,13 @@ def preflight(cfg: TrainConfig, world_size: int, user_set: set[str] | None = Non
         raise ModuleNotFoundError(f"the trainer needs {names} (not installed): {'; '.join(hows)}")
     if plan.checkpoint is None:  # a resume takes its bank from the checkpoint
         check_inputs(cfg)
+    else:  # nothing in it may need code to load (torch is imported for this, on resume only)
+        from sgsd.engine.checkpoint import CheckpointError, check_loadable
+
+        try:
+            check_loadable(plan.checkpoint)
+        except CheckpointError as e:
+            raise ConfigError(f"--resume {plan.checkpoint}: {e}") from None
     return plan
 
 

@@ -65,6 +65,10 @@ class TrainConfig:
     model: str = "tiny"
     """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny.model).
     ``Qwen/Qwen3-1.7B`` is the paper's model."""
+    trust_remote_code: bool = False
+    """Let transformers and vLLM run Python code shipped with the model (``auto_map``
+    models). Off: such a model is refused with a message naming this flag
+    (docs/threat-model.md)."""
     finetune: str = "lora"
     """``"lora"`` (PEFT LoRA on every attention and MLP projection) or ``"full"``."""
     lora_r: int = 64
@@ -172,6 +176,14 @@ class TrainConfig:
     """OPSD: softmax temperature of student and teacher in the divergence (published 1.1)."""
     divergence_clip: float | None = 0.05
     """OPSD: per-vocabulary-element clip of the divergence terms (published 0.05)."""
+
+    verify_timeout_s: float = 5.0
+    """Seconds (wall clock, and CPU time of the verifier's worker) one symbolic answer
+    comparison may take; past it the rollout gets reward -1 (sgsd.eval.verify)."""
+    verify_memory_mb: int = 2048
+    """Address-space cap of the verifier's worker processes, in MiB (0: none). A model's
+    answer that makes the comparison explode gets reward -1 and is counted in
+    ``verify_resource_kills`` instead of taking the host's memory."""
 
     # ---- rollouts ----------------------------------------------------------------------
     rollout_backend: str = "auto"
@@ -330,6 +342,8 @@ class TrainConfig:
         positive("eval_temperature")
         at_least(1, "num_teachers")
         positive("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr")
+        positive("verify_timeout_s")
+        at_least(0, "verify_memory_mb")
         need(
             math.isfinite(self.confidence_threshold) and self.confidence_threshold >= 0,
             "confidence_threshold",
@@ -629,7 +643,8 @@ def usage() -> str:
 
 
 #: Options that may change when a run is resumed (a change is logged): how long it runs,
-#: where and how often it writes, what it prints, and memory knobs. Every other option
+#: where and how often it writes, what it prints, and how it runs on the machine at hand
+#: (parallelism, kernels, attention, rollout engine, memory knobs). Every other option
 #: belongs to the experiment and is taken from the checkpoint (docs/training.md, "Resume").
 RESUMABLE = (
     "max_steps",
@@ -647,6 +662,11 @@ RESUMABLE = (
     "micro_batch_size",
     "teacher_micro_batch_size",
     "vllm_gpu_memory_utilization",
+    "parallelism",
+    "kernel_backend",
+    "attn_implementation",
+    "gradient_checkpointing",
+    "rollout_backend",
 )
 
 

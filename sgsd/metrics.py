@@ -122,6 +122,7 @@ def step_record(
         "rollout_time_s": rollout_time,
         "update_time_s": update_time,
         "teachers_per_rollout": sums["teachers"] / n,
+        "verify_resource_kills": int(sums["verify_resource_kills"]),
     }
     for key, value in MetricSums(sums).means().items():
         record[LOSS_METRIC_NAMES.get(key, key)] = value

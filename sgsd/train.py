@@ -299,6 +299,7 @@ def train_step(t: Trainer) -> tuple[dict, list[Rollout]]:
         "correct": sum(r.reward > 0 for r in rollouts),
         "tokens": sum(len(r.completion_ids) for r in rollouts),
         "truncated": sum(r.truncated(cfg.max_completion_tokens, eos) for r in rollouts),
+        "verify_resource_kills": sum(r.verify_limited for r in rollouts),
         **loss_sums.sums,
     }
     sums = reduce_sums(local, env.device)

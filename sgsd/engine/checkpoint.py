@@ -14,6 +14,11 @@ A checkpoint is a directory ``OUTPUT/checkpoints/step_000025/``::
     manifest.json           every other file's size and sha256, written last; a resume
                             verifies it (sgsd.engine.rundir.checkpoint_problem)
 
+Nothing in a checkpoint is unpickled into arbitrary objects: the ``.pt`` files hold only
+tensors and plain data (RNG states included) and load with ``torch.load(...,
+weights_only=True)``; a file that needs more is refused with a one-line error naming it
+(:func:`check_loadable`, run before anything heavy on resume; docs/threat-model.md).
+
 It is written into ``.tmp-step_000025`` and renamed into place, so a crash mid-write never
 leaves a directory that looks complete. Model and optimizer states are gathered as *full*
 state dicts (``torch.distributed.checkpoint.state_dict``), so one format serves single
@@ -42,10 +47,13 @@ from sgsd.engine.rundir import checkpoints, write_manifest
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CheckpointError",
     "GracefulStop",
     "TrainerState",
+    "check_loadable",
     "load_checkpoint",
     "load_extra",
+    "load_pt",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -62,10 +70,27 @@ class TrainerState:
     run_id: str = ""  # the run this state belongs to (sgsd.engine.rundir)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely; the message is one line naming it."""
+
+
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain data (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -74,11 +99,64 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`'s states (or those of a checkpoint written before RNG
+    states were plain data: python and numpy tuples)."""
+    py, nps = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"])
+    if isinstance(nps, dict):
+        nps = {
+            "bit_generator": nps["bit_generator"],
+            "state": {"key": nps["key"].numpy().astype(np.uint32), "pos": nps["pos"]},
+            "has_gauss": nps["has_gauss"],
+            "gauss": nps["gauss"],
+        }
+    random.setstate(py)
+    np.random.set_state(nps)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_array_globals() -> list:
+    """What a numpy array's pickle names: the RNG files of checkpoints written before RNG
+    states were tensors hold numpy's MT19937 key as one (uint32)."""
+    names = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        try:
+            names.append(__import__(module, fromlist=["_reconstruct"])._reconstruct)
+        except (ImportError, AttributeError):
+            continue
+    return [*names, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_pt(path: Path, *, mmap: bool = False, name: str | None = None):
+    """``torch.load(path, weights_only=True)``: tensors and plain data only (numpy arrays
+    too in RNG files). Anything else raises :class:`CheckpointError` naming the file
+    (as ``name``, default its path)."""
+    import pickle
+    import re
+
+    allowed = _numpy_array_globals() if path.parent.name == "rng" else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, OSError) as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        why = f"it names {found.group(1)}" if found else text.strip().split("\n")[0][:120]
+        raise CheckpointError(
+            f"{name or path} is refused: it does not load as tensors and plain data "
+            f"without running code ({why}); a checkpoint from an untrusted source, or damaged"
+        ) from None
+
+
+def check_loadable(path: Path) -> None:
+    """Load every ``.pt`` file of checkpoint ``path`` the safe way (memory-mapped, so a
+    large optimizer state is not read); :class:`CheckpointError` names the first that
+    is refused."""
+    for f in sorted(Path(path).rglob("*.pt")):
+        load_pt(f, mmap=True, name=f.relative_to(path).as_posix())
 
 
 def _checkpoint_root(output_dir: str | Path) -> Path:
@@ -225,7 +303,7 @@ def _prune(root: Path, keep: int, protect: frozenset[int] = frozenset()) -> None
 def load_extra(path: Path, name: str):
     """The object saved as ``extra[name]`` in checkpoint ``path``, or None if absent."""
     f = Path(path) / f"{name}.pt"
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+    return load_pt(f) if f.is_file() else None
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, world_size: int):
@@ -259,10 +337,10 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, rank: int, worl
         policy,
         optimizer,
         options=opts,
-        optim_state_dict=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        optim_state_dict=load_pt(path / "optimizer.pt"),
     )
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng" / f"rank{rank}.pt", weights_only=False))
+    scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
+    set_rng_state(load_pt(path / "rng" / f"rank{rank}.pt"))
     bank_state = json.loads((path / "skill_bank.json").read_text())
     state = TrainerState(
         step=meta["step"],

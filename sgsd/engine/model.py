@@ -86,10 +86,21 @@ def load_policy(cfg: TrainConfig, device: torch.device):
     source = model_source(cfg)
     dtype = resolve_dtype(cfg, device)
     attn = _attn_implementation(cfg, device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    trust = cfg.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
+        )
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(
+            f"--model {source}: loading it runs code shipped with the model; pass "
+            "--trust-remote-code if you trust its source"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
     model.to(device)
     model.config.use_cache = False
     if cfg.finetune == "lora":

@@ -200,6 +200,7 @@ class VLLMRolloutEngine(RolloutEngine):
             gpu_memory_utilization=util,
             max_model_len=max_model_len,
             seed=cfg.seed + rank,
+            trust_remote_code=cfg.trust_remote_code,
             enforce_eager=device.type != "cuda",
             enable_prefix_caching=True,
             # vLLM rewinds a seeded request's generator when it schedules only part of its

@@ -46,6 +46,7 @@ class Rollout:
     teachers: list[tuple[list[int], float]]  # (teacher prompt ids, weight), at most K
     advantage: float = 0.0  # set by strategy.prepare (GRPO)
     old_logprobs: list[float] | None = None  # first-pass log-probs (num_iterations > 1)
+    verify_limited: bool = False  # the verifier's worker hit its memory or CPU cap
 
     def truncated(self, max_tokens: int, eos_id: int) -> bool:
         """The completion hit ``max_tokens`` without ending in EOS."""
@@ -65,7 +66,12 @@ def make_rollouts(
         for c in group
     ]
     texts = [tokenizer.decode(c, skip_special_tokens=True) for _, _, c in flat]
-    results = verify_batch(texts, [problem.answer for problem, _, _ in flat])
+    results = verify_batch(
+        texts,
+        [problem.answer for problem, _, _ in flat],
+        timeout_s=cfg.verify_timeout_s,
+        memory_mb=cfg.verify_memory_mb,
+    )
     teachers: dict[int, list[tuple[list[int], float]]] = {}
     rollouts = []
     for (problem, prompt_ids, completion_ids), result in zip(flat, results):
@@ -91,6 +97,7 @@ def make_rollouts(
                 token_mask=strategy.token_mask(tokenizer, completion_ids),
                 reward=float(result.reward),
                 predicted=result.predicted,
+                verify_limited=result.resource_limited,
                 teachers=teachers[id(problem)],
             )
         )

@@ -109,6 +109,8 @@ class TrainingEval:
                     self.cfg.eval_n,
                     enable_thinking=self.cfg.eval_thinking,
                     seed_step=EVAL_SEED_OFFSET * step,
+                    verify_timeout_s=self.cfg.verify_timeout_s,
+                    verify_memory_mb=self.cfg.verify_memory_mb,
                 )
         if dist.is_available() and dist.is_initialized():
             gathered: list = [None] * self.world_size

@@ -51,7 +51,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sgsd import prompts
+from sgsd.engine.model_files import remote_code_problem
 from sgsd.eval.metrics import summarize, summary_markdown
+from sgsd.eval.verify import DEFAULT_MEMORY_MB
 
 log = logging.getLogger("sgsd.evaluate")
 
@@ -166,6 +168,7 @@ def evaluate_problems(
     skills_k: int = 8,
     seed_step: int = 0,
     verify_timeout_s: float = 5.0,
+    verify_memory_mb: int = DEFAULT_MEMORY_MB,
     progress: bool = False,
 ) -> tuple[list[dict], dict]:
     """Sample ``n`` completions per problem with ``engine`` (a :class:`RolloutEngine`
@@ -206,7 +209,12 @@ def evaluate_problems(
             for k, ids in enumerate(group)
         ]
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for *_, ids in flat]
-        graded = verify_batch(texts, [p.answer for _, p, _, _ in flat], timeout_s=verify_timeout_s)
+        graded = verify_batch(
+            texts,
+            [p.answer for _, p, _, _ in flat],
+            timeout_s=verify_timeout_s,
+            memory_mb=verify_memory_mb,
+        )
         for (name, p, k, ids), text, g in zip(flat, texts, graded):
             rows.append(
                 {
@@ -268,10 +276,10 @@ def _merge_adapter(path: Path, merged: Path) -> str:
     return str(merged)
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -295,6 +303,7 @@ def build_engine(args, source: str, tokenizer, max_model_len: int):
         seed=args.seed,
         dtype=args.dtype,
         rollout_backend=args.backend,
+        trust_remote_code=args.trust_remote_code,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = args.backend
@@ -304,7 +313,9 @@ def build_engine(args, source: str, tokenizer, max_model_len: int):
         if not vllm_available():
             raise EvalError("--backend vllm but vllm is not importable (pip install vllm)")
         return VLLMRolloutEngine(cfg, source, device, max_model_len=max_model_len)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(cfg, device))
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=resolve_dtype(cfg, device), trust_remote_code=args.trust_remote_code
+    )
     model.to(device).eval()
     return HFRolloutEngine(cfg, Policy(model), tokenizer)
 
@@ -351,12 +362,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--verbose", action="store_true", help="show third-party logs and known noise too"
     )
+    ap.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model run the Python code it ships (off: such a model is refused)",
+    )
     ap.add_argument("--limit", type=int, default=None, help="first N problems per dataset")
     ap.add_argument("--data-dir", default=None, help="where short dataset names are found")
     ap.add_argument("--backend", choices=("auto", "vllm", "hf"), default="auto")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per grading")
+    ap.add_argument(
+        "--verify-memory-mb",
+        type=int,
+        default=DEFAULT_MEMORY_MB,
+        help=f"address-space cap of a grading worker, MiB (default {DEFAULT_MEMORY_MB}; 0: none)",
+    )
     ap.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -378,6 +400,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--max-tokens must be >= 1", args.max_tokens >= 1),
         ("--skills-k must be >= 1", args.skills_k >= 1),
         ("--verify-timeout must be > 0", args.verify_timeout > 0),
+        ("--verify-memory-mb must be >= 0", args.verify_memory_mb >= 0),
     ):
         if not ok:
             raise EvalError(name)
@@ -400,7 +423,10 @@ def run(args: argparse.Namespace) -> dict:
             raise EvalError(f"--skills {args.skills}: {e}") from None
     try:
         source = resolve_model(args.model, Path(args.output) / "merged-model")
-        tokenizer = load_tokenizer(source)
+        refused = remote_code_problem(source, args.trust_remote_code)
+        if refused is not None:
+            raise EvalError(refused)
+        tokenizer = load_tokenizer(source, args.trust_remote_code)
         longest = max(
             len(
                 prompts.render_prompt_ids(
@@ -415,7 +441,8 @@ def run(args: argparse.Namespace) -> dict:
         if not args.max_tokens_given:  # the published cap, within the model's context
             from transformers import AutoConfig
 
-            ctx = getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+            conf = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+            ctx = getattr(conf, "max_position_embeddings", None)
             if ctx:
                 args.max_tokens = max(1, min(args.max_tokens, ctx - longest))
         engine = build_engine(args, source, tokenizer, longest + args.max_tokens)
@@ -439,6 +466,7 @@ def run(args: argparse.Namespace) -> dict:
             bank=bank,
             skills_k=args.skills_k,
             verify_timeout_s=args.verify_timeout,
+            verify_memory_mb=args.verify_memory_mb,
             progress=progress,
         )
     finally:

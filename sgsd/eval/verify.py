@@ -14,6 +14,14 @@ threads and CUDA state). A worker that does not answer within ``timeout_s`` is k
 replaced, and the call returns ``reward = -1`` with ``timed_out = True``. This works from
 any thread, and the caller's signal handlers are never touched.
 
+**Resource limits.** Model outputs are untrusted input (docs/threat-model.md). Before each
+comparison the worker caps its own address space at ``memory_mb`` (``RLIMIT_AS``,
+default :data:`DEFAULT_MEMORY_MB`) and its CPU time at ``ceil(timeout_s)`` more seconds
+(``RLIMIT_CPU``), so an answer whose symbolic comparison explodes (``2^{2^{40}}`` grows
+the worker by ~130 MB/s on one core) fails inside the worker instead of taking the host's
+memory. A worker that hits a cap answers ``-1`` and exits (or is killed by the kernel);
+the result says ``resource_limited = True`` and a fresh worker serves the next call.
+
 Fast path, no worker: when both answers are plain integers (all of AIME, DAPO-Math) or
 the same string after whitespace normalisation, they are compared in-process.
 
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
 import select
@@ -36,12 +45,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MAX_ANSWER_CHARS", "VerifyResult", "extract_boxed", "verify", "verify_batch"]
+__all__ = [
+    "DEFAULT_MEMORY_MB",
+    "MAX_ANSWER_CHARS",
+    "VerifyResult",
+    "extract_boxed",
+    "verify",
+    "verify_batch",
+]
 
 #: A boxed answer longer than this is not parsed (not an answer; protects the parser).
 MAX_ANSWER_CHARS = 1000
 #: Seconds a freshly started worker may take to import sympy/math-verify.
 _STARTUP_TIMEOUT_S = 120.0
+#: Address-space cap of a worker during a comparison. An idle worker maps ~60 MB; the
+#: comparisons of MATH-500's 500 answers against their solutions stay far below this.
+DEFAULT_MEMORY_MB = 2048
 
 
 @dataclass(frozen=True)
@@ -50,7 +69,9 @@ class VerifyResult:
 
     ``reward`` is +1.0 if correct else -1.0; ``predicted`` the extracted boxed content
     (``None`` if there was none); ``timed_out`` whether the comparison hit the timeout;
-    ``error`` a short reason when the answer could not be checked (else ``None``).
+    ``resource_limited`` whether it hit the worker's memory or CPU cap (the worker was
+    replaced); ``error`` a short reason when the answer could not be checked (else
+    ``None``).
     """
 
     reward: float
@@ -58,6 +79,7 @@ class VerifyResult:
     correct: bool
     timed_out: bool = False
     error: str | None = None
+    resource_limited: bool = False
 
 
 # --------------------------------------------------------------------------- extraction
@@ -124,50 +146,6 @@ def _fast_compare(pred: str, gold: str) -> bool | None:
     return None
 
 
-# --------------------------------------------------------------------------- worker side
-def _check(pred: str, gold: str) -> tuple[bool, str | None]:
-    """Symbolic comparison (runs inside a worker process)."""
-    from math_verify import parse
-    from math_verify import verify as mv_verify
-
-    def _parse(s: str):
-        # Wrap in \boxed{} so math-verify reads it as one LaTeX answer; fall back to
-        # $...$ and to plain text for answers that are not valid inside a box.
-        for candidate in (f"\\boxed{{{s}}}", f"${s}$", s):
-            out = parse(candidate, parsing_timeout=None)
-            if out:
-                return out
-        return []
-
-    gold_parsed = _parse(gold)
-    if not gold_parsed:
-        return False, "gold answer could not be parsed"
-    pred_parsed = _parse(pred)
-    if not pred_parsed:
-        return False, "predicted answer could not be parsed"
-    return bool(mv_verify(gold_parsed, pred_parsed, timeout_seconds=None)), None
-
-
-def _worker_loop() -> None:  # pragma: no cover - runs in the subprocess
-    """Serve ``{"pred", "gold"}`` JSON lines on stdin with ``{"correct", "error"}`` lines."""
-    import logging
-
-    logging.disable(logging.WARNING)  # math-verify warns that timeouts are ours to handle
-    import math_verify  # noqa: F401  (import cost paid before "ready")
-
-    out = sys.stdout
-    out.write("ready\n")
-    out.flush()
-    for line in sys.stdin:
-        try:
-            req = json.loads(line)
-            correct, error = _check(req["pred"], req["gold"])
-        except Exception as e:  # noqa: BLE001 - any parser failure is a wrong answer
-            correct, error = False, f"{type(e).__name__}: {e}"[:200]
-        out.write(json.dumps({"correct": correct, "error": error}) + "\n")
-        out.flush()
-
-
 # --------------------------------------------------------------------------- client side
 class _WorkerDied(RuntimeError):
     pass
@@ -182,7 +160,7 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sgsd.eval.verify as v; v._worker_loop()"],
+            [sys.executable, "-c", "import sgsd.eval.verify_worker as w; w.serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -213,15 +191,25 @@ class _Worker:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
-    def ask(self, pred: str, gold: str, timeout: float) -> dict | None:
-        """The worker's answer, or None if it timed out (the worker is then dead)."""
-        msg = json.dumps({"pred": pred, "gold": gold}).encode() + b"\n"
+    def ask(
+        self, pred: str, gold: str, timeout: float, memory_mb: int, cpu_s: int | None = None
+    ) -> dict | None:
+        """The worker's answer, or None if it timed out (the worker is then dead).
+        ``cpu_s``: its CPU-time cap (default: the timeout, rounded up). Raises
+        _WorkerDied if the request could not be sent (a worker that died idle); a worker
+        that dies while comparing was ended by one of its caps."""
+        request = {"pred": pred, "gold": gold, "memory_mb": memory_mb}
+        request["cpu_s"] = math.ceil(timeout) if cpu_s is None else cpu_s
         try:
-            self.proc.stdin.write(msg)
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as e:
             raise _WorkerDied(str(e)) from None
-        line = self._readline(timeout)
+        try:
+            line = self._readline(timeout)
+        except _WorkerDied:
+            self.kill()
+            return {"correct": False, "error": "worker ended by a resource cap", "limit": "cpu"}
         if line is None:
             self.kill()
             return None
@@ -251,23 +239,25 @@ class _Pool:
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
 
-    def run(self, pred: str, gold: str, timeout: float) -> dict | None:
+    def run(self, pred: str, gold: str, timeout: float, memory_mb: int) -> dict | None:
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         for attempt in range(2):  # one retry if a stale worker had died meanwhile
             if worker is None or not worker.alive():
                 worker = _Worker()
             try:
-                reply = worker.ask(pred, gold, timeout)
+                reply = worker.ask(pred, gold, timeout, memory_mb)
             except _WorkerDied:
                 worker.kill()
                 worker = None
                 if attempt == 1:
                     raise
                 continue
-            if reply is not None:
+            if reply is not None and reply.get("limit") is None:
                 with self._lock:
                     self._idle.append(worker)
+            elif reply is not None:
+                worker.kill()  # it exits after a cap; reap it
             return reply
         return None  # pragma: no cover - loop always returns or raises
 
@@ -290,12 +280,20 @@ def _as_text(x) -> str | None:
     return None
 
 
-def verify(completion: str, answer: str, *, timeout_s: float = 5.0) -> VerifyResult:
+def verify(
+    completion: str,
+    answer: str,
+    *,
+    timeout_s: float = 5.0,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+) -> VerifyResult:
     """Check ``completion``'s last boxed answer against the gold ``answer``.
 
     ``answer`` is the gold answer as LaTeX or plain text (an int is accepted too).
     ``timeout_s`` bounds the symbolic comparison (wall clock, enforced by killing the
-    worker process); the first call of a process also waits for the worker to start.
+    worker process, and the worker's CPU time); ``memory_mb`` caps the worker's address
+    space during it (0: no cap). The first call of a process also waits for the worker
+    to start.
     """
     pred = extract_boxed(completion) if isinstance(completion, str) else None
     gold = _as_text(answer)
@@ -314,11 +312,13 @@ def verify(completion: str, answer: str, *, timeout_s: float = 5.0) -> VerifyRes
         timeout = float(timeout_s)
         if not timeout > 0:
             timeout = 5.0
-        reply = _POOL.run(pred, gold, timeout)
+        reply = _POOL.run(pred, gold, timeout, max(0, int(memory_mb)))
     except Exception as e:  # noqa: BLE001 - worker could not start: report, never raise
         return VerifyResult(-1.0, pred, False, error=f"verifier unavailable: {e}")
     if reply is None:
         return VerifyResult(-1.0, pred, False, timed_out=True, error="timed out")
+    if reply.get("limit") in ("memory", "cpu"):
+        return VerifyResult(-1.0, pred, False, error=reply.get("error"), resource_limited=True)
     correct = bool(reply.get("correct"))
     return VerifyResult(1.0 if correct else -1.0, pred, correct, error=reply.get("error"))
 
@@ -328,6 +328,7 @@ def verify_batch(
     answers: Sequence[str],
     *,
     timeout_s: float = 5.0,
+    memory_mb: int = DEFAULT_MEMORY_MB,
     max_workers: int | None = None,
 ) -> list[VerifyResult]:
     """:func:`verify` over pairs, in order. Symbolic checks run on up to ``max_workers``
@@ -341,9 +342,11 @@ def verify_batch(
             f"completions and answers differ in length ({len(completions)} vs {len(answers)})"
         )
     n = max_workers or min(4, os.cpu_count() or 1)
+
+    def one(pair):
+        return verify(pair[0], pair[1], timeout_s=timeout_s, memory_mb=memory_mb)
+
     if n <= 1 or len(completions) <= 1:
-        return [verify(c, a, timeout_s=timeout_s) for c, a in zip(completions, answers)]
+        return [one(pair) for pair in zip(completions, answers)]
     with ThreadPoolExecutor(max_workers=n) as ex:
-        return list(
-            ex.map(lambda ca: verify(ca[0], ca[1], timeout_s=timeout_s), zip(completions, answers))
-        )
+        return list(ex.map(one, zip(completions, answers)))

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output", default="skill_bank.json", help="bank JSON to write")
     a("--extractor-model", default=None, help="model for extraction/merge (default: --model)")
     a("--verbose", action="store_true", help="show third-party logs and known noise too")
+    a(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model run the Python code it ships (off: such a model is refused)",
+    )
     a("--group-size", type=int, default=32, help="items per merge prompt (published: 32)")
     a("--max-layers", type=int, default=16, help="cap on merge layers per kind")
     a("--patience", type=int, default=3, help="stop after this many non-shrinking layers")
@@ -89,6 +94,12 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     args.extractor_model = args.extractor_model or args.model
+    from sgsd.engine.model_files import remote_code_problem
+
+    for option, source in (("--model", args.model), ("--extractor-model", args.extractor_model)):
+        refused = remote_code_problem(source, args.trust_remote_code, option)
+        if refused is not None:
+            raise SystemExit(refused)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -156,6 +167,7 @@ def _engine(model: str, args: argparse.Namespace, max_model_len: int):
         rollout_backend=args.rollout_backend,
         seed=args.seed,
         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        trust_remote_code=args.trust_remote_code,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = args.rollout_backend
@@ -165,7 +177,7 @@ def _engine(model: str, args: argparse.Namespace, max_model_len: int):
         if not vllm_available():
             raise SystemExit("--rollout-backend vllm, but vllm is not importable")
         source = model_source(cfg)
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
         threads = torch.get_num_threads()
         engine = VLLMRolloutEngine(cfg, source, device, max_model_len=max_model_len)
         torch.set_num_threads(threads)  # vLLM may lower it for serving
@@ -185,7 +197,8 @@ def _context_len(model: str, prompt_tokens: int, args: argparse.Namespace) -> in
     from sgsd.engine.model import model_source
 
     want = max(prompt_tokens + args.solve_max_tokens, 4096 + args.reply_max_tokens)
-    conf = AutoConfig.from_pretrained(model_source(TrainConfig(model=model)))
+    source = model_source(TrainConfig(model=model))
+    conf = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     return min(want, getattr(conf, "max_position_embeddings", want) or want)
 
 
@@ -327,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         from sgsd.config import TrainConfig
         from sgsd.engine.model import model_source
 
-        probe = AutoTokenizer.from_pretrained(model_source(TrainConfig(model=args.model)))
+        probe = AutoTokenizer.from_pretrained(
+            model_source(TrainConfig(model=args.model)), trust_remote_code=args.trust_remote_code
+        )
         longest = max(
             len(render_prompt_ids(probe, student_messages(p), enable_thinking=args.thinking))
             for p in problems

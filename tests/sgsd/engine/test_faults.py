@@ -186,3 +186,26 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     last = metrics(out)[-1]["step"]
     assert f"stopping at step {last}" in err and "Traceback" not in err
     assert (out / "checkpoints" / f"step_{last:06d}" / "manifest.json").is_file()
+
+
+def test_a_planted_pickle_payload_is_refused_on_resume(run, tmp_path):
+    """Someone hands you a checkpoint whose optimizer.pt would run code when unpickled
+    (and a manifest that matches it): the resume refuses it, naming the file, before
+    anything loads; the payload never runs and the run directory is unchanged."""
+    import torch
+
+    from sgsd.engine.rundir import write_manifest
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    newest = run / "checkpoints" / "step_000003"
+    torch.save({"state": {}, "param_groups": [], "x": Payload()}, newest / "optimizer.pt")
+    write_manifest(newest)
+    before = snapshot(run)
+    line = error_line(train(run, "--resume", "--max-steps", "4"))
+    assert f"--resume {newest}: optimizer.pt is refused" in line
+    assert not marker.exists() and snapshot(run) == before
