@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sgsd.engine.rundir import checkpoints, write_manifest
+from sgsd.engine.rundir import checkpoints, fsync_dir, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def save_checkpoint(
         if final.exists():  # re-saving the same step (e.g. stop signal right after a save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _prune(root, keep, protect)
         log.info("saved checkpoint %s", final)
     _barrier()
@@ -277,19 +277,6 @@ def _export_merged(policy, tokenizer, path: Path, rank: int) -> None:
     base.save_pretrained(str(path), state_dict=merged, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _prune(root: Path, keep: int, protect: frozenset[int] = frozenset()) -> None:

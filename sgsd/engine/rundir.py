@@ -33,6 +33,7 @@ __all__ = [
     "RunPlan",
     "checkpoints",
     "checkpoint_problem",
+    "fsync_dir",
     "new_run_id",
     "plan_run",
     "start_run",
@@ -277,11 +278,12 @@ def start_run(plan: RunPlan, cfg: TrainConfig) -> list[str]:
     for tmp in (out / "checkpoints").glob(".tmp-*") if (out / "checkpoints").is_dir() else ():
         _remove(tmp)
     cfg.save(out / "config.yaml")
-    _fsync(out)
+    fsync_dir(out)
     return removed
 
 
-def _fsync(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk, where the OS allows."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

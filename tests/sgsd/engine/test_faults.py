@@ -26,6 +26,14 @@ def train(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProc
     )
 
 
+def start(out: Path, *args: str) -> subprocess.Popen:
+    """A run in the background (stderr kept for the test to read)."""
+    cmd = [sys.executable, str(TRAIN), *FAST, *args, "--output-dir", str(out)]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
 def snapshot(root: Path) -> dict[str, bytes | None]:
     return {
         str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
@@ -142,20 +150,13 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_run_that_resumes(tmp_path):
     """SIGKILL while step 2's checkpoint is being written (its temporary directory
     exists): what is left is the step-1 checkpoint, verified, and the resume finishes."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(TRAIN), *FAST, "--max-steps", "3", "--checkpoint-every", "1"]
-    proc = subprocess.Popen(
-        [*cmd, "--output-dir", str(out)],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start(out, "--max-steps", "3", "--checkpoint-every", "1")
     deadline = time.monotonic() + 240
     tmp = out / "checkpoints" / ".tmp-step_000002"
     while time.monotonic() < deadline and proc.poll() is None and not tmp.exists():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert tmp.exists() or (out / "checkpoints" / "step_000002").exists()
     res = train(out, "--resume")
     assert res.returncode == 0, res.stderr[-4000:]
@@ -166,15 +167,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_run_that_resumes(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(TRAIN), *FAST, "--max-steps", "1000", "--checkpoint-every", "0"]
-    proc = subprocess.Popen(
-        [*cmd, "--output-dir", str(out)],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(out, "--max-steps", "1000", "--checkpoint-every", "0")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and metrics(out):
