@@ -6,6 +6,13 @@ these helpers get both out of any transformers causal LM -- plain, wrapped in
 model's *backbone* (``get_decoder()`` / ``.model``) instead of its ``forward``, which
 would multiply every position by the head and allocate a ``[B, T, V]`` tensor.
 
+A distributed wrapper's own forward always runs: :func:`last_hidden_states` on a
+``DistributedDataParallel`` (or ``DataParallel``), an FSDP2 root or a DeepSpeed engine
+calls the wrapper, whose forward prepares the gradient all-reduce (DDP), gathers the
+sharded parameters (FSDP2, ZeRO-3) and then runs the backbone in place of the inner
+model's forward (a forward redirection). Running the backbone around the wrapper would
+train each rank on its own gradients, silently.
+
     from sgsd_kernels import hf
     hidden = hf.last_hidden_states(model, input_ids, attention_mask=mask)   # [B, T, H]
     weight, bias = hf.lm_head_parameters(model)                              # [V, H], [V] | None
@@ -83,11 +90,56 @@ def last_hidden_states(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
-    out = backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-    )
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return hidden
+    decoder = backbone(model)
+
+    def run(input_ids, attention_mask=None, **kwargs):
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    target = _redirect_target(model)
+    if target is None:
+        return run(input_ids, attention_mask, **kwargs)
+    return _through_wrapper(model, target, run, input_ids, attention_mask, **kwargs)
+
+
+def _redirect_target(model: nn.Module) -> nn.Module | None:
+    """The module whose ``forward`` a distributed wrapper ``model`` runs inside its own
+    (DDP / DataParallel / DeepSpeed: ``model.module``; an FSDP2 root: itself), or None
+    when ``model`` is no such wrapper."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    if type(model).__name__ == "DeepSpeedEngine" and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        return model.module
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return model if isinstance(model, FSDPModule) else None
+
+
+def _through_wrapper(wrapper: nn.Module, target: nn.Module, run, *args, **kwargs):
+    """``wrapper(*args, **kwargs)`` with ``target.forward`` replaced by ``run`` for that one
+    call: the wrapper's forward logic and hooks run around the backbone."""
+    had_own = "forward" in target.__dict__
+    own = target.__dict__.get("forward")
+
+    def restore() -> None:
+        if had_own:
+            target.forward = own
+        else:
+            target.__dict__.pop("forward", None)
+
+    def redirected(*a, **k):
+        restore()  # only this call is redirected, even if run() calls the target again
+        return run(*a, **k)
+
+    target.forward = redirected
+    try:
+        return wrapper(*args, **kwargs)
+    finally:
+        restore()
 
 
 def _lora_delta(head: nn.Module) -> torch.Tensor | None:

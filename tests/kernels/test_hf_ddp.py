@@ -1,0 +1,89 @@
+"""sgsd_kernels.hf under DistributedDataParallel: two gloo ranks train a tiny Qwen3 on
+different inputs through ``hf.last_hidden_states(ddp_model, ...)``; every rank must end
+with the same gradients, the average of the ranks' own ones (DDP's all-reduce ran)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sgsd_kernels as sk
+from sgsd_kernels import hf
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
+    return transformers.Qwen3ForCausalLM(cfg).double()
+
+
+def _batch(rank: int) -> torch.Tensor:
+    return torch.randint(0, 257, (2, 7), generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    hidden = hf.last_hidden_states(model, ids, attention_mask=torch.ones_like(ids))
+    weight, bias = hf.lm_head_parameters(model)
+    return -sk.linear_logprobs(hidden[:, :-1], weight, ids[:, 1:], bias=bias).mean()
+
+
+def _grads(model: torch.nn.Module) -> torch.Tensor:
+    inner = hf.unwrap_causal_lm(model)
+    return torch.cat([p.grad.reshape(-1) for p in inner.parameters() if p.grad is not None])
+
+
+def _rank(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(_model())
+        _loss(ddp, _batch(rank)).backward()
+        torch.save(_grads(ddp), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_through_the_helper_are_all_reduced(tmp_path):
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    own = []
+    for r in range(WORLD):  # each rank's gradients alone, in this process
+        model = _model()
+        _loss(model, _batch(r)).backward()
+        own.append(_grads(model))
+    assert not torch.allclose(own[0], own[1])  # the ranks' batches differ
+    assert torch.equal(got[0], got[1]), "ranks hold different gradients: no all-reduce"
+    torch.testing.assert_close(got[0], (own[0] + own[1]) / WORLD, rtol=1e-10, atol=1e-12)
+
+
+def test_the_wrapper_forward_runs_and_the_inner_forward_is_restored():
+    """DataParallel stands in for DDP here (same .module, no process group): the helper
+    calls the wrapper, whose forward sees the call, and leaves no patched forward behind."""
+    model = _model()
+    wrapper = torch.nn.DataParallel(model)
+    seen = []
+    wrapper.register_forward_pre_hook(lambda *_: seen.append("wrapper"))
+    ids = _batch(0)
+    hidden = hf.last_hidden_states(wrapper, ids)
+    assert seen == ["wrapper"] and "forward" not in model.__dict__
+    plain = hf.last_hidden_states(model, ids)
+    torch.testing.assert_close(hidden, plain, rtol=0, atol=0)
+    out = model(ids, output_hidden_states=True)  # the model's own forward is intact
+    torch.testing.assert_close(out.hidden_states[-1], plain, rtol=1e-12, atol=1e-12)
