@@ -104,6 +104,9 @@ def preflight(cfg: TrainConfig, world_size: int, user_set: set[str] | None = Non
     if plan.checkpoint is None:  # a resume takes its bank from the checkpoint
         check_inputs(cfg)
     else:  # nothing in it may need code to load (torch is imported for this, on resume only)
+        from sgsd import console
+
+        console.prepare_environment(cfg.verbose)  # before torch loads
         from sgsd.engine.checkpoint import CheckpointError, check_loadable
 
         try:
