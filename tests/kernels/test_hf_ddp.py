@@ -14,29 +14,20 @@ import torch.multiprocessing as mp
 import sgsd_kernels as sk
 from sgsd_kernels import hf
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+from tests.kernels.test_hf import _tiny_qwen3  # noqa: E402 (after the importorskip)
+
 pytestmark = pytest.mark.slow
 
 WORLD = 2
 
 
 def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(
-        vocab_size=257,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=64,
-    )
-    return transformers.Qwen3ForCausalLM(cfg).double()
+    return _tiny_qwen3().train()
 
 
 def _batch(rank: int) -> torch.Tensor:
-    return torch.randint(0, 257, (2, 7), generator=torch.Generator().manual_seed(100 + rank))
+    return torch.randint(0, 1007, (2, 7), generator=torch.Generator().manual_seed(100 + rank))
 
 
 def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
