@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 
-import sgsd_kernels as sk
 from sgsd.methods.base import LossResult, ScoredBatch
 from sgsd.methods.sgsd import SGSDLoss
 
@@ -30,20 +29,12 @@ class LocalSupportSGSDLoss(SGSDLoss):
         return contextlib.nullcontext()  # live teachers: the current weights
 
     def loss(self, student_hidden, weight, bias, batch: ScoredBatch) -> LossResult:
-        out = sk.linear_gated_kd_loss(
+        out = self.gated_loss(
             student_hidden,
             weight,
-            batch.targets,
-            batch.token_mask,
-            batch.rewards,
-            batch.teacher_weights,
+            bias,
+            batch,
             teacher_hidden=batch.teacher_hidden.to(student_hidden.dtype),
-            bias=bias,
-            temperature=self.temperature,
-            gate_tau=self.gate_tau,
-            clip_delta=self.clip_delta,
-            confidence_threshold=self.confidence_threshold,
             local_support_top_k=self.local_support_top_k,
-            backend=self.backend,
         )
         return LossResult(out.loss, out.metrics(), out)

@@ -42,21 +42,28 @@ class SGSDLoss(LossStrategy):
             for spec in specs[: self.num_teachers]
         ]
 
-    def loss(self, student_hidden, weight, bias, batch: ScoredBatch) -> LossResult:
-        out = sk.linear_gated_kd_loss(
+    def gated_loss(self, student_hidden, weight, bias, batch: ScoredBatch, **teachers):
+        """:func:`sgsd_kernels.linear_gated_kd_loss` with this method's settings;
+        ``teachers``: ``teacher_logprobs=`` or ``teacher_hidden=`` (+ its options)."""
+        return sk.linear_gated_kd_loss(
             student_hidden,
             weight,
             batch.targets,
             batch.token_mask,
             batch.rewards,
             batch.teacher_weights,
-            teacher_logprobs=batch.teacher_logprobs,
             bias=bias,
             temperature=self.temperature,
             gate_tau=self.gate_tau,
             clip_delta=self.clip_delta,
             confidence_threshold=self.confidence_threshold,
             backend=self.backend,
+            **teachers,
+        )
+
+    def loss(self, student_hidden, weight, bias, batch: ScoredBatch) -> LossResult:
+        out = self.gated_loss(
+            student_hidden, weight, bias, batch, teacher_logprobs=batch.teacher_logprobs
         )
         metrics = out.metrics()
         metrics.update(self._extra_metrics(out, student_hidden, weight, bias, batch))
