@@ -12,7 +12,7 @@ import json
 import math
 import sys
 
-__all__ = ["compare", "limit_self", "serve"]
+__all__ = ["MemoryErrorWatch", "compare", "limit_self", "serve"]
 
 
 def compare(pred: str, gold: str) -> tuple[bool, str | None]:
@@ -59,32 +59,46 @@ def limit_self(memory_mb: int, cpu_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
-def _peak_mb() -> float:
-    """This process's peak address space (VmPeak), in MiB; peak RSS where /proc is absent."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmPeak:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+class MemoryErrorWatch:
+    """Notices a ``MemoryError`` anywhere in a comparison, even one that is caught.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    math-verify and sympy catch ``Exception`` in many places and report a failed
+    allocation as "unequal", so the cap cannot be seen from the result; neither from the
+    peak it leaves, since an exploding power doubles its operand and the refused
+    allocation can leave the peak anywhere between half the cap and the cap. A trace
+    function sees the exception in every frame it unwinds through. Line events are
+    switched off, so the cost is one Python call per function call (an ordinary
+    comparison: ~0.02 s -> ~0.06 s on the 2-core CPU box).
 
+    Use as a context manager around one comparison; ``seen`` tells the outcome.
+    """
 
-def _near_cap(memory_mb: int) -> bool:
-    """Whether this worker's address space has come within 10 % of its cap. math-verify
-    swallows the MemoryError of a failed allocation (the answer just compares unequal),
-    so the cap is seen by the peak it leaves: e.g. ``2^{2^{40}}`` under a 256 MiB cap
-    peaks at 255 MiB."""
-    return memory_mb > 0 and _peak_mb() >= 0.9 * memory_mb
+    def __init__(self) -> None:
+        self.seen = False
+
+    def _on_call(self, frame, event, arg):
+        frame.f_trace_lines = False
+        return self._in_frame
+
+    def _in_frame(self, frame, event, arg):
+        if event == "exception" and issubclass(arg[0], MemoryError):
+            self.seen = True
+        return self._in_frame
+
+    def __enter__(self) -> MemoryErrorWatch:
+        sys.settrace(self._on_call)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        sys.settrace(None)
+        if exc_type is not None and issubclass(exc_type, MemoryError):
+            self.seen = True
 
 
 def serve() -> None:  # pragma: no cover - runs in the subprocess
     """Serve ``{"pred", "gold", "memory_mb", "cpu_s"}`` JSON lines on stdin with
-    ``{"correct", "error", "limit"}`` lines. After coming near its memory cap the worker
-    answers and exits (its heap is spent); the CPU cap ends it by signal."""
+    ``{"correct", "error", "limit"}`` lines. After an allocation was refused the worker
+    answers and exits (its heap may be fragmented); the CPU cap ends it by signal."""
     import logging
 
     logging.disable(logging.WARNING)  # math-verify warns that timeouts are ours to handle
@@ -94,21 +108,20 @@ def serve() -> None:  # pragma: no cover - runs in the subprocess
     out.write("ready\n")
     out.flush()
     for line in sys.stdin:
-        limit, memory_mb = None, 0
+        limit, watch = None, MemoryErrorWatch()
         try:
             req = json.loads(line)
-            memory_mb = int(req.get("memory_mb", 0))
-            limit_self(memory_mb, int(req.get("cpu_s", 0)))
-            correct, error = compare(req["pred"], req["gold"])
+            limit_self(int(req.get("memory_mb", 0)), int(req.get("cpu_s", 0)))
+            with watch:
+                correct, error = compare(req["pred"], req["gold"])
         except MemoryError:
             correct, error = False, "memory cap reached"
         except Exception as e:  # noqa: BLE001 - any parser failure is a wrong answer
             correct, error = False, f"{type(e).__name__}: {e}"[:200]
-        near = _near_cap(memory_mb)
-        if near and not correct:
+        if watch.seen and not correct:
             error, limit = "memory cap reached", "memory"
-        elif near:
-            limit = "recycle"  # a correct answer that used the cap: a fresh worker next
+        elif watch.seen:
+            limit = "recycle"  # a correct answer despite a refused allocation: fresh worker
         out.write(json.dumps({"correct": correct, "error": error, "limit": limit}) + "\n")
         out.flush()
         if limit is not None:

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("math_verify")
 
 from sgsd.eval import verify as V  # noqa: E402 (after the importorskip)
+from sgsd.eval.verify_worker import MemoryErrorWatch  # noqa: E402
 
 #: 2^(2^40): sympy computes the power; the worker grows ~130 MB/s until its cap.
 MEMORY_BOMB = "\\boxed{2^{2^{40}}}"
@@ -34,6 +35,29 @@ def test_the_memory_cap_ends_an_exploding_comparison_and_the_caller_stays_small(
     # the capped workers were replaced: the next comparison is served and right
     ok = V.verify("\\boxed{\\frac{1}{2}}", "0.5", memory_mb=256)
     assert ok.correct and not ok.resource_limited
+
+
+@pytest.mark.parametrize("memory_mb", [160, 200, 320])
+def test_the_cap_is_seen_wherever_the_refused_allocation_lands(memory_mb):
+    """The power doubles its operand, so the refused allocation leaves the worker's peak
+    anywhere between half the cap and the cap; the cap is reported at every size."""
+    r = V.verify(MEMORY_BOMB, "5", timeout_s=60, memory_mb=memory_mb)
+    assert r.resource_limited and r.error == "memory cap reached" and not r.timed_out
+
+
+def test_the_watch_sees_a_memory_error_that_library_code_swallows():
+    def swallowing():
+        try:
+            bytearray(1 << 62)  # refused at once: no machine has 4 EiB
+        except Exception:  # noqa: BLE001 - what math-verify and sympy do
+            return False
+
+    with MemoryErrorWatch() as watch:
+        assert swallowing() is False
+    assert watch.seen
+    with MemoryErrorWatch() as quiet:
+        sum(range(10))
+    assert not quiet.seen
 
 
 def test_the_cpu_cap_ends_a_worker_that_outlives_its_time():
