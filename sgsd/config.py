@@ -155,9 +155,17 @@ class TrainConfig:
     gate_tau: float = 1.0
     """tau: gate temperature of l(D) = log 2 - softplus(-D^2 / (2 tau)) (paper: 1)."""
     clip_delta: float = 3.0
-    """delta: clip of the log-prob gap in the support score (paper: 3)."""
+    """delta: clip of the log-prob gap in the support score (paper: 3; ``inf``: no
+    clipping, the paper's ablation)."""
     confidence_threshold: float = 0.05
-    """epsilon: |support| at or below this gives polarity 0 (paper: 0.05)."""
+    """epsilon: |support| at or below this gives polarity 0 (paper: 0.05; 0: the
+    ablation)."""
+    polarity: bool = True
+    """Teacher polarity rho = (reward > 0 ? +1 : -1) * sign(support) (docs/design.md §3).
+    ``false``: the paper's ablation, every present teacher counts as helpful (rho = +1)."""
+    token_mask: bool = True
+    """Keep format and special tokens out of the gated loss (docs/design.md §3's m).
+    ``false``: the paper's ablation, every completion token counts."""
     logprob_temperature: float = 1.0
     """Temperature of the student/teacher log-probs in the loss (1 = the model's own
     distribution; independent of the sampling temperature)."""
@@ -341,7 +349,14 @@ class TrainConfig:
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1")
         positive("eval_temperature")
         at_least(1, "num_teachers")
-        positive("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr")
+        positive("gate_tau", "logprob_temperature", "temperature", "lr")
+        need(self.clip_delta > 0, "clip_delta", "must be > 0 (inf: no clipping)")
+        for ablation in ("polarity", "token_mask"):
+            need(
+                getattr(self, ablation) or self.loss == "sgsd",
+                ablation,
+                f"is an ablation of --loss sgsd, not of --loss {self.loss}",
+            )
         positive("verify_timeout_s")
         at_least(0, "verify_memory_mb")
         need(
