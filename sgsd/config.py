@@ -91,17 +91,19 @@ class TrainConfig:
 
     # ---- data and skills ---------------------------------------------------------------
     dataset: str = "demo"
-    """``demo`` (bundled), a JSONL/JSON path, or a HF dataset id
-    (``BytedTsinghua-SIA/DAPO-Math-17k`` is the paper's); see sgsd.data.load_problems."""
+    """``demo`` (bundled), ``skillworld`` (generated, docs/skillworld.md), a JSONL/JSON path,
+    or a HF dataset id (``BytedTsinghua-SIA/DAPO-Math-17k`` is the paper's); see
+    sgsd.data.load_problems."""
     dataset_split: str | None = None
-    """Dataset split (None: the loader's default; for ``demo``: ``train``, so that the
-    held-out ``test`` split that sgsd.evaluate scores is never trained on)."""
+    """Dataset split (None: the loader's default; for ``demo`` and ``skillworld``:
+    ``train``, so that the held-out ``test`` split sgsd.evaluate scores is never trained on)."""
     answer_field: str | None = None
     """Field holding the final answer (None: the loader detects it)."""
     dataset_limit: int | None = None
     """Use only the first N problems (None: all)."""
     skill_bank: str | None = None
-    """Skill-bank JSON path (None: the bundled default bank)."""
+    """Skill-bank JSON path, or ``skillworld`` (the skill world's bundled bank); None: the
+    bundled default bank."""
     retrieval_mode: str = "bm25"
     """How teachers are retrieved from the bank (passed to SkillBank.teachers)."""
     teacher_style: str = "published"
@@ -306,7 +308,7 @@ class TrainConfig:
                 need(getattr(self, name) >= lo, name, f"must be >= {lo}")
 
         need(bool(self.model), "model", "must be a model id, a path or 'tiny'")
-        if self.dataset == "demo" and self.dataset_split is None:
+        if self.dataset in ("demo", "skillworld") and self.dataset_split is None:
             self.dataset_split = "train"
         one_of("finetune", ("lora", "full"))
         at_least(1, "lora_r")
