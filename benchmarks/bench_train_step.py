@@ -38,6 +38,7 @@ import csv
 import datetime as _dt
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -607,7 +608,7 @@ def markdown(rows, setup, meta, args, tol, fmt_ms, fmt_bytes, elapsed, cuda) -> 
     def p50(t):
         return "—" if not t else (f"{t[1]:.0f}" if t[1] >= 100 else f"{t[1]:.1f}")
 
-    cmd = " ".join(["python benchmarks/bench_train_step.py", *args.argv])
+    cmd = shlex.join(["python", "benchmarks/bench_train_step.py", *args.argv])
     out = [
         f"### One SGSD optimizer step, random-init `{setup['shape']}` (H {setup['hidden']}, "
         f"{setup['layers']} layers, V {setup['vocab']:,}) on {meta['device']} — {meta['dtype']}, "
@@ -623,7 +624,7 @@ def markdown(rows, setup, meta, args, tol, fmt_ms, fmt_bytes, elapsed, cuda) -> 
         f"{setup['gemm_flops_per_s'] / scale:.1f} {unit}; useful work "
         f"{setup['step_flops'] / 1e9:.1f} GFLOP per step.",
         "",
-        f"Command: `{cmd}`" + (f" — {args.note}" if args.note else ""),
+        f"Command: `{cmd}`",
         "",
         "| method | kernels | step ms (p50 [p20, p80]) | teacher scoring ms | student fwd+loss+bwd "
         "ms | optimizer ms | peak MiB | tokens/s | MFU % | × vs published | mem ÷ vs "
