@@ -658,7 +658,9 @@ def markdown(rows, setup, meta, args, tol, fmt_ms, fmt_bytes, elapsed, cuda) -> 
     )
     out += [
         "",
-        f"Peak MiB: {mem}; the max over the timed steps of that method (its own, although all "
+        "Phase columns: the median of each phase on its own (they need not add up to the "
+        f"step's median). Peak MiB: {mem}; the max over the timed steps of that method "
+        "(its own, although all "
         "methods share the process: each step starts from a reset peak). tokens/s: completion "
         f"tokens trained per second. MFU: useful model FLOPs per step "
         "(K teacher forwards with the head at the completion positions, one student forward "
