@@ -63,7 +63,9 @@ LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 class TrainConfig:
     # ---- model -------------------------------------------------------------------------
     model: str = "tiny"
-    """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny.model).
+    """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny.model);
+    ``random:NAME[:VOCAB]`` = a random-init Qwen3 of a named shape (``qwen3-0.6b``,
+    ``qwen3-1.7b``, ``cpu``; sgsd.engine.model.RANDOM_SHAPES), for timing runs offline.
     ``Qwen/Qwen3-1.7B`` is the paper's model."""
     trust_remote_code: bool = False
     """Let transformers and vLLM run Python code shipped with the model (``auto_map``
