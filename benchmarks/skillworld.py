@@ -200,14 +200,10 @@ def write_table(rows: list[dict], head: dict, args, path: Path) -> str:
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
         seeds = sorted({r["seed"] for r in mine})
-        final = [
-            max((r for r in mine if r["seed"] == s), key=lambda r: r["step"])["accuracy"]
-            for s in seeds
-        ]
-        best = [max(r["accuracy"] for r in mine if r["seed"] == s) for s in seeds]
-        gain = (
-            _interval([f - base for f in final]) if not math.isnan(base) else (math.nan, math.nan)
-        )
+        per_seed = [[r for r in mine if r["seed"] == s] for s in seeds]
+        final = [max(rs, key=lambda r: r["step"])["accuracy"] for rs in per_seed]
+        best = [max(r["accuracy"] for r in rs) for rs in per_seed]
+        gain = _interval([f - base for f in final])
         lines.append(
             f"| {arm} | {_pct(*_interval(final))} | {_pct(*_interval(best))} | "
             f"{'—' if arm == 'warm_start' else _pct(*gain)} |"
@@ -311,9 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(out / arm / "samples.jsonl", "w" if seed == 0 else "a") as f:
                 for line in samples.read_text().splitlines():
                     f.write(json.dumps({**json.loads(line), "seed": seed}) + "\n")
-            say(
-                f"{arm} seed {seed}: held-out accuracy {rows[-1]['accuracy']:.1%} at step {rows[-1]['step']}"
-            )
+            last = rows[-1]
+            say(f"{arm} seed {seed}: held-out {last['accuracy']:.1%} at step {last['step']}")
 
     with open(out / "skillworld.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["arm", "seed", "step", "accuracy", "pass_at_n"])

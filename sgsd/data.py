@@ -378,8 +378,9 @@ def load_problems(
         rows, name = _read_hub(dataset_id, split), dataset_id.split("/")[-1]
     else:
         raise ValueError(
-            f"unknown problem source {src!r}: expected 'demo', 'skillworld', a .jsonl/.json/.parquet file, "
-            f"a Hugging Face dataset id (owner/name) or one of {', '.join(DATASET_ALIASES)}"
+            f"unknown problem source {src!r}: expected 'demo', 'skillworld', a "
+            ".jsonl/.json/.parquet file, a Hugging Face dataset id (owner/name) or one of "
+            f"{', '.join(DATASET_ALIASES)}"
         )
     problems = _to_problems(rows, name, answer_field, dedupe)
     return problems if limit is None else problems[:limit]

@@ -104,8 +104,8 @@ def _one_set(name: str, data_dir: str | None, limit: int | None):
                 return load_problems(f, limit=limit)
     if name.lower() not in DATASET_ALIASES and "/" not in name:
         raise EvalError(
-            f"unknown dataset {name!r}: use demo, skillworld, {', '.join(DATASET_ALIASES)}, a hub id "
-            "or a .jsonl/.json/.parquet file"
+            f"unknown dataset {name!r}: use demo, skillworld, {', '.join(DATASET_ALIASES)}, a "
+            "hub id or a .jsonl/.json/.parquet file"
         )
     split = "test" if name.lower() == "math500" else "train"
     try:
