@@ -68,7 +68,7 @@ COMMON = [
     "--temperature", "1.0",
     "--top-p", "1.0",
     "--top-k", "0",
-    "--num-teachers", "4",
+    "--num-teachers", "2",
     "--max-completion-tokens", "16",
     "--max-prompt-tokens", "512",
     "--enable-thinking", "true",

@@ -4,12 +4,10 @@ Per operation of :data:`sgsd.skillworld.tasks.OPERATIONS`:
 
 * a **correct general skill**: the operation's rule in words, never an answer;
 * a **misleading skill** under the same operation name, whose principle is another
-  operation's rule (:data:`MISLEADING`): BM25 ranks the two equally for a problem of that
-  operation (same title words, same ``when_to_apply``), so among the K retrieved teachers
-  some follow the wrong rule and polarity has work to do. Bank order puts the correct
-  skill first for every other operation, so the top-1 teacher is misleading for half of
-  them;
-* a **common mistake**: a failure pattern and its remedy, in words.
+  operation's rule (:data:`MISLEADING`): BM25 ranks the two on top for a problem of that
+  operation (the correct one first, its title is shorter), so with K = 2 one retrieved
+  teacher of every problem reads a wrong rule and polarity has work to do;
+* a **common mistake**, named by its operation: a failure pattern and its remedy.
 
 :func:`skill_rules` maps every skill id to the operation whose rule its principle states;
 the world's warm start uses it to write what a teacher that follows its skill answers.
@@ -63,10 +61,10 @@ def _skill(skill_id: str, name: str, rule_of: str, title: str) -> dict:
 def build_bank() -> dict:
     """The bank as a dict in the published format."""
     skills = []
-    for i, op in enumerate(OPERATIONS):
+    for op in OPERATIONS:
         right = _skill(f"{op.name}_rule", op.name, op.name, op.name)
         wrong = _skill(f"{op.name}_misleading", op.name, MISLEADING[op.name], f"{op.name} fast")
-        skills += [right, wrong] if i % 2 == 0 else [wrong, right]
+        skills += [right, wrong]
     mistakes = [
         {
             "mistake_id": f"{op.name}_mistake",

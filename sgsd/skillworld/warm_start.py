@@ -43,15 +43,16 @@ log = logging.getLogger(__name__)
 TAUGHT = ("increment", "rotate")
 
 #: Steps; plain rows and teacher rows per step; peak learning rate (AdamW, linear decay
-#: after a short warm-up); K (the trainer's ``--num-teachers`` for the world).
+#: after a short warm-up); K, the teachers retrieved per problem (the world runner's
+#: ``--num-teachers``: the operation's right and misleading skill). 800 steps: at 600 the
+#: right-skill context still failed one operation in three (held-out, 2-core CPU box).
 WARM_START: dict = {
-    "steps": 300,
+    "steps": 800,
     "plain_rows": 8,
     "teacher_rows": 8,
     "lr": 3e-3,
     "warmup": 20,
-    "num_teachers": 4,
-    "teacher_ranks": 2,
+    "num_teachers": 2,
 }
 
 _MARKER = "sgsd_skillworld_model.json"
@@ -81,24 +82,45 @@ def _bank(path, cls):
 
 
 def examples(tokenizer, settings: dict | None = None) -> tuple[list, list]:
-    """``(plain rows, teacher rows)`` of ``(token ids, prompt length)`` for the ``train``
-    split: plain rows for :data:`TAUGHT` operations, and for every problem one row per
-    retrieved teacher, answered by that teacher's skill."""
+    """``(plain rows, teacher rows)`` for the ``train`` split. A row is ``(token ids,
+    prompt length, answer digit positions)``: plain rows for every problem, answered right
+    for :data:`TAUGHT` operations and with digits to redraw at random for the others
+    (positions given: :func:`_redraw`); for every problem one teacher row per retrieved
+    teacher, answered by that teacher's skill (positions None)."""
     from sgsd import prompts
     from sgsd.skillworld.tasks import apply_rule, problems
-    from sgsd.tiny.warm_start import _encode
+    from sgsd.tiny.warm_start import encode_example
 
     cfg = {**WARM_START, **(settings or {})}
+    digit_ids = {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
     plain, teacher = [], []
     for p in problems("train"):
+        text = prompts.student_text(p["problem"])
+        ids, start = encode_example(tokenizer, text, p["solution"], p["id"])
         if p["operation"] in TAUGHT:
-            plain.append(
-                _encode(tokenizer, prompts.student_text(p["problem"]), p["solution"], p["id"])
-            )
-        for text, rule in _teacher_contexts(p, cfg["num_teachers"])[: cfg["teacher_ranks"]]:
+            plain.append((ids, start, None))
+        else:
+            positions = [i for i in range(start, len(ids)) if ids[i] in digit_ids]
+            assert len(positions) == len(p["digits"]), p["id"]  # one token per digit
+            plain.append((ids, start, positions))
+        for text, rule in _teacher_contexts(p, cfg["num_teachers"]):
             answer = f"\\boxed{{{apply_rule(rule, p['digits'])}}}"
-            teacher.append(_encode(tokenizer, text, answer, p["id"]))
+            teacher.append((*encode_example(tokenizer, text, answer, p["id"]), None))
     return plain, teacher
+
+
+def _redraw(rows, rng: random.Random, digit_tokens: list[int]) -> list[tuple[list[int], int]]:
+    """``(ids, prompt length)`` rows with fresh random digits where a row asks for them:
+    the plain prompt of an operation it is not taught learns the answer's format and
+    stays uncertain about the digits, as a model is before it has the skill."""
+    out = []
+    for ids, start, positions in rows:
+        if positions:
+            ids = list(ids)
+            for i in positions:
+                ids[i] = rng.choice(digit_tokens)
+        out.append((ids, start))
+    return out
 
 
 def warm_start(model, tokenizer, *, seed: int = 0, settings: dict | None = None) -> float:
@@ -106,14 +128,15 @@ def warm_start(model, tokenizer, *, seed: int = 0, settings: dict | None = None)
     steps. Deterministic in ``seed`` (one thread, the caller's RNG untouched)."""
     import torch
 
-    from sgsd.tiny.warm_start import _batch_loss, _one_thread
+    from sgsd.tiny.warm_start import batch_loss, one_thread
 
     cfg = {**WARM_START, **(settings or {})}
     plain, teacher = examples(tokenizer, cfg)
+    digit_tokens = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
     pad = tokenizer.pad_token_id
     rng = random.Random(seed)
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
 
@@ -126,7 +149,7 @@ def warm_start(model, tokenizer, *, seed: int = 0, settings: dict | None = None)
         model.train()
         for _ in _progress(cfg["steps"]):
             parts = [
-                _batch_loss(model, rng.sample(pool, n), pad)
+                batch_loss(model, _redraw(rng.sample(pool, n), rng, digit_tokens), pad)
                 for pool, n in ((plain, cfg["plain_rows"]), (teacher, cfg["teacher_rows"]))
                 if n
             ]
