@@ -51,6 +51,7 @@ WARM_START: dict = {
     "plain_rows": 6,
     "unsure_rows": 2,
     "unsure_keep": 0.4,
+    "unsure_from": 700,
     "teacher_rows": 8,
     "lr": 3e-3,
     "warmup": 20,
@@ -154,12 +155,13 @@ def warm_start(model, tokenizer, *, seed: int = 0, settings: dict | None = None)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         model.train()
-        for _ in _progress(cfg["steps"]):
+        for step in _progress(cfg["steps"]):
+            unsure_rows = cfg["unsure_rows"] if step >= cfg["unsure_from"] else 0
             parts = [
                 batch_loss(model, _redraw(rng.sample(pool, n), rng, digit_tokens, keep), pad)
                 for pool, n in (
                     (plain, cfg["plain_rows"]),
-                    (unsure, cfg["unsure_rows"]),
+                    (unsure, unsure_rows),
                     (teacher, cfg["teacher_rows"]),
                 )
                 if n
