@@ -182,12 +182,12 @@ def _backward(ctx, grad, *_grad_saved):
 torch.library.register_autograd("sgsd::linear_divergence", _backward, setup_context=_setup_context)
 
 
-def _speculates(backend: str, vocab: int, beta: float) -> bool:
+def _speculates(backend: str, vocab: int, beta: float, softcap: float | None) -> bool:
     if not SPECULATE or backend == "triton":  # the Triton kernels have no unit-gradient pass
         return False
     from sgsd_kernels.ops.torch_backend.linear_divergence import single_block
 
-    return single_block(vocab, beta)
+    return single_block(vocab, beta, softcap=softcap)
 
 
 def linear_divergence_op(
@@ -198,7 +198,7 @@ def linear_divergence_op(
     terms of the inputs that will get a gradient (see the module docstring). ``softcap``
     caps both heads' raw logits (``LinearInputs``)."""
     unit_h = unit_w = False
-    if torch.is_grad_enabled() and _speculates(backend, weight.shape[0], beta):
+    if torch.is_grad_enabled() and _speculates(backend, weight.shape[0], beta, softcap):
         unit_h = student_hidden.requires_grad
         unit_w = weight.requires_grad or (bias is not None and bias.requires_grad)
     d, stats, *_ = _divergence(
