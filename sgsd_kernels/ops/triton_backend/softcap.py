@@ -1,0 +1,40 @@
+"""The soft cap of docs/design.md §3.3 inside the Triton kernels: z = (c/T)·tanh(z_raw/c).
+
+Triton 3.9's interpreter has no ``tanh`` (``libdevice.tanh`` returns None there), so it is
+built from one exponential, and the same code runs on the GPU as in the tests. With
+e = exp(−2|x|) ∈ (0, 1]: tanh(x) = sign(x)·(1 − e)/(1 + e) and its slope
+1 − tanh²(x) = 4e/(1 + e)², which has no cancellation where tanh saturates. Near x = 0 the
+absolute error of tanh is about one unit of the compute dtype, i.e. the capped logit is
+off by ~eps·c, the size of the rounding error the uncapped logits carry anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sgsd_kernels.ops.common import compute_dtype
+
+
+@triton.jit
+def tanh_and_slope(x):
+    """(tanh(x), 1 − tanh²(x)) element-wise; ±inf give (±1, 0) and NaN stays NaN."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    d = 1.0 + e
+    t = (1.0 - e) / d
+    return tl.where(x < 0, -t, t), 4.0 * e / (d * d)
+
+
+@triton.jit
+def load_cap(Cap):
+    """(1/c, c/T) stored by :func:`cap_scalars`."""
+    return tl.load(Cap), tl.load(Cap + 1)
+
+
+def cap_scalars(softcap: float | None, temperature: float, like: torch.Tensor) -> torch.Tensor:
+    """[1/c, c/T] in the compute dtype of ``like`` on its device, for :func:`load_cap` (a
+    tensor, not float arguments, for the reason ``inv_temperature`` gives); [1, 1/T]
+    without a cap (the kernels then never read it)."""
+    values = [1.0, 1.0 / temperature] if softcap is None else [1.0 / softcap, softcap / temperature]
+    return torch.tensor(values, dtype=compute_dtype(like), device=like.device)
