@@ -94,8 +94,8 @@ def upstream_grads(
 class Streams:
     """The inputs of a backend's ``forward_streams``: student rows [N, H] and teacher rows
     [M, H] with their int64 targets, through one LM head (weight [V, H], bias [V] or
-    None, soft cap or None) at one temperature and ignore index. The op builds it once from its typed
-    arguments."""
+    None, soft cap or None) at one temperature and ignore index. The op builds it once
+    from its typed arguments."""
 
     student_hidden: torch.Tensor
     teacher_hidden: torch.Tensor
