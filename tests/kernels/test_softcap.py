@@ -283,3 +283,24 @@ def test_divergence_reference_caps_before_the_top_k_and_the_temperature():
         backend="reference",
     )  # fmt: skip
     assert max_err(got, want) < 1e-13
+
+
+def test_compiles_with_the_cap_and_the_scale():
+    """The folded cap reaches the custom op as a schema argument: torch.compile traces it
+    (aot_eager) and gives the eager values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (6,), generator=g)
+
+    def f(h, w):
+        lp = sk.linear_logprobs(h, w, t, softcap=2.0, logit_scale=1.5, backend="torch")
+        return lp.sum()
+
+    want = f(h, w)
+    want_grads = torch.autograd.grad(want, [h, w])
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(h, w)
+    got_grads = torch.autograd.grad(got, [h, w])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
