@@ -28,9 +28,10 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
 def _shape(backend, N):
-    """(N, H, V) with odd H and V (several vocabulary blocks of every backend, with the
-    small workspaces); the Triton interpreter gets a smaller vocabulary."""
-    return (N, 61, 1007) if backend != "triton" else (N, 33, 301)
+    """(N, H, V) with odd H and V: several vocabulary blocks and row chunks of the torch
+    backend (small workspace) and several Triton vocabulary tiles; the Triton interpreter
+    gets a narrower H."""
+    return (N, 61, 601) if backend != "triton" else (N, 33, 301)
 
 
 def _leaf(x, dtype=None):
@@ -75,8 +76,11 @@ def _grads(out, leaves, entropy, seed=1):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("N", [1, 37])
+@pytest.mark.parametrize(
+    "dtype,N",
+    [(torch.float64, 37), (torch.float32, 1), (torch.float32, 37), (torch.bfloat16, 37)],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
 @pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
 def test_linear_logprobs_matches_oracle(backend, dtype, N, head, small_workspace):
     softcap, logit_scale, temperature = head
@@ -208,13 +212,23 @@ def _div_ids(c):
     return f"b{beta}-c{clip}-k{k}-{layout}-{HEAD_IDS[HEADS.index(head)]}-{upstream}"
 
 
-@pytest.fixture
-def small_div_workspace(monkeypatch):
-    """Several row chunks and vocabulary blocks, as in test_divergence_oracle.py."""
+def _small_div_workspace(monkeypatch, backend):
+    """Several row chunks and vocabulary blocks, as in test_divergence_oracle.py, for the
+    torch and Triton kernels. The native backend keeps its default budget, so that its
+    fused path (the cap in ATen passes around the C++ element-wise kernel) runs rather
+    than the torch kernels it falls back to when the vocabulary does not fit."""
     from sgsd_kernels.ops.torch_backend import linear_divergence
     from sgsd_kernels.ops.triton_backend import linear_divergence as triton_kernels
 
-    monkeypatch.setattr(linear_divergence, "WORKSPACE_ELEMENTS", 4096)
+    if backend != "native":
+        monkeypatch.setattr(linear_divergence, "WORKSPACE_ELEMENTS", 4096)
+    else:  # the fused path must run, not the blockwise torch kernels
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the native backend fell back to the torch kernels")
+
+        for name in ("forward", "forward_with_unit_grads", "backward"):
+            monkeypatch.setattr(linear_divergence, name, refuse)
     monkeypatch.setattr(triton_kernels, "WORKSPACE_ELEMENTS", 20 * 1007)
 
 
@@ -239,7 +253,8 @@ def _div_grads(d, leaves, upstream):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", DIV_CONFIGS, ids=_div_ids)
-def test_linear_divergence_matches_oracle(backend, dtype, config, small_div_workspace):
+def test_linear_divergence_matches_oracle(backend, dtype, config, monkeypatch):
+    _small_div_workspace(monkeypatch, backend)
     beta, clip, top_k, sep, with_bias, head, upstream = config
     softcap, logit_scale, temperature = head
     N, H, V = _shape(backend, 37 if backend != "triton" or dtype == torch.float32 else 1)
