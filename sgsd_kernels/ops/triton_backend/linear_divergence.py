@@ -33,7 +33,7 @@ import triton.language as tl
 
 from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
 from sgsd_kernels.ops.triton_backend import triton_configs
-from sgsd_kernels.ops.triton_backend.softcap import load_cap, tanh_and_slope
+from sgsd_kernels.ops.triton_backend.softcap import load_cap, tanh
 from sgsd_kernels.ops.triton_backend.tiles import dot_w_block
 from sgsd_kernels.runtime import interpreting
 
@@ -110,8 +110,7 @@ def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t, 
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     if HAS_SOFTCAP:
         inv_cap, post = load_cap(Cap)
-        t, _ = tanh_and_slope(acc * inv_cap)
-        acc = t * post
+        acc = tanh(acc * inv_cap) * post
     else:
         acc = acc * inv_t
     return tl.where(col_ok[None, :], acc, float("-inf"))

@@ -1,11 +1,13 @@
 """The soft cap of docs/design.md §3.3 inside the Triton kernels: z = (c/T)·tanh(z_raw/c).
 
 Triton 3.9's interpreter has no ``tanh`` (``libdevice.tanh`` returns None there), so it is
-built from one exponential, and the same code runs on the GPU as in the tests. With
-e = exp(−2|x|) ∈ (0, 1]: tanh(x) = sign(x)·(1 − e)/(1 + e) and its slope
-1 − tanh²(x) = 4e/(1 + e)², which has no cancellation where tanh saturates. Near x = 0 the
-absolute error of tanh is about one unit of the compute dtype, i.e. the capped logit is
-off by ~eps·c, the size of the rounding error the uncapped logits carry anyway.
+built from one exponential, and the same code runs on the GPU as in the tests. Where the
+slope is needed (the log-prob gradient tile), with e = exp(−2|x|) ∈ (0, 1]:
+tanh(x) = sign(x)·(1 − e)/(1 + e) and 1 − tanh²(x) = 4e/(1 + e)², which has no
+cancellation where tanh saturates; elsewhere tanh(x) = 1 − 2/(exp(2x) + 1), which needs
+fewer registers. Near x = 0 the absolute error of either is about one unit of the compute
+dtype, i.e. the capped logit is off by ~eps·c, the size of the rounding error the uncapped
+logits carry anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ import triton
 import triton.language as tl
 
 from sgsd_kernels.ops.common import compute_dtype
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = 1 − 2/(exp(2x) + 1) element-wise, for tiles that need no slope: one chain
+    of operations with a single live temporary (exp(2x) = inf gives 1, 0 gives −1), which
+    keeps the fp32 divergence forward inside the register file (sm_90: 28 B spilled with
+    :func:`tanh_and_slope`, none with this; benchmarks/results/triton-aot)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
