@@ -100,7 +100,7 @@ def _args(argv):
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--quick", action="store_true", help="warm start, SGSD, GRPO; one seed")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; quick 1)")
-    ap.add_argument("--steps", type=int, default=20, help="training steps per run")
+    ap.add_argument("--steps", type=int, default=30, help="training steps per run")
     ap.add_argument("--eval-every", type=int, default=5, help="evaluate every N steps")
     ap.add_argument("--eval-n", type=int, default=4, help="samples per held-out problem")
     ap.add_argument("--arms", default=None, help="comma list of arms (default: all / quick)")
