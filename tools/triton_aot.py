@@ -350,16 +350,18 @@ def _drive(dtype_name: str, case: dict, quick: bool = False):
     if not others:
         return
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    s = torch.zeros(1, t_gate, dtype=acc, requires_grad=True)
-    res = sk.gated_kd_loss(
-        s,
-        torch.zeros(1, K, t_gate, dtype=acc),
-        torch.ones(1, t_gate, dtype=torch.bool),
-        torch.ones(1),
-        torch.full((1, K), 0.5),
-        backend="triton",
-    )
-    res.loss.backward()
+    for use_polarity in (True, False):  # the USE_POLARITY variants (the ablation)
+        s = torch.zeros(1, t_gate, dtype=acc, requires_grad=True)
+        res = sk.gated_kd_loss(
+            s,
+            torch.zeros(1, K, t_gate, dtype=acc),
+            torch.ones(1, t_gate, dtype=torch.bool),
+            torch.ones(1),
+            torch.full((1, K), 0.5),
+            use_polarity=use_polarity,
+            backend="triton",
+        )
+        res.loss.backward()
 
 
 def compile_all(archs: list[int], quick: bool, only: str | None = None, dtypes=DTYPES) -> Recorder:
