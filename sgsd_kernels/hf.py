@@ -45,6 +45,7 @@ from sgsd_kernels.runtime import check_backend
 
 __all__ = [
     "backbone",
+    "head_logprobs",
     "last_hidden_states",
     "lm_head_parameters",
     "logit_transform",
@@ -212,6 +213,11 @@ def _head_weight(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     gathered here, since the head module's own forward (whose hook would unshard it) never
     runs; ``full_tensor()`` is differentiable, its backward reduce-scatters."""
     weight, bias = lm_head_parameters(model)
+    if hasattr(weight, "ds_id") and weight.numel() == 0:
+        raise NotImplementedError(
+            "the LM head's weight is partitioned by DeepSpeed ZeRO-3 and its module's forward "
+            "(which would gather it) does not run; use ZeRO-2 or FSDP2 for the fused head"
+        )
     if hasattr(weight, "full_tensor"):
         weight = weight.full_tensor()
     if bias is not None and hasattr(bias, "full_tensor"):
@@ -351,7 +357,7 @@ def patch_causal_lm(
             f"patch_causal_lm needs a *ForCausalLM model"
         )
     backbone(lm)  # fails now, with its message, rather than at the first call
-    transform = logit_transform(lm)
+    logit_transform(lm)
     had_own = "forward" in lm.__dict__
     previous = lm.forward
     # the class's signature names the arguments even when ``previous`` is a (*args, **kwargs)
@@ -375,7 +381,7 @@ def patch_causal_lm(
         num_items = call.pop("num_items_in_batch", None)
         out = backbone(lm)(**call)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        log_probs, entropy = _score(lm, hidden, labels, shift_labels, keep, settings, transform)
+        log_probs, entropy = _score(lm, hidden, labels, shift_labels, keep, settings)
         counted = (labels[:, 1:] if shift_labels is None else shift_labels) != -100
         if isinstance(keep, int) and keep > 0:
             counted = counted[:, -keep:]
@@ -397,7 +403,7 @@ def patch_causal_lm(
     return model
 
 
-def _score(lm, hidden, labels, shift_labels, keep, settings, transform):
+def _score(lm, hidden, labels, shift_labels, keep, settings):
     """``(log_probs, entropy | None)`` of the kept label positions (see patch_causal_lm)."""
     if not (isinstance(keep, int) and not isinstance(keep, bool)) or keep < 0:
         raise TypeError(
@@ -421,25 +427,46 @@ def _score(lm, hidden, labels, shift_labels, keep, settings, transform):
             labels[:, max(T - k, 1) :],
             int(k == T),
         )
-    weight, bias = _head_weight(lm)
-    dtype = torch.promote_types(h.dtype, weight.dtype)
-    h, weight = h.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    result = F.linear_logprobs(
-        h,
-        weight,
-        targets.to(h.device),
-        bias=bias,
-        temperature=settings["temperature"],
-        return_entropy=settings["return_entropy"],
-        backend=settings["backend"],
-        **transform,
-    )
+    result = head_logprobs(lm, h, targets.to(h.device), **settings)
     lp, ent = result if settings["return_entropy"] else (result, None)
     if pad:
         lp = nn.functional.pad(lp, (1, 0))
         ent = None if ent is None else nn.functional.pad(ent, (1, 0))
     return lp, ent
+
+
+def head_logprobs(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sgsd_kernels.linear_logprobs` of ``hidden [..., H]`` through ``model``'s own LM
+    head: its weight and bias (a LoRA adapter on the head merged in, an FSDP2 shard
+    gathered) and its logit transform (:func:`logit_transform`). Equivalent to::
+
+        z = model.get_output_embeddings()(hidden).float()   # + softcap / scale, as the model
+        torch.log_softmax(z / temperature, -1).gather(-1, targets[..., None])[..., 0]
+
+    ``hidden`` and the head may differ in dtype (autocast, an fp32 head): both are cast to
+    the wider one. Float32 results (float64 for float64 inputs), 0 where ``targets == -100``.
+    """
+    transform = logit_transform(model)
+    weight, bias = _head_weight(model)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return F.linear_logprobs(
+        hidden.to(dtype),
+        weight.to(dtype),
+        targets,
+        bias=None if bias is None else bias.to(dtype),
+        temperature=temperature,
+        return_entropy=return_entropy,
+        backend=backend,
+        **transform,
+    )
 
 
 def unpatch_causal_lm(model: nn.Module) -> nn.Module:
