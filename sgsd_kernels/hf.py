@@ -26,6 +26,8 @@ the loss, never logits, so every wrapper's hooks run as for any forward.
     out = model(input_ids, attention_mask=mask, labels=labels)   # out.logits is None
     out.loss.backward()                                          # == transformers' labels= loss
 
+Over 450 lines on purpose: the hidden-state helpers and the patch built on them are one API
+(docs/integrations.md) sharing the head's weight, LoRA and logit-transform handling.
 This module imports neither transformers nor peft at import time; it duck-types what it
 needs (the patched forward's output class subclasses transformers' ``ModelOutput``, built
 on first use).
