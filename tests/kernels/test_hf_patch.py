@@ -177,6 +177,12 @@ def test_logits_to_keep_temperature_and_gradients_match_the_model():
     assert got.keys() == want.keys() and any("lm_head.lora" in n for n in got)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11, msg=name)
+    # pre-shifted labels (sequence parallelism) are scored where they stand
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    pre = model(ids, attention_mask=mask, shift_labels=shifted)
+    full = model(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(pre.log_probs[:, :-1], full.log_probs[:, 1:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pre.loss, full.loss, rtol=1e-12, atol=1e-12)
     # num_items_in_batch (the Trainer's gradient-accumulation count) replaces the count
     summed = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=100).loss
     full = model(ids, attention_mask=mask, labels=labels).log_probs
