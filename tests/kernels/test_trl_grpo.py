@@ -13,6 +13,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from sgsd.tiny.model import save_tiny_model  # noqa: E402
+from sgsd_bench.measure import MemMeter  # noqa: E402
 from sgsd_kernels.integrations.trl import LinearLogprobsGRPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -25,10 +26,14 @@ def variety(completions, **_):
 
 
 class _Recording:
-    """Keeps every (logps, entropies) the trainer computes."""
+    """Keeps every (logps, entropies) the trainer computes, and the peak memory of the
+    call above its start (the process's RSS high-water mark; reported, not asserted)."""
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        meter = MemMeter("cpu")
+        meter.start()
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        self.peaks.append(meter.peak())
         self.seen.append(
             (out[0].detach().clone(), None if out[1] is None else out[1].detach().clone())
         )
@@ -77,15 +82,18 @@ def _run(trainer_class, out_dir, model_dir):
         train_dataset=Dataset.from_dict({"prompt": prompts * 2}),
         processing_class=tok,
     )
-    trainer.seen = []
+    trainer.seen, trainer.peaks = [], []
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return trainer.seen, losses
+    return trainer.seen, losses, max(trainer.peaks)
 
 
-def test_two_grpo_steps_match_trl(tmp_path, tiny_dir):
-    trl_seen, trl_losses = _run(RecordingTRL, tmp_path / "trl", tiny_dir)
-    fused_seen, fused_losses = _run(RecordingFused, tmp_path / "fused", tiny_dir)
+def test_two_grpo_steps_match_trl(tmp_path, tiny_dir, record_property):
+    trl_seen, trl_losses, trl_peak = _run(RecordingTRL, tmp_path / "trl", tiny_dir)
+    fused_seen, fused_losses, fused_peak = _run(RecordingFused, tmp_path / "fused", tiny_dir)
+    for name, peak in [("trl", trl_peak), ("sgsd_kernels", fused_peak)]:
+        record_property(f"logprob_step_peak_mib_{name}", round(peak / 2**20, 1))
+    print(f"log-prob step peak: TRL {trl_peak / 2**20:.1f} MiB, ours {fused_peak / 2**20:.1f} MiB")
     assert len(fused_seen) == len(trl_seen) >= 4  # 2 steps x (reference + policy)
     assert len(trl_losses) == len(fused_losses) == 2
     for (lp, ent), (want, want_ent) in zip(fused_seen, trl_seen):
