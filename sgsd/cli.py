@@ -124,7 +124,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     from sgsd.skills.bank import DEFAULT_BANK_FILE, SkillBank, SkillBankError
 
     problems = []
-    if cfg.dataset == "demo" or _local_path(cfg.dataset) or os.path.exists(cfg.dataset):
+    bundled = cfg.dataset in ("demo", "skillworld")
+    if bundled or _local_path(cfg.dataset) or os.path.exists(cfg.dataset):
         try:
             problems = load_problems(
                 cfg.dataset,

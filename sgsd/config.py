@@ -63,7 +63,9 @@ LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 class TrainConfig:
     # ---- model -------------------------------------------------------------------------
     model: str = "tiny"
-    """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny.model).
+    """HF model id or local directory; ``"tiny"`` = the offline tiny Qwen3 (sgsd.tiny.model);
+    ``random:NAME[:VOCAB]`` = a random-init Qwen3 of a named shape (``qwen3-0.6b``,
+    ``qwen3-1.7b``, ``cpu``; sgsd.engine.model.RANDOM_SHAPES), for timing runs offline.
     ``Qwen/Qwen3-1.7B`` is the paper's model."""
     trust_remote_code: bool = False
     """Let transformers and vLLM run Python code shipped with the model (``auto_map``
@@ -91,17 +93,19 @@ class TrainConfig:
 
     # ---- data and skills ---------------------------------------------------------------
     dataset: str = "demo"
-    """``demo`` (bundled), a JSONL/JSON path, or a HF dataset id
-    (``BytedTsinghua-SIA/DAPO-Math-17k`` is the paper's); see sgsd.data.load_problems."""
+    """``demo`` (bundled), ``skillworld`` (generated, docs/skillworld.md), a JSONL/JSON path,
+    or a HF dataset id (``BytedTsinghua-SIA/DAPO-Math-17k`` is the paper's); see
+    sgsd.data.load_problems."""
     dataset_split: str | None = None
-    """Dataset split (None: the loader's default; for ``demo``: ``train``, so that the
-    held-out ``test`` split that sgsd.evaluate scores is never trained on)."""
+    """Dataset split (None: the loader's default; for ``demo`` and ``skillworld``:
+    ``train``, so that the held-out ``test`` split sgsd.evaluate scores is never trained on)."""
     answer_field: str | None = None
     """Field holding the final answer (None: the loader detects it)."""
     dataset_limit: int | None = None
     """Use only the first N problems (None: all)."""
     skill_bank: str | None = None
-    """Skill-bank JSON path (None: the bundled default bank)."""
+    """Skill-bank JSON path, or ``skillworld`` (the skill world's bundled bank); None: the
+    bundled default bank."""
     retrieval_mode: str = "bm25"
     """How teachers are retrieved from the bank (passed to SkillBank.teachers)."""
     teacher_style: str = "published"
@@ -155,9 +159,17 @@ class TrainConfig:
     gate_tau: float = 1.0
     """tau: gate temperature of l(D) = log 2 - softplus(-D^2 / (2 tau)) (paper: 1)."""
     clip_delta: float = 3.0
-    """delta: clip of the log-prob gap in the support score (paper: 3)."""
+    """delta: clip of the log-prob gap in the support score (paper: 3; ``inf``: no
+    clipping, the paper's ablation)."""
     confidence_threshold: float = 0.05
-    """epsilon: |support| at or below this gives polarity 0 (paper: 0.05)."""
+    """epsilon: |support| at or below this gives polarity 0 (paper: 0.05; 0: the
+    ablation)."""
+    polarity: bool = True
+    """Teacher polarity rho = (reward > 0 ? +1 : -1) * sign(support) (docs/design.md §3).
+    ``false``: the paper's ablation, every present teacher counts as helpful (rho = +1)."""
+    token_mask: bool = True
+    """Keep format and special tokens out of the gated loss (docs/design.md §3's m).
+    ``false``: the paper's ablation, every completion token counts."""
     logprob_temperature: float = 1.0
     """Temperature of the student/teacher log-probs in the loss (1 = the model's own
     distribution; independent of the sampling temperature)."""
@@ -298,7 +310,7 @@ class TrainConfig:
                 need(getattr(self, name) >= lo, name, f"must be >= {lo}")
 
         need(bool(self.model), "model", "must be a model id, a path or 'tiny'")
-        if self.dataset == "demo" and self.dataset_split is None:
+        if self.dataset in ("demo", "skillworld") and self.dataset_split is None:
             self.dataset_split = "train"
         one_of("finetune", ("lora", "full"))
         at_least(1, "lora_r")
@@ -341,7 +353,14 @@ class TrainConfig:
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1")
         positive("eval_temperature")
         at_least(1, "num_teachers")
-        positive("gate_tau", "clip_delta", "logprob_temperature", "temperature", "lr")
+        positive("gate_tau", "logprob_temperature", "temperature", "lr")
+        need(self.clip_delta > 0, "clip_delta", "must be > 0 (inf: no clipping)")
+        for ablation in ("polarity", "token_mask"):
+            need(
+                getattr(self, ablation) or self.loss == "sgsd",
+                ablation,
+                f"is an ablation of --loss sgsd, not of --loss {self.loss}",
+            )
         positive("verify_timeout_s")
         at_least(0, "verify_memory_mb")
         need(

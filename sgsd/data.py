@@ -10,6 +10,9 @@
   subject), ``split="train"`` the other 232 (:data:`DEMO_SPLITS`); no split = all 290.
   The trainer trains on ``train`` and :mod:`sgsd.evaluate` scores ``test``, so the two
   never share a problem;
+* ``"skillworld"`` -- the skill world's digit operations (:mod:`sgsd.skillworld.tasks`),
+  generated from a seed: ``split="train"`` (1200 problems), ``split="test"`` (144,
+  disjoint), no split = both;
 * a local ``.jsonl`` / ``.json`` / ``.parquet`` file;
 * a Hugging Face dataset id (``BytedTsinghua-SIA/DAPO-Math-17k``, ...) or one of the
   short names in :data:`DATASET_ALIASES` (``dapo-math-17k``, ``aime24``, ``aime25``,
@@ -351,6 +354,10 @@ def load_problems(
             if split not in DEMO_SPLITS:
                 raise ValueError(f"demo: no split {split!r} (splits: {', '.join(DEMO_SPLITS)})")
             rows = [r for i, r in enumerate(rows) if DEMO_SPLITS[split](i)]
+    elif src == "skillworld":
+        from sgsd.skillworld.tasks import problems
+
+        rows, name = problems(split), "skillworld"
     elif path.suffix.lower() in _SUFFIXES or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"problem file not found: {path}")
@@ -371,8 +378,9 @@ def load_problems(
         rows, name = _read_hub(dataset_id, split), dataset_id.split("/")[-1]
     else:
         raise ValueError(
-            f"unknown problem source {src!r}: expected 'demo', a .jsonl/.json/.parquet file, "
-            f"a Hugging Face dataset id (owner/name) or one of {', '.join(DATASET_ALIASES)}"
+            f"unknown problem source {src!r}: expected 'demo', 'skillworld', a "
+            ".jsonl/.json/.parquet file, a Hugging Face dataset id (owner/name) or one of "
+            f"{', '.join(DATASET_ALIASES)}"
         )
     problems = _to_problems(rows, name, answer_field, dedupe)
     return problems if limit is None else problems[:limit]

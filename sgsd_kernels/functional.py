@@ -205,6 +205,7 @@ def gated_kd_loss(
     gate_tau: float = 1.0,
     clip_delta: float = 3.0,
     confidence_threshold: float = 0.05,
+    use_polarity: bool = True,
     backend: str = "auto",
 ) -> GatedKDOutput:
     """The SGSD gated self-distillation loss (docs/design.md §3) from per-token log-probs.
@@ -218,7 +219,9 @@ def gated_kd_loss(
         L = ((log(2) - F.softplus(-d**2 / (2 * gate_tau))) * m[:, None]).sum(-1) / n
         loss = (w * rho.detach() * L).sum() / B
 
-    Only ``student_logprobs`` receives a gradient; teachers are constants.
+    Only ``student_logprobs`` receives a gradient; teachers are constants. The paper's
+    ablations: ``clip_delta=math.inf`` (no clipping), ``confidence_threshold=0`` and
+    ``use_polarity=False`` (ρ = +1 for every teacher, whatever r and S).
     """
     check.tensor("student_logprobs", student_logprobs, kind="float")
     check.tensor("teacher_logprobs", teacher_logprobs, kind="float")
@@ -231,7 +234,7 @@ def gated_kd_loss(
     )
     check.shape("teacher_logprobs", teacher_logprobs, (B, K, T), f"[B, K, T] = [{B}, {K}, {T}]")
     check.same_device(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
-    gate = GateHypers(*check.gate_hypers(gate_tau, clip_delta, confidence_threshold))
+    gate = GateHypers(*check.gate_hypers(gate_tau, clip_delta, confidence_threshold, use_polarity))
     backend = resolve_backend(backend, student_logprobs.device)
     check.mask_values(token_mask)
     return _gated(
@@ -261,6 +264,7 @@ def linear_gated_kd_loss(
     gate_tau: float = 1.0,
     clip_delta: float = 3.0,
     confidence_threshold: float = 0.05,
+    use_polarity: bool = True,
     ignore_index: int = -100,
     backend: str = "auto",
     check_finite: bool = False,
@@ -335,7 +339,7 @@ def linear_gated_kd_loss(
         teacher_hidden=teacher_hidden,
         teacher_logprobs=teacher_logprobs,
     )
-    gate = GateHypers(*check.gate_hypers(gate_tau, clip_delta, confidence_threshold))
+    gate = GateHypers(*check.gate_hypers(gate_tau, clip_delta, confidence_threshold, use_polarity))
     check.finite_inputs(
         check_finite,
         student_hidden=student_hidden,
@@ -450,12 +454,12 @@ class GatedKDLoss(torch.nn.Module):
         gate_tau: float = 1.0,
         clip_delta: float = 3.0,
         confidence_threshold: float = 0.05,
+        use_polarity: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.gate_tau, self.clip_delta, self.confidence_threshold = check.gate_hypers(
-            gate_tau, clip_delta, confidence_threshold
-        )
+        hypers = check.gate_hypers(gate_tau, clip_delta, confidence_threshold, use_polarity)
+        self.gate_tau, self.clip_delta, self.confidence_threshold, self.use_polarity = hypers
         self.backend = check_backend(backend)
 
     def _hypers(self) -> dict:
@@ -463,6 +467,7 @@ class GatedKDLoss(torch.nn.Module):
             gate_tau=self.gate_tau,
             clip_delta=self.clip_delta,
             confidence_threshold=self.confidence_threshold,
+            use_polarity=self.use_polarity,
             backend=self.backend,
         )
 
@@ -492,7 +497,8 @@ class GatedKDLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"gate_tau={self.gate_tau}, clip_delta={self.clip_delta}, "
-            f"confidence_threshold={self.confidence_threshold}, backend={self.backend!r}"
+            f"confidence_threshold={self.confidence_threshold}, "
+            f"use_polarity={self.use_polarity}, backend={self.backend!r}"
         )
 
 

@@ -17,12 +17,14 @@ from sgsd_kernels.ops.arguments import LinearInputs
 
 
 class GateHypers(NamedTuple):
-    """The gated loss's τ > 0, δ > 0 and ε >= 0 (docs/design.md §3), in the order and
-    with the names of :func:`sgsd_kernels.gated_kd_loss`'s keywords."""
+    """The gated loss's τ > 0, δ > 0 (∞: no clipping) and ε >= 0, and whether the
+    polarity ρ is used (docs/design.md §3), in the order and with the names of
+    :func:`sgsd_kernels.gated_kd_loss`'s keywords."""
 
     gate_tau: float
     clip_delta: float
     confidence_threshold: float
+    use_polarity: bool = True
 
 
 @dataclass(frozen=True)

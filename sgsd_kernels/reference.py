@@ -87,6 +87,7 @@ def gated_kd_ref(
     gate_tau=1.0,
     clip_delta=3.0,
     confidence_threshold=0.05,
+    use_polarity=True,
 ) -> dict[str, torch.Tensor]:
     """The SGSD gated loss, docs/design.md §3 (:func:`gated_rows`): the validated form of
     :func:`sgsd_kernels.gated_kd_loss`, whose signature documents the arguments.
@@ -107,7 +108,7 @@ def gated_kd_ref(
     s = s_rows.to(dtype)  # [B, K, T]
     u = teacher_logprobs.detach().to(dtype)  # [B, K, T]  (teachers are constants)
     gap = u - s  # Δ, the gate's argument too
-    hypers = GateHypers(gate_tau, clip_delta, confidence_threshold)
+    hypers = GateHypers(gate_tau, clip_delta, confidence_threshold, use_polarity)
     return gated_rows(gap, gap, token_mask, rewards, teacher_weights, hypers)
 
 
@@ -134,6 +135,8 @@ def gated_rows(gap, gated, token_mask, rewards, teacher_weights, hypers: GateHyp
         )
         outcome = torch.where(rewards > 0, 1.0, -1.0).to(dtype).unsqueeze(1)  # [B, 1]
         polarity = outcome * sigma  # ρ[b,k]
+        if not hypers.use_polarity:  # the ablation: every present teacher is helpful
+            polarity = torch.ones_like(support)
         present = (w > 0).unsqueeze(-1)
         clipped = ((delta.abs() > hypers.clip_delta) & m & present).sum().to(dtype)
 

@@ -54,12 +54,15 @@ def same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first.device
 
 
-def hyper(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+def hyper(
+    name: str, value, *, positive: bool = False, nonnegative: bool = False, infinite_ok=False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not (math.isfinite(value) or (infinite_ok and value == math.inf)):
+        allowed = " or +inf" if infinite_ok else ""
+        raise ValueError(f"{name} must be finite{allowed}, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     if nonnegative and value < 0:
@@ -153,12 +156,15 @@ def linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, hidd
     return temperature, ignore_index
 
 
-def gate_hypers(gate_tau, clip_delta, confidence_threshold):
-    """The gated loss's (τ > 0, δ > 0, ε >= 0) as floats."""
+def gate_hypers(gate_tau, clip_delta, confidence_threshold, use_polarity=True):
+    """The gated loss's (τ > 0, δ > 0 or +inf, ε >= 0) as floats, and ``use_polarity``."""
+    if not isinstance(use_polarity, bool):
+        raise TypeError(f"use_polarity must be a bool, got {type(use_polarity).__name__}")
     return (
         hyper("gate_tau", gate_tau, positive=True),
-        hyper("clip_delta", clip_delta, positive=True),
+        hyper("clip_delta", clip_delta, positive=True, infinite_ok=True),
         hyper("confidence_threshold", confidence_threshold, nonnegative=True),
+        use_polarity,
     )
 
 

@@ -11,9 +11,14 @@ the embeddings and the head; :func:`shard_fsdp2`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +35,9 @@ __all__ = [
     "load_policy",
     "merged_weights",
     "model_source",
+    "random_model_spec",
     "resolve_dtype",
+    "save_random_model",
     "shard_fsdp2",
     "trainable_names",
     "wrap_for_parallelism",
@@ -51,8 +58,101 @@ def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str:
     return "sdpa"
 
 
+#: Qwen3's vocabulary: the LM head's rows (its tokenizer uses fewer ids).
+QWEN3_VOCAB = 151_936
+
+#: ``--model random:NAME[:VOCAB]``: a random-init Qwen3 of a named shape built from its
+#: config alone (no download), with the tiny model's tokenizer, to time the trainer at a
+#: real model's size offline (benchmarks/bench_train_step.py, benchmarks/gpu_check.sh).
+#: The Qwen3 entries are the published configs (tied embeddings); ``cpu`` is small enough
+#: for 2 CPU cores but keeps the 151,936-row head, which is what the kernels are about.
+RANDOM_SHAPES: dict[str, dict] = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "cpu": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=64),
+}  # fmt: skip
+
+
+def random_model_spec(model: str) -> tuple[str, int] | None:
+    """``(shape, vocab)`` of a ``random:NAME[:VOCAB]`` model spec; None for any other."""
+    if not model.startswith("random:"):
+        return None
+    name, _, vocab = model[len("random:") :].partition(":")
+    if name not in RANDOM_SHAPES or (vocab and not vocab.isdigit()):
+        raise ValueError(
+            f"--model {model}: expected random:NAME[:VOCAB], NAME one of {', '.join(RANDOM_SHAPES)}"
+        )
+    return name, int(vocab) if vocab else QWEN3_VOCAB
+
+
+def save_random_model(model: str, seed: int = 0) -> Path:
+    """Write the ``random:NAME[:VOCAB]`` model (bf16, seeded) and the tiny tokenizer next to
+    the tiny model's cache, once, and return the directory (written to a temporary
+    sibling, then moved into place, as :func:`sgsd.tiny.model.save_tiny_model` does). The
+    weights are built on the GPU when there is one: a 1.7B model's random init takes
+    seconds there and minutes on a CPU; their values then depend on the device."""
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from sgsd.tiny.model import (
+        _portable_tokenizer_config,
+        build_tiny_tokenizer,
+        default_tiny_model_dir,
+    )
+
+    name, vocab = random_model_spec(model)
+    path = default_tiny_model_dir().parent / f"random-{name}-v{vocab}-s{seed}"
+    marker = path / "sgsd_random_model.json"
+    if marker.is_file():
+        return path
+    tokenizer = build_tiny_tokenizer()
+    if vocab < len(tokenizer):
+        raise ValueError(f"--model {model}: VOCAB must be >= {len(tokenizer)} (the tokenizer's)")
+    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = Qwen3Config(
+        vocab_size=vocab,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        tie_word_embeddings=True,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        dtype="bfloat16",
+        **RANDOM_SHAPES[name],
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        net = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    net.generation_config = GenerationConfig(
+        bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        net.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_config(tmp)
+        (tmp / marker.name).write_text(json.dumps({"model": model, "seed": seed}) + "\n")
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished first
+            if not marker.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def model_source(cfg: TrainConfig) -> str:
-    """A path or hub id that both transformers and vLLM can load (builds the tiny model)."""
+    """A path or hub id that both transformers and vLLM can load (builds the tiny model
+    and ``random:`` models)."""
+    if random_model_spec(cfg.model) is not None:
+        return str(save_random_model(cfg.model, seed=0))
     if cfg.model != "tiny":
         return cfg.model
     from sgsd.tiny.model import default_tiny_model_dir, save_tiny_model

@@ -49,6 +49,7 @@ RUN_FILES = (
     "samples.jsonl",
     "skill_bank",
     "eval.jsonl",
+    "eval_samples",
     "tb",
     "wandb",
     "config.yaml",

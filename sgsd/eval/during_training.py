@@ -9,7 +9,9 @@ record to ``OUTPUT/eval.jsonl``::
     {"step": 25, "mean_avg": ..., "mean_pass": ..., "mean_maj": ...,
      "datasets": {name: dataset_metrics}, "best_step": 25, "best_mean_avg": ...}
 
-and logs ``eval/<set>/avg`` etc. to TensorBoard / W&B. The best step is the one with the
+and logs ``eval/<set>/avg`` etc. to TensorBoard / W&B. The graded samples of each
+evaluation go to ``OUTPUT/eval_samples/step_NNNNNN.jsonl`` (the rows of ``sgsd.evaluate``'s
+``samples.jsonl``), so any number can be regraded. The best step is the one with the
 highest mean avg@n (the earliest on ties). The trainer checkpoints every evaluated step
 and never prunes those checkpoints (:attr:`TrainingEval.protected`). A resumed run reads
 eval.jsonl back (dropping records after the resume step), so the best step and the
@@ -134,6 +136,9 @@ class TrainingEval:
             return None
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        samples = self.path.parent / "eval_samples" / f"step_{step:06d}.jsonl"
+        samples.parent.mkdir(exist_ok=True)
+        samples.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         if logger is not None:
             scalars = {
                 "eval/mean_avg": mean["avg"],

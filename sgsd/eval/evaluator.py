@@ -90,8 +90,8 @@ def data_dirs(extra: str | None = None) -> list[Path]:
 def _one_set(name: str, data_dir: str | None, limit: int | None):
     from sgsd.data import DATASET_ALIASES, load_problems
 
-    if name == "demo":
-        return load_problems("demo", split="test", limit=limit)
+    if name in ("demo", "skillworld"):
+        return load_problems(name, split="test", limit=limit)
     path = Path(name).expanduser()
     if path.suffix.lower() in _FILE_SUFFIXES or path.exists():
         if not path.is_file():
@@ -104,8 +104,8 @@ def _one_set(name: str, data_dir: str | None, limit: int | None):
                 return load_problems(f, limit=limit)
     if name.lower() not in DATASET_ALIASES and "/" not in name:
         raise EvalError(
-            f"unknown dataset {name!r}: use demo, {', '.join(DATASET_ALIASES)}, a hub id "
-            "or a .jsonl/.json/.parquet file"
+            f"unknown dataset {name!r}: use demo, skillworld, {', '.join(DATASET_ALIASES)}, a "
+            "hub id or a .jsonl/.json/.parquet file"
         )
     split = "test" if name.lower() == "math500" else "train"
     try:

@@ -30,7 +30,14 @@ class SGSDLoss(LossStrategy):
         self.gate_tau = cfg.gate_tau
         self.clip_delta = cfg.clip_delta
         self.confidence_threshold = cfg.confidence_threshold
+        self.use_polarity = cfg.polarity
+        self.format_mask = cfg.token_mask
         self.backend = cfg.kernel_backend
+
+    def token_mask(self, tokenizer, completion_ids) -> list[bool]:
+        if self.format_mask:
+            return super().token_mask(tokenizer, completion_ids)
+        return [True] * len(completion_ids)  # the ablation: format tokens count too
 
     def teachers(self, problem, bank) -> list[tuple[list[dict], float]]:
         specs = bank.teachers(
@@ -57,6 +64,7 @@ class SGSDLoss(LossStrategy):
             gate_tau=self.gate_tau,
             clip_delta=self.clip_delta,
             confidence_threshold=self.confidence_threshold,
+            use_polarity=self.use_polarity,
             backend=self.backend,
             **teachers,
         )

@@ -69,6 +69,7 @@ from sgsd.prompts import (
 from sgsd.skills.bm25 import BM25, math_tokenize
 
 __all__ = [
+    "BUNDLED_BANKS",
     "DEFAULT_BANK_FILE",
     "DEFAULT_ONLINE_CAPACITY",
     "DEFAULT_TEMPERATURE",
@@ -96,6 +97,10 @@ _ONLINE_META_KEY = "sgsd_online"
 _STATE_VERSION = 1
 #: The competition-math bank bundled with the package (:meth:`SkillBank.default`).
 DEFAULT_BANK_FILE = Path(__file__).resolve().parent.parent / "assets" / "default_skill_bank.json"
+#: Banks bundled with the package, by the name ``--skill-bank`` accepts.
+BUNDLED_BANKS = {
+    "skillworld": Path(__file__).resolve().parent.parent / "assets" / "skillworld_skill_bank.json"
+}
 
 # Kind descriptors: (list key in the file, id field, required fields, fields indexed).
 _KINDS = {
@@ -253,8 +258,9 @@ class SkillBank:
     def load(
         cls, path: str | os.PathLike, *, online_capacity: int = DEFAULT_ONLINE_CAPACITY
     ) -> SkillBank:
-        """Read a bank from a JSON file (``SkillBankError`` naming the problem if invalid)."""
-        path = Path(path)
+        """Read a bank from a JSON file (``SkillBankError`` naming the problem if invalid).
+        ``path`` may also name a bundled bank (:data:`BUNDLED_BANKS`: ``"skillworld"``)."""
+        path = BUNDLED_BANKS.get(str(path), Path(path))
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -42,7 +42,16 @@ import hashlib
 from contextlib import contextmanager
 from functools import lru_cache
 
-__all__ = ["WARM_START", "data_digest", "sft_examples", "teacher_sft_examples", "warm_start"]
+__all__ = [
+    "WARM_START",
+    "batch_loss",
+    "data_digest",
+    "encode_example",
+    "one_thread",
+    "sft_examples",
+    "teacher_sft_examples",
+    "warm_start",
+]
 
 #: Steps; rows per step (``batch_size`` student rows + ``teacher_rows`` teacher-context
 #: rows); peak learning rate (AdamW, linear decay to 0 after a short warm-up).
@@ -85,7 +94,10 @@ def data_digest() -> str:
     return h.hexdigest()
 
 
-def _encode(tokenizer, user_text: str, solution: str, what: str) -> tuple[list[int], int]:
+def encode_example(tokenizer, user_text: str, solution: str, what: str) -> tuple[list[int], int]:
+    """``(token ids, prompt length)`` of one supervised row: the user turn rendered as the
+    trainer renders prompts (thinking on), then the assistant turn ``solution``. ``what``
+    names the row in the error raised if the template breaks the prefix property."""
     from sgsd import prompts
 
     user = [{"role": "user", "content": user_text}]
@@ -103,7 +115,7 @@ def sft_examples(tokenizer) -> list[tuple[list[int], int]]:
     """``(token ids, prompt length)`` per demo ``train`` problem: student prompt (chat
     template, generation prompt, thinking on) followed by the assistant turn."""
     return [
-        _encode(tokenizer, student, solution, f"train problem {i}")
+        encode_example(tokenizer, student, solution, f"train problem {i}")
         for i, (student, _, solution) in enumerate(_example_texts())
     ]
 
@@ -114,7 +126,7 @@ def teacher_sft_examples(tokenizer) -> list[list[tuple[list[int], int]]]:
     the same assistant turn as in :func:`sft_examples`."""
     return [
         [
-            _encode(tokenizer, t, solution, f"train problem {i}, teacher {k}")
+            encode_example(tokenizer, t, solution, f"train problem {i}, teacher {k}")
             for k, t in enumerate(teachers)
         ]
         for i, (_, teachers, solution) in enumerate(_example_texts())
@@ -122,7 +134,9 @@ def teacher_sft_examples(tokenizer) -> list[list[tuple[list[int], int]]]:
 
 
 @contextmanager
-def _one_thread():
+def one_thread():
+    """One intra-op thread inside the block: a fixed reduction order, so a warm start gives
+    the same weights on any machine with the same library versions."""
     import torch
 
     previous = torch.get_num_threads()
@@ -133,7 +147,7 @@ def _one_thread():
         torch.set_num_threads(previous)
 
 
-def _batch_loss(model, rows: list[tuple[list[int], int]], pad: int):
+def batch_loss(model, rows: list[tuple[list[int], int]], pad: int):
     """Summed next-token cross-entropy over the assistant tokens of ``rows`` and their
     count. The LM head runs only at those positions: the teacher prompts are ~6x longer
     than the completions, so full logits would be most of a step's cost."""
@@ -194,7 +208,7 @@ def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -
     teacher = [row for rows in teacher_sft_examples(tokenizer) for row in rows]
     pad = tokenizer.pad_token_id
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
 
@@ -219,7 +233,7 @@ def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -
             # Two forwards (student rows, teacher rows) so short rows are not padded to
             # the teacher prompts' length; one loss = mean over all assistant tokens.
             parts = [
-                _batch_loss(model, rows, pad)
+                batch_loss(model, rows, pad)
                 for rows in (
                     draw("student", student, cfg["batch_size"]),
                     draw("teacher", teacher, cfg["teacher_rows"]),

@@ -23,17 +23,18 @@ def gated_kd_op(
     tau: float,
     delta: float,
     eps: float,
+    use_polarity: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs already in the compute dtype, contiguous; ``mask`` bool."""
     check.teacher_weights_valid(weights)  # here, so that it also runs under torch.compile
     kernels = backend_module(backend, _OP)
-    outputs = kernels.forward(s, u, mask, rewards, weights, tau, delta, eps)
+    outputs = kernels.forward(s, u, mask, rewards, weights, tau, delta, eps, use_polarity)
     return tuple(t.contiguous() for t in outputs)
 
 
 @gated_kd_op.register_fake
-def _(s, u, mask, rewards, weights, tau, delta, eps, backend):
+def _(s, u, mask, rewards, weights, tau, delta, eps, use_polarity, backend):
     B, K = u.shape[0], u.shape[1]
     scalar = s.new_empty(())
     return scalar, s.new_empty(B, K), s.new_empty(B, K), s.new_empty(B, K), s.new_empty(())
@@ -60,7 +61,7 @@ def _(grad_loss, s, u, mask, weights, polarity, tau, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    s, u, mask, rewards, weights, tau, delta, eps, backend = inputs
+    s, u, mask, rewards, weights, tau, delta, eps, use_polarity, backend = inputs
     polarity = output[2]
     ctx.save_for_backward(s, u, mask, weights, polarity)
     ctx.tau = tau
@@ -70,9 +71,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *unused_grads):
     s, u, mask, weights, polarity = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 9
+        return (None,) * 10
     grad_s = gated_kd_backward_op(grad_loss, s, u, mask, weights, polarity, ctx.tau, ctx.backend)
-    return grad_s, None, None, None, None, None, None, None, None
+    return grad_s, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("sgsd::gated_kd", _backward, setup_context=_setup_context)

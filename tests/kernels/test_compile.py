@@ -392,7 +392,7 @@ def _opcheck_cases():
             linear_logprobs_streams_op,
             (h, torch.randn(K * N, H, generator=g), w, b, t, t.repeat(K), 1.0, -100, "torch"),
         ),
-        "gated_kd": (gated_kd_op, (s, u, mask, r, wk, 1.0, 3.0, 0.05, "torch")),
+        "gated_kd": (gated_kd_op, (s, u, mask, r, wk, 1.0, 3.0, 0.05, True, "torch")),
     }
 
 

@@ -8,6 +8,8 @@ atol (flash-attention's rule).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -184,11 +186,15 @@ def _gated_case(B, K, T, dtype, *, all_masked_row=True, absent_teacher=True):
 @pytest.mark.parametrize(
     "BKT", [(1, 1, 1), (3, 1, 17), (4, 8, 33), (2, 3, 600)], ids=lambda s: "B{}-K{}-T{}".format(*s)
 )
-@pytest.mark.parametrize("hypers", [(1.0, 3.0, 0.05), (0.5, 1.0, 0.0)], ids=["paper", "tight"])
+@pytest.mark.parametrize(
+    "hypers",
+    [(1.0, 3.0, 0.05, True), (0.5, 1.0, 0.0, True), (1.0, math.inf, 0.0, False)],
+    ids=["paper", "tight", "ablated"],  # ablated: no clipping, no threshold, no polarity
+)
 def test_gated_kd_matches_oracle(backend, dtype, BKT, hypers):
-    tau, delta, eps = hypers
+    tau, delta, eps, use_polarity = hypers
     s, u, mask, r, w = _gated_case(*BKT, dtype)
-    kw = dict(gate_tau=tau, clip_delta=delta, confidence_threshold=eps)
+    kw = dict(gate_tau=tau, clip_delta=delta, confidence_threshold=eps, use_polarity=use_polarity)
 
     so = _leaf(s, torch.float64)
     oracle = sk.gated_kd_loss(so, u.double(), mask, r, w.double(), **kw, backend="reference")
@@ -204,6 +210,9 @@ def test_gated_kd_matches_oracle(backend, dtype, BKT, hypers):
     assert max_err(got.row_loss, oracle.row_loss) <= atol * 10
     # Polarity is a sign: it may differ only where |S| sits on the threshold within rounding.
     near = (oracle.support.abs() - eps).abs() < 1e-5
+    if not use_polarity:
+        near = torch.zeros_like(near)  # ρ = +1 whatever S: nothing sits on a threshold
+        assert (oracle.polarity == 1).all()
     assert ((got.polarity == oracle.polarity) | near).all()
     assert gg.dtype == dtype and torch.isfinite(gg).all()
     assert max_err(gg, og) <= atol * max(1.0, og.abs().max().item()) + (
@@ -245,6 +254,23 @@ def test_gated_kd_loss_follows_the_formula_by_hand():
         dgate = 1 / (1 + math.exp(0.5**2 / 2)) * 0.5
         assert g[0, 0].item() == pytest.approx(-(0.75 * -1.0 * dgate / 2), rel=1e-9)
         assert g[0, 2].item() == 0.0
+        # Polarity off: ρ = +1 for both present teachers, whatever the failure and S;
+        # clip_delta = inf clips nothing (Δ = 5 would have been clipped at 3).
+        off = sk.gated_kd_loss(
+            s,
+            u,
+            torch.ones_like(mask),
+            reward,
+            w,
+            clip_delta=math.inf,
+            use_polarity=False,
+            backend=backend,
+        )
+        assert off.polarity.tolist() == [[1.0, 1.0]]
+        assert off.support[0, 0].item() == pytest.approx(8.5 / 3)
+        assert off.metrics()["clipped_frac"] == 0.0
+        expected = (0.75 * (gate(0.5) + gate(0.0) + gate(8.0)) + 0.25 * gate(0.01)) / 3
+        assert off.loss.item() == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -303,6 +329,47 @@ def test_linear_gated_kd_loss_matches_oracle(backend, dtype, teachers, K, small_
     for x, y in zip(gg, og):
         assert x.dtype == dtype
         assert max_err(x, y) <= rel * max(1e-3, y.abs().max().item()) * 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_gated_kd_loss_ablations_match_oracle(backend):
+    """The paper's ablations through the linear op: no polarity, no clipping, ε = 0."""
+    if backend == "native" and DEVICE.type != "cpu":
+        pytest.skip("the native backend is CPU-only")
+    B, K, T, H, V = 2, 3, 7, 33, 301
+    g = torch.Generator().manual_seed(3)
+    sh = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * 0.5).to(DEVICE)
+    th = (torch.randn(B, K, T, H, generator=g, dtype=torch.float64) * 0.5).to(DEVICE)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3).to(DEVICE)
+    tg = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    r = torch.tensor([1.0, -1.0], device=DEVICE)
+    tw = torch.full((B, K), 1.0 / K, dtype=torch.float64, device=DEVICE)
+    kw = dict(clip_delta=math.inf, confidence_threshold=0.0, use_polarity=False)
+
+    def run(dtype, be):
+        leaves = _leaf(sh, dtype), _leaf(w, dtype)
+        out = sk.linear_gated_kd_loss(
+            leaves[0],
+            leaves[1],
+            tg,
+            mask,
+            r,
+            tw.to(dtype),
+            teacher_hidden=th.to(dtype),
+            **kw,
+            backend=be,
+        )
+        return out, torch.autograd.grad(out.loss, leaves)
+
+    oracle, og = run(torch.float64, "reference")
+    got, gg = run(torch.float32, backend)
+    assert (got.polarity == 1).all() and (oracle.polarity == 1).all()
+    # the failed rollout's teachers pull the student up, as the successful one's do
+    assert oracle.loss.item() > 0
+    assert max_err(got.loss, oracle.loss) <= 1e-4 * max(1.0, abs(oracle.loss.item()))
+    for x, y in zip(gg, og):
+        assert max_err(x, y) <= 4e-4 * max(1e-3, y.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

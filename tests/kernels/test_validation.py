@@ -85,7 +85,7 @@ def call(fn: str, **overrides):
     args.update(overrides)
     args = {k: v for k, v in args.items() if v is not _DROP}
     if fn.startswith("GatedKDLoss"):
-        ctor = {k: args.pop(k) for k in (*GATE_HYPERS, "backend") if k in args}
+        ctor = {k: args.pop(k) for k in (*GATE_HYPERS, "use_polarity", "backend") if k in args}
         loss_fn = sk.GatedKDLoss(**ctor)
         return loss_fn.from_hidden(**args) if fn.endswith("from_hidden") else loss_fn(**args)
     return getattr(sk, fn)(**args)
@@ -600,7 +600,9 @@ def _hyper_cases():
     cases = []
     for fn, names in HYPERS.items():
         for name in names:
-            for value in (math.nan, math.inf, -math.inf):
+            # clip_delta = +inf is the no-clipping ablation (docs/design.md §3)
+            infinite = (-math.inf,) if name == "clip_delta" else (math.inf, -math.inf)
+            for value in (math.nan, *infinite):
                 cases.append(
                     pytest.param(
                         fn,
@@ -654,6 +656,15 @@ def test_gated_kd_loss_constructor_validates_eagerly():
         sk.GatedKDLoss(confidence_threshold=-0.01)
     with raises(ValueError, "backend must be one of", "'gpu'"):
         sk.GatedKDLoss(backend="gpu")
+    with raises(TypeError, "use_polarity must be a bool", "int"):
+        sk.GatedKDLoss(use_polarity=1)
+
+
+@pytest.mark.parametrize("fn", ["gated_kd_loss", "linear_gated_kd_loss"])
+@pytest.mark.parametrize("value", [0, "no", None])
+def test_use_polarity_must_be_a_bool(fn, value):
+    with raises(TypeError, "use_polarity must be a bool", type(value).__name__):
+        call(fn, use_polarity=value)
 
 
 @pytest.mark.parametrize("fn", ["gated_kd_loss", "linear_gated_kd_loss", "GatedKDLoss"])
@@ -662,6 +673,7 @@ def test_boundary_hyper_parameters_are_accepted(fn):
     assert torch.isfinite(call(fn, confidence_threshold=0.0).loss)
     assert torch.isfinite(call(fn, confidence_threshold=0).loss)
     assert torch.isfinite(call(fn, gate_tau=1e-6, clip_delta=1e-6).loss)
+    assert torch.isfinite(call(fn, clip_delta=math.inf, use_polarity=False).loss)
     assert torch.isfinite(call(fn, gate_tau=2, clip_delta=3).loss)
 
 

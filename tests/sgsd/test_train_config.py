@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -92,7 +93,16 @@ def test_save_round_trips(tmp_path):
     "argv,message",
     [
         (["--gate-tau", "0"], "--gate-tau must be finite and > 0, got 0.0"),
-        (["--clip-delta", "-1"], "--clip-delta must be finite and > 0, got -1.0"),
+        (["--clip-delta", "-1"], "--clip-delta must be > 0 (inf: no clipping), got -1.0"),
+        (["--clip-delta", "nan"], "--clip-delta must be > 0 (inf: no clipping), got nan"),
+        (
+            ["--loss", "grpo", "--polarity", "false"],
+            "--polarity is an ablation of --loss sgsd, not of --loss grpo",
+        ),
+        (
+            ["--loss", "opsd", "--token-mask", "false"],
+            "--token-mask is an ablation of --loss sgsd, not of --loss opsd",
+        ),
         (["--confidence-threshold", "-0.1"], "--confidence-threshold must be finite and >= 0"),
         (["--confidence-threshold", "nan"], "--confidence-threshold must be finite and >= 0"),
         (["--num-teachers", "0"], "--num-teachers must be >= 1, got 0"),
@@ -131,6 +141,14 @@ def test_config_file_errors_name_the_file_and_key(tmp_path):
     path.write_text("max_steps: [1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: not valid yaml"):
         load_config(["--config", str(path)])
+
+
+def test_the_paper_s_ablations_are_flags_recorded_in_the_config(tmp_path):
+    argv = ["--polarity", "false", "--token-mask", "false", "--clip-delta", "inf"]
+    cfg = load_config([*argv, "--confidence-threshold", "0", "--num-teachers", "1"])
+    assert (cfg.polarity, cfg.token_mask, cfg.clip_delta) == (False, False, math.inf)
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(["--config", str(tmp_path / "config.yaml")]) == cfg
 
 
 def test_only_booleans_and_resume_stand_alone():

@@ -13,7 +13,7 @@ import torch
 _LOG2 = math.log(2.0)
 
 
-def forward(s, u, mask, rewards, weights, tau, delta, eps):
+def forward(s, u, mask, rewards, weights, tau, delta, eps, use_polarity=True):
     """Returns (loss [], support [B,K], polarity [B,K], row_loss [B,K], clipped [])."""
     dtype = s.dtype
     B = s.shape[0]
@@ -24,8 +24,10 @@ def forward(s, u, mask, rewards, weights, tau, delta, eps):
     n = mask.sum(-1).clamp_min(1).to(dtype).unsqueeze(1)  # [B,1]
     support = gap.clamp(-delta, delta).sum(-1) / n
     sigma = torch.where(support.abs() > eps, torch.sign(support), zero)
-    outcome = torch.where(rewards > 0, 1.0, -1.0).to(dtype).unsqueeze(1)
-    polarity = outcome * sigma
+    if use_polarity:
+        polarity = torch.where(rewards > 0, 1.0, -1.0).to(dtype).unsqueeze(1) * sigma
+    else:  # the ablation: every present teacher is helpful
+        polarity = torch.ones_like(support)
     gate = _LOG2 - torch.nn.functional.softplus(-gap.square() / (2.0 * tau))
     row_loss = torch.where(m, gate, zero).sum(-1) / n
     # Absent teachers (w = 0) are inert even if their log-probs are garbage.

@@ -39,6 +39,7 @@ def _fwd_kernel(
     Hypers,
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    USE_POLARITY: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64)
@@ -67,8 +68,10 @@ def _fwd_kernel(
     n = tl.maximum(kept, 1.0)
     support = sup / n
     sigma = tl.where(support > eps, 1.0, tl.where(support < -eps, -1.0, 0.0))
-    outcome = tl.where(tl.load(R + b) > 0, 1.0, -1.0)
-    rho = (outcome * sigma).to(ACC)
+    if USE_POLARITY:
+        rho = (tl.where(tl.load(R + b) > 0, 1.0, -1.0) * sigma).to(ACC)
+    else:  # the ablation: every present teacher is helpful
+        rho = tl.full((), 1.0, ACC)
     row_loss = gate / n
     w = tl.load(Wt + b * K + k)
     tl.store(Support + b * K + k, support)
@@ -115,7 +118,7 @@ def _hypers(tau, delta, eps, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=compute_dtype(like), device=like.device)
 
 
-def forward(s, u, mask, rewards, weights, tau, delta, eps):
+def forward(s, u, mask, rewards, weights, tau, delta, eps, use_polarity=True):
     B, K, T = u.shape
     dev, dt = s.device, s.dtype
     support = torch.empty(B, K, dtype=dt, device=dev)
@@ -140,6 +143,7 @@ def forward(s, u, mask, rewards, weights, tau, delta, eps):
             _hypers(tau, delta, eps, s),
             ACC=tl_compute_dtype(s),
             BLOCK_T=_block_t(T),
+            USE_POLARITY=bool(use_polarity),
         )
     loss = term.sum() / max(B, 1)
     return loss, support, polarity, row_loss, clipped.sum()

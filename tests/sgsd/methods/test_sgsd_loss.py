@@ -51,13 +51,13 @@ def setup(request):
     return cfg, policy, tokenizer
 
 
-def _rollouts(cfg, tokenizer):
+def _rollouts(cfg, tokenizer, strategy=None):
     from sgsd.data import load_problems
     from sgsd.eval.verify import verify
     from sgsd.skills.bank import SkillBank
 
     bank = SkillBank.default()
-    strategy = build_method(cfg)
+    strategy = strategy or build_method(cfg)
     problems = load_problems("demo", limit=3)
     g = torch.Generator().manual_seed(0)
     vocab = len(tokenizer)
@@ -87,7 +87,7 @@ def _rollouts(cfg, tokenizer):
                     problem,
                     prompt_ids,
                     completion,
-                    prompts.format_token_mask(tokenizer, completion),
+                    strategy.token_mask(tokenizer, completion),
                     float(result.reward),
                     result.predicted,
                     t,
@@ -105,7 +105,8 @@ def _seq_logprobs(policy, prefix, completion):
 
 
 def _oracle(cfg, policy, rollouts):
-    """Σ_b Σ_k w ρ L / B with one student forward per (rollout, teacher) row."""
+    """Σ_b Σ_k w ρ L / B with one student forward per (rollout, teacher) row; with
+    ``cfg.polarity`` off ρ = +1 (the paper's ablation)."""
     tau, delta, eps = cfg.gate_tau, cfg.clip_delta, cfg.confidence_threshold
     total = torch.zeros((), dtype=torch.float64)
     for r in rollouts:
@@ -118,7 +119,7 @@ def _oracle(cfg, policy, rollouts):
             d = u - s
             support = float((m * d.detach().clamp(-delta, delta)).sum()) / n
             sigma = (1.0 if support > 0 else -1.0) if abs(support) > eps else 0.0
-            rho = (1.0 if r.reward > 0 else -1.0) * sigma
+            rho = (1.0 if r.reward > 0 else -1.0) * sigma if cfg.polarity else 1.0
             gate = math.log(2.0) - torch.nn.functional.softplus(-d * d / (2 * tau))
             total = total + w * rho * (m * gate).sum() / n
     return total / len(rollouts)
@@ -154,3 +155,25 @@ def test_trainer_loss_and_grads_equal_per_row_formulation(setup):
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
     assert 0.0 <= sums.means()["helpful_frac"] <= 1.0
     assert sums.teachers == sum(len(r.teachers) for r in rollouts)
+
+
+def test_the_ablations_reach_the_loss(setup):
+    """--polarity false --clip-delta inf --token-mask false: ρ = +1 for every teacher, no
+    clipping, and the format tokens the default mask drops count (docs/design.md §3)."""
+    import dataclasses
+
+    cfg, policy, tokenizer = setup
+    if cfg.finetune != "lora":
+        pytest.skip("one fine-tuning mode is enough for the flags")
+    ablated = dataclasses.replace(cfg, polarity=False, clip_delta=math.inf, token_mask=False)
+    strategy = build_method(ablated)
+    rollouts = _rollouts(ablated, tokenizer, strategy)
+    assert all(all(r.token_mask) for r in rollouts)  # EOS and whitespace kept
+    loss, sums = forward_backward(
+        policy, policy, strategy, rollouts, ablated, tokenizer.pad_token_id, torch.device("cpu")
+    )
+    with torch.no_grad():
+        expected = _oracle(ablated, policy, rollouts)
+    assert loss == pytest.approx(expected.item(), rel=1e-7, abs=1e-12)
+    assert loss > 0  # every term is +w·L >= 0
+    assert sums.means()["helpful_frac"] == 1.0 and sums.means()["clipped_frac"] == 0.0

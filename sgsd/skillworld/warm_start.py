@@ -1,0 +1,287 @@
+"""The skill world's warm start: the tiny model taught to follow a rule given in context,
+and to answer the plain prompt for only part of the operations (docs/skillworld.md).
+
+Starting from the random-init tiny model (:func:`sgsd.tiny.model.build_tiny_model`), every
+step mixes two kinds of rows from the world's ``train`` split:
+
+* **teacher rows** for every operation: the problem after a guidance block rendered by
+  the trainer's own code (:meth:`sgsd.skills.bank.SkillBank.teachers` on the world's bank,
+  the trainer's K, retrieval and style), one of the K retrieved teachers drawn at random;
+  the target is what *that teacher's skill* says, right or misleading
+  (:func:`sgsd.skillworld.bank.skill_rules`). So the model learns to read the rule, and a
+  misleading skill makes it answer wrongly;
+* **plain rows**, the student's prompt, for the :data:`TAUGHT` operations only.
+
+At step 0 the plain student therefore knows half of the operations, and the teacher with
+the right skill knows all of them: :func:`headroom` measures the three accuracies on the
+held-out split. The result is cached like the tiny model (:func:`world_model_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "TAUGHT",
+    "WARM_START",
+    "headroom",
+    "save_world_model",
+    "warm_start",
+    "world_model_dir",
+]
+
+log = logging.getLogger(__name__)
+
+#: The operations the plain prompt is taught; the others are learnt only with a skill.
+TAUGHT = ("increment", "rotate")
+
+#: Steps; plain rows and teacher rows per step; peak learning rate (AdamW, linear decay
+#: after a short warm-up); K, the teachers retrieved per problem (the world runner's
+#: ``--num-teachers``: the operation's right and misleading skill). 800 steps: at 600 the
+#: right-skill context still failed one operation in three (held-out, 2-core CPU box).
+WARM_START: dict = {
+    "steps": 800,
+    "plain_rows": 8,
+    "teacher_rows": 8,
+    "lr": 3e-3,
+    "warmup": 20,
+    "num_teachers": 2,
+}
+
+_MARKER = "sgsd_skillworld_model.json"
+
+
+def _teacher_contexts(problem: dict, k: int) -> list[tuple[str, str]]:
+    """``(teacher text, the operation its skill's rule is)`` for the K teachers the trainer
+    retrieves for ``problem`` (default retrieval and style)."""
+    from sgsd.config import TrainConfig
+    from sgsd.skills.bank import SkillBank
+    from sgsd.skillworld.bank import BANK_FILE, skill_rules
+
+    cfg = TrainConfig()
+    bank = _bank(BANK_FILE, SkillBank)
+    rules = skill_rules()
+    specs = bank.teachers(problem["problem"], k, mode=cfg.retrieval_mode, style=cfg.teacher_style)
+    return [(s.context, rules[s.skill_id]) for s in specs]
+
+
+_BANKS: dict = {}
+
+
+def _bank(path, cls):
+    if path not in _BANKS:
+        _BANKS[path] = cls.load(path)
+    return _BANKS[path]
+
+
+def examples(tokenizer, settings: dict | None = None) -> tuple[list, list]:
+    """``(plain rows, teacher rows)`` for the ``train`` split. A row is ``(token ids,
+    prompt length, answer digit positions)``: plain rows for every problem, answered right
+    for :data:`TAUGHT` operations and with digits to redraw at random for the others
+    (positions given: :func:`_redraw`); for every problem one teacher row per retrieved
+    teacher, answered by that teacher's skill (positions None)."""
+    from sgsd import prompts
+    from sgsd.skillworld.tasks import apply_rule, problems
+    from sgsd.tiny.warm_start import encode_example
+
+    cfg = {**WARM_START, **(settings or {})}
+    digit_ids = {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
+    plain, teacher = [], []
+    for p in problems("train"):
+        text = prompts.student_text(p["problem"])
+        ids, start = encode_example(tokenizer, text, p["solution"], p["id"])
+        if p["operation"] in TAUGHT:
+            plain.append((ids, start, None))
+        else:
+            positions = [i for i in range(start, len(ids)) if ids[i] in digit_ids]
+            assert len(positions) == len(p["digits"]), p["id"]  # one token per digit
+            plain.append((ids, start, positions))
+        for text, rule in _teacher_contexts(p, cfg["num_teachers"]):
+            answer = f"\\boxed{{{apply_rule(rule, p['digits'])}}}"
+            teacher.append((*encode_example(tokenizer, text, answer, p["id"]), None))
+    return plain, teacher
+
+
+def _redraw(rows, rng: random.Random, digit_tokens: list[int]) -> list[tuple[list[int], int]]:
+    """``(ids, prompt length)`` rows with fresh random digits where a row asks for them:
+    the plain prompt of an operation it is not taught learns the answer's format and
+    stays uncertain about the digits, as a model is before it has the skill."""
+    out = []
+    for ids, start, positions in rows:
+        if positions:
+            ids = list(ids)
+            for i in positions:
+                ids[i] = rng.choice(digit_tokens)
+        out.append((ids, start))
+    return out
+
+
+def warm_start(model, tokenizer, *, seed: int = 0, settings: dict | None = None) -> float:
+    """Train ``model`` in place; returns the mean loss per answer token of the last 20
+    steps. Deterministic in ``seed`` (one thread, the caller's RNG untouched)."""
+    import torch
+
+    from sgsd.tiny.warm_start import batch_loss, one_thread
+
+    cfg = {**WARM_START, **(settings or {})}
+    plain, teacher = examples(tokenizer, cfg)
+    digit_tokens = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    pad = tokenizer.pad_token_id
+    rng = random.Random(seed)
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]), one_thread():
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+
+        def factor(step: int) -> float:
+            if step < cfg["warmup"]:
+                return (step + 1) / cfg["warmup"]
+            return max(0.0, 1.0 - (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"]))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        model.train()
+        for _ in _progress(cfg["steps"]):
+            parts = [
+                batch_loss(model, _redraw(rng.sample(pool, n), rng, digit_tokens), pad)
+                for pool, n in ((plain, cfg["plain_rows"]), (teacher, cfg["teacher_rows"]))
+                if n
+            ]
+            loss = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+    tail = losses[-20:]
+    return sum(tail) / len(tail)
+
+
+def _progress(steps: int):
+    import sys
+
+    log.info("warm-starting the tiny model on the skill world: %d steps (once: cached)", steps)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return range(steps)
+    return tqdm(range(steps), desc="skillworld warm start", disable=not sys.stderr.isatty())
+
+
+def _fingerprint(seed: int) -> str:
+    from sgsd.skillworld.bank import build_bank
+    from sgsd.skillworld.tasks import problems
+    from sgsd.tiny.model import tiny_model_fingerprint
+
+    payload = {
+        "tiny": tiny_model_fingerprint(seed),
+        "warm_start": WARM_START,
+        "taught": TAUGHT,
+        "bank": build_bank(),
+        "problems": problems("train"),
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def world_model_dir(seed: int = 0) -> Path:
+    """The cache directory of the world's warm-started model (beside the tiny model's)."""
+    from sgsd.tiny.model import default_tiny_model_dir
+
+    root = default_tiny_model_dir(seed).parent
+    return root / f"tiny-qwen3-skillworld-{_fingerprint(seed)[:16]}"
+
+
+def save_world_model(seed: int = 0) -> Path:
+    """Build (once) and return the directory of the world's warm-started tiny model, a
+    ``save_pretrained`` directory the trainer and the evaluator load with ``--model``."""
+    path = world_model_dir(seed)
+    marker = path / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == _fingerprint(seed):
+        return path
+    from sgsd.tiny.model import _portable_tokenizer_config, build_tiny_model
+
+    model, tokenizer = build_tiny_model(seed)
+    loss = warm_start(model, tokenizer, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_config(tmp)
+        meta = {"fingerprint": _fingerprint(seed), "seed": seed, "final_loss": loss}
+        (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def headroom(model, tokenizer, *, n: int = 1, temperature: float = 0.0, limit: int | None = None):
+    """Held-out accuracy at step 0 under three prompts: ``plain`` (the student's),
+    ``right_skill`` (the guidance block of the operation's correct skill and its mistake)
+    and ``misleading_skill`` (its misleading skill and the same mistake), each in [0, 1],
+    plus per-operation accuracies under ``by_operation``."""
+    import torch
+
+    from sgsd import prompts
+    from sgsd.eval.verify import verify
+    from sgsd.skills.bank import SkillBank
+    from sgsd.skillworld.bank import BANK_FILE
+    from sgsd.skillworld.tasks import problems
+
+    bank = _bank(BANK_FILE, SkillBank)
+    rows = problems("test")[:limit]
+    texts = {"plain": [], "right_skill": [], "misleading_skill": []}
+    for p in rows:
+        op = p["operation"]
+        mistake = bank.get_mistake(f"{op}_mistake")
+        texts["plain"].append(prompts.student_text(p["problem"]))
+        for key, sid in (("right_skill", f"{op}_rule"), ("misleading_skill", f"{op}_misleading")):
+            guidance = prompts.format_guidance([bank.get_skill(sid)], [mistake])
+            texts[key].append(prompts.sgsd_teacher_text(p["problem"], guidance))
+    out: dict = {"by_operation": {}}
+    for key, batch in texts.items():
+        correct = []
+        for i in range(0, len(batch), 32):
+            ids = [
+                prompts.render_prompt_ids(tokenizer, [{"role": "user", "content": t}])
+                for t in batch[i : i + 32]
+            ]
+            width = max(map(len, ids))
+            x = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in ids])
+            attn = (
+                torch.arange(width)[None] >= torch.tensor([width - len(r) for r in ids])[:, None]
+            ).long()
+            with torch.no_grad():
+                gen = model.generate(
+                    input_ids=x.repeat_interleave(n, 0),
+                    attention_mask=attn.repeat_interleave(n, 0),
+                    max_new_tokens=24,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=0.95 if temperature > 0 else None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            for j, g in enumerate(gen[:, width:]):
+                text = tokenizer.decode(g, skip_special_tokens=True)
+                correct.append(verify(text, rows[i + j // n]["answer"]).correct)
+        per_problem = [sum(correct[j * n : (j + 1) * n]) / n for j in range(len(batch))]
+        out[key] = sum(per_problem) / len(per_problem)
+        for p, acc in zip(rows, per_problem):
+            out["by_operation"].setdefault(p["operation"], {}).setdefault(key, []).append(acc)
+    for op, accs in out["by_operation"].items():
+        out["by_operation"][op] = {k: sum(v) / len(v) for k, v in accs.items()}
+    return out
