@@ -105,6 +105,11 @@ def _args(argv):
     ap.add_argument("--eval-n", type=int, default=4, help="samples per held-out problem")
     ap.add_argument("--arms", default=None, help="comma list of arms (default: all / quick)")
     ap.add_argument("--force", action="store_true", help="train even without headroom")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a warm-started world model directory (default: build or reuse the cached one)",
+    )
     args = ap.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
@@ -264,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from sgsd.skillworld.warm_start import save_world_model
 
-    say("warm start: the tiny model on the skill world (cached after the first build)")
-    model_dir = save_world_model()
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        say("warm start: the tiny model on the skill world (cached after the first build)")
+        model_dir = save_world_model()
     head = measure_headroom(model_dir, args.eval_n)
     (out / "headroom.json").write_text(json.dumps(head, indent=2) + "\n")
     say(

@@ -17,7 +17,7 @@ from sgsd_kernels import reference as ref
 from sgsd_kernels import validation as check
 from sgsd_kernels.loss_inputs import DivergenceInputs, GateHypers, HiddenGatedInputs
 from sgsd_kernels.ops.arguments import LinearInputs
-from sgsd_kernels.ops.common import compute_dtype
+from sgsd_kernels.ops.common import compute_dtype, fold_logit_scale
 from sgsd_kernels.ops.gated_kd import gated_kd_op
 from sgsd_kernels.ops.linear_divergence import linear_divergence_op
 from sgsd_kernels.ops.linear_logprobs import linear_logprobs_op, linear_logprobs_streams_op
@@ -64,12 +64,17 @@ def linear_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     check_finite: bool = False,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of ``targets`` under the LM head, without materialising logits.
 
     Equivalent to::
 
-        z = (hidden @ weight.T + bias).float() / temperature
+        z = (hidden @ weight.T + bias).float()
+        z = logit_scale * z                      # if logit_scale (Cohere)
+        z = softcap * torch.tanh(z / softcap)    # if softcap (Gemma 2/3), before T
+        z = z / temperature
         lp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
         lp[targets == ignore_index] = 0          # and no gradient there
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)   # if return_entropy
@@ -85,6 +90,10 @@ def linear_logprobs(
             native when it is built, else torch).
         check_finite: raise ``ValueError`` on NaN/inf in ``hidden``/``weight``/``bias``
             (otherwise NaN propagates to the output; it is never hidden).
+        softcap: finite c > 0: the head's logits become c·tanh(z / c) before the
+            temperature (``final_logit_softcapping``); None leaves them uncapped.
+        logit_scale: finite a > 0 multiplying the raw logits first (``logit_scale``);
+            None is 1. Gradients flow through both (docs/design.md §3.3).
 
     Returns:
         float32 [...] log-probs (float64 for float64 inputs), or (logprobs, entropy).
@@ -92,6 +101,7 @@ def linear_logprobs(
     temperature, ignore_index = check.linear_inputs(
         hidden, weight, targets, bias, temperature, ignore_index
     )
+    softcap, logit_scale = check.logit_transform(softcap, logit_scale)
     check.flag("return_entropy", return_entropy)
     check.finite_inputs(check_finite, hidden=hidden, weight=weight, bias=bias)
     backend = resolve_backend(backend, hidden.device)
@@ -99,12 +109,14 @@ def linear_logprobs(
     if backend == "reference":
         check.targets_in_range("targets", targets, weight.shape[0], ignore_index)
         return ref.linear_logprobs_ref(
-            hidden, weight, targets, bias, temperature, ignore_index, return_entropy
-        )
+            hidden, weight, targets, bias, temperature, ignore_index, return_entropy,
+            softcap, logit_scale,
+        )  # fmt: skip
     h2, t1 = _rows(hidden), _flat_targets(targets)
     b = None if bias is None else bias.contiguous()
+    temperature, cap = fold_logit_scale(temperature, softcap, logit_scale)
     lp, ent, _ = linear_logprobs_op(
-        h2, weight.contiguous(), b, t1, temperature, ignore_index, return_entropy, backend
+        h2, weight.contiguous(), b, cap, t1, temperature, ignore_index, return_entropy, backend
     )
     return _unflatten(lp, ent, lead, return_entropy)
 
@@ -269,14 +281,17 @@ def linear_gated_kd_loss(
     backend: str = "auto",
     check_finite: bool = False,
     local_support_top_k: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> GatedKDOutput:
     """The SGSD loss straight from hidden states: never materialises K×T×V logits.
 
     Equivalent to::
 
-        s = linear_logprobs(student_hidden, weight, targets, bias=bias, temperature=T)
+        head = dict(bias=bias, temperature=T, softcap=softcap, logit_scale=logit_scale)
+        s = linear_logprobs(student_hidden, weight, targets, **head)
         u = teacher_logprobs  or  linear_logprobs(teacher_hidden, weight,
-                                                  targets[:, None].expand(-1, K, -1), ...)
+                                                  targets[:, None].expand(-1, K, -1), **head)
         gated_kd_loss(s, u.detach(), token_mask & (targets != ignore_index), rewards,
                       teacher_weights, ...)
 
@@ -287,15 +302,26 @@ def linear_gated_kd_loss(
 
     The student and the K teachers share ``weight``: on the Triton path they run as one
     stream of (K+1)·B·T rows through the forward kernel, and only the student rows
-    enter the backward.
+    enter the backward. ``softcap`` and ``logit_scale`` (as in :func:`linear_logprobs`:
+    z ← a·z, z ← c·tanh(z/c), then z/T) apply to the student and the teachers alike,
+    since they share the head; ``teacher_logprobs`` are taken as given.
 
     ``local_support_top_k=k`` (needs ``teacher_hidden``) runs docs/design.md §3.2 instead: per
     (b, k, t) both distributions are renormalised on the teacher's top-k ∪ {y_t}; Δ̃ drives
     S, σ, ρ and the gate is applied to the local KL (see :func:`_local_support_loss`).
+    It takes ``logit_scale`` but not ``softcap`` (ValueError): the local-support kernels
+    have no soft cap.
     """
     if (teacher_hidden is None) == (teacher_logprobs is None):
         raise ValueError(
             "pass exactly one of teacher_hidden [B, K, T, H] or teacher_logprobs [B, K, T]"
+        )
+    softcap, logit_scale = check.logit_transform(softcap, logit_scale)
+    if local_support_top_k is not None and softcap is not None:
+        raise ValueError(
+            f"local_support_top_k={local_support_top_k!r} cannot be combined with "
+            f"softcap={softcap!r}: the local-support kernels have no soft cap (logit_scale "
+            "is supported)"
         )
     if local_support_top_k is not None:
         local_support_top_k = check.integer("local_support_top_k", local_support_top_k)
@@ -360,6 +386,8 @@ def linear_gated_kd_loss(
         temperature=temperature,
         ignore_index=ignore_index,
         gate=gate,
+        softcap=softcap,
+        logit_scale=logit_scale,
     )
     if local_support_top_k is not None:
         parts = _local_support_loss(x, local_support_top_k, backend)
@@ -376,6 +404,7 @@ def linear_gated_kd_loss(
         return _wrap(parts, teacher_weights.detach(), x.mask, B * T)
 
     flat_t = _flat_targets(targets)
+    temperature, cap = fold_logit_scale(temperature, softcap, logit_scale)
     b_arg = None if bias is None else bias.contiguous()
     w_arg = weight.contiguous()
     s_hidden = _rows(student_hidden)
@@ -384,12 +413,13 @@ def linear_gated_kd_loss(
         t_hidden = teacher_hidden.detach().reshape(B * K * T, H).contiguous()
         t_targets = targets.long().unsqueeze(1).expand(B, K, T).reshape(-1).contiguous()
         s_lp, u_lp, _ = linear_logprobs_streams_op(
-            s_hidden, t_hidden, w_arg, b_arg, flat_t, t_targets, temperature, ignore_index, backend
-        )
+            s_hidden, t_hidden, w_arg, b_arg, flat_t, t_targets, temperature, ignore_index, cap,
+            backend,
+        )  # fmt: skip
         u = u_lp.view(B, K, T)
     else:
         s_lp, _, _ = linear_logprobs_op(
-            s_hidden, w_arg, b_arg, flat_t, temperature, ignore_index, False, backend
+            s_hidden, w_arg, b_arg, cap, flat_t, temperature, ignore_index, False, backend
         )
         u = teacher_logprobs
     s = s_lp.view(B, T)
@@ -427,7 +457,7 @@ def _local_support_loss(x: HiddenGatedInputs, top_k: int, backend: str) -> dict:
         safe.unsqueeze(1).expand(B, K, T).reshape(-1).contiguous(),
         valid.reshape(-1).contiguous(),
         top_k,
-        x.temperature,
+        fold_logit_scale(x.temperature, None, x.logit_scale)[0],
         backend,
     )
     local_kl = local_kl.view(B, K, T)
@@ -530,14 +560,18 @@ def linear_divergence(
     mask: torch.Tensor | None = None,
     backend: str = "auto",
     check_finite: bool = False,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
     """Per-token divergence D between the teacher's and the student's next-token
     distributions over the whole vocabulary (docs/design.md §3.1), without materialising logits.
 
     Equivalent to (the published OPSD ``generalized_jsd_loss`` per token)::
 
-        zs = (student_hidden @ weight.T + bias).float() / temperature
-        zt = (teacher_hidden @ teacher_weight.T + teacher_bias).float() / temperature
+        cap = lambda z: softcap * torch.tanh(z / softcap) if softcap else z
+        zs = cap(logit_scale * (student_hidden @ weight.T + bias).float()) / temperature
+        zt = cap(logit_scale * (teacher_hidden @ teacher_weight.T + teacher_bias).float())
+        zt = zt / temperature                      # (logit_scale None: 1)
         if teacher_top_k: top = zt.topk(teacher_top_k).indices; zs, zt = zs[top], zt[top]
         a, c = zs.log_softmax(-1), zt.log_softmax(-1)
         d = β=0: c.exp() * (c - a)         β=1: a.exp() * (a - c)
@@ -557,6 +591,8 @@ def linear_divergence(
             distributions renormalised there.
         mask: [...] bool; False gives 0 and no gradient.
         backend: "auto" | "triton" | "torch" | "reference".
+        softcap / logit_scale: as in :func:`linear_logprobs` (c > 0, a > 0), for both
+            heads: z ← a·z, z ← c·tanh(z/c), then z/T (docs/design.md §3.3).
 
     Returns:
         D [...] float32 (float64 for float64 inputs). Gradients reach ``student_hidden``,
@@ -569,6 +605,7 @@ def linear_divergence(
     beta, temperature, clip, top_k = check.divergence_hypers(
         beta, temperature, elementwise_clip, teacher_top_k, V
     )
+    softcap, logit_scale = check.logit_transform(softcap, logit_scale)
     backend = resolve_backend(backend, student_hidden.device)
     if mask is not None and mask.dtype != torch.bool and check.value_checks_enabled():
         if bool(((mask != 0) & (mask != 1)).any()):
@@ -581,9 +618,12 @@ def linear_divergence(
         elementwise_clip=clip,
         teacher_top_k=top_k,
         mask=mask,
+        softcap=softcap,
+        logit_scale=logit_scale,
     )
     if backend == "reference":
         return ref.linear_divergence_ref(x)
+    temperature, cap = fold_logit_scale(temperature, softcap, logit_scale)
     lead, H = student_hidden.shape[:-1], weight.shape[1]
     if top_k == V:
         top_k = None  # renormalising on the whole vocabulary changes nothing
@@ -606,5 +646,6 @@ def linear_divergence(
         clip,
         top_k,
         backend,
+        softcap=cap,
     )
     return d.view(lead)

@@ -32,7 +32,8 @@ class HiddenGatedInputs:
     """:func:`sgsd_kernels.linear_gated_kd_loss` after validation. ``student`` holds the
     student hidden states [B, T, H] and the shared head; ``mask`` [B, T] bool is the
     token mask with ignored targets already removed. Exactly one of ``teacher_hidden``
-    [B, K, T, H] and ``teacher_logprobs`` [B, K, T] is set."""
+    [B, K, T, H] and ``teacher_logprobs`` [B, K, T] is set. ``softcap`` and
+    ``logit_scale`` are the public values (docs/design.md §3.3), shared by every head."""
 
     student: LinearInputs
     targets: torch.Tensor
@@ -44,13 +45,16 @@ class HiddenGatedInputs:
     temperature: float
     ignore_index: int
     gate: GateHypers
+    softcap: float | None = None
+    logit_scale: float | None = None
 
 
 @dataclass(frozen=True)
 class DivergenceInputs:
     """:func:`sgsd_kernels.linear_divergence` after validation, with the teacher head
     resolved (no teacher weight: the student's weight and, unless a teacher bias is
-    given, its bias). ``mask`` [...] or None keeps every position."""
+    given, its bias). ``mask`` [...] or None keeps every position. ``softcap`` and
+    ``logit_scale`` (the public values, docs/design.md §3.3) apply to both heads."""
 
     student: LinearInputs
     teacher: LinearInputs
@@ -59,3 +63,5 @@ class DivergenceInputs:
     elementwise_clip: float | None
     teacher_top_k: int | None
     mask: torch.Tensor | None
+    softcap: float | None = None
+    logit_scale: float | None = None

@@ -22,6 +22,7 @@ from sgsd_kernels.ops.common import compute_dtype
 
 __all__ = [
     "logprobs_from_logits_ref",
+    "head_logits",
     "linear_logprobs_ref",
     "gated_kd_ref",
     "gated_rows",
@@ -58,18 +59,31 @@ def logprobs_from_logits_ref(
     return lp, entropy
 
 
+def head_logits(hidden, weight, bias, dtype, softcap=None, logit_scale=None):
+    """The LM head's logits before the temperature (docs/design.md §3.3), in ``dtype``:
+    z = hidden @ weight.T + bias, then z ← logit_scale·z, then z ← softcap·tanh(z/softcap)
+    (each step only when its argument is set)."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def linear_logprobs_ref(
-    hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False
-):
-    """log_softmax((hidden @ weight.T + bias).float() / temperature).gather(targets).
+    hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+    softcap=None, logit_scale=None,
+):  # fmt: skip
+    """log_softmax(head_logits(...) / temperature).gather(targets).
 
     ``hidden`` [..., H], ``weight`` [V, H], ``bias`` [V] or None, ``targets`` [...]: the
     validated form of :func:`sgsd_kernels.linear_logprobs`, whose signature documents the
     arguments."""
     dtype = compute_dtype(hidden, weight, bias)
-    logits = hidden.to(dtype) @ weight.to(dtype).T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
+    logits = head_logits(hidden, weight, bias, dtype, softcap, logit_scale)
     return logprobs_from_logits_ref(logits, targets, temperature, ignore_index, return_entropy)
 
 
@@ -167,8 +181,9 @@ def linear_gated_kd_ref(x: HiddenGatedInputs) -> dict[str, torch.Tensor]:
     K = x.teacher_weights.shape[1]
     row_targets = x.targets.unsqueeze(1).expand(B, K, T)
     student_rows = hidden.unsqueeze(1).expand(B, K, T, H)  # one copy per teacher
+    head = dict(softcap=x.softcap, logit_scale=x.logit_scale)
     s_rows = linear_logprobs_ref(
-        student_rows, weight, row_targets, bias, x.temperature, x.ignore_index
+        student_rows, weight, row_targets, bias, x.temperature, x.ignore_index, **head
     )
     if x.teacher_logprobs is None:
         with torch.no_grad():
@@ -179,6 +194,7 @@ def linear_gated_kd_ref(x: HiddenGatedInputs) -> dict[str, torch.Tensor]:
                 None if bias is None else bias.detach(),
                 x.temperature,
                 x.ignore_index,
+                **head,
             )
     else:
         u = x.teacher_logprobs.detach().to(s_rows.dtype)
@@ -222,13 +238,13 @@ def linear_divergence_ref(x: DivergenceInputs) -> torch.Tensor:
     """
     student, teacher = x.student, x.teacher
     dtype = compute_dtype(student.hidden, student.weight, teacher.hidden, teacher.weight)
-    student_logits = student.hidden.to(dtype) @ student.weight.to(dtype).T
-    if student.bias is not None:
-        student_logits = student_logits + student.bias.to(dtype)
+    head = dict(softcap=x.softcap, logit_scale=x.logit_scale)
+    student_logits = head_logits(student.hidden, student.weight, student.bias, dtype, **head)
     with torch.no_grad():
-        teacher_logits = teacher.hidden.detach().to(dtype) @ teacher.weight.detach().to(dtype).T
-        if teacher.bias is not None:
-            teacher_logits = teacher_logits + teacher.bias.detach().to(dtype)
+        tb = None if teacher.bias is None else teacher.bias.detach()
+        teacher_logits = head_logits(
+            teacher.hidden.detach(), teacher.weight.detach(), tb, dtype, **head
+        )
     student_logits = student_logits / x.temperature
     teacher_logits = teacher_logits / x.temperature
     if x.teacher_top_k is not None:
@@ -300,12 +316,12 @@ def linear_local_support_kd_ref(x: HiddenGatedInputs, top_k: int) -> dict[str, t
     dtype = compute_dtype(hidden, weight, x.teacher_hidden, bias)
     safe = torch.where(x.targets != x.ignore_index, x.targets, torch.zeros_like(x.targets)).long()
     row_targets = safe.unsqueeze(1).expand(B, K, T)
-    student_logits = hidden.to(dtype).unsqueeze(1).expand(B, K, T, H) @ weight.to(dtype).T
+    head = dict(softcap=x.softcap, logit_scale=x.logit_scale)
+    student_rows = hidden.unsqueeze(1).expand(B, K, T, H)
+    student_logits = head_logits(student_rows, weight, bias, dtype, **head)
     with torch.no_grad():
-        teacher_logits = x.teacher_hidden.detach().to(dtype) @ weight.detach().to(dtype).T
-    if bias is not None:
-        student_logits = student_logits + bias.to(dtype)
-        teacher_logits = teacher_logits + bias.detach().to(dtype)
+        tb = None if bias is None else bias.detach()
+        teacher_logits = head_logits(x.teacher_hidden.detach(), weight.detach(), tb, dtype, **head)
     s_y, t_y, local_kl, size = local_support_terms_ref(
         student_logits / x.temperature, teacher_logits / x.temperature, row_targets, top_k
     )

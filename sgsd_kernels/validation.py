@@ -70,6 +70,17 @@ def hyper(
     return value
 
 
+def logit_transform(softcap, logit_scale) -> tuple[float | None, float | None]:
+    """The head's soft cap c > 0 and logit scale a > 0 (docs/design.md §3.3), each a finite
+    real number or None. A scale <= 0 would flatten or reverse the distribution; no model
+    ships one, so it is refused like a temperature <= 0."""
+    if softcap is not None:
+        softcap = hyper("softcap", softcap, positive=True)
+    if logit_scale is not None:
+        logit_scale = hyper("logit_scale", logit_scale, positive=True)
+    return softcap, logit_scale
+
+
 def integer(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -107,6 +107,7 @@ NOT_RUN = [
     (r"^ruff ", ".ci/run runs the linters"),
     (r"sgsd_kernels\.native build", ".ci/run builds the native backend"),
     (r"bench_gated_kd\.py", "the benchmark: minutes on 2 cores (tests/bench runs its CLI)"),
+    (r"skillworld\.py", "the skill world experiment: minutes on 2 cores (tests/sgsd/skillworld)"),
     (r"Qwen/|BytedTsinghua|hmmt25", "needs the Hugging Face hub and a GPU-sized model"),
     (r"nproc[-_]per[-_]node[= ]8", "needs 8 GPUs"),
     (r"\.\.\.", "a template, not a command"),

@@ -20,7 +20,8 @@ configs only, with every flag on (the largest variant of each kernel). --jobs (d
 compiles that many architectures in parallel processes; --only REGEX (on
 ``module.function``) and --dtypes narrow the run to some kernels and dtypes (iterating on
 one kernel takes seconds per compile); --from-csv rewrites the reports.
-The full sm_80 + sm_90 run is about 560 compiles: about 15 minutes on 2 busy cores.
+The full sm_80 + sm_90 run is about 800 compiles; the 560 before the soft-cap variants took
+about 15 minutes on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def _variant(kwargs) -> str:
             "WITH_ENTROPY",
             "TWO_STREAMS",
             "HAS_CLIP",
+            "HAS_SOFTCAP",
         )
         if kwargs.get(name) is True
     ]
@@ -263,20 +265,30 @@ def _cases(quick: bool):
     """Flag combinations to drive (every one, or with --quick every flag on). Tile configs
     do not depend on N; the small-N split of V and the block sizes of the logits and
     gated-loss kernels (which grow with V and T up to a cap) do: N = 256 reaches the caps,
-    N = 16 the small blocks."""
+    N = 16 the small blocks. The soft cap (docs/design.md §3.3) is a constexpr of the
+    kernels over the logits only, whose variants do not depend on N or on the weight
+    gradient: its cases are N = 256 with the weight gradient, each bias and entropy."""
     if quick:
-        return [dict(n=256, bias=True, entropy=True, weight_grad=True)]
-    return [
-        dict(n=n, bias=bias, entropy=entropy, weight_grad=weight_grad)
+        return [dict(n=256, bias=True, entropy=True, weight_grad=True, softcap=True)]
+    plain = [
+        dict(n=n, bias=bias, entropy=entropy, weight_grad=weight_grad, softcap=False)
         for n in (256, 16)
         for bias in (False, True)
         for entropy in (False, True)
         for weight_grad in (False, True)
     ]
+    capped = [
+        dict(n=256, bias=bias, entropy=entropy, weight_grad=True, softcap=True)
+        for bias in (False, True)
+        for entropy in (False, True)
+    ]
+    return plain + capped
 
 
 def _drive(dtype_name: str, case: dict, quick: bool = False):
-    """Run the public API once (forward and backward) with shapes for ``case``."""
+    """Run the public API once (forward and backward) with shapes for ``case``; a soft-cap
+    case of the full run drives only the kernels over the logits (the others have no soft
+    cap, and the plain cases compile them)."""
     import torch
 
     import sgsd_kernels as sk
@@ -289,17 +301,22 @@ def _drive(dtype_name: str, case: dict, quick: bool = False):
     weight = torch.zeros(V, H, dtype=dtype, requires_grad=case["weight_grad"])
     hidden = torch.zeros(n, H, dtype=dtype, requires_grad=True)
     targets = torch.zeros(n, dtype=torch.long)
+    head = dict(softcap=30.0) if case["softcap"] else {}
     out = sk.linear_logprobs(
-        hidden, weight, targets, bias=bias, return_entropy=case["entropy"], backend="triton"
+        hidden, weight, targets, bias=bias, return_entropy=case["entropy"], backend="triton", **head
     )
     loss = sum(t.sum() for t in out) if isinstance(out, tuple) else out.sum()
     loss.backward()
     # Logits and the gated loss: their block sizes grow with V and T up to a cap
     # (4096 and 1024 on GPU); N = 256 drives the caps, smaller N smaller blocks.
     v_logits, t_gate = (8192, 1024) if n >= 256 else (V, n)
-    logits = torch.zeros(n, v_logits, dtype=dtype, requires_grad=True)
-    out = sk.logprobs_from_logits(logits, targets, return_entropy=case["entropy"], backend="triton")
-    (sum(t.sum() for t in out) if isinstance(out, tuple) else out.sum()).backward()
+    others = quick or not case["softcap"]
+    if others:
+        logits = torch.zeros(n, v_logits, dtype=dtype, requires_grad=True)
+        out = sk.logprobs_from_logits(
+            logits, targets, return_entropy=case["entropy"], backend="triton"
+        )
+        (sum(t.sum() for t in out) if isinstance(out, tuple) else out.sum()).backward()
     with torch.no_grad():  # the two-stream forward (its backward is linear_logprobs')
         sk.linear_gated_kd_loss(
             hidden[None],
@@ -311,6 +328,7 @@ def _drive(dtype_name: str, case: dict, quick: bool = False):
             teacher_hidden=torch.zeros(1, K, n, H, dtype=dtype),
             bias=bias,
             backend="triton",
+            **head,
         )
     # The full-vocabulary divergence: forward KL with the element clip (the OPSD
     # default), the β-JSD with and without the clip and the reverse KL. The three
@@ -326,8 +344,11 @@ def _drive(dtype_name: str, case: dict, quick: bool = False):
             beta=beta,
             elementwise_clip=clip,
             backend="triton",
+            **head,
         )
         d.sum().backward()
+    if not others:
+        return
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     s = torch.zeros(1, t_gate, dtype=acc, requires_grad=True)
     res = sk.gated_kd_loss(

@@ -60,6 +60,8 @@ struct RowInputs {
   const int64_t* targets = nullptr;
   const acc_t* bias = nullptr;  // [V] or nullptr
   acc_t inv_t = 1;
+  // Soft cap c (docs/design.md §3.3): z = (c/T)·tanh((z_raw + b)/c); inv_cap = 1/c, 0 = none.
+  acc_t inv_cap = 0, cap_post = 0;  // cap_post = c/T
   const acc_t* lse = nullptr;  // backward only
   const acc_t* g = nullptr;
   const acc_t* ge = nullptr;   // entropy gradient, or nullptr
@@ -106,8 +108,23 @@ void for_each_tile(const Plan& p, int64_t N, int64_t V, bool backward, const Mak
 // log p = z − lse sees the very logits the forward's lse came from (a multiply-add fused
 // into the subtraction would round differently: with V = 1, p would come out 1 − 1e-7 and
 // the gradients 1e-5 where they are exactly 0).
+// The soft-capped logit of a raw one (the forward and the backward both call this, so the
+// backward's log p sees the very logits the forward's lse came from).
+template <typename acc_t>
+inline acc_t capped(acc_t raw, acc_t bj, const RowInputs<acc_t>& in) {
+  return std::tanh((raw + bj) * in.inv_cap) * in.cap_post;
+}
+
 template <typename acc_t>
 void scale_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, const RowInputs<acc_t>& in) {
+  if (in.inv_cap != acc_t(0)) {  // soft cap: its own pass, outside the uncapped loop
+    for (int64_t j = 0; j < nv; ++j) {
+      const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0);
+      acc_t* zj = zt + j * nr;
+      for (int64_t i = 0; i < nr; ++i) zj[i] = capped(zj[i], bj, in);
+    }
+    return;
+  }
   if (in.bias == nullptr && in.inv_t == acc_t(1)) return;
   for (int64_t j = 0; j < nv; ++j) {
     const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0), it = in.inv_t;
@@ -242,9 +259,35 @@ void forward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
 
 // Backward epilogue: zt[nv, nr] becomes the gradient tile gt = (∂loss/∂z)ᵀ; db (the
 // task's own rows of the bias gradient, or nullptr) += Σ over the tile's rows.
+// Backward epilogue with a soft cap: as below, times the slope ∂z/∂(z_raw/T) = 1 − tanh²,
+// recomputed from the raw logit element by element (target column included).
+template <typename acc_t>
+void backward_tile_capped(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
+                          const RowInputs<acc_t>& in, acc_t* db) {
+  const acc_t *l = in.lse + r0, *g = in.g + r0;
+  const acc_t *ge = in.ge ? in.ge + r0 : nullptr, *hr = in.ent ? in.ent + r0 : nullptr;
+  const int64_t* tr = in.targets + r0;
+  for (int64_t j = 0; j < nv; ++j) {
+    const acc_t bj = in.bias ? in.bias[v0 + j] : acc_t(0);
+    acc_t* zj = zt + j * nr;
+    acc_t sum = 0;
+    for (int64_t i = 0; i < nr; ++i) {
+      const acc_t t = std::tanh((zj[i] + bj) * in.inv_cap);
+      const acc_t lp = capped(zj[i], bj, in) - l[i];
+      const acc_t p = exp_acc(lp);
+      acc_t gz = ge ? -p * (g[i] + ge[i] * (lp + hr[i])) : -g[i] * p;
+      if (tr[i] == v0 + j) gz += g[i];
+      zj[i] = gz * (acc_t(1) - t * t);
+      sum += zj[i];
+    }
+    if (db != nullptr) db[v0 + j] += sum;
+  }
+}
+
 template <typename acc_t>
 void backward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
                    const RowInputs<acc_t>& in, acc_t* db) {
+  if (in.inv_cap != acc_t(0)) return backward_tile_capped(zt, nv, nr, v0, r0, in, db);
   const acc_t *l = in.lse + r0, *g = in.g + r0;
   scale_tile(zt, nv, nr, v0, in);
   for (int64_t j = 0; j < nv; ++j) {
@@ -292,6 +335,13 @@ void backward_tile(acc_t* zt, int64_t nv, int64_t nr, int64_t v0, int64_t r0,
   }
 }
 
+template <typename acc_t>
+void set_cap(RowInputs<acc_t>& in, std::optional<double> softcap, double inv_temperature) {
+  if (!softcap.has_value()) return;
+  in.inv_cap = static_cast<acc_t>(1.0 / *softcap);
+  in.cap_post = static_cast<acc_t>(*softcap * inv_temperature);
+}
+
 template <typename acc_t, typename Make>
 void forward_tiles(const Plan& p, const Make& make_engine, int64_t N, int64_t V,
                    const RowInputs<acc_t>& in, bool with_entropy, acc_t* pm, acc_t* ps,
@@ -333,7 +383,8 @@ template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight,
                                                 const std::optional<Tensor>& bias_in,
                                                 const Tensor& targets_in, double inv_temperature,
-                                                int64_t ignore_index, bool with_entropy) {
+                                                int64_t ignore_index, bool with_entropy,
+                                                std::optional<double> softcap) {
   const auto dt = compute_dtype(hidden_in);
   const int64_t N = hidden_in.size(0), H = hidden_in.size(1), V = weight.size(0);
   const Tensor targets = targets_in.to(at::kLong).contiguous();
@@ -356,6 +407,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
   in.targets = targets.data_ptr<int64_t>();
   in.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
   in.inv_t = static_cast<acc_t>(inv_temperature);
+  set_cap(in, softcap, inv_temperature);
   acc_t *pmp = pm.data_ptr<acc_t>(), *psp = ps.data_ptr<acc_t>(), *pap = pa.data_ptr<acc_t>();
   acc_t* tgt_p = tgt.data_ptr<acc_t>();
 
@@ -403,7 +455,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
     const Tensor& grad_logprobs, const std::optional<Tensor>& grad_entropy,
     const Tensor& hidden_in, const Tensor& weight, const std::optional<Tensor>& bias_in,
     const Tensor& targets_in, const Tensor& lse_in, const std::optional<Tensor>& entropy_in,
-    double inv_temperature, int64_t ignore_index, bool need_weight_grad) {
+    double inv_temperature, int64_t ignore_index, bool need_weight_grad,
+    std::optional<double> softcap) {
   const auto dt = compute_dtype(hidden_in);
   const int64_t N = hidden_in.size(0), H = hidden_in.size(1), V = weight.size(0);
   const Tensor targets = targets_in.to(at::kLong).contiguous();
@@ -430,6 +483,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   in.targets = tp;
   in.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
   in.inv_t = inv_t;
+  set_cap(in, softcap, inv_temperature);
   in.lse = lse.data_ptr<acc_t>();
   in.g = gp;
   in.ge = gep;
@@ -498,21 +552,24 @@ namespace sgsd_native {
 
 std::tuple<Tensor, Tensor, Tensor> linear_logprobs_forward(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
-    const Tensor& targets, double inv_temperature, int64_t ignore_index, bool with_entropy) {
+    const Tensor& targets, double inv_temperature, int64_t ignore_index, bool with_entropy,
+    std::optional<double> softcap) {
   check_inputs(hidden, weight, bias, targets);
   const Tensor hd = hidden.detach(), wd = weight.detach().contiguous();
   std::optional<Tensor> bd;
   if (bias.has_value()) bd = bias->detach();
   if (compute_dtype(hidden) == at::kDouble)
-    return forward_impl<double>(hd, wd, bd, targets, inv_temperature, ignore_index, with_entropy);
-  return forward_impl<float>(hd, wd, bd, targets, inv_temperature, ignore_index, with_entropy);
+    return forward_impl<double>(hd, wd, bd, targets, inv_temperature, ignore_index, with_entropy,
+                                softcap);
+  return forward_impl<float>(hd, wd, bd, targets, inv_temperature, ignore_index, with_entropy,
+                             softcap);
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_logprobs_backward(
     const Tensor& grad_logprobs, const std::optional<Tensor>& grad_entropy, const Tensor& hidden,
     const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& targets,
     const Tensor& lse, const std::optional<Tensor>& entropy, double inv_temperature,
-    int64_t ignore_index, bool need_weight_grad) {
+    int64_t ignore_index, bool need_weight_grad, std::optional<double> softcap) {
   check_inputs(hidden, weight, bias, targets);
   const int64_t N = hidden.size(0);
   TORCH_CHECK(grad_logprobs.numel() == N && lse.numel() == N,
@@ -523,10 +580,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_backward(
   if (compute_dtype(hidden) == at::kDouble)
     return backward_impl<double>(grad_logprobs.detach(), grad_entropy, hd, wd, bd, targets,
                                  lse.detach(), entropy, inv_temperature, ignore_index,
-                                 need_weight_grad);
+                                 need_weight_grad, softcap);
   return backward_impl<float>(grad_logprobs.detach(), grad_entropy, hd, wd, bd, targets,
                               lse.detach(), entropy, inv_temperature, ignore_index,
-                              need_weight_grad);
+                              need_weight_grad, softcap);
 }
 
 bool bf16_gemms() { return bf16_tiles_available(); }

@@ -11,15 +11,18 @@
 
 namespace sgsd_native {
 
-// linear_logprobs.cpp: log p(target), entropy and their gradients from hidden states and W.
+// linear_logprobs.cpp: log p(target), entropy and their gradients from hidden states and W
+// (softcap: the logits c·tanh(z/c) before the temperature, docs/design.md §3.3).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temperature, int64_t ignore_index, bool with_entropy);
+    const at::Tensor& targets, double inv_temperature, int64_t ignore_index, bool with_entropy,
+    std::optional<double> softcap);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
-    double inv_temperature, int64_t ignore_index, bool need_weight_grad);
+    double inv_temperature, int64_t ignore_index, bool need_weight_grad,
+    std::optional<double> softcap);
 bool bf16_gemms();
 std::vector<int64_t> tile_plan(int64_t N, int64_t V, int64_t H);
 

@@ -19,11 +19,12 @@ TORCH_LIBRARY(sgsd_native, m) {
   // linear_logprobs.cpp
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "float inv_temperature, int ignore_index, bool with_entropy) -> (Tensor, Tensor, Tensor)");
+      "float inv_temperature, int ignore_index, bool with_entropy, float? softcap=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
       "Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor? entropy, "
-      "float inv_temperature, int ignore_index, bool need_weight_grad) "
+      "float inv_temperature, int ignore_index, bool need_weight_grad, float? softcap=None) "
       "-> (Tensor, Tensor, Tensor)");
 
   // divergence.cpp: both overwrite their logits chunks in place (the (a!) annotations).

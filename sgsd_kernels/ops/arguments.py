@@ -26,11 +26,15 @@ from sgsd_kernels.ops.common import row_scales, safe_targets
 @dataclass(frozen=True)
 class LinearInputs:
     """The logits operand of a linear op, never materialised: hidden rows [N, H] through
-    the LM head, weight [V, H] and bias [V] or None (z = hidden @ weight.T + bias)."""
+    the LM head, weight [V, H] and bias [V] or None (z = hidden @ weight.T + bias), then
+    the soft cap z ← softcap·tanh(z / softcap) when ``softcap`` is set (docs/design.md §3.3;
+    a ``logit_scale`` is already folded into the cap and the temperature, see
+    ``ops.common.fold_logit_scale``). The temperature divides the capped logits."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,8 @@ def upstream_grads(
 class Streams:
     """The inputs of a backend's ``forward_streams``: student rows [N, H] and teacher rows
     [M, H] with their int64 targets, through one LM head (weight [V, H], bias [V] or
-    None) at one temperature and ignore index. The op builds it once from its typed
-    arguments."""
+    None, soft cap or None) at one temperature and ignore index. The op builds it once
+    from its typed arguments."""
 
     student_hidden: torch.Tensor
     teacher_hidden: torch.Tensor
@@ -101,6 +105,7 @@ class Streams:
     teacher_targets: torch.Tensor
     temperature: float
     ignore_index: int
+    softcap: float | None = None
 
     def targets(self) -> torch.Tensor:
         """Student then teacher targets, [N + M]."""
@@ -122,7 +127,7 @@ class Streams:
 
     def _forward_args(self, hidden, targets) -> tuple[RowTargets, LinearInputs]:
         rows = RowTargets(targets, self.temperature, self.ignore_index, False)
-        return rows, LinearInputs(hidden, self.weight, self.bias)
+        return rows, LinearInputs(hidden, self.weight, self.bias, self.softcap)
 
 
 # Field annotations (strings under ``from __future__ import annotations``) -> schema
@@ -131,6 +136,7 @@ _SCHEMA_TYPES = {
     "torch.Tensor": "Tensor",
     "torch.Tensor | None": "Tensor?",
     "float": "float",
+    "float | None": "float?",
     "int": "SymInt",
     "bool": "bool",
     "str": "str",

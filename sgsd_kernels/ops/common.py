@@ -59,6 +59,19 @@ def row_scales(
     return g, ge
 
 
+def fold_logit_scale(
+    temperature: float, softcap: float | None, logit_scale: float | None
+) -> tuple[float, float | None]:
+    """(temperature, softcap) acting on the raw logits z = h·Wᵀ + b that equal the
+    public map z ← a·z, z ← c·tanh(z/c), z ← z/T (docs/design.md §3.3) with a = logit_scale:
+    c·tanh(a·z/c)/T = (c/a)·tanh(z/(c/a))/(T/a), and without a cap a·z/T = z/(T/a). So the
+    kernels only know a cap on the raw logits and a temperature, and ``logit_scale=None``
+    leaves both exactly as given."""
+    if logit_scale is None:
+        return temperature, softcap
+    return temperature / logit_scale, None if softcap is None else softcap / logit_scale
+
+
 def backend_module(backend: str, op: str) -> ModuleType:
     """The module ``sgsd_kernels.ops.<backend>_backend.<op>`` that implements ``op``.
 

@@ -53,20 +53,22 @@ def _scatter(values: torch.Tensor, idx: torch.Tensor | None, n: int, dim: int = 
 
 _SCHEMA = head_grads.schema(
     "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor mask, "
-    "float beta, float temperature, float? clip, int? top_k, bool unit_hidden, "
+    "float beta, float temperature, float? clip, int? top_k, float? softcap, bool unit_hidden, "
     "bool unit_weight, str backend",
     5,
 )
 _BACKWARD_SCHEMA = head_grads.backward_schema(
     "Tensor[] teacher, Tensor mask, Tensor[] saved, float beta, float temperature, "
-    "float? clip, int? top_k"
+    "float? clip, int? top_k, float? softcap"
 )
 
 
 @torch.library.custom_op("sgsd::linear_divergence", mutates_args=(), schema=_SCHEMA)
 def _divergence(student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask,
-                beta, temperature, clip, top_k, unit_hidden, unit_weight, backend):  # fmt: skip
-    """student_hidden/teacher_hidden [N, H], weight/teacher_weight [V, H], mask [N] bool ->
+                beta, temperature, clip, top_k, softcap, unit_hidden, unit_weight,
+                backend):  # fmt: skip
+    """student_hidden/teacher_hidden [N, H], weight/teacher_weight [V, H], mask [N] bool,
+    ``softcap`` the cap on both heads' raw logits (``LinearInputs``) ->
     (D [N], saved row statistics [3, N]: Σe, lse_S, lse_T, dh_unit [N, H], dW_unit [V, H],
     db_unit [V]) in fp32 (fp64 for fp64 inputs); a unit term not asked for is [0]."""
     dtype = common.compute_dtype(student_hidden)
@@ -83,10 +85,12 @@ def _divergence(student_hidden, weight, bias, teacher_hidden, teacher_weight, te
     kernels = common.backend_module(backend, _OP)
     args = (hs, weight, bias, ht, teacher_weight, teacher_bias, beta, temperature, clip, top_k)
     if unit_hidden or unit_weight:
-        *stats, dh, dw, db = kernels.forward_with_unit_grads(*args, dtype, unit_hidden, unit_weight)
+        *stats, dh, dw, db = kernels.forward_with_unit_grads(
+            *args, dtype, unit_hidden, unit_weight, softcap=softcap
+        )
         dh = None if dh is None else _scatter(dh, idx, N)
     else:
-        stats, dh, dw, db = kernels.forward(*args, dtype), None, None, None
+        stats, dh, dw, db = kernels.forward(*args, dtype, softcap=softcap), None, None, None
     d, *stats = (_scatter(s, idx, N) for s in stats)
     units = (common.empty_if_none(t, d) for t in (dh, dw, db))
     return d, torch.stack(stats), *units
@@ -94,7 +98,7 @@ def _divergence(student_hidden, weight, bias, teacher_hidden, teacher_weight, te
 
 @_divergence.register_fake
 def _(student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask, beta,
-      temperature, clip, top_k, unit_hidden, unit_weight, backend):  # fmt: skip
+      temperature, clip, top_k, softcap, unit_hidden, unit_weight, backend):  # fmt: skip
     N, dt = student_hidden.shape[0], common.compute_dtype(student_hidden)
     new = student_hidden.new_empty
     V, H = weight.shape
@@ -116,7 +120,8 @@ def _row_constant(grad: torch.Tensor) -> bool:
     "sgsd::linear_divergence_backward", mutates_args=(), schema=_BACKWARD_SCHEMA
 )
 def linear_divergence_backward_op(grad, student_hidden, weight, bias, teacher, mask, saved, beta,
-                                  temperature, clip, top_k, need_weight_grad, backend):  # fmt: skip
+                                  temperature, clip, top_k, softcap, need_weight_grad,
+                                  backend):  # fmt: skip
     """``teacher`` = [teacher_hidden, teacher_weight] (+ [teacher_bias]); ``saved`` = the
     forward's [stats, dh_unit, dW_unit, db_unit] -> (grad student_hidden [N, H], grad
     weight [V, H] (or [0]), grad bias [V] (or [0])) in the inputs' dtypes."""
@@ -138,26 +143,26 @@ def linear_divergence_backward_op(grad, student_hidden, weight, bias, teacher, m
         args += (st[0], st[1], st[2], beta, temperature, clip, top_k, dtype, need_weight_grad)
         kernels = common.backend_module(backend, _OP)
         if gh is None:
-            dh, gw, gb = kernels.backward(*args)
+            dh, gw, gb = kernels.backward(*args, softcap=softcap)
             gh = _scatter(dh, idx, student_hidden.shape[0])
         else:  # only the torch kernels make dh_unit, and only they skip dh
-            _, gw, gb = kernels.backward(*args, need_hidden_grad=False)
+            _, gw, gb = kernels.backward(*args, need_hidden_grad=False, softcap=softcap)
     return head_grads.outputs(gh, gw, gb, student_hidden, weight, bias, need_weight_grad)
 
 
 @linear_divergence_backward_op.register_fake
 def _(grad, student_hidden, weight, bias, teacher, mask, saved, beta, temperature, clip, top_k,
-      need_weight_grad, backend):  # fmt: skip
+      softcap, need_weight_grad, backend):  # fmt: skip
     return head_grads.fake_outputs(student_hidden, weight, bias, need_weight_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    (hs, w, b, ht, tw, tb, mask, beta, temperature, clip, top_k, _, _, backend) = inputs
+    (hs, w, b, ht, tw, tb, mask, beta, temperature, clip, top_k, softcap, _, _, backend) = inputs
     ctx.save_for_backward(hs, w, b, ht, tw, tb, mask, *output[1:])
     # The outputs besides the one differentiated get no gradient: with materialisation on,
     # autograd would allocate zeros for each (a V×H one for dW_unit) in the backward.
     ctx.set_materialize_grads(False)
-    ctx.hypers = (beta, temperature, clip, top_k)
+    ctx.hypers = (beta, temperature, clip, top_k, softcap)
     ctx.backend = backend
     ctx.has_bias = b is not None
 
@@ -171,32 +176,33 @@ def _backward(ctx, grad, *_grad_saved):
         grad.contiguous(), hs, w, b, teacher, mask, saved, *ctx.hypers,
         head_grads.need_weight_grad(ctx), ctx.backend,
     )  # fmt: skip
-    return head_grads.for_inputs(ctx, grads, 14)
+    return head_grads.for_inputs(ctx, grads, 15)
 
 
 torch.library.register_autograd("sgsd::linear_divergence", _backward, setup_context=_setup_context)
 
 
-def _speculates(backend: str, vocab: int, beta: float) -> bool:
+def _speculates(backend: str, vocab: int, beta: float, softcap: float | None) -> bool:
     if not SPECULATE or backend == "triton":  # the Triton kernels have no unit-gradient pass
         return False
     from sgsd_kernels.ops.torch_backend.linear_divergence import single_block
 
-    return single_block(vocab, beta)
+    return single_block(vocab, beta, softcap=softcap)
 
 
 def linear_divergence_op(
     student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask, beta,
-    temperature, clip, top_k, backend,
+    temperature, clip, top_k, backend, softcap=None,
 ):  # fmt: skip
     """(D [N], row statistics [3, N]) from :func:`_divergence`, asking for the unit-gradient
-    terms of the inputs that will get a gradient (see the module docstring)."""
+    terms of the inputs that will get a gradient (see the module docstring). ``softcap``
+    caps both heads' raw logits (``LinearInputs``)."""
     unit_h = unit_w = False
-    if torch.is_grad_enabled() and _speculates(backend, weight.shape[0], beta):
+    if torch.is_grad_enabled() and _speculates(backend, weight.shape[0], beta, softcap):
         unit_h = student_hidden.requires_grad
         unit_w = weight.requires_grad or (bias is not None and bias.requires_grad)
     d, stats, *_ = _divergence(
         student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, mask, beta,
-        temperature, clip, top_k, unit_h, unit_w, backend,
+        temperature, clip, top_k, softcap, unit_h, unit_w, backend,
     )  # fmt: skip
     return d, stats

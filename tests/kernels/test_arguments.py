@@ -26,8 +26,9 @@ def test_op_schema_spells_the_bundle_fields_in_order():
     [
         (
             "linear_logprobs",
-            "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
-            "SymInt ignore_index, bool with_entropy, str backend) -> (Tensor, Tensor, Tensor)",
+            "(Tensor hidden, Tensor weight, Tensor? bias, float? softcap, Tensor targets, "
+            "float temperature, SymInt ignore_index, bool with_entropy, str backend) "
+            "-> (Tensor, Tensor, Tensor)",
         ),
         (
             "logprobs_from_logits",
@@ -38,13 +39,13 @@ def test_op_schema_spells_the_bundle_fields_in_order():
             "linear_logprobs_streams",
             "(Tensor student_hidden, Tensor teacher_hidden, Tensor weight, Tensor? bias, "
             "Tensor student_targets, Tensor teacher_targets, float temperature, "
-            "SymInt ignore_index, str backend) -> (Tensor, Tensor, Tensor)",
+            "SymInt ignore_index, float? softcap, str backend) -> (Tensor, Tensor, Tensor)",
         ),
         (
             "linear_logprobs_backward",
             "(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
-            "Tensor? bias, Tensor targets, Tensor lse, Tensor? entropy, float temperature, "
-            "SymInt ignore_index, bool need_weight_grad, str backend) "
+            "Tensor? bias, float? softcap, Tensor targets, Tensor lse, Tensor? entropy, "
+            "float temperature, SymInt ignore_index, bool need_weight_grad, str backend) "
             "-> (Tensor, Tensor, Tensor)",
         ),
         (
@@ -79,7 +80,7 @@ def test_streams_rows(dtype):
     th = torch.randn(M, H, generator=g, dtype=torch.float64)  # cast to the student's dtype
     w = torch.randn(V, H, generator=g).to(dtype)
     st, tt = torch.randint(0, V, (N,), generator=g), torch.randint(0, V, (M,), generator=g)
-    streams = Streams(sh, th, w, None, st, tt, 0.7, -100)
+    streams = Streams(sh, th, w, None, st, tt, 0.7, -100, 2.5)
 
     rows, linear = streams.joint()
     assert rows == RowTargets(rows.targets, 0.7, -100, False)
@@ -90,4 +91,4 @@ def test_streams_rows(dtype):
 
     rows, linear = streams.teacher()
     assert rows.targets is tt and not rows.with_entropy
-    assert linear == LinearInputs(th, w, None)
+    assert linear == LinearInputs(th, w, None, 2.5)  # the soft cap goes with the head

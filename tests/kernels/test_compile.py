@@ -382,15 +382,29 @@ def _opcheck_cases():
     r = torch.tensor([1.0, -1.0], dtype=torch.float64)
     wk = torch.rand(B, K, dtype=torch.float64, generator=g)
     return {
-        "linear_logprobs+entropy": (linear_logprobs_op, (h, w, b, t, 0.7, -100, True, "torch")),
-        "linear_logprobs-no-bias": (linear_logprobs_op, (h, w, None, t, 1.0, -100, False, "torch")),
+        "linear_logprobs+entropy": (
+            linear_logprobs_op,
+            (h, w, b, None, t, 0.7, -100, True, "torch"),
+        ),
+        "linear_logprobs-no-bias": (
+            linear_logprobs_op,
+            (h, w, None, None, t, 1.0, -100, False, "torch"),
+        ),
+        "linear_logprobs-softcap": (
+            linear_logprobs_op,
+            (h, w, b, 2.5, t, 0.7, -100, True, "torch"),
+        ),
         "logprobs_from_logits": (
             logprobs_from_logits_op,
             (torch.randn(N, V, generator=g, requires_grad=True), t, 1.3, -100, True, "torch"),
         ),
         "linear_logprobs_streams": (
             linear_logprobs_streams_op,
-            (h, torch.randn(K * N, H, generator=g), w, b, t, t.repeat(K), 1.0, -100, "torch"),
+            (h, torch.randn(K * N, H, generator=g), w, b, t, t.repeat(K), 1.0, -100, None, "torch"),
+        ),
+        "linear_logprobs_streams-softcap": (
+            linear_logprobs_streams_op,
+            (h, torch.randn(K * N, H, generator=g), w, b, t, t.repeat(K), 0.9, -100, 3.0, "torch"),
         ),
         "gated_kd": (gated_kd_op, (s, u, mask, r, wk, 1.0, 3.0, 0.05, True, "torch")),
     }

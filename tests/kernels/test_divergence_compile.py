@@ -90,7 +90,8 @@ def test_opcheck_linear_divergence():
     b = torch.randn(V, generator=g, requires_grad=True)
     ht, tw = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
     mask = torch.tensor([True, False, True, True, True, False])
-    for hypers in [(0.0, 1.1, 0.05, None), (0.5, 1.0, None, 7), (1.0, 0.9, 0.1, 3)]:
+    # (beta, temperature, clip, top_k, softcap)
+    for hypers in [(0.0, 1.1, 0.05, None, None), (0.5, 1.0, None, 7, 2.5), (1.0, 0.9, 0.1, 3, 4.0)]:
         for units in [(False, False), (True, True), (True, False)]:
             torch.library.opcheck(
                 _divergence, (hs, w, b, ht, tw, None, mask, *hypers, *units, "torch")

@@ -82,7 +82,20 @@ def test_unit_terms_are_the_gradients_of_the_sum(beta, dtype):
         ).sum(),
         (hs, w, b),
     )  # fmt: skip
-    args = (hs, w, b, ht, w.detach(), b.detach(), mask, beta, 1.2, 0.05, None)
+    args = (
+        hs,
+        w,
+        b,
+        ht,
+        w.detach(),
+        b.detach(),
+        mask,
+        beta,
+        1.2,
+        0.05,
+        None,
+        None,
+    )  # no top-k, cap
     with torch.no_grad():
         _, _, dh, dw, db = op._divergence(*args, True, True, "torch")
         _, _, dh_only, dw_none, db_none = op._divergence(*args, True, False, "torch")

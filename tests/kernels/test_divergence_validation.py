@@ -71,6 +71,15 @@ BAD = [
     (dict(teacher_top_k=V + 1), ValueError, "teacher_top_k must be in [1, V] = [1, 30], got 31"),
     (dict(teacher_top_k=2.0), TypeError, "teacher_top_k must be an int"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(softcap=0.0), ValueError, "softcap must be > 0, got 0.0"),
+    (dict(softcap=-5.0), ValueError, "softcap must be > 0, got -5.0"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be finite, got nan"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be finite, got inf"),
+    (dict(softcap=True), TypeError, "softcap must be a real number, got bool"),
+    (dict(logit_scale=0), ValueError, "logit_scale must be > 0, got 0.0"),
+    (dict(logit_scale=-0.5), ValueError, "logit_scale must be > 0, got -0.5"),
+    (dict(logit_scale=float("-inf")), ValueError, "logit_scale must be finite, got -inf"),
+    (dict(logit_scale="2"), TypeError, "logit_scale must be a real number, got str"),
 ]
 
 
@@ -130,6 +139,12 @@ def _gated(**over):
             ValueError,
             "teacher_weights must be finite and >= 0",
         ),
+        (
+            dict(softcap=30.0, local_support_top_k=4),
+            ValueError,
+            "local_support_top_k=4 cannot be combined with softcap=30.0",
+        ),
+        (dict(softcap=-1.0, local_support_top_k=4), ValueError, "softcap must be > 0, got -1.0"),
     ],
 )
 @pytest.mark.parametrize("backend", ["reference", "torch"])

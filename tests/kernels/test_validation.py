@@ -646,6 +646,47 @@ def test_bad_hyper_parameter(fn, name, value, exc, fragment):
         call(fn, **{name: value})
 
 
+# The head's soft cap c > 0 and logit scale a > 0 (docs/design.md §3.3), None = absent.
+HEAD_FNS = ("linear_logprobs", "linear_gated_kd_loss", "GatedKDLoss.from_hidden")
+
+
+def _head_cases():
+    cases = []
+    for fn in HEAD_FNS:
+        for name in ("softcap", "logit_scale"):
+            bad = [
+                (math.nan, ValueError, f"{name} must be finite, got nan"),
+                (math.inf, ValueError, f"{name} must be finite, got inf"),
+                (-math.inf, ValueError, f"{name} must be finite, got -inf"),
+                (0.0, ValueError, f"{name} must be > 0, got 0.0"),
+                (0, ValueError, f"{name} must be > 0, got 0.0"),
+                (-30.0, ValueError, f"{name} must be > 0, got -30.0"),
+                (True, TypeError, f"{name} must be a real number, got bool"),
+                ("30", TypeError, f"{name} must be a real number, got str"),
+                (torch.tensor(30.0), TypeError, f"{name} must be a real number, got Tensor"),
+            ]
+            for value, exc, fragment in bad:
+                cases.append(
+                    pytest.param(fn, name, value, exc, fragment, id=f"{fn}-{name}={value!r}")
+                )
+    return cases
+
+
+@pytest.mark.parametrize("fn, name, value, exc, fragment", _head_cases())
+def test_bad_softcap_or_logit_scale(fn, name, value, exc, fragment):
+    with raises(exc, fragment):
+        call(fn, **{name: value})
+
+
+@pytest.mark.parametrize("fn", HEAD_FNS)
+def test_softcap_and_logit_scale_accept_ints_and_none(fn):
+    capped = call(fn, softcap=30, logit_scale=2)
+    plain = call(fn, softcap=None, logit_scale=None)
+    loss = lambda out: out.loss if isinstance(out, sk.GatedKDOutput) else out  # noqa: E731
+    assert torch.isfinite(loss(capped)).all()
+    assert torch.equal(loss(plain), loss(call(fn)))
+
+
 def test_gated_kd_loss_constructor_validates_eagerly():
     """GatedKDLoss rejects bad hyper-parameters and backends at construction, before data."""
     with raises(ValueError, "gate_tau must be > 0"):

@@ -129,47 +129,77 @@ def _mm(w, bias, ht, out):
     return torch.addmm(bias[:, None], wb, ht, out=out)
 
 
-def _top(ht, tw, tb, sl, top_k, inv_t, dtype):
+def _top(ht, tw, tb, sl, top_k, inv_t, dtype, softcap=None):
     """The teacher's top-k token indices of rows ``sl`` ([r, k] int64), or None."""
     if top_k is None:
         return None
     V = tw.shape[0]
-    return blockwise.teacher_top_k(ht[sl].to(dtype), tw, tb, top_k, inv_t, dtype, V)[0]
+    h = ht[sl].to(dtype)
+    return blockwise.teacher_top_k(h, tw, tb, top_k, inv_t, dtype, V, softcap)[0]
 
 
-def _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows):
+def _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows, softcap=None):
     """Per row chunk: (rows slice, student rows in ``dtype``, teacher top-k mask or None,
-    student and teacher logit views [V, r]); the two logit buffers are reused across chunks."""
+    student and teacher logit views [V, r], the student's soft-cap slope [V, r] or None);
+    the logit (and slope) buffers are reused across chunks.
+
+    With a soft cap c the GEMM operands are prescaled by 1/c, and the cap (tanh, the
+    student's slope 1 − tanh², ×c/T) runs as ATen passes before the fused kernel, which
+    then sees the capped logits / T as usual (docs/design.md §3.3)."""
     N, V = hs.shape[0], w.shape[0]
-    scratch = blockwise.Scratch(_padded(rows) * V, _BUFFERS, dtype, hs.device, None)
-    ops = _Operands(hs, w, b, ht, tw, tb, inv_t, dtype, rows)
+    buffers = _BUFFERS + (softcap is not None)
+    scratch = blockwise.Scratch(_padded(rows) * V, buffers, dtype, hs.device, None, softcap)
+    pre = inv_t if softcap is None else 1.0 / softcap
+    ops = _Operands(hs, w, b, ht, tw, tb, pre, dtype, rows)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
         zs, zt = ops.logits(scratch, sl)
-        yield sl, hs[sl].to(dtype), _top(ht, tw, tb, sl, top_k, inv_t, dtype), zs, zt
+        slope = None
+        if softcap is not None:
+            zs.tanh_(), zt.tanh_()
+            slope = torch.mul(zs, zs, out=scratch.flat[-1, : zs.numel()].view_as(zs))
+            slope.neg_().add_(1.0)
+            zs.mul_(softcap * inv_t), zt.mul_(softcap * inv_t)
+        top = _top(ht, tw, tb, sl, top_k, inv_t, dtype, softcap)
+        yield sl, hs[sl].to(dtype), top, zs, zt, slope
 
 
-def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
-    """Rows [N, H] (all valid) -> (D, Σe, lse_S, lse_T), each [N] in ``dtype``."""
-    if _rows(hs.shape[0], w.shape[0], workspace) is None:
+def _fits(N, V, workspace, unit=False, softcap=None):
+    """Rows per chunk of the fused path, or None (then the torch backend runs). A soft cap
+    takes a third logits-sized buffer from the same budget."""
+    if softcap is None:
+        return _rows(N, V, workspace, unit)
+    default = blockwise.UNIT_WORKSPACE_ELEMENTS if unit else blockwise.WORKSPACE_ELEMENTS
+    budget = (workspace or default) * _BUFFERS // (_BUFFERS + 1)
+    return _rows(N, V, budget, unit)
+
+
+def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None,
+            softcap=None):  # fmt: skip
+    """Rows [N, H] (all valid) -> (D, Σe, lse_S, lse_T), each [N] in ``dtype``; ``softcap``
+    caps both heads' raw logits."""
+    if _fits(hs.shape[0], w.shape[0], workspace, softcap=softcap) is None:
         return blockwise.forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype,
-                                 workspace)  # fmt: skip
-    return _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace)[:4]
+                                 workspace, softcap=softcap)  # fmt: skip
+    return _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
+                    softcap=softcap)[:4]  # fmt: skip
 
 
 def forward_with_unit_grads(
-    hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace=None
+    hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace=None,
+    softcap=None,
 ):  # fmt: skip
     """:func:`forward` plus the gradients of Σ_n D_n, as the torch backend's
     ``forward_with_unit_grads``: (D, Σe, lse_S, lse_T, dh_unit [N, H] or None, dW_unit
     [V, H] or None, db_unit [V] or None)."""
     N, V = hs.shape[0], w.shape[0]
-    if _rows(N, V, workspace, unit=True) is None:
+    if _fits(N, V, workspace, unit=True, softcap=softcap) is None:
         return blockwise.forward_with_unit_grads(
-            hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace
+            hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace,
+            softcap,
         )  # fmt: skip
     return _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
-                    hidden, weight)  # fmt: skip
+                    hidden, weight, softcap)  # fmt: skip
 
 
 class _UnitGrads:
@@ -203,34 +233,38 @@ class _UnitGrads:
 
 
 def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
-             unit_hidden=False, unit_weight=False):  # fmt: skip
+             unit_hidden=False, unit_weight=False, softcap=None):  # fmt: skip
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     unit = _UnitGrads(hs, w, b, dtype, unit_hidden, unit_weight)
-    rows = _rows(N, V, workspace, unit=unit.wanted)
+    rows = _fits(N, V, workspace, unit=unit.wanted, softcap=softcap)
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
     kernel = _ops().divergence_forward
-    for sl, hs_c, top, zs, zt in _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows):
+    chunks = _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows, softcap)
+    for sl, hs_c, top, zs, zt, slope in chunks:
         out[:, sl] = kernel(zs, zt, top, beta, clip, unit.wanted)
         if unit.wanted:  # zs now holds ∂D/∂(z/T); ∂z/∂(z/T) = 1/T
+            if slope is not None:
+                zs.mul_(slope)
             unit.add(zs.T, inv_t, hs_c, sl)
     return out[0], out[1], out[2], out[3], unit.dh, unit.dw, unit.db
 
 
 def backward(
     grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k, dtype,
-    need_weight_grad, workspace=None, need_hidden_grad=True,
+    need_weight_grad, workspace=None, need_hidden_grad=True, softcap=None,
 ):  # fmt: skip
     """∂(Σ grad·D) w.r.t. the student rows, W and b: (gh [N, H] | None, gw [V, H] | None,
     gb [V] | None) in ``dtype``. Recomputes both logits (and the teacher top-k) per chunk;
-    the kernel turns the student logits into g_z = e − Σe·p_S in one sweep, and the row
-    factor grad/T is applied to the small GEMM operands."""
+    the kernel turns the student logits into g_z = e − Σe·p_S in one sweep (times the soft
+    cap's slope, when there is one), and the row factor grad/T is applied to the small
+    GEMM operands."""
     N, V = hs.shape[0], w.shape[0]
-    rows = _rows(N, V, workspace)
+    rows = _fits(N, V, workspace, softcap=softcap)
     if rows is None:
         return blockwise.backward(
             grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k,
-            dtype, need_weight_grad, workspace, need_hidden_grad,
+            dtype, need_weight_grad, workspace, need_hidden_grad, softcap,
         )  # fmt: skip
     inv_t = 1.0 / temperature
     new = lambda shape: torch.zeros(shape, dtype=dtype, device=hs.device)  # noqa: E731
@@ -239,8 +273,11 @@ def backward(
     gb = new(V) if need_weight_grad and b is not None else None
     w_c = w.to(dtype) if gh is not None else None
     kernel = _ops().divergence_grad
-    for sl, hs_c, top, zs, zt in _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows):
+    chunks = _chunks(hs, w, b, ht, tw, tb, top_k, inv_t, dtype, rows, softcap)
+    for sl, hs_c, top, zs, zt, slope in chunks:
         kernel(zs, zt, top, lse_s[sl], lse_t[sl], sum_e[sl], beta, clip)
+        if slope is not None:
+            zs.mul_(slope)
         g = grad[sl].to(dtype) * inv_t
         if gh is not None:
             gh[sl] = (zs.T @ w_c).mul_(g[:, None])

@@ -27,8 +27,9 @@ def forward(
     """(logprobs [N], entropy [N] or None, lse [N]); 0 log-prob/entropy at ignored rows."""
     t = row_targets
     lp, ent, lse = _ops().linear_logprobs_forward(
-        x.hidden, x.weight, x.bias, t.targets, 1.0 / t.temperature, t.ignore_index, t.with_entropy
-    )
+        x.hidden, x.weight, x.bias, t.targets, 1.0 / t.temperature, t.ignore_index, t.with_entropy,
+        x.softcap,
+    )  # fmt: skip
     dtype = compute_dtype(x.hidden)
     return lp.to(dtype), ent.to(dtype) if t.with_entropy else None, lse.to(dtype)
 
@@ -49,6 +50,7 @@ def backward(
         1.0 / rows.temperature,
         rows.ignore_index,
         need_weight_grad,
+        x.softcap,
     )
     gw = gw if need_weight_grad else None
     gb = gb if need_weight_grad and x.bias is not None else None

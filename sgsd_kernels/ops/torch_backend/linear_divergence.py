@@ -43,9 +43,10 @@ UNIT_WORKSPACE_ELEMENTS = 9 << 20
 _MIN_ROWS = 16
 
 
-def n_buffers(beta: float) -> int:
-    """Scratch buffers the element-wise math of ``elements`` needs for this β."""
-    return 3 if beta in (0.0, 1.0) else 4
+def n_buffers(beta: float, softcap: float | None = None) -> int:
+    """Scratch buffers the element-wise math of ``elements`` needs for this β, plus one for
+    the student's soft-cap slope with a ``softcap``."""
+    return (3 if beta in (0.0, 1.0) else 4) + (softcap is not None)
 
 
 def plan_blocks(
@@ -57,9 +58,12 @@ def plan_blocks(
     return max(1, min(n_rows, per // vblock)), vblock
 
 
-def logits_block(h, weight, bias, v0, v1, inv_t, dtype, out=None):
+def logits_block(h, weight, bias, v0, v1, inv_t, dtype, out=None, softcap=None):
     """z = (h @ W[v0:v1]ᵀ + b[v0:v1]) / T in ``dtype`` (h is already in ``dtype``),
-    written into ``out`` when given."""
+    written into ``out`` when given; with a ``softcap`` c, (c/T)·tanh(z_raw/c)."""
+    if softcap is not None:
+        t = logits_block(h, weight, bias, v0, v1, 1.0 / softcap, dtype, out)
+        return t.tanh_().mul_(softcap * inv_t)
     w = weight[v0:v1].to(dtype)
     if bias is not None:
         return torch.addmm(bias[v0:v1].to(dtype), h, w.T, beta=inv_t, alpha=inv_t, out=out)
@@ -77,9 +81,15 @@ class Scratch:
     h · W_blkᵀ at 64-128 rows (H = 256, V = 32768, 2-core EPYC), and with a shared head
     the student and teacher rows form one GEMM of twice the height."""
 
-    def __init__(self, size, buffers, dtype, device, clip):
+    def __init__(self, size, buffers, dtype, device, clip, softcap=None):
+        # With a soft cap the last buffer holds the student's slope 1 − tanh² (``slope``).
         self.flat = torch.empty(buffers, size, dtype=dtype, device=device)
         self.mask = None if clip is None else torch.empty(size, dtype=torch.bool, device=device)
+        self.n_temps = buffers - 2 - (softcap is not None)
+
+    def slope(self, r, width):
+        """The soft-cap slope buffer as an [r, width] view (vocabulary-major)."""
+        return self.flat[-1, : r * width].view(width, r).T
 
     def logits(self, r, width, fused):
         """(student view, teacher view, GEMM output(s)) of a [r, width] block."""
@@ -92,7 +102,7 @@ class Scratch:
 
     def temps(self, r, width):
         """The free buffers as [r, width] views (one or two), then the clip mask view."""
-        views = [self.flat[i, : r * width].view(width, r).T for i in range(2, len(self.flat))]
+        views = [self.flat[i, : r * width].view(width, r).T for i in range(2, 2 + self.n_temps)]
         mask = None if self.mask is None else self.mask[: r * width].view(width, r).T
         return (*views, None)[:2], mask
 
@@ -109,11 +119,15 @@ def _same(x, y) -> bool:
 
 class _Head:
     """One row chunk's GEMM operands: prescaled (by 1/T) transposed hidden states and
-    biases, so the GEMM output is already z / T (no separate scaling pass)."""
+    biases, so the GEMM output is already z / T (no separate scaling pass). With a soft
+    cap c they are prescaled by 1/c instead and :meth:`cap` finishes the logits."""
 
-    def __init__(self, hs, w, b, ht, tw, tb, inv_t, dtype):
+    def __init__(self, hs, w, b, ht, tw, tb, inv_t, dtype, softcap=None):
         self.fused = _same(w, tw) and _same(b, tb)
         self.w, self.tw, self.dtype = w, tw, dtype
+        self.softcap, self.post = softcap, None
+        if softcap is not None:
+            inv_t, self.post = 1.0 / softcap, softcap * inv_t
         scale = lambda x: None if x is None else x.to(dtype) * inv_t  # noqa: E731
         self.b, self.tb = scale(b), scale(tb)
         if self.fused:
@@ -134,15 +148,26 @@ class _Head:
             mm(self.w, self.b, self.hst, outs[0])
             mm(self.tw, self.tb, self.htt, outs[1])
 
+    def cap(self, outs, zs, slope):
+        """The soft cap on the filled GEMM outputs ``outs`` (holding z_raw/c): tanh, the
+        student's slope 1 − tanh² (``zs`` its view) into ``slope``, then ×c/T."""
+        for o in outs:
+            o.tanh_()
+        torch.mul(zs, zs, out=slope).neg_().add_(1.0)
+        for o in outs:
+            o.mul_(self.post)
+        return slope
 
-def teacher_top_k(h, weight, bias, k, inv_t, dtype, vblock):
+
+def teacher_top_k(h, weight, bias, k, inv_t, dtype, vblock, softcap=None):
     """Indices (and scaled logits) of the k largest teacher logits per row, keeping a
-    running top-k over vocabulary blocks: [r, k] int64, [r, k]."""
+    running top-k over vocabulary blocks: [r, k] int64, [r, k]. The soft cap applies
+    before the choice, as in the reference (tanh can make distinct raw logits tie)."""
     V = weight.shape[0]
     best_v = best_i = None
     for v0 in range(0, V, vblock):
         v1 = min(V, v0 + vblock)
-        z = logits_block(h, weight, bias, v0, v1, inv_t, dtype)
+        z = logits_block(h, weight, bias, v0, v1, inv_t, dtype, softcap=softcap)
         vals, idx = z.topk(min(k, v1 - v0), dim=-1)
         idx += v0
         if best_v is not None:
@@ -226,10 +251,13 @@ def _blocks(V, vblock):
 def _both_logits(head, top, v0, v1, scratch):
     """Scaled student and teacher logits of block [v0, v1) (as [r, width] views, with the
     columns outside the top-k at −inf), the GEMM outputs they view, the free scratch
-    views and the clip mask view."""
+    views and the clip mask view. With a soft cap, ``head.slope`` is the student's
+    slope ∂z/∂(z_raw/T) on the block."""
     r = head.rows
     zs, zt, outs = scratch.logits(r, v1 - v0, head.fused)
     head.fill(outs, v0, v1)
+    if head.softcap is not None:
+        head.slope = head.cap(outs, zs, scratch.slope(r, v1 - v0))
     drop = _drop_block(top, v0, v1)
     temps, mask = scratch.temps(r, v1 - v0)
     return _masked(zs, drop), _masked(zt, drop), outs, temps, mask, drop
@@ -270,32 +298,36 @@ def _lse_pass(head, top, V, vblock, scratch):
     return lse_s, lse_t
 
 
-def _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock):
+def _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock, softcap=None):
     hs_c, ht_c = hs[sl].to(dtype), ht[sl].to(dtype)
-    head = _Head(hs_c, w, b, ht_c, tw, tb, inv_t, dtype)
+    head = _Head(hs_c, w, b, ht_c, tw, tb, inv_t, dtype, softcap)
     head.rows = hs_c.shape[0]
     top = None
     if top_k is not None:
-        top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock)
+        top, _ = teacher_top_k(ht_c, tw, tb, top_k, inv_t, dtype, vblock, softcap)
     return hs_c, head, top
 
 
-def single_block(V: int, beta: float, workspace: int | None = None) -> bool:
+def single_block(V: int, beta: float, workspace: int | None = None, softcap=None) -> bool:
     """Whether the whole vocabulary fits one block of the unit-gradient forward's workspace
     (V up to 196608 at β ∈ {0, 1}), the case in which :func:`forward_with_unit_grads`
     applies."""
     workspace = workspace or UNIT_WORKSPACE_ELEMENTS  # read at call time
-    return plan_blocks(1, V, workspace, n_buffers(beta))[1] == V
+    return plan_blocks(1, V, workspace, n_buffers(beta, softcap))[1] == V
 
 
-def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
-    """Rows [N, H] (all valid) -> (D, Σe, lse_S, lse_T), each [N] in ``dtype``."""
-    outs = _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace)
+def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None,
+            softcap=None):  # fmt: skip
+    """Rows [N, H] (all valid) -> (D, Σe, lse_S, lse_T), each [N] in ``dtype``; ``softcap``
+    caps both heads' raw logits."""
+    outs = _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
+                    softcap=softcap)  # fmt: skip
     return outs[:4]
 
 
 def forward_with_unit_grads(
-    hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace=None
+    hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, hidden, weight, workspace=None,
+    softcap=None,
 ):  # fmt: skip
     """:func:`forward` plus, while each logits block is still in cache, the gradient of
     Σ_n D_n (a unit upstream gradient on every row): (D, Σe, lse_S, lse_T, dh_unit [N, H]
@@ -306,12 +338,13 @@ def forward_with_unit_grads(
     dW_unit = Σ_n ∂D_n/∂W, so dW = c·dW_unit when the upstream gradient is c on every
     row. That costs 2 G here instead of the backward's 4 G (recompute both logits, dh, dW).
     """
-    if not single_block(w.shape[0], beta, workspace):
+    if not single_block(w.shape[0], beta, workspace, softcap):
         raise ValueError("forward_with_unit_grads needs the vocabulary in one block")
     workspace = workspace or UNIT_WORKSPACE_ELEMENTS
     return _forward(
-        hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace, hidden, weight
-    )
+        hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace, hidden, weight,
+        softcap,
+    )  # fmt: skip
 
 
 class _UnitGrads:
@@ -341,16 +374,17 @@ class _UnitGrads:
 
 
 def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace,
-             unit_hidden=False, unit_weight=False):  # fmt: skip
+             unit_hidden=False, unit_weight=False, softcap=None):  # fmt: skip
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
     unit = _UnitGrads(hs, w, b, dtype, unit_hidden, unit_weight)
-    rows, vblock = plan_blocks(N, V, workspace, n_buffers(beta))
-    scratch = Scratch(rows * vblock, n_buffers(beta), dtype, hs.device, clip)
+    buffers = n_buffers(beta, softcap)
+    rows, vblock = plan_blocks(N, V, workspace, buffers)
+    scratch = Scratch(rows * vblock, buffers, dtype, hs.device, clip, softcap)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
+        hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock, softcap)
         if vblock == V:
             zs, zt, outs, temps, mask, drop = _both_logits(head, top, 0, V, scratch)
             lse_s, lse_t = _log_softmax_(outs, head.rows)
@@ -358,6 +392,8 @@ def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, worksp
             out[0, sl], out[1, sl] = d.sum(-1), e.sum(-1).mul_(sign)
             if unit.wanted:  # ∂D/∂z = (sign/T)·(e − sign·Σe·p_S), as in the backward
                 gz = e.addcmul_(p_s, out[1, sl, None], value=-sign)
+                if softcap is not None:
+                    gz.mul_(head.slope)
                 unit.add(gz, sign * inv_t, hs_c, sl)
         else:
             lse_s, lse_t = _lse_pass(head, top, V, vblock, scratch)
@@ -376,12 +412,13 @@ def _forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, worksp
 
 def backward(
     grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k, dtype,
-    need_weight_grad, workspace=None, need_hidden_grad=True,
+    need_weight_grad, workspace=None, need_hidden_grad=True, softcap=None,
 ):  # fmt: skip
     """∂(Σ grad·D) w.r.t. the student rows, W and b: (gh [N, H] | None, gw [V, H] | None,
     gb [V] | None) in ``dtype``. Recomputes both logit blocks (and the teacher top-k).
     Per block gz = g/T · (∂d/∂a − p_S Σe) = (sign·g/T) · (e − sign·Σe·p_S); the row
-    factor sign·g/T is applied to the small GEMM operands, not to the block."""
+    factor sign·g/T is applied to the small GEMM operands, not to the block; a soft cap's
+    slope 1 − tanh² multiplies the block."""
     N, V = hs.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     gh = torch.zeros(hs.shape, dtype=dtype, device=hs.device) if need_hidden_grad else None
@@ -389,17 +426,20 @@ def backward(
     gb = (
         torch.zeros(V, dtype=dtype, device=w.device) if need_weight_grad and b is not None else None
     )
-    rows, vblock = plan_blocks(N, V, workspace, n_buffers(beta))
-    scratch = Scratch(rows * vblock, n_buffers(beta), dtype, hs.device, clip)
+    buffers = n_buffers(beta, softcap)
+    rows, vblock = plan_blocks(N, V, workspace, buffers)
+    scratch = Scratch(rows * vblock, buffers, dtype, hs.device, clip, softcap)
     for r0 in range(0, N, rows):
         sl = slice(r0, min(N, r0 + rows))
-        hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock)
+        hs_c, head, top = _chunk(hs, w, b, ht, tw, tb, sl, inv_t, top_k, dtype, vblock, softcap)
         g = grad[sl].to(dtype) * inv_t
         for v0, v1 in _blocks(V, vblock):
             zs, zt, outs, temps, mask, drop = _both_logits(head, top, v0, v1, scratch)
             a, c = _normalise_(zs, zt, outs, lse_s[sl], lse_t[sl], head.fused)
             _, e, p_s, sign = elements(a, c, drop, beta, clip, temps, mask, need_d=False)
             gz = e.addcmul_(p_s, sum_e[sl, None], value=-sign)
+            if softcap is not None:
+                gz.mul_(head.slope)
             row = g * sign
             if gh is not None:
                 gh[sl] += (gz @ w[v0:v1].to(dtype)).mul_(row[:, None])

@@ -79,6 +79,24 @@ def _logits_block(out, h, weight, bias, v0, v1, inv_t, dtype, sliced=False):
     return z
 
 
+def _z_block(out, h, weight, bias, v0, v1, inv_t, dtype, sliced=False, softcap=None):
+    """The block's logits after the soft cap and the temperature (docs/design.md §3.3):
+    ``_logits_block`` without a cap, else (c/T)·tanh(z_raw/c), with 1/c on the GEMM's alpha."""
+    if softcap is None:
+        return _logits_block(out, h, weight, bias, v0, v1, inv_t, dtype, sliced)
+    z = _logits_block(out, h, weight, bias, v0, v1, 1.0 / softcap, dtype, sliced)
+    return z.tanh_().mul_(softcap * inv_t)
+
+
+def _target_cap_slope(h, w_t, bias, safe_t, softcap, dtype):
+    """1 − tanh²(z_raw[y]/c) per row, the soft cap's slope at each row's target logit
+    (``h`` [N, H] and ``w_t`` = W[targets] [N, H] in ``dtype``)."""
+    raw = (h * w_t).sum(1)
+    if bias is not None:
+        raw = raw + bias[safe_t].to(dtype)
+    return 1.0 - torch.tanh(raw / softcap).square()
+
+
 def forward(
     row_targets: RowTargets, x: LinearInputs, workspace: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -105,7 +123,8 @@ def forward(
         out = buf if device.type == "cpu" else _workspace(rows, vblock, dtype, device)
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
-            z = _logits_block(buf, hidden[r0:r1].to(dtype), weight, bias, 0, V, inv_t, dtype)
+            z = _z_block(buf, hidden[r0:r1].to(dtype), weight, bias, 0, V, inv_t, dtype,
+                         softcap=x.softcap)  # fmt: skip
             t = safe_t[r0:r1].unsqueeze(1)
             z_t = z.gather(1, t).squeeze(1)
             logp = out[: z.numel()].view_as(z)
@@ -126,7 +145,7 @@ def forward(
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             t = safe_t[r0:r1]
-            z = _logits_block(buf, h_all[r0:r1], w, bias, v0, v1, inv_t, dtype, sliced=True)
+            z = _z_block(buf, h_all[r0:r1], w, bias, v0, v1, inv_t, dtype, True, x.softcap)
             inside = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
             tgt[r0:r1] = torch.where(inside, z.gather(1, local).squeeze(1), tgt[r0:r1])
@@ -186,8 +205,12 @@ def backward(
     Vocabulary blocks are the outer loop: each block of W is cast once and its dW/db
     slice stays in cache while every row chunk adds to it; the per-row accumulator
     S = Σ_v p_v W_v ([N,H], small) collects the softmax part of dh.
+
+    With a soft cap, ∂z/∂z_raw = (1 − tanh²(z_raw/c)) on top of 1/T: the softmax part
+    takes it element-wise from a second block (the block's tanh, recomputed), the target
+    part per row (``_target_cap_slope``).
     """
-    hidden, weight, bias = x.hidden, x.weight, x.bias
+    hidden, weight, bias, softcap = x.hidden, x.weight, x.bias, x.softcap
     N, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -208,6 +231,12 @@ def backward(
                 grad.zero_()
     rows, vblock = plan_blocks(N, V, workspace)
     buf = _workspace(rows, vblock, dtype, device)
+    if softcap is not None:
+        # Half the workspace each for the logits and the cap's slope.
+        rows = max(1, rows // 2)
+        slope_buf = _workspace(rows, vblock, dtype, device)
+        w_t = weight[safe_t].to(dtype)
+        g_y = g * _target_cap_slope(h_all, w_t, bias, safe_t, softcap, dtype)
     if ge is None:
         # dz = g (onehot − p): dh = g (W[t] − S), dW = onehot·(g h) − pᵀ (g h), db likewise.
         g_h = h_all * g.unsqueeze(1)
@@ -230,10 +259,18 @@ def backward(
             r1 = min(N, r0 + rows)
             beta = 0 if r0 == 0 else 1  # beta=0 ignores the (uninitialised) slice
             h = h_all[r0:r1]
-            z = _logits_block(buf, h, w, bias, v0, v1, inv_t, dtype, sliced=True)
+            if softcap is None:
+                z = _logits_block(buf, h, w, bias, v0, v1, inv_t, dtype, sliced=True)
+            else:
+                tanh = _logits_block(buf, h, w, bias, v0, v1, 1.0 / softcap, dtype, True).tanh_()
+                slope = torch.mul(tanh, tanh, out=slope_buf[: tanh.numel()].view_as(tanh))
+                slope.neg_().add_(1.0)  # 1 − tanh²
+                z = tanh.mul_(softcap * inv_t)
             z.sub_(lse[r0:r1])  # log p
             if ge is None:
                 p = z.mul_(_LOG2E).exp2_()
+                if softcap is not None:
+                    p.mul_(slope)  # p ⊙ ∂z/∂z_raw (×T, already in g)
                 acc[r0:r1].addmm_(p, w)
                 if gw is not None:
                     torch.addmm(gw, p.T, neg_gh[r0:r1], beta=beta, out=gw)
@@ -244,6 +281,8 @@ def backward(
                 p = torch.mul(z, _LOG2E).exp2_()
                 coef = z.add_(ent[r0:r1]).mul_(ge_c[r0:r1]).add_(g_col[r0:r1])
                 G = p.mul_(coef).neg_()
+                if softcap is not None:
+                    G.mul_(slope)
                 acc[r0:r1].addmm_(G, w)
                 if gw is not None:
                     torch.addmm(gw, G.T, h, beta=beta, out=gw)
@@ -251,7 +290,21 @@ def backward(
                     torch.addmv(gb, G.T, ones[: r1 - r0], beta=beta, out=gb)
                 del coef
             del z, p
-    # Onehot part: +g at each row's target column.
+    # Onehot part: +g at each row's target column (g·slope there with a soft cap).
+    if softcap is not None:
+        if ge is None:  # dh = g_y W[t] − g S
+            grad_h = acc.mul_(-g.unsqueeze(1)).addcmul_(w_t, g_y.unsqueeze(1))
+        else:
+            grad_h = acc.addcmul_(w_t, g_y.unsqueeze(1))
+        if grad_w is not None:
+            grad_w.index_add_(0, safe_t, h_all * g_y.unsqueeze(1))
+        if grad_b is not None:
+            grad_b.index_add_(0, safe_t, g_y)
+        return (
+            grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+        )
     w_t = weight[safe_t].to(dtype)
     if ge is None:
         grad_h = (w_t - acc).mul_(g.unsqueeze(1))

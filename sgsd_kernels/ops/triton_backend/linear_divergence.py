@@ -33,6 +33,7 @@ import triton.language as tl
 
 from sgsd_kernels.ops.torch_backend import linear_divergence as torch_kernels
 from sgsd_kernels.ops.triton_backend import triton_configs
+from sgsd_kernels.ops.triton_backend.softcap import load_cap, tanh
 from sgsd_kernels.ops.triton_backend.tiles import dot_w_block
 from sgsd_kernels.runtime import interpreting
 
@@ -78,11 +79,12 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
     return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
 
 
-def _constexprs(dtype: torch.dtype, beta: float, clip) -> dict:
+def _constexprs(dtype: torch.dtype, beta: float, clip, softcap=None) -> dict:
     mode = 0 if beta == 0.0 else (1 if beta == 1.0 else 2)
     return dict(
         BETA_MODE=mode,
         HAS_CLIP=clip is not None,
+        HAS_SOFTCAP=softcap is not None,
         UPCAST=interpreting() and dtype == torch.bfloat16,
         # fp32 dots in full precision unless TF32 is enabled in PyTorch (docs/design.md §8)
         PRECISION=triton_configs.input_precision(dtype),
@@ -90,11 +92,13 @@ def _constexprs(dtype: torch.dtype, beta: float, clip) -> dict:
 
 
 @triton.jit
-def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t,
-          HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-          ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-          BLOCK_H: tl.constexpr):  # fmt: skip
-    """(x·Wᵀ + b)/T on one [BLOCK_N, BLOCK_V] tile (64-bit offsets); −inf past V."""
+def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t, Cap,
+          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+          PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """(x·Wᵀ + b)/T on one [BLOCK_N, BLOCK_V] tile (64-bit offsets), or under HAS_SOFTCAP
+    (c/T)·tanh((x·Wᵀ + b)/c) with (1/c, c/T) read from ``Cap`` (docs/design.md §3.3); −inf
+    past V."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
@@ -104,7 +108,11 @@ def _tile(X, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_w, inv_t,
         acc = dot_w_block(acc, x, W, cols, col_ok, hk, h_ok, stride_w, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    acc = acc * inv_t
+    if HAS_SOFTCAP:
+        inv_cap, post = load_cap(Cap)
+        acc = tanh(acc * inv_cap) * post
+    else:
+        acc = acc * inv_t
     return tl.where(col_ok[None, :], acc, float("-inf"))
 
 
@@ -118,14 +126,17 @@ def _load_scalars(Scalars):
 
 @triton.jit
 def _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs, stride_xt,
-            stride_w, stride_wt, inv_t, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-            UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+            stride_w, stride_wt, inv_t, Cap, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+            ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+            BLOCK_H: tl.constexpr):  # fmt: skip
     """The student and teacher tiles (z_S, z_T) of one [BLOCK_N, BLOCK_V] block."""
-    zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t,
-               HAS_BIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-    zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t,
-               HAS_TBIAS, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    zs = _tile(Xs, W, Bs, rows, row_ok, cols, col_ok, H, stride_xs, stride_w, inv_t, Cap,
+               HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V,
+               BLOCK_H)  # fmt: skip
+    zt = _tile(Xt, Wt, Bt, rows, row_ok, cols, col_ok, H, stride_xt, stride_wt, inv_t, Cap,
+               HAS_TBIAS, HAS_SOFTCAP, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V,
+               BLOCK_H)  # fmt: skip
     return zs, zt
 
 
@@ -170,9 +181,9 @@ def _elements(a, c, col_ok, log_beta, log_1m_beta, clip, BETA_MODE: tl.constexpr
 def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, stride_w,
                 stride_wt, Scalars,
                 HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr,
-                HAS_CLIP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr):  # fmt: skip
+                HAS_CLIP: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     """Out [4, N]: D, Σe, lse_S, lse_T."""
     inv_t, log_beta, log_1m_beta, clip = _load_scalars(Scalars)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -185,8 +196,9 @@ def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, strid
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # cols·stride_w can pass 2**31
         col_ok = cols < V
         zs, zt = _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs,
-                         stride_xt, stride_w, stride_wt, inv_t, HAS_BIAS, HAS_TBIAS, UPCAST,
-                         PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+                         stride_xt, stride_w, stride_wt, inv_t, Scalars + 4, HAS_BIAS, HAS_TBIAS,
+                         HAS_SOFTCAP, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V,
+                         BLOCK_H)  # fmt: skip
         new_s = tl.maximum(m_s, tl.max(zs, 1))
         new_t = tl.maximum(m_t, tl.max(zt, 1))
         l_s = l_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(zs - new_s[:, None]), 1)
@@ -201,8 +213,9 @@ def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, strid
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
         zs, zt = _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs,
-                         stride_xt, stride_w, stride_wt, inv_t, HAS_BIAS, HAS_TBIAS, UPCAST,
-                         PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+                         stride_xt, stride_w, stride_wt, inv_t, Scalars + 4, HAS_BIAS, HAS_TBIAS,
+                         HAS_SOFTCAP, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V,
+                         BLOCK_H)  # fmt: skip
         d, e = _elements(zs - lse_s[:, None], zt - lse_t[:, None], col_ok, log_beta,
                          log_1m_beta, clip, BETA_MODE, HAS_CLIP)  # fmt: skip
         acc_d += tl.sum(d, 1)
@@ -217,9 +230,12 @@ def _fwd_kernel(Xs, Xt, W, Wt, Bs, Bt, Out, N, V, H, stride_xs, stride_xt, strid
 def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H,
                  stride_xs, stride_xt, stride_w, stride_wt, Scalars, HAS_BIAS: tl.constexpr,
                  HAS_TBIAS: tl.constexpr, BETA_MODE: tl.constexpr, HAS_CLIP: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    """G[i, v] = grad·(e − p_S·Σe)/T for rows r0 + i, i < R (G is [R, V], row-major)."""
+                 HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr):  # fmt: skip
+    """G[i, v] = grad·(e − p_S·Σe)/T for rows r0 + i, i < R (G is [R, V], row-major);
+    under HAS_SOFTCAP times the student's slope 1 − tanh², with tanh = z_S·(T/c) taken
+    back from the capped tile (one multiply, instead of a second live tile)."""
     inv_t, log_beta, log_1m_beta, clip = _load_scalars(Scalars)
     local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = r0 + local
@@ -231,21 +247,30 @@ def _grad_kernel(Xs, Xt, W, Wt, Bs, Bt, Stats, G, Grad, r0, R, N, V, H,
     lse_t = tl.load(Stats + 3 * N + rows, mask=row_ok, other=0.0)
     g = tl.load(Grad + rows, mask=row_ok, other=0.0).to(ACC) * inv_t
     zs, zt = _logits(Xs, Xt, W, Wt, Bs, Bt, rows, row_ok, cols, col_ok, H, stride_xs,
-                     stride_xt, stride_w, stride_wt, inv_t, HAS_BIAS, HAS_TBIAS, UPCAST,
-                     PRECISION, ACC, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+                     stride_xt, stride_w, stride_wt, inv_t, Scalars + 4, HAS_BIAS, HAS_TBIAS,
+                     HAS_SOFTCAP, UPCAST, PRECISION, ACC, BLOCK_N, BLOCK_V,
+                     BLOCK_H)  # fmt: skip
     a = zs - lse_s[:, None]
     _, e = _elements(a, zt - lse_t[:, None], col_ok, log_beta, log_1m_beta, clip, BETA_MODE,
                      HAS_CLIP)  # fmt: skip
     p_s = tl.where(col_ok[None, :], tl.exp(a), 0.0)
     gz = (e - p_s * sum_e[:, None]) * g[:, None]
+    if HAS_SOFTCAP:
+        t = tl.where(col_ok[None, :], zs, 0.0) * tl.load(Scalars + 6)
+        gz = gz * (1.0 - t * t)
     tl.store(G + local[:, None] * V + cols[None, :], gz, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _scalars(beta, temperature, clip, dtype, device):
-    """The kernels' ``Scalars`` [4] in the accumulation dtype (see ``_load_scalars``)."""
+def _scalars(beta, temperature, clip, dtype, device, softcap=None):
+    """The kernels' ``Scalars`` [7] in the accumulation dtype (see ``_load_scalars``), then
+    the soft cap's 1/c, c/T (``softcap.load_cap``) and T/c (1, 1/T, 1 without a cap)."""
     log_beta = math.log(beta) if beta > 0 else 0.0
     log_1m_beta = math.log1p(-beta) if beta < 1 else 0.0
     values = [1.0 / temperature, log_beta, log_1m_beta, 0.0 if clip is None else clip]
+    if softcap is None:
+        values += [1.0, 1.0 / temperature, 1.0]
+    else:
+        values += [1.0 / softcap, softcap / temperature, temperature / softcap]
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -254,31 +279,33 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None):
+def forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype, workspace=None,
+            softcap=None):  # fmt: skip
     """Same contract as the torch backend's ``forward``: (D, Σe, lse_S, lse_T) [N]."""
     if top_k is not None:
-        return torch_kernels.forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype)
+        return torch_kernels.forward(hs, w, b, ht, tw, tb, beta, temperature, clip, top_k, dtype,
+                                     softcap=softcap)  # fmt: skip
     N, V, H = hs.shape[0], w.shape[0], w.shape[1]
     out = torch.empty(4, N, dtype=dtype, device=hs.device)
     cfg = _config("fwd", hs.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    scalars = _scalars(beta, temperature, clip, dtype, hs.device)
+    scalars = _scalars(beta, temperature, clip, dtype, hs.device, softcap)
     _fwd_kernel[grid](
         hs, ht, w, tw, b if b is not None else w, tb if tb is not None else w, out, N, V, H,
         hs.stride(0), ht.stride(0), w.stride(0), tw.stride(0), scalars,
         HAS_BIAS=b is not None, HAS_TBIAS=tb is not None, ACC=_acc(dtype),
-        **_constexprs(hs.dtype, beta, clip), **cfg,
+        **_constexprs(hs.dtype, beta, clip, softcap), **cfg,
     )  # fmt: skip
     return out[0], out[1], out[2], out[3]
 
 
 def backward(grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k,
-             dtype, need_weight_grad, workspace=None):  # fmt: skip
+             dtype, need_weight_grad, workspace=None, softcap=None):  # fmt: skip
     """Same contract as the torch backend's ``backward``: (gh, gw | None, gb | None)."""
     if top_k is not None:
         return torch_kernels.backward(
             grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature, clip, top_k,
-            dtype, need_weight_grad,
+            dtype, need_weight_grad, softcap=softcap,
         )  # fmt: skip
     N, V, H = hs.shape[0], w.shape[0], w.shape[1]
     stats = torch.stack([torch.zeros_like(sum_e), sum_e, lse_s, lse_t]).contiguous()
@@ -292,8 +319,8 @@ def backward(grad, hs, w, b, ht, tw, tb, sum_e, lse_s, lse_t, beta, temperature,
     cfg = _config("grad", hs.dtype)
     rows = max(1, min(N, (workspace or WORKSPACE_ELEMENTS) // V))
     G = torch.empty(rows * V, dtype=dtype, device=hs.device)
-    scalars = _scalars(beta, temperature, clip, dtype, hs.device)
-    consts = _constexprs(hs.dtype, beta, clip)
+    scalars = _scalars(beta, temperature, clip, dtype, hs.device, softcap)
+    consts = _constexprs(hs.dtype, beta, clip, softcap)
     for r0 in range(0, N, rows):
         R = min(rows, N - r0)
         g_blk = G[: R * V].view(R, V)

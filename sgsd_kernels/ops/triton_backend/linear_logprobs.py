@@ -42,6 +42,7 @@ import triton.language as tl
 from sgsd_kernels.ops.arguments import LinearInputs, RowGrads, RowTargets, Streams
 from sgsd_kernels.ops.common import compute_dtype, safe_targets, zero_ignored
 from sgsd_kernels.ops.triton_backend import inv_temperature, tl_compute_dtype, triton_configs
+from sgsd_kernels.ops.triton_backend.softcap import cap_scalars, load_cap, tanh_and_slope
 from sgsd_kernels.runtime import interpreting
 
 
@@ -68,7 +69,7 @@ def _load_rows(X1, X2, N1, rows, row_ok, hk, h_ok, stride1, stride2, TWO_STREAMS
 
 
 @triton.jit
-def _logits_tile(
+def _raw_tile(
     X1,
     X2,
     N1,
@@ -82,7 +83,6 @@ def _logits_tile(
     stride1,
     stride2,
     stride_w,
-    InvT,
     HAS_BIAS: tl.constexpr,
     TWO_STREAMS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -92,9 +92,8 @@ def _logits_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """z = (x·Wᵀ + b) / T for one [BLOCK_N, BLOCK_V] tile, accumulated in ACC (fp32;
-    fp64 for fp64 inputs). 1/T is read from InvT (``inv_temperature``) after the dot
-    loop, so that it holds no register across it."""
+    """z_raw = x·Wᵀ + b for one [BLOCK_N, BLOCK_V] tile, accumulated in ACC (fp32; fp64
+    for fp64 inputs)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
@@ -112,6 +111,46 @@ def _logits_tile(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
+def _logits_tile(
+    X1,
+    X2,
+    N1,
+    W,
+    Bias,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    H,
+    stride1,
+    stride2,
+    stride_w,
+    InvT,
+    Cap,
+    HAS_BIAS: tl.constexpr,
+    TWO_STREAMS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """z = (x·Wᵀ + b) / T for one tile, or (c/T)·tanh((x·Wᵀ + b)/c) under HAS_SOFTCAP
+    (docs/design.md §3.3). 1/T (or the cap's scalars, ``Cap``) is read after the dot loop,
+    so that it holds no register across it."""
+    acc = _raw_tile(X1, X2, N1, W, Bias, rows, row_ok, cols, col_ok, H, stride1, stride2,
+                    stride_w, HAS_BIAS, TWO_STREAMS, UPCAST, ACC, PRECISION, BLOCK_N, BLOCK_V,
+                    BLOCK_H)  # fmt: skip
+    if HAS_SOFTCAP:
+        inv_cap, post = load_cap(Cap)
+        t, _ = tanh_and_slope(acc * inv_cap)
+        return t * post
     return acc * tl.load(InvT)
 
 
@@ -134,10 +173,12 @@ def _fwd_kernel(
     stride2,
     stride_w,
     InvT,
+    Cap,
     cols_per_split,
     HAS_BIAS: tl.constexpr,
     TWO_STREAMS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -174,8 +215,10 @@ def _fwd_kernel(
             stride2,
             stride_w,
             InvT,
+            Cap,
             HAS_BIAS,
             TWO_STREAMS,
+            HAS_SOFTCAP,
             UPCAST,
             ACC,
             PRECISION,
@@ -227,12 +270,13 @@ def _combine(part_m, part_s, part_a, part_t, with_entropy):
     return picked, lse, entropy
 
 
-def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
+def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy, softcap):
     n1 = x1.shape[0]
     n = n1 + (0 if x2 is None else x2.shape[0])
     V, H = weight.shape
     f32 = dict(dtype=compute_dtype(x1), device=x1.device)
     inv_t = inv_temperature(temperature, x1)
+    cap = inv_t if softcap is None else cap_scalars(softcap, temperature, x1)
 
     def run(cfg):
         splits = _num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], x1.device)
@@ -261,10 +305,12 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
             x1.stride(0) if x2 is None else x2.stride(0),
             weight.stride(0),
             inv_t,
+            cap,
             cols_per_split,
             HAS_BIAS=bias is not None,
             TWO_STREAMS=x2 is not None,
             WITH_ENTROPY=with_entropy,
+            HAS_SOFTCAP=softcap is not None,
             UPCAST=_upcast(x1.dtype),
             ACC=tl_compute_dtype(x1),
             PRECISION=triton_configs.input_precision(x1.dtype),
@@ -272,7 +318,7 @@ def _launch_forward(x1, x2, weight, bias, targets, temperature, with_entropy):
         )
         return part_m, part_s, part_a, part_t
 
-    key = (bias is not None, x2 is not None, with_entropy, V, H)
+    key = (bias is not None, x2 is not None, with_entropy, softcap is not None, V, H)
     cfg = triton_configs.choose("fwd", x1.dtype, n, key, run)
     part_m, part_s, part_a, part_t = run(cfg)
     return _combine(part_m, part_s, part_a, part_t, with_entropy)
@@ -283,7 +329,7 @@ def forward(row_targets: RowTargets, x: LinearInputs):
     t = row_targets
     valid, safe_t = safe_targets(t.targets, t.ignore_index)
     picked, lse, entropy = _launch_forward(
-        x.hidden, None, x.weight, x.bias, safe_t, t.temperature, t.with_entropy
+        x.hidden, None, x.weight, x.bias, safe_t, t.temperature, t.with_entropy, x.softcap
     )
     return *zero_ignored(valid, picked, entropy), lse
 
@@ -293,8 +339,9 @@ def forward_streams(streams: Streams):
     s = streams
     valid, safe_t = safe_targets(s.targets(), s.ignore_index)
     picked, lse, _ = _launch_forward(
-        s.student_hidden, s.teacher_hidden, s.weight, s.bias, safe_t, s.temperature, False
-    )
+        s.student_hidden, s.teacher_hidden, s.weight, s.bias, safe_t, s.temperature, False,
+        s.softcap,
+    )  # fmt: skip
     return zero_ignored(valid, picked)[0], lse
 
 
@@ -317,8 +364,10 @@ def _grad_logits_kernel(
     stride_w,
     stride_out,
     InvT,
+    Cap,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -328,35 +377,47 @@ def _grad_logits_kernel(
 ):
     """This program's (row block, vocabulary block) tile of ∂loss/∂z, recomputing the
     logits: g·(onehot − p) − ge·p·(log p + H), already ×1/T, stored into Out, the
-    [N, V − V0] workspace of the vocabulary columns V0..V (row stride ``stride_out``)."""
+    [N, V − V0] workspace of the vocabulary columns V0..V (row stride ``stride_out``).
+    Under HAS_SOFTCAP it is ∂loss/∂z_raw: times the slope 1 − tanh²(z_raw/c), from the
+    tanh of this very tile."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = V0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
-    z = _logits_tile(
-        X,
-        X,
-        N,
-        W,
-        Bias,
-        rows,
-        row_ok,
-        cols,
-        col_ok,
-        H,
-        stride_x,
-        stride_x,
-        stride_w,
-        InvT,
-        HAS_BIAS,
-        False,
-        UPCAST,
-        ACC,
-        PRECISION,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-    )
+    if HAS_SOFTCAP:
+        raw = _raw_tile(X, X, N, W, Bias, rows, row_ok, cols, col_ok, H, stride_x, stride_x,
+                        stride_w, HAS_BIAS, False, UPCAST, ACC, PRECISION, BLOCK_N, BLOCK_V,
+                        BLOCK_H)  # fmt: skip
+        inv_cap, post = load_cap(Cap)
+        t, slope = tanh_and_slope(raw * inv_cap)
+        z = t * post
+    else:
+        z = _logits_tile(
+            X,
+            X,
+            N,
+            W,
+            Bias,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            H,
+            stride_x,
+            stride_x,
+            stride_w,
+            InvT,
+            Cap,
+            HAS_BIAS,
+            False,
+            False,
+            UPCAST,
+            ACC,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
     tgt = tl.load(Tgt + rows, mask=row_ok, other=0)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
@@ -367,6 +428,8 @@ def _grad_logits_kernel(
         ge = tl.load(GE + rows, mask=row_ok, other=0.0)
         ent = tl.load(Ent + rows, mask=row_ok, other=0.0)
         grad -= ge[:, None] * p * (logp + ent[:, None])
+    if HAS_SOFTCAP:
+        grad = grad * slope
     tl.store(
         Out + rows[:, None] * stride_out + (cols - V0)[None, :],
         grad.to(Out.dtype.element_ty),
@@ -395,6 +458,8 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
     acc = compute_dtype(hidden)
     safe_t, g, ge = grad_rows.scales(acc, 1.0 / grad_rows.temperature)
     inv_t = inv_temperature(grad_rows.temperature, hidden)
+    softcap = linear.softcap
+    cap = inv_t if softcap is None else cap_scalars(softcap, grad_rows.temperature, hidden)
     with_entropy = ge is not None
     ge = ge if with_entropy else g
     ent = grad_rows.entropy.to(acc) if with_entropy else g
@@ -426,15 +491,17 @@ def backward(grad_rows: RowGrads, linear: LinearInputs, need_weight_grad: bool):
             weight.stride(0),
             work.stride(0),
             inv_t,
+            cap,
             HAS_BIAS=bias is not None,
             WITH_ENTROPY=with_entropy,
+            HAS_SOFTCAP=softcap is not None,
             UPCAST=_upcast(hidden.dtype),
             ACC=tl_compute_dtype(hidden),
             PRECISION=triton_configs.input_precision(hidden.dtype),
             **cfg,
         )
 
-    key = (bias is not None, with_entropy, V, H)
+    key = (bias is not None, with_entropy, softcap is not None, V, H)
     cfg = triton_configs.choose("grad_logits", hidden.dtype, N, key, lambda c: launch(c, 0, cols))
     dx = torch.zeros(N, H, dtype=acc, device=hidden.device)
     dw = torch.empty(V, H, dtype=weight.dtype, device=weight.device) if need_weight_grad else None
