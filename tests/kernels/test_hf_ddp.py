@@ -1,6 +1,7 @@
 """sgsd_kernels.hf under DistributedDataParallel: two gloo ranks train a tiny Qwen3 on
-different inputs through ``hf.last_hidden_states(ddp_model, ...)``; every rank must end
-with the same gradients, the average of the ranks' own ones (DDP's all-reduce ran)."""
+different inputs through ``hf.last_hidden_states(ddp_model, ...)`` or through the loss of a
+``hf.patch_causal_lm``-patched model called by DDP; every rank must end with the same
+gradients, the average of the ranks' own ones (DDP's all-reduce ran)."""
 
 from __future__ import annotations
 
@@ -36,26 +37,38 @@ def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return -sk.linear_logprobs(hidden[:, :-1], weight, ids[:, 1:], bias=bias).mean()
 
 
+def _patched_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+
+
+LOSSES = {"helper": _loss, "patched": _patched_loss}
+
+
 def _grads(model: torch.nn.Module) -> torch.Tensor:
     inner = hf.unwrap_causal_lm(model)
     return torch.cat([p.grad.reshape(-1) for p in inner.parameters() if p.grad is not None])
 
 
-def _rank(rank: int, store: str, out: str) -> None:
+def _rank(rank: int, store: str, out: str, how: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        ddp = torch.nn.parallel.DistributedDataParallel(_model())
-        _loss(ddp, _batch(rank)).backward()
+        model = _model()
+        if how == "patched":
+            hf.patch_causal_lm(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        LOSSES[how](ddp, _batch(rank)).backward()
         torch.save(_grads(ddp), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_gradients_through_the_helper_are_all_reduced(tmp_path):
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("how", ["helper", "patched"])
+def test_gradients_through_the_helper_or_the_patch_are_all_reduced(tmp_path, how):
+    args = (str(tmp_path / "store"), str(tmp_path), how)
+    mp.spawn(_rank, args=args, nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     own = []
-    for r in range(WORLD):  # each rank's gradients alone, in this process
+    for r in range(WORLD):  # each rank's gradients alone, unpatched, in this process
         model = _model()
         _loss(model, _batch(r)).backward()
         own.append(_grads(model))
