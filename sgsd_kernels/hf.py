@@ -259,16 +259,6 @@ def logit_transform(model: nn.Module) -> dict[str, float]:
     scale = getattr(text, "logit_scale", None)
     if scale is not None and scale != 1:
         out["logit_scale"] = float(scale)
-    accepted = inspect.signature(F.linear_logprobs).parameters
-    missing = [k for k in out if k not in accepted]
-    if missing:
-        raise NotImplementedError(
-            f"{name}: its config sets "
-            + ", ".join(f"{k}={out[k]}" for k in missing)
-            + " (final_logit_softcapping / logit_scale), but this sgsd_kernels' "
-            "linear_logprobs has no such argument; computing without it would give wrong "
-            "log-probs, so this model is not supported yet"
-        )
     return out
 
 

@@ -6,22 +6,15 @@ same models' own ``log_softmax(logits)`` and ``labels=`` loss."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
-import sgsd_kernels as sk
 from sgsd_kernels import hf
 
 transformers = pytest.importorskip("transformers")
 from tests.kernels.conftest import REL_ATOL, assert_close_to_oracle  # noqa: E402
 
 V, H = 1007, 64
-SOFTCAP = "softcap" in inspect.signature(sk.linear_logprobs).parameters
-NEEDS_SOFTCAP = pytest.mark.skipif(
-    not SOFTCAP, reason="runs once sk.linear_logprobs accepts softcap= (branch softcap)"
-)
 _SMALL = dict(
     vocab_size=V,
     hidden_size=H,
@@ -110,9 +103,9 @@ ARCHS = [
     "llama",
     "qwen2",
     "gemma3",
-    pytest.param("gemma2", marks=NEEDS_SOFTCAP),
-    pytest.param("gemma3-softcap", marks=NEEDS_SOFTCAP),
-    pytest.param("cohere", marks=NEEDS_SOFTCAP),
+    "gemma2",
+    "gemma3-softcap",
+    "cohere",
 ]
 
 
@@ -254,12 +247,3 @@ def test_bad_inputs_name_the_problem():
         model(ids, attention_mask=mask, labels=labels, logits_to_keep=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"labels must have shape \[B, T\]"):
         model(ids, attention_mask=mask, labels=labels[:, 1:])
-
-
-@pytest.mark.skipif(SOFTCAP, reason="the installed kernels apply softcap= (Gemma is tested)")
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3-softcap", "cohere"])
-def test_soft_capped_or_scaled_heads_are_refused_until_the_kernels_apply_them(arch):
-    model = _model(arch)
-    with pytest.raises(NotImplementedError, match="would give wrong"):
-        hf.patch_causal_lm(model)
-    assert "forward" not in model.__dict__

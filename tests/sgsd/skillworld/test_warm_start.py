@@ -58,7 +58,7 @@ def test_plain_rows_teach_only_the_taught_operations(tiny_tokenizer, rows):
     assert set(W.TAUGHT) < {op.name for op in tasks.OPERATIONS}
     for p, (ids, start, positions) in zip(taught, plain):
         assert positions is None and _answer(tiny_tokenizer, ids, start) == p["answer"]
-    for p, (ids, start, positions) in zip(others, unsure):
+    for p, (ids, _, positions) in zip(others, unsure):
         assert [tiny_tokenizer.decode([ids[i]]) for i in positions] == list(p["answer"])
 
 
