@@ -76,7 +76,7 @@ COMMON = [
     "--lr", "5e-4",
     "--max-grad-norm", "1.0",
     "--warmup-steps", "0",
-    "--lr-schedule", "constant",
+    "--lr-schedule", "linear",
     "--micro-batch-size", "32",
     "--teacher-micro-batch-size", "32",
     "--gradient-checkpointing", "false",

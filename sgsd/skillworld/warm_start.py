@@ -59,6 +59,9 @@ WARM_START: dict = {
 }
 
 _MARKER = "sgsd_skillworld_model.json"
+#: Bump when the training procedure changes in a way WARM_START does not show (part of
+#: the cache key, with the settings, the bank and the train split).
+_FORMAT_VERSION = 1
 
 
 def _teacher_contexts(problem: dict, k: int) -> list[tuple[str, str]]:
@@ -200,7 +203,7 @@ def _fingerprint(seed: int) -> str:
         "taught": TAUGHT,
         "bank": build_bank(),
         "problems": problems("train"),
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "format": _FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -245,7 +248,16 @@ def headroom(model, tokenizer, *, n: int = 1, temperature: float = 0.0, limit: i
     """Held-out accuracy at step 0 under three prompts: ``plain`` (the student's),
     ``right_skill`` (the guidance block of the operation's correct skill and its mistake)
     and ``misleading_skill`` (its misleading skill and the same mistake), each in [0, 1],
-    plus per-operation accuracies under ``by_operation``."""
+    plus per-operation accuracies under ``by_operation``. Sampling is seeded, so the
+    numbers are reproducible; the caller's RNG is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _headroom(model, tokenizer, n, temperature, limit)
+
+
+def _headroom(model, tokenizer, n: int, temperature: float, limit: int | None) -> dict:
     import torch
 
     from sgsd import prompts
