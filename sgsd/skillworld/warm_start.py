@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import shutil
@@ -36,8 +35,6 @@ __all__ = [
     "warm_start",
     "world_model_dir",
 ]
-
-log = logging.getLogger(__name__)
 
 #: The operations the plain prompt is taught; the others are learnt only with a skill.
 TAUGHT = ("increment", "rotate")
@@ -136,60 +133,28 @@ def _redraw(
 def warm_start(model, tokenizer, *, seed: int = 0, settings: dict | None = None) -> float:
     """Train ``model`` in place; returns the mean loss per answer token of the last 20
     steps. Deterministic in ``seed`` (one thread, the caller's RNG untouched)."""
-    import torch
-
-    from sgsd.tiny.warm_start import batch_loss, one_thread
+    from sgsd.tiny.warm_start import supervised_steps
 
     cfg = {**WARM_START, **(settings or {})}
     plain, unsure, teacher = examples(tokenizer, cfg)
     digit_tokens = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    keep = cfg["unsure_keep"]
-    pad = tokenizer.pad_token_id
     rng = random.Random(seed)
-    losses: list[float] = []
-    with torch.random.fork_rng(devices=[]), one_thread():
-        torch.manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
 
-        def factor(step: int) -> float:
-            if step < cfg["warmup"]:
-                return (step + 1) / cfg["warmup"]
-            return max(0.0, 1.0 - (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"]))
+    def batches(step: int) -> list:  # plain rows, unsure rows (late), teacher rows
+        unsure_rows = cfg["unsure_rows"] if step >= cfg["unsure_from"] else 0
+        return [
+            _redraw(rng.sample(pool, n), rng, digit_tokens, cfg["unsure_keep"])
+            for pool, n in (
+                (plain, cfg["plain_rows"]),
+                (unsure, unsure_rows),
+                (teacher, cfg["teacher_rows"]),
+            )
+            if n
+        ]
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        model.train()
-        for step in _progress(cfg["steps"]):
-            unsure_rows = cfg["unsure_rows"] if step >= cfg["unsure_from"] else 0
-            parts = [
-                batch_loss(model, _redraw(rng.sample(pool, n), rng, digit_tokens, keep), pad)
-                for pool, n in (
-                    (plain, cfg["plain_rows"]),
-                    (unsure, unsure_rows),
-                    (teacher, cfg["teacher_rows"]),
-                )
-                if n
-            ]
-            loss = sum(p[0] for p in parts) / sum(p[1] for p in parts)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        model.eval()
-    tail = losses[-20:]
-    return sum(tail) / len(tail)
-
-
-def _progress(steps: int):
-    import sys
-
-    log.info("warm-starting the tiny model on the skill world: %d steps (once: cached)", steps)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return range(steps)
-    return tqdm(range(steps), desc="skillworld warm start", disable=not sys.stderr.isatty())
+    return supervised_steps(
+        model, tokenizer.pad_token_id, cfg, batches, seed=seed, what="the skill world's model"
+    )
 
 
 def _fingerprint(seed: int) -> str:

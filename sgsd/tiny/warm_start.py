@@ -48,6 +48,7 @@ __all__ = [
     "data_digest",
     "encode_example",
     "one_thread",
+    "supervised_steps",
     "sft_examples",
     "teacher_sft_examples",
     "warm_start",
@@ -183,63 +184,46 @@ def _settings(config: dict | None) -> dict:
     return cfg
 
 
-def _progress(steps: int):
+def _progress(steps: int, what: str):
     """The warm start's steps, with a log line first and a bar on a terminal."""
     import logging
     import sys
 
     logging.getLogger(__name__).info(
-        "warm-starting the tiny model: %d supervised steps (once: the result is cached)", steps
+        "warm-starting %s: %d supervised steps (once: the result is cached)", what, steps
     )
     try:
         from tqdm import tqdm
     except ImportError:  # the bar is a nicety; the train extra brings tqdm
         return range(steps)
-    return tqdm(range(steps), desc="tiny warm start", disable=not sys.stderr.isatty())
+    return tqdm(range(steps), desc="warm start", disable=not sys.stderr.isatty())
 
 
-def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -> float:
-    """Fine-tune ``model`` in place (see the module docstring); returns the mean loss per
-    assistant token of the last 20 steps. Leaves the model in eval mode."""
+def supervised_steps(model, pad: int, settings: dict, batches, *, seed: int, what: str) -> float:
+    """The warm starts' loop: ``settings["steps"]`` AdamW steps at ``settings["lr"]``
+    (linear warm-up over ``settings["warmup"]`` steps, then linear decay to 0), gradients
+    clipped at 1; ``batches(step)`` gives the step's groups of ``(ids, prompt length)``
+    rows, one forward each (short rows are not padded to long ones), and the step's loss
+    is the mean over all their assistant tokens. One thread, ``seed`` set and the caller's
+    RNG untouched. Returns the mean loss of the last 20 steps; the model ends in eval
+    mode."""
     import torch
 
-    cfg = _settings(config)
-    student = sft_examples(tokenizer)
-    teacher = [row for rows in teacher_sft_examples(tokenizer) for row in rows]
-    pad = tokenizer.pad_token_id
+    steps, warmup = settings["steps"], settings["warmup"]
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
 
         def factor(step: int) -> float:
-            if step < cfg["warmup"]:
-                return (step + 1) / cfg["warmup"]
-            return max(0.0, 1.0 - (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"]))
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, 1.0 - (step - warmup) / max(1, steps - warmup))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        orders: dict[str, list[int]] = {"student": [], "teacher": []}
-
-        def draw(kind: str, pool: list, n: int) -> list:
-            order = orders[kind]
-            while len(order) < n:  # epochs of fresh permutations
-                order += torch.randperm(len(pool)).tolist()
-            picked = [pool[i] for i in order[:n]]
-            del order[:n]
-            return picked
-
         model.train()
-        for _ in _progress(cfg["steps"]):
-            # Two forwards (student rows, teacher rows) so short rows are not padded to
-            # the teacher prompts' length; one loss = mean over all assistant tokens.
-            parts = [
-                batch_loss(model, rows, pad)
-                for rows in (
-                    draw("student", student, cfg["batch_size"]),
-                    draw("teacher", teacher, cfg["teacher_rows"]),
-                )
-                if rows
-            ]
+        for step in _progress(steps, what):
+            parts = [batch_loss(model, rows, pad) for rows in batches(step) if rows]
             loss = sum(p[0] for p in parts) / sum(p[1] for p in parts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -250,3 +234,32 @@ def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -
         model.eval()
     tail = losses[-20:]
     return sum(tail) / len(tail)
+
+
+def warm_start(model, tokenizer, *, seed: int = 0, config: dict | None = None) -> float:
+    """Fine-tune ``model`` in place (see the module docstring); returns the mean loss per
+    assistant token of the last 20 steps. Leaves the model in eval mode."""
+    import torch
+
+    cfg = _settings(config)
+    student = sft_examples(tokenizer)
+    teacher = [row for rows in teacher_sft_examples(tokenizer) for row in rows]
+    orders: dict[str, list[int]] = {"student": [], "teacher": []}
+
+    def draw(kind: str, pool: list, n: int) -> list:
+        order = orders[kind]
+        while len(order) < n:  # epochs of fresh permutations
+            order += torch.randperm(len(pool)).tolist()
+        picked = [pool[i] for i in order[:n]]
+        del order[:n]
+        return picked
+
+    def batches(step: int) -> list:  # student rows, teacher rows
+        return [
+            draw("student", student, cfg["batch_size"]),
+            draw("teacher", teacher, cfg["teacher_rows"]),
+        ]
+
+    return supervised_steps(
+        model, tokenizer.pad_token_id, cfg, batches, seed=seed, what="the tiny model"
+    )
