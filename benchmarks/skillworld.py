@@ -106,6 +106,11 @@ def _args(argv):
     ap.add_argument("--arms", default=None, help="comma list of arms (default: all / quick)")
     ap.add_argument("--force", action="store_true", help="train even without headroom")
     ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite skillworld.md and skillworld.png from OUT's csv and headroom.json",
+    )
+    ap.add_argument(
         "--model",
         default=None,
         help="a warm-started world model directory (default: build or reuse the cached one)",
@@ -183,19 +188,24 @@ def _pct(mean: float, half: float) -> str:
     return f"{100 * mean:.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}")
 
 
-def write_table(rows: list[dict], head: dict, args, path: Path) -> str:
+def write_table(rows: list[dict], head: dict, path: Path) -> str:
+    """The markdown table: per arm the final, best and mean-over-evaluations (the area
+    under its curve) held-out accuracy, and the final gain over the warm start; each the
+    mean over seeds with its 95 % t-interval."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
+    steps = max(r["step"] for r in rows)
+    n_seeds = len({r["seed"] for r in rows})
     lines = [
         "# Skill world: held-out plain-prompt accuracy (avg@n, %)",
         "",
-        f"Headroom at step 0 (held-out, avg@{args.eval_n}): plain {100 * head['plain']:.1f}, "
-        f"right skill {100 * head['right_skill']:.1f}, misleading skill "
+        f"Headroom at step 0 (held-out): plain {100 * head['plain']:.1f}, right skill "
+        f"{100 * head['right_skill']:.1f}, misleading skill "
         f"{100 * head['misleading_skill']:.1f}.",
-        f"{args.steps} steps x 8 problems x 4 rollouts per arm, {args.seeds} seed(s); "
-        "mean ± 95 % t-interval over seeds.",
+        f"{steps} steps x 8 problems x 4 rollouts per arm, {n_seeds} seed(s); mean ± 95 % "
+        "t-interval over seeds.",
         "",
-        "| arm | final | best | gain over warm start (final) |",
-        "| --- | --- | --- | --- |",
+        "| arm | final | best | mean over evaluations | gain over warm start (final) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     base = (
         statistics.fmean(r["accuracy"] for r in rows if r["arm"] == "warm_start")
@@ -208,10 +218,11 @@ def write_table(rows: list[dict], head: dict, args, path: Path) -> str:
         per_seed = [[r for r in mine if r["seed"] == s] for s in seeds]
         final = [max(rs, key=lambda r: r["step"])["accuracy"] for rs in per_seed]
         best = [max(r["accuracy"] for r in rs) for rs in per_seed]
+        area = [statistics.fmean(r["accuracy"] for r in rs) for rs in per_seed]
         gain = _interval([f - base for f in final])
         lines.append(
             f"| {arm} | {_pct(*_interval(final))} | {_pct(*_interval(best))} | "
-            f"{'—' if arm == 'warm_start' else _pct(*gain)} |"
+            f"{_pct(*_interval(area))} | {'—' if arm == 'warm_start' else _pct(*gain)} |"
         )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -258,9 +269,24 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report(out: Path) -> int:
+    """``--report-only``: the table and the plot again from a finished run's files."""
+    with open(out / "skillworld.csv") as f:
+        rows = [
+            {**r, "seed": int(r["seed"]), "step": int(r["step"]), "accuracy": float(r["accuracy"])}
+            for r in csv.DictReader(f)
+        ]
+    head = json.loads((out / "headroom.json").read_text())
+    print(write_table(rows, head, out / "skillworld.md"))
+    plot(rows, out / "skillworld.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     out = Path(args.out)
+    if args.report_only:
+        return report(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -322,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=["arm", "seed", "step", "accuracy", "pass_at_n"])
         writer.writeheader()
         writer.writerows(rows)
-    print(write_table(rows, head, args, out / "skillworld.md"))
+    print(write_table(rows, head, out / "skillworld.md"))
     plot(rows, out / "skillworld.png")
     say(f"written to {out}/: headroom.json, skillworld.csv, skillworld.md, skillworld.png")
     return 0

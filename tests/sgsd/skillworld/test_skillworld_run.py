@@ -54,14 +54,27 @@ def test_the_table_gives_means_and_t_intervals(tmp_path):
         for step, acc in zip((5, 10), accs)
     ]
     head = {"plain": 0.2, "right_skill": 0.9, "misleading_skill": 0.1}
-    args = runner._args(["--out", str(tmp_path), "--seeds", "3"])
-    text = runner.write_table(rows, head, args, tmp_path / "t.md")
+    text = runner.write_table(rows, head, tmp_path / "t.md")
     mean, half = runner._interval([0.5, 0.4, 0.6])
     assert mean == pytest.approx(0.5) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
-    assert f"| sgsd | 50.0 ± {100 * half:.1f} | 50.0 ± {100 * half:.1f} | 30.0 ± " in text
-    assert "| warm_start | 20.0 ± 0.0 |" in text
+    # final 50 ± t·s/√3, best the same, mean over evaluations (0.4, 0.4, 0.4) = 40 ± 0
+    assert (
+        f"| sgsd | 50.0 ± {100 * half:.1f} | 50.0 ± {100 * half:.1f} | 40.0 ± 0.0 | 30.0 ± " in text
+    )
+    assert "| warm_start | 20.0 ± 0.0 |" in text and "10 steps x 8 problems" in text
     runner.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_report_only_rewrites_the_table_from_the_files(tmp_path):
+    (tmp_path / "skillworld.csv").write_text(
+        "arm,seed,step,accuracy,pass_at_n\nwarm_start,0,0,0.5,0.5\nsgsd,0,5,0.75,0.8\n"
+    )
+    head = {"plain": 0.5, "right_skill": 1.0, "misleading_skill": 0.4}
+    (tmp_path / "headroom.json").write_text(json.dumps(head))
+    assert runner.main(["--out", str(tmp_path), "--report-only"]) == 0
+    assert "| sgsd | 75.0 | 75.0 | 75.0 | 25.0 |" in (tmp_path / "skillworld.md").read_text()
+    assert (tmp_path / "skillworld.png").is_file()
 
 
 @pytest.mark.parametrize(
