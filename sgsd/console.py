@@ -78,6 +78,9 @@ def configure_logging(rank: int, verbose: bool) -> None:
         handler.addFilter(NoiseFilter())
     for name in ("vllm", "transformers", "torch", "peft"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The hub client logs every retry of an unreachable host as a warning (five lines
+    # offline); the error that follows, in one line, says what failed.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
