@@ -2,19 +2,21 @@
 and to answer the plain prompt for only part of the operations (docs/skillworld.md).
 
 Starting from the random-init tiny model (:func:`sgsd.tiny.model.build_tiny_model`), every
-step mixes two kinds of rows from the world's ``train`` split:
+step mixes rows from the world's ``train`` split (:data:`WARM_START`):
 
 * **teacher rows** for every operation: the problem after a guidance block rendered by
   the trainer's own code (:meth:`sgsd.skills.bank.SkillBank.teachers` on the world's bank,
-  the trainer's K, retrieval and style), one of the K retrieved teachers drawn at random;
-  the target is what *that teacher's skill* says, right or misleading
-  (:func:`sgsd.skillworld.bank.skill_rules`). So the model learns to read the rule, and a
-  misleading skill makes it answer wrongly;
-* **plain rows**, the student's prompt, for the :data:`TAUGHT` operations only.
+  K = 2, the default retrieval and style), answered by what *that teacher's skill* says,
+  right or misleading (:func:`sgsd.skillworld.bank.skill_rules`). So the model learns to
+  read the rule, and a misleading skill makes it answer wrongly;
+* **plain rows**, the student's prompt, answered right for the :data:`TAUGHT` operations;
+* from step ``unsure_from``, **unsure rows**: the plain prompt of the other operations,
+  each answer digit right with probability ``unsure_keep`` and random otherwise.
 
-At step 0 the plain student therefore knows half of the operations, and the teacher with
-the right skill knows all of them: :func:`headroom` measures the three accuracies on the
-held-out split. The result is cached like the tiny model (:func:`world_model_dir`).
+At step 0 the plain student therefore knows half of the operations and has a weak grasp of
+the rest, and the teacher with the right skill knows all of them: :func:`headroom`
+measures the three accuracies on the held-out split. The result is cached like the tiny
+model (:func:`world_model_dir`).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ __all__ = [
 #: The operations the plain prompt is taught; the others are learnt only with a skill.
 TAUGHT = ("increment", "rotate")
 
-#: Steps; plain rows and teacher rows per step; peak learning rate (AdamW, linear decay
-#: after a short warm-up); K, the teachers retrieved per problem (the world runner's
-#: ``--num-teachers``: the operation's right and misleading skill). 800 steps: at 600 the
-#: right-skill context still failed one operation in three (held-out, 2-core CPU box).
+#: Steps; plain, unsure and teacher rows per step; the unsure rows' digit-keep
+#: probability and first step; peak learning rate (AdamW, linear decay after a short
+#: warm-up); K, the teachers retrieved per problem (the runner's ``--num-teachers``: the
+#: operation's right and misleading skill). 1000 steps: in 600-800-step trials the
+#: right-skill context still failed one operation in four on the held-out split. Unsure
+#: rows from the start slowed the rest of the learning; unsure rows with fully random
+#: digits left SGSD no gradient (docs/skillworld.md).
 WARM_START: dict = {
     "steps": 1000,
     "plain_rows": 6,
